@@ -1,0 +1,218 @@
+//! The callback server (`qsys-callback`): `tiny_http` on `callback.listen`, serving `POST /callback`
+//! and `GET /healthz`.
+//!
+//! A callback must carry the per-attempt token that qsysd put in the `callback_url` it sent
+//! ([`crate::token`]); without it the answer is 401 and nothing changes. A valid one ends the attempt
+//! through [`Shared::finish`], whose typed result maps onto the reply codes of design §5: 200 applied,
+//! 200 with `"duplicate": true` for a repeat, 404 unknown task, 409 stale attempt or terminal conflict,
+//! 400 malformed, 413 too large, 405 wrong method, 503 when MySQL cannot be reached (the GPU should
+//! retry). Requests are handled inline: each is one short transaction.
+
+use std::io::Read;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tiny_http::{Header, Method, Request, Response, Server};
+
+use crate::shared::Shared;
+use crate::store::{Finish, State};
+
+/// A parsed, not yet authenticated callback body.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Report {
+    pub task_id: String,
+    pub status: State,
+    pub error: Option<String>,
+}
+
+/// Parses a callback body. Extra fields (results an endpoint may add) are ignored.
+pub fn parse_report(body: &[u8]) -> Result<Report, String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
+    let obj = v.as_object().ok_or("body must be a JSON object")?;
+    let task_id = match obj.get("task_id") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        _ => return Err("task_id must be a non-empty string".into()),
+    };
+    let status = match obj.get("status").and_then(Value::as_str) {
+        Some("finished") => State::Finished,
+        Some("failed") => State::Failed,
+        _ => return Err("status must be \"finished\" or \"failed\"".into()),
+    };
+    let error = match obj.get("error") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(other) => Some(other.to_string()),
+    };
+    Ok(Report {
+        task_id,
+        status,
+        error,
+    })
+}
+
+/// `attempt` and `token` from a callback URL's query string.
+fn credentials(url: &str) -> (Option<u32>, Option<String>) {
+    let query = url.split_once('?').map(|(_, q)| q).unwrap_or("");
+    let (mut attempt, mut token) = (None, None);
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        match k.as_ref() {
+            "attempt" => attempt = v.parse().ok(),
+            "token" => token = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    (attempt, token)
+}
+
+/// Decides a callback: (HTTP status, JSON reply). `url` is the request target with its query.
+pub fn handle_callback(shared: &Shared, url: &str, body: &[u8]) -> (u16, Value) {
+    let report = match parse_report(body) {
+        Ok(r) => r,
+        Err(e) => return (400, json!({ "error": e })),
+    };
+    let (attempt, token) = credentials(url);
+    let (Some(attempt), Some(token)) = (attempt, token) else {
+        return (401, json!({ "error": "missing callback token" }));
+    };
+    if !shared.signer.verify(&report.task_id, attempt, &token) {
+        log::warn!(task_id = report.task_id.as_str(), attempt; "callback with an invalid token refused");
+        return (401, json!({ "error": "invalid callback token" }));
+    }
+    let task_id = report.task_id.as_str();
+    match shared.finish(
+        task_id,
+        attempt,
+        report.status,
+        report.error.as_deref(),
+        "callback",
+    ) {
+        Ok(Finish::Applied { .. }) => (
+            200,
+            json!({ "task_id": task_id, "state": report.status.as_str() }),
+        ),
+        Ok(Finish::Duplicate) => (
+            200,
+            json!({ "task_id": task_id, "state": report.status.as_str(), "duplicate": true }),
+        ),
+        Ok(Finish::Unknown) => (404, json!({ "error": "unknown task", "task_id": task_id })),
+        Ok(Finish::Stale { current }) => (
+            409,
+            json!({ "error": "stale attempt", "task_id": task_id, "attempt": attempt,
+                    "current_attempt": current }),
+        ),
+        Ok(Finish::Conflict { state }) => (
+            409,
+            json!({ "error": "task is not awaiting this result", "task_id": task_id,
+                    "state": state }),
+        ),
+        Err(e) => {
+            log::error!(task_id, error:% = e; "callback could not be recorded");
+            (503, json!({ "error": "database unavailable, retry later" }))
+        }
+    }
+}
+
+fn health(shared: &Shared) -> (u16, Value) {
+    match shared.store.ping() {
+        Ok(()) => (200, json!({ "status": "ok" })),
+        Err(e) => (
+            503,
+            json!({ "status": "unhealthy", "mysql": e.to_string() }),
+        ),
+    }
+}
+
+fn reply(req: Request, status: u16, body: &Value) {
+    let header =
+        Header::from_bytes("Content-Type", "application/json").expect("static header is valid");
+    let resp = Response::from_string(body.to_string())
+        .with_status_code(status)
+        .with_header(header);
+    let _ = req.respond(resp);
+}
+
+/// Reads the body, refusing more than `max` bytes. `None`: too large.
+fn read_body(req: &mut Request, max: usize) -> Option<Vec<u8>> {
+    if req.body_length().is_some_and(|n| n > max) {
+        return None;
+    }
+    let mut body = Vec::new();
+    let limit = max as u64 + 1;
+    if req
+        .as_reader()
+        .take(limit)
+        .read_to_end(&mut body)
+        .is_err()
+    {
+        return Some(Vec::new()); // a broken body parses as malformed
+    }
+    (body.len() <= max).then_some(body)
+}
+
+fn route(shared: &Shared, mut req: Request) {
+    let url = req.url().to_string();
+    let path = url.split('?').next().unwrap_or("");
+    let (status, body) = match (path, req.method()) {
+        ("/callback", Method::Post) => match read_body(&mut req, shared.config.callback.max_body) {
+            Some(b) => handle_callback(shared, &url, &b),
+            None => (
+                413,
+                json!({ "error": format!("body larger than {} bytes", shared.config.callback.max_body) }),
+            ),
+        },
+        ("/healthz", Method::Get) => health(shared),
+        ("/callback", _) | ("/healthz", _) => (405, json!({ "error": "method not allowed" })),
+        _ => (404, json!({ "error": "not found" })),
+    };
+    reply(req, status, &body);
+}
+
+/// Serves until the stop reaches its closing stage.
+pub fn serve(shared: Arc<Shared>, server: Server) {
+    while !shared.stop.is_closing() {
+        match server.recv_timeout(Duration::from_millis(200)) {
+            Ok(Some(req)) => route(&shared, req),
+            Ok(None) => {}
+            Err(e) => {
+                log::error!(error:% = e; "callback listener failed");
+                return;
+            }
+        }
+    }
+    log::debug!("callback server stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports() {
+        let r = parse_report(br#"{"task_id":"t","status":"finished","words":3}"#).expect("ok");
+        assert_eq!(r.status, State::Finished);
+        let r = parse_report(br#"{"task_id":"t","status":"failed","error":"oom"}"#).expect("ok");
+        assert_eq!(r.error.as_deref(), Some("oom"));
+        for bad in [
+            &b"nope"[..],
+            br#"[]"#,
+            br#"{"status":"finished"}"#,
+            br#"{"task_id":"","status":"finished"}"#,
+            br#"{"task_id":"t","status":"done"}"#,
+            br#"{"task_id":"t","status":"processing"}"#,
+            br#"{"task_id":5,"status":"finished"}"#,
+        ] {
+            assert!(parse_report(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn query_credentials() {
+        assert_eq!(
+            credentials("/callback?attempt=2&token=ab"),
+            (Some(2), Some("ab".into()))
+        );
+        assert_eq!(credentials("/callback"), (None, None));
+        assert_eq!(credentials("/callback?attempt=x&token="), (None, Some(String::new())));
+    }
+}

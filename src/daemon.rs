@@ -1,0 +1,304 @@
+//! Start-up and supervision: connects to MySQL and Redis, binds the callback listener, rebuilds the
+//! slot matrix from MySQL, starts every thread, and joins them all.
+//!
+//! Runs on the main thread. Each worker thread is named (`qsys-poller`, `qsys-scheduler`,
+//! `qsys-dispatch-N`, `qsys-handler-N`, `qsys-callback`) and reports its end on a channel through a
+//! guard that also fires on panic. A thread that ends while the daemon is not stopping is a failure:
+//! the supervisor stops the others and [`Daemon::wait`] returns an error, so the binary exits
+//! non-zero and systemd restarts it.
+//!
+//! Stop order: the poller and scheduler end first (tasks in hand go back to Redis), then dispatch and
+//! handler workers finish what they were given, then the callback server closes. Whatever is still
+//! running when the grace period ends is abandoned (its row stays `processing`; exec handlers are
+//! killed) and `wait` returns.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
+
+use crate::config::Config;
+use crate::queue::Poller;
+use crate::scheduler::Scheduler;
+use crate::shared::Shared;
+use crate::slots::{Holder, SlotMatrix};
+use crate::store::{Store, StoreError};
+use crate::token::Signer;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("mysql: {0}")]
+    Mysql(#[from] StoreError),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: SocketAddr, reason: String },
+    #[error("cannot start thread {name}: {source}")]
+    Thread {
+        name: String,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("thread {0} ended unexpectedly")]
+    ThreadDied(String),
+}
+
+/// Sends the thread's name when dropped: at a normal return and during a panic's unwinding alike.
+struct ExitGuard {
+    name: String,
+    done: Sender<String>,
+}
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            log::error!(thread = self.name.as_str(); "thread panicked");
+        }
+        let _ = self.done.send(self.name.clone());
+    }
+}
+
+/// A running daemon.
+pub struct Daemon {
+    shared: Arc<Shared>,
+    callback_addr: SocketAddr,
+    done: Receiver<String>,
+    threads: Vec<(String, JoinHandle<()>)>,
+}
+
+fn spawn(
+    threads: &mut Vec<(String, JoinHandle<()>)>,
+    done: &Sender<String>,
+    name: String,
+    f: impl FnOnce() + Send + 'static,
+) -> Result<(), StartError> {
+    let guard = ExitGuard {
+        name: name.clone(),
+        done: done.clone(),
+    };
+    let handle = std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || {
+            let _guard = guard;
+            f();
+        })
+        .map_err(|source| StartError::Thread {
+            name: name.clone(),
+            source,
+        })?;
+    threads.push((name, handle));
+    Ok(())
+}
+
+/// Threads that must be gone before the callback server closes.
+fn is_worker(name: &str) -> bool {
+    name != "qsys-callback"
+}
+
+impl Daemon {
+    /// Connects, migrates, binds and starts every thread.
+    pub fn start(config: Config) -> Result<Daemon, StartError> {
+        let c = &config;
+        let store = Store::connect(
+            &c.mysql.url,
+            c.mysql.tls,
+            &c.daemon.instance_id,
+            c.daemon.dispatch_threads + c.daemon.handler_threads + 4,
+        )?;
+        let version = store.migrate()?;
+        let gpus: Vec<(String, usize)> = c.gpus.iter().map(|g| (g.id.clone(), g.slots)).collect();
+        store.ensure_slots(&gpus)?;
+
+        let client = redis::Client::open(c.redis.url.as_str())?;
+        {
+            let mut conn = crate::queue::connect(&client, c.redis.pop_timeout)
+                .map_err(|crate::queue::QueueError::Redis(e)| e)?;
+            redis::cmd("PING").query::<String>(&mut conn)?;
+        }
+
+        let server =
+            tiny_http::Server::http(c.callback.listen).map_err(|e| StartError::Listen {
+                addr: c.callback.listen,
+                reason: e.to_string(),
+            })?;
+        let callback_addr = server
+            .server_addr()
+            .to_ip()
+            .expect("an http server on an IP address has an IP address");
+        let public_url = c
+            .callback
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{callback_addr}/callback"));
+
+        // The slot matrix starts as MySQL says: attempts awaiting callbacks keep their slots.
+        let mut matrix = SlotMatrix::new(c.gpus.iter().map(|g| (g.id.as_str(), g.slots)));
+        for held in store.held_slots()? {
+            match matrix.find(&held.gpu_id, held.slot_index) {
+                Some(at) => matrix.occupy(
+                    at,
+                    Holder {
+                        task_id: held.task_id,
+                        attempt: held.attempt,
+                        since: Instant::now(),
+                    },
+                ),
+                None => log::warn!(gpu = held.gpu_id.as_str(), slot = held.slot_index,
+                    task_id = held.task_id.as_str();
+                    "held slot of an unconfigured gpu or slot; ignored"),
+            }
+        }
+        log::info!(instance = c.daemon.instance_id.as_str(), schema = version,
+            gpus = c.gpus.len(), slots = matrix.total(), busy = matrix.busy(),
+            callback:% = callback_addr; "qsysd starting");
+
+        let (events_tx, events_rx) = unbounded();
+        let shared = Arc::new(Shared {
+            signer: Signer::new(c.callback.secret.clone(), public_url),
+            slots: Mutex::new(matrix),
+            store,
+            stop: crate::shutdown::Shutdown::new(),
+            events: events_tx,
+            children: Mutex::new(Default::default()),
+            config,
+        });
+        let cfg = &shared.config;
+
+        let (done_tx, done_rx) = unbounded();
+        let mut threads = Vec::new();
+        let (task_tx, task_rx) = bounded(1);
+        let (gpu_tx, gpu_rx) = bounded(cfg.total_slots().max(1));
+        let (handler_tx, handler_rx) = bounded(0);
+
+        let agent = crate::http::agent();
+        for i in 0..cfg.daemon.dispatch_threads {
+            let (s, rx, a) = (Arc::clone(&shared), gpu_rx.clone(), agent.clone());
+            spawn(&mut threads, &done_tx, format!("qsys-dispatch-{i}"), move || {
+                crate::dispatch::run_worker(s, rx, a)
+            })?;
+        }
+        for i in 0..cfg.daemon.handler_threads {
+            let (s, rx) = (Arc::clone(&shared), handler_rx.clone());
+            spawn(&mut threads, &done_tx, format!("qsys-handler-{i}"), move || {
+                crate::handlers::run_worker(s, rx)
+            })?;
+        }
+        let scheduler = Scheduler::new(
+            Arc::clone(&shared),
+            task_rx,
+            events_rx,
+            gpu_tx,
+            handler_tx,
+            client.clone(),
+        );
+        spawn(&mut threads, &done_tx, "qsys-scheduler".into(), move || {
+            scheduler.run()
+        })?;
+        let poller = Poller::new(Arc::clone(&shared), client, task_tx);
+        spawn(&mut threads, &done_tx, "qsys-poller".into(), move || {
+            poller.run()
+        })?;
+        let s = Arc::clone(&shared);
+        spawn(&mut threads, &done_tx, "qsys-callback".into(), move || {
+            crate::callback::serve(s, server)
+        })?;
+
+        Ok(Daemon {
+            shared,
+            callback_addr,
+            done: done_rx,
+            threads,
+        })
+    }
+
+    /// Where the callback server listens (useful with port 0).
+    pub fn callback_addr(&self) -> SocketAddr {
+        self.callback_addr
+    }
+
+    /// The state all threads share (for status output and tests).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// A handle that can begin a graceful stop from another thread (the signal thread).
+    pub fn stopper(&self) -> Arc<Shared> {
+        Arc::clone(&self.shared)
+    }
+
+    /// Begins a graceful stop.
+    pub fn stop(&self) {
+        if self.shared.stop.stop() {
+            log::info!("stopping: no new tasks are taken");
+        }
+    }
+
+    /// Blocks until every thread has ended (or the grace period after a stop ran out).
+    pub fn wait(self) -> Result<(), RunError> {
+        let shared = &self.shared;
+        let grace = shared.config.daemon.shutdown_grace;
+        let mut live: BTreeSet<String> = self.threads.iter().map(|(n, _)| n.clone()).collect();
+        let mut failure: Option<String> = None;
+        while !live.is_empty() {
+            if !live.iter().any(|n| is_worker(n)) && !shared.stop.is_closing() {
+                shared.stop.close();
+            }
+            if let Some(since) = shared.stop.stopping_since() {
+                if since.elapsed() >= grace {
+                    log::warn!(threads:? = live; "grace period over; abandoning threads still busy");
+                    shared.kill_children();
+                    break;
+                }
+            }
+            match self.done.recv_timeout(Duration::from_millis(100)) {
+                Ok(name) => {
+                    live.remove(&name);
+                    if !shared.stop.is_stopping() {
+                        log::error!(thread = name.as_str(); "thread ended unexpectedly; stopping");
+                        failure.get_or_insert(name);
+                        shared.stop.stop();
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        shared.stop.close();
+        for (name, handle) in self.threads {
+            if !live.contains(&name) {
+                let _ = handle.join();
+            }
+        }
+        log::info!("qsysd stopped");
+        match failure {
+            Some(name) => Err(RunError::ThreadDied(name)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Starts `qsys-signal`: SIGTERM/SIGINT begin a graceful stop, a second one exits at once (status
+/// 130) after killing exec handlers.
+pub fn spawn_signal_thread(shared: Arc<Shared>) -> std::io::Result<JoinHandle<()>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    std::thread::Builder::new()
+        .name("qsys-signal".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if shared.stop.stop() {
+                    log::info!(signal = sig; "stop requested; finishing calls in flight");
+                } else {
+                    log::warn!(signal = sig; "second stop signal: exiting now");
+                    shared.kill_children();
+                    std::process::exit(130);
+                }
+            }
+        })
+}

@@ -1,0 +1,137 @@
+//! The dispatch pool (`qsys-dispatch-N`): bounded threads that make the blocking HTTP call to a GPU
+//! endpoint for each claimed slot.
+//!
+//! Request (design §5): `POST <endpoint url>`, JSON body = the task's `data` plus `task_id` and a
+//! per-attempt signed `callback_url`, `Authorization: Bearer` when configured. In `callback` mode a
+//! 2xx only means accepted and the thread is free again at once; in `response` mode the thread waits
+//! for the answer for up to the task's lease (not the short request timeout: the seed's 30 s cap
+//! failed long jobs while the GPU still worked on them) and a 2xx means finished. Anything else
+//! ends the attempt as failed through [`Shared::finish`], which frees the slot.
+//!
+//! Workers take jobs until the scheduler drops its sender, so jobs already handed over at a stop are
+//! still sent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::Receiver;
+use serde_json::Value;
+
+use crate::config::{Completion, Endpoint};
+use crate::http::{self, Reply};
+use crate::scheduler::GpuJob;
+use crate::shared::Shared;
+use crate::store::State;
+
+/// The JSON body sent to a GPU endpoint.
+pub fn request_body(job: &GpuJob, callback_url: &str) -> String {
+    let mut data = job.task.msg.data.clone();
+    data.insert(
+        "task_id".into(),
+        Value::String(job.task.msg.task_id.clone()),
+    );
+    data.insert("callback_url".into(), Value::String(callback_url.into()));
+    Value::Object(data).to_string()
+}
+
+/// What one dispatch means for the task, given the mode and the endpoint's answer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Accepted; the callback will say how it ended.
+    AwaitCallback,
+    Finished,
+    Failed(String),
+}
+
+pub fn judge(ep: &Endpoint, result: &Result<Reply, String>) -> Verdict {
+    match (result, ep.completion) {
+        (Ok(r), Completion::Callback) if r.is_success() => Verdict::AwaitCallback,
+        (Ok(r), Completion::Response) if r.is_success() => Verdict::Finished,
+        (Ok(r), _) => Verdict::Failed(format!(
+            "gpu {} answered HTTP {}: {}",
+            ep.id,
+            r.status,
+            r.body.trim()
+        )),
+        (Err(e), _) => Verdict::Failed(format!("gpu {}: {e}", ep.id)),
+    }
+}
+
+pub fn run_worker(shared: Arc<Shared>, jobs: Receiver<GpuJob>, agent: ureq::Agent) {
+    while let Ok(job) = jobs.recv() {
+        let ep = &shared.config.gpus[job.gpu];
+        let task_id = job.task.msg.task_id.as_str();
+        let body = request_body(&job, &shared.signer.callback_url(task_id, job.attempt));
+        let total = match ep.completion {
+            Completion::Callback => ep.request_timeout,
+            Completion::Response => job
+                .task
+                .msg
+                .timeout_s
+                .map(Duration::from_secs)
+                .unwrap_or(ep.task_timeout),
+        };
+        let result = http::post_json(
+            &agent,
+            &ep.url,
+            ep.bearer_token.as_ref(),
+            &body,
+            ep.request_timeout,
+            total,
+        )
+        .map_err(|e| http::describe(&e));
+        let (status, error) = match judge(ep, &result) {
+            Verdict::AwaitCallback => {
+                log::debug!(task_id, gpu = ep.id.as_str(), attempt = job.attempt;
+                    "dispatched; awaiting callback");
+                continue;
+            }
+            Verdict::Finished => (State::Finished, None),
+            Verdict::Failed(e) => (State::Failed, Some(e)),
+        };
+        if let Err(e) = shared.finish(task_id, job.attempt, status, error.as_deref(), "dispatch") {
+            log::error!(task_id, gpu = ep.id.as_str(), error:% = e;
+                "could not record dispatch outcome; task stays processing");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(completion: Completion) -> Endpoint {
+        Endpoint {
+            id: "g1".into(),
+            url: "http://127.0.0.1:1/".into(),
+            slots: 4,
+            completion,
+            bearer_token: None,
+            request_timeout: Duration::from_secs(1),
+            task_timeout: Duration::from_secs(60),
+        }
+    }
+
+    fn reply(status: u16) -> Result<Reply, String> {
+        Ok(Reply {
+            status,
+            body: "busy\n".into(),
+        })
+    }
+
+    #[test]
+    fn verdicts_by_mode() {
+        let cb = ep(Completion::Callback);
+        let resp = ep(Completion::Response);
+        assert_eq!(judge(&cb, &reply(202)), Verdict::AwaitCallback);
+        assert_eq!(judge(&resp, &reply(200)), Verdict::Finished);
+        assert_eq!(
+            judge(&cb, &reply(503)),
+            Verdict::Failed("gpu g1 answered HTTP 503: busy".into())
+        );
+        assert_eq!(
+            judge(&resp, &Err("connection failed".into())),
+            Verdict::Failed("gpu g1: connection failed".into())
+        );
+    }
+}

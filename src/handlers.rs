@@ -1,0 +1,234 @@
+//! The handler pool (`qsys-handler-N`): runs the task types that are not GPU work (email, reports,
+//! cleanup) through their configured handler, never taking a GPU slot.
+//!
+//! - `exec`: the program gets the task JSON on stdin and `QSYS_TASK_ID` / `QSYS_TASK_TYPE` in its
+//!   environment, runs in its own process group, and is killed with the whole group at its timeout.
+//!   Exit 0 = finished; otherwise the tail of its stderr becomes the task's error.
+//! - `http`: the task JSON is POSTed to the configured URL; 2xx = finished.
+//!
+//! Each worker takes a task from the scheduler's rendezvous channel, moves it to `processing`, runs
+//! it, records the end through [`Shared::finish`] and wakes the scheduler, which may then hand it the
+//! next one.
+
+use std::io::{Read, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use serde_json::{json, Value};
+
+use crate::config::Handler;
+use crate::http;
+use crate::shared::{Shared, Task};
+use crate::store::State;
+
+/// How much of an `exec` handler's stderr is kept as the error.
+const STDERR_TAIL: usize = 2048;
+
+/// The JSON a handler receives: the seed's message plus the id and the attempt number.
+pub fn task_json(task: &Task, attempt: u32) -> String {
+    json!({
+        "task_id": task.msg.task_id,
+        "type": task.msg.kind,
+        "data": Value::Object(task.msg.data.clone()),
+        "attempt": attempt,
+    })
+    .to_string()
+}
+
+/// Keeps the last `max` bytes of `bytes`, lossily decoded and trimmed.
+fn tail(bytes: &[u8], max: usize) -> String {
+    let start = bytes.len().saturating_sub(max);
+    String::from_utf8_lossy(&bytes[start..]).trim().to_string()
+}
+
+/// Runs one `exec` handler to completion or timeout. `Err` holds the task's error text.
+pub fn run_exec(
+    shared: &Shared,
+    command: &[String],
+    task: &Task,
+    input: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut child = Command::new(&command[0])
+        .args(&command[1..])
+        .env("QSYS_TASK_ID", &task.msg.task_id)
+        .env("QSYS_TASK_TYPE", &task.msg.kind)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        // Its own group, so a timeout can kill whatever it started too.
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("cannot start {:?}: {e}", command[0]))?;
+    let pgid = child.id() as i32;
+    shared
+        .children
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(pgid);
+
+    // Feed stdin and drain stderr on their own threads: a child that ignores stdin or floods stderr
+    // must not block us past the timeout.
+    let mut stdin = child.stdin.take().expect("stdin was piped");
+    let input = input.as_bytes().to_vec();
+    let feeder = std::thread::Builder::new()
+        .name("qsys-exec-stdin".into())
+        .spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+    let mut stderr = child.stderr.take().expect("stderr was piped");
+    let (err_tx, err_rx) = crossbeam_channel::bounded(1);
+    let drainer = std::thread::Builder::new()
+        .name("qsys-exec-stderr".into())
+        .spawn(move || {
+            let mut kept: Vec<u8> = Vec::new();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                kept.extend_from_slice(&buf[..n]);
+                if kept.len() > 2 * STDERR_TAIL {
+                    kept.drain(..kept.len() - STDERR_TAIL);
+                }
+            }
+            let _ = err_tx.send(kept);
+        });
+
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Ok(status),
+            Ok(None) if Instant::now() >= deadline => break Err(()),
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => {
+                log::error!(error:% = e; "waiting for exec handler failed");
+                break Err(());
+            }
+        }
+    };
+    if status.is_err() {
+        // SAFETY: kill(2) on our child's process group; no memory is involved.
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
+        }
+        let _ = child.wait();
+    }
+    shared
+        .children
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&pgid);
+    drop(feeder);
+    // The pipe closes when the whole group is gone; a grandchild that left the group could hold it
+    // open, so the wait for the stderr tail is bounded.
+    let stderr_tail = err_rx
+        .recv_timeout(Duration::from_secs(2))
+        .map(|b| tail(&b, STDERR_TAIL))
+        .unwrap_or_default();
+    drop(drainer);
+    let with_stderr = |what: String| {
+        if stderr_tail.is_empty() {
+            what
+        } else {
+            format!("{what}: {stderr_tail}")
+        }
+    };
+    match status {
+        Err(()) => Err(with_stderr(format!(
+            "timed out after {} (process group killed)",
+            crate::config::format_duration(timeout)
+        ))),
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(with_stderr(match (s.code(), s.signal()) {
+            (Some(code), _) => format!("exit status {code}"),
+            (None, Some(sig)) => format!("killed by signal {sig}"),
+            _ => "ended abnormally".to_string(),
+        })),
+    }
+}
+
+pub fn run_worker(shared: Arc<Shared>, jobs: Receiver<Task>) {
+    let agent = http::agent();
+    while let Ok(task) = jobs.recv() {
+        run_one(&shared, &agent, &task);
+        shared.wake_scheduler();
+    }
+}
+
+fn run_one(shared: &Shared, agent: &ureq::Agent, task: &Task) {
+    let task_id = task.msg.task_id.as_str();
+    let Some(handler) = shared.config.types.get(&task.msg.kind) else {
+        return; // the scheduler only sends configured types
+    };
+    let configured = match handler {
+        Handler::Exec { timeout, .. } | Handler::Http { timeout, .. } => *timeout,
+        Handler::Gpu => return,
+    };
+    let timeout = task
+        .msg
+        .timeout_s
+        .map(Duration::from_secs)
+        .unwrap_or(configured);
+    let attempt = task.attempts + 1;
+    match shared
+        .store
+        .start_handler_attempt(task_id, task.attempts, timeout)
+    {
+        Ok(true) => {}
+        Ok(false) => {
+            log::info!(task_id; "task no longer pending; not run");
+            return;
+        }
+        Err(e) => {
+            log::error!(task_id, error:% = e; "mysql error starting handler; task stays pending");
+            return;
+        }
+    }
+    log::info!(task_id, kind = task.msg.kind.as_str(), attempt, queue = task.queue.as_str();
+        "handler started");
+    let input = task_json(task, attempt);
+    let result = match handler {
+        Handler::Exec { command, .. } => run_exec(shared, command, task, &input, timeout),
+        Handler::Http {
+            url, bearer_token, ..
+        } => match http::post_json(
+            agent,
+            url,
+            bearer_token.as_ref(),
+            &input,
+            timeout.min(Duration::from_secs(10)),
+            timeout,
+        ) {
+            Ok(r) if r.is_success() => Ok(()),
+            Ok(r) => Err(format!(
+                "handler {url} answered HTTP {}: {}",
+                r.status,
+                r.body.trim()
+            )),
+            Err(e) => Err(format!("handler {url}: {}", http::describe(&e))),
+        },
+        Handler::Gpu => return,
+    };
+    let (status, error) = match result {
+        Ok(()) => (State::Finished, None),
+        Err(e) => (State::Failed, Some(e)),
+    };
+    if let Err(e) = shared.finish(task_id, attempt, status, error.as_deref(), "handler") {
+        log::error!(task_id, error:% = e; "could not record handler outcome");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_the_end() {
+        assert_eq!(tail(b"  abc\n", 10), "abc");
+        assert_eq!(tail(b"0123456789", 4), "6789");
+    }
+}

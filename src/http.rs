@@ -1,0 +1,82 @@
+//! The one outgoing-HTTP helper: POST a JSON body with an optional bearer token under explicit
+//! timeouts, and read at most a short reply.
+//!
+//! Shared by the dispatch workers (GPU endpoints), the `http` handler workers and the fake GPU
+//! fleet's callbacks. One `ureq::Agent` per pool, so connections to an endpoint are reused; HTTP
+//! error statuses come back as values, not errors, because the caller decides what a 500 means.
+
+use std::time::Duration;
+
+use crate::config::Secret;
+
+/// How much of a reply body is kept (for error messages).
+const MAX_REPLY: u64 = 2048;
+
+/// What an endpoint answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u16,
+    /// The start of the body, lossily decoded.
+    pub body: String,
+}
+
+impl Reply {
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+}
+
+/// An agent whose statuses are values and whose idle connections are bounded.
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_idle_connections_per_host(64)
+        .user_agent(concat!("qsysd/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .into()
+}
+
+/// POSTs `body` as JSON. `connect` bounds the connection, `total` the whole exchange.
+pub fn post_json(
+    agent: &ureq::Agent,
+    url: &str,
+    token: Option<&Secret>,
+    body: &str,
+    connect: Duration,
+    total: Duration,
+) -> Result<Reply, ureq::Error> {
+    let mut req = agent
+        .post(url)
+        .config()
+        .timeout_connect(Some(connect.min(total)))
+        .timeout_global(Some(total))
+        .build()
+        .header("Content-Type", "application/json");
+    if let Some(t) = token {
+        req = req.header("Authorization", format!("Bearer {}", t.expose()));
+    }
+    let mut resp = req.send(body)?;
+    let status = resp.status().as_u16();
+    // Only the start of the reply is kept; one cut short still has a status worth reporting.
+    let mut buf = Vec::new();
+    let _ = std::io::Read::read_to_end(
+        &mut std::io::Read::take(resp.body_mut().as_reader(), MAX_REPLY),
+        &mut buf,
+    );
+    Ok(Reply {
+        status,
+        body: String::from_utf8_lossy(&buf).into_owned(),
+    })
+}
+
+/// A short description of a transport error for logs and the task's `error` column. Never includes
+/// request headers, so a bearer token cannot leak through it.
+pub fn describe(e: &ureq::Error) -> String {
+    match e {
+        ureq::Error::Timeout(t) => format!("timed out ({t:?})"),
+        ureq::Error::ConnectionFailed => "connection failed".into(),
+        ureq::Error::HostNotFound => "host not found".into(),
+        ureq::Error::Io(io) => format!("i/o error: {io}"),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,35 @@
+//! qsysd: a synchronous, threaded task-queue daemon. Tasks come from Redis lists, every task is
+//! recorded in MySQL, transcription tasks run on a fleet of GPU HTTP endpoints with a fixed number
+//! of slots each, other task types run through configured handlers, and completion arrives through
+//! an authenticated HTTP callback.
+//!
+//! The binaries (`qsysd`, `qsys-push`) only parse arguments and call into this library. Thread map:
+//!
+//! | thread            | module          | talks through                                  |
+//! |-------------------|-----------------|------------------------------------------------|
+//! | `qsys-signal`     | [`daemon`]      | [`shutdown::Shutdown`]                         |
+//! | `qsys-poller`     | [`queue`]       | Redis → MySQL → bounded channel → scheduler    |
+//! | `qsys-scheduler`  | [`scheduler`]   | slot matrix ([`slots`]), MySQL, worker channels |
+//! | `qsys-dispatch-N` | [`dispatch`]    | GPU endpoints over HTTP, [`shared::Shared::finish`] |
+//! | `qsys-handler-N`  | [`handlers`]    | exec / HTTP handlers, [`shared::Shared::finish`] |
+//! | `qsys-callback`   | [`callback`]    | `tiny_http`, [`shared::Shared::finish`]         |
+//! | main              | [`daemon`]      | joins every thread                              |
+
+pub mod backoff;
+pub mod callback;
+pub mod config;
+pub mod daemon;
+pub mod dispatch;
+pub mod fakegpu;
+pub mod handlers;
+pub mod http;
+pub mod logging;
+pub mod message;
+pub mod push;
+pub mod queue;
+pub mod scheduler;
+pub mod shared;
+pub mod shutdown;
+pub mod slots;
+pub mod store;
+pub mod token;

@@ -1,0 +1,270 @@
+//! The queue message contract (design §3): one Redis list element is one JSON object,
+//! `{"type": "...", "data": {..., "task_id": "..."}}`, exactly as the seed's producer writes it.
+//!
+//! Pure parsing, no I/O: the poller thread calls [`parse`] on every popped element. A message that
+//! cannot be understood becomes a [`Malformed`] value carrying the reason (and the task id, when one
+//! could be read) so the poller can record it as `failed` and go on; parsing never panics.
+
+use serde_json::{Map, Value};
+
+/// Longest task id the `tasks.task_id` column holds.
+pub const MAX_TASK_ID: usize = 255;
+/// Longest type name the `tasks.type` column holds.
+pub const MAX_TYPE: usize = 100;
+
+/// One task as taken from a queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub task_id: String,
+    /// True when qsysd made the id up because the producer sent none.
+    pub id_assigned: bool,
+    pub kind: String,
+    /// The task's `data` object, always holding `task_id`.
+    pub data: Map<String, Value>,
+    pub max_attempts: Option<u32>,
+    pub timeout_s: Option<u64>,
+}
+
+/// Why an element was refused, and the task id if it could be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Malformed {
+    pub task_id: Option<String>,
+    pub reason: String,
+}
+
+fn malformed(task_id: Option<String>, reason: impl Into<String>) -> Malformed {
+    Malformed {
+        task_id,
+        reason: reason.into(),
+    }
+}
+
+fn id_from(v: &Value) -> Result<Option<String>, String> {
+    let id = match v {
+        Value::Null => return Ok(None),
+        Value::String(s) => s.clone(),
+        // Python producers sometimes send numeric ids; the column is text either way.
+        Value::Number(n) => n.to_string(),
+        other => return Err(format!("task_id must be a string, got {}", kind_of(other))),
+    };
+    if id.is_empty() {
+        return Err("task_id must not be empty".into());
+    }
+    if id.len() > MAX_TASK_ID {
+        return Err(format!("task_id longer than {MAX_TASK_ID} bytes"));
+    }
+    if id.chars().any(char::is_control) {
+        return Err("task_id contains control characters".into());
+    }
+    Ok(Some(id))
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn positive_int(obj: &Map<String, Value>, field: &str) -> Result<Option<u64>, String> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(v) if v > 0 => Ok(Some(v)),
+            _ => Err(format!("{field} must be a positive whole number, got {n}")),
+        },
+        Some(other) => Err(format!(
+            "{field} must be a positive whole number, got {}",
+            kind_of(other)
+        )),
+    }
+}
+
+/// Parses one queue element. `new_id` supplies an id when the producer gave none.
+pub fn parse(raw: &[u8], new_id: impl FnOnce() -> String) -> Result<Message, Malformed> {
+    let value: Value = serde_json::from_slice(raw)
+        .map_err(|e| malformed(None, format!("not valid JSON: {e}")))?;
+    let Value::Object(mut obj) = value else {
+        return Err(malformed(
+            None,
+            format!("expected a JSON object, got {}", kind_of(&value)),
+        ));
+    };
+    let mut data = match obj.remove("data") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m,
+        Some(other) => {
+            let id = obj.get("task_id").and_then(|v| id_from(v).ok().flatten());
+            return Err(malformed(
+                id,
+                format!("data must be an object, got {}", kind_of(&other)),
+            ));
+        }
+    };
+    // data.task_id wins over a top-level task_id (design §3).
+    let inner = data.get("task_id").map(id_from).transpose();
+    let outer = obj.get("task_id").map(id_from).transpose();
+    let id = match (inner, outer) {
+        (Ok(Some(Some(id))), _) => Some(id),
+        (Ok(_), Ok(Some(id))) => id,
+        (Ok(_), Ok(None)) => None,
+        (Err(e), _) | (_, Err(e)) => return Err(malformed(None, e)),
+    };
+    let kind = match obj.get("type") {
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_TYPE => s.clone(),
+        Some(Value::String(s)) if s.is_empty() => {
+            return Err(malformed(id, "type must not be empty"))
+        }
+        Some(Value::String(_)) => {
+            return Err(malformed(id, format!("type longer than {MAX_TYPE} bytes")))
+        }
+        Some(other) => {
+            return Err(malformed(
+                id,
+                format!("type must be a string, got {}", kind_of(other)),
+            ))
+        }
+        None => return Err(malformed(id, "missing \"type\"")),
+    };
+    let max_attempts = positive_int(&obj, "max_attempts")
+        .and_then(|v| match v {
+            Some(n) if n > 1000 => Err(format!("max_attempts must be at most 1000, got {n}")),
+            other => Ok(other.map(|n| n as u32)),
+        })
+        .map_err(|e| malformed(id.clone(), e))?;
+    let timeout_s = positive_int(&obj, "timeout_s").map_err(|e| malformed(id.clone(), e))?;
+
+    let (task_id, id_assigned) = match id {
+        Some(id) => (id, false),
+        None => (new_id(), true),
+    };
+    data.insert("task_id".into(), Value::String(task_id.clone()));
+    Ok(Message {
+        task_id,
+        id_assigned,
+        kind,
+        data,
+        max_attempts,
+        timeout_s,
+    })
+}
+
+impl Message {
+    /// The message in the seed's format, with the task id inside `data`: what qsysd stores and what
+    /// it pushes back to Redis, so a task keeps its id however often it is taken.
+    pub fn to_json(&self) -> String {
+        let mut obj = Map::new();
+        obj.insert("type".into(), Value::String(self.kind.clone()));
+        obj.insert("data".into(), Value::Object(self.data.clone()));
+        if let Some(n) = self.max_attempts {
+            obj.insert("max_attempts".into(), n.into());
+        }
+        if let Some(n) = self.timeout_s {
+            obj.insert("timeout_s".into(), n.into());
+        }
+        Value::Object(obj).to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id() -> String {
+        "generated".into()
+    }
+
+    #[test]
+    fn seed_producer_format_with_id_in_data() {
+        // Exactly what Python's json.dumps writes (note the spaces).
+        let raw = br#"{"type": "start_transcribe", "data": {"s3_bucket": "b", "s3_key": "k.wav", "task_id": "7c1e"}}"#;
+        let m = parse(raw, id).expect("valid");
+        assert_eq!(m.task_id, "7c1e");
+        assert!(!m.id_assigned);
+        assert_eq!(m.kind, "start_transcribe");
+        assert_eq!(m.data["s3_key"], "k.wav");
+    }
+
+    #[test]
+    fn top_level_id_then_assigned_id() {
+        let m = parse(br#"{"type":"cleanup","task_id":"t1","data":{"user_id":789}}"#, id)
+            .expect("valid");
+        assert_eq!(m.task_id, "t1");
+        assert_eq!(m.data["task_id"], "t1");
+        let m = parse(br#"{"type":"send_email","data":{"email":"a@b"}}"#, id).expect("valid");
+        assert_eq!(m.task_id, "generated");
+        assert!(m.id_assigned);
+        assert_eq!(m.data["task_id"], "generated");
+        let m = parse(br#"{"type":"x","task_id":"outer","data":{"task_id":"inner"}}"#, id)
+            .expect("valid");
+        assert_eq!(m.task_id, "inner");
+        let m = parse(br#"{"type":"x","data":{"task_id":42}}"#, id).expect("numeric id");
+        assert_eq!(m.task_id, "42");
+    }
+
+    #[test]
+    fn optional_fields() {
+        let m = parse(br#"{"type":"x","max_attempts":5,"timeout_s":60}"#, id).expect("valid");
+        assert_eq!((m.max_attempts, m.timeout_s), (Some(5), Some(60)));
+        assert!(parse(br#"{"type":"x","max_attempts":0}"#, id).is_err());
+        assert!(parse(br#"{"type":"x","timeout_s":"60"}"#, id).is_err());
+        assert!(parse(br#"{"type":"x","max_attempts":1.5}"#, id).is_err());
+    }
+
+    #[test]
+    fn malformed_elements_say_why() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"not json", "not valid JSON"),
+            (b"", "not valid JSON"),
+            (b"[1,2]", "expected a JSON object"),
+            (b"\"str\"", "expected a JSON object"),
+            (br#"{"data":{"task_id":"t9"}}"#, "missing \"type\""),
+            (br#"{"type":7}"#, "type must be a string"),
+            (br#"{"type":""}"#, "type must not be empty"),
+            (br#"{"type":"x","data":[1]}"#, "data must be an object"),
+            (br#"{"type":"x","data":{"task_id":""}}"#, "task_id must not be empty"),
+            (br#"{"type":"x","data":{"task_id":{}}}"#, "task_id must be a string"),
+            (&[0xff, 0xfe], "not valid JSON"),
+        ];
+        for (raw, want) in cases {
+            let e = parse(raw, id).expect_err("must be refused");
+            assert!(e.reason.contains(want), "{:?}: {}", raw, e.reason);
+        }
+        // The id is kept when it could be read, so the failed row can be found by it.
+        let e = parse(br#"{"data":{"task_id":"t9"}}"#, id).expect_err("no type");
+        assert_eq!(e.task_id.as_deref(), Some("t9"));
+        let long = format!(r#"{{"type":"x","task_id":"{}"}}"#, "a".repeat(300));
+        assert!(parse(long.as_bytes(), id).is_err());
+    }
+
+    #[test]
+    fn round_trip_keeps_id_and_fields() {
+        let m = parse(br#"{"type":"x","max_attempts":2,"data":{"a":1}}"#, id).expect("valid");
+        let again = parse(m.to_json().as_bytes(), || unreachable!("id is kept")).expect("valid");
+        assert_eq!(again.task_id, "generated");
+        assert!(!again.id_assigned);
+        assert_eq!(again.data, m.data);
+        assert_eq!(again.max_attempts, Some(2));
+    }
+
+    #[test]
+    fn never_panics_on_arbitrary_bytes() {
+        // A cheap deterministic sweep over JSON-looking byte strings.
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for len in 0..400 {
+            let bytes: Vec<u8> = (0..len % 64)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    b"{}[]\":,typedaskid0123 \\"[(seed % 24) as usize]
+                })
+                .collect();
+            let _ = parse(&bytes, id);
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! The scheduler thread (`qsys-scheduler`): decides where each task runs.
+//!
+//! It receives tasks from the poller's bounded channel and keeps at most `prefetch` of them in hand.
+//! A GPU task gets the least-loaded GPU's free slot ([`crate::slots`]), claimed in MySQL in the same
+//! transaction that moves the task to `processing`, and goes to the dispatch pool. Other types go to
+//! the handler pool through a rendezvous channel: only an idle worker takes one, so nothing queues
+//! invisibly. An unknown type fails at once. When nothing can be placed it stops receiving, which
+//! blocks the poller, which leaves tasks in Redis (promise 6).
+//!
+//! Wake-ups come on the event channel whenever a slot or a worker frees. At a stop it drains the
+//! channel and returns every task it holds to the head of its Redis queue (rows stay `pending`).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{never, select, Receiver, Sender, TrySendError};
+
+use crate::config::Handler;
+use crate::shared::{Event, Shared, Task};
+use crate::slots::Holder;
+use crate::store::Claim;
+
+/// How many tasks the scheduler holds beyond what it has placed.
+pub const PREFETCH: usize = 8;
+
+/// A GPU attempt, handed to a dispatch worker with its slot already claimed.
+#[derive(Debug)]
+pub struct GpuJob {
+    pub task: Task,
+    pub attempt: u32,
+    /// Index into `config.gpus`.
+    pub gpu: usize,
+    pub slot: usize,
+}
+
+/// What became of one attempt to place a task.
+enum Placed {
+    Done,
+    /// Cannot go now (no slot, no idle worker, MySQL trouble): keep it.
+    Wait(Task),
+}
+
+pub struct Scheduler {
+    shared: Arc<Shared>,
+    tasks: Receiver<Task>,
+    events: Receiver<Event>,
+    gpu_jobs: Sender<GpuJob>,
+    handler_jobs: Sender<Task>,
+    client: redis::Client,
+    pending: VecDeque<Task>,
+    /// After a MySQL error, placement pauses until then.
+    retry_at: Option<Instant>,
+}
+
+impl Scheduler {
+    pub fn new(
+        shared: Arc<Shared>,
+        tasks: Receiver<Task>,
+        events: Receiver<Event>,
+        gpu_jobs: Sender<GpuJob>,
+        handler_jobs: Sender<Task>,
+        client: redis::Client,
+    ) -> Scheduler {
+        Scheduler {
+            shared,
+            tasks,
+            events,
+            gpu_jobs,
+            handler_jobs,
+            client,
+            pending: VecDeque::new(),
+            retry_at: None,
+        }
+    }
+
+    pub fn run(mut self) {
+        let none = never();
+        let mut poller_gone = false;
+        while !self.shared.stop.is_stopping() {
+            self.place_pending();
+            let rx = if self.pending.len() < PREFETCH && !poller_gone {
+                &self.tasks
+            } else {
+                &none
+            };
+            select! {
+                recv(rx) -> t => match t {
+                    Ok(t) => self.pending.push_back(t),
+                    // The supervisor notices the poller's end; stop listening to it.
+                    Err(_) => poller_gone = true,
+                },
+                recv(self.events) -> _ => {},
+                default(Duration::from_millis(250)) => {},
+            }
+        }
+        self.hand_back();
+        log::debug!("scheduler stopped");
+    }
+
+    /// Tries every task in hand, in order. A GPU task that finds no slot means no later GPU task
+    /// will either; likewise for handler tasks and idle workers.
+    fn place_pending(&mut self) {
+        if self.retry_at.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        self.retry_at = None;
+        let (mut gpu_full, mut workers_busy) = (false, false);
+        for _ in 0..self.pending.len() {
+            let task = self.pending.pop_front().expect("len checked");
+            let handler = self.shared.config.types.get(&task.msg.kind).cloned();
+            let placed = match handler {
+                None => self.fail_unknown(task),
+                Some(Handler::Gpu) if gpu_full => Placed::Wait(task),
+                Some(Handler::Gpu) => {
+                    let p = self.place_gpu(task);
+                    gpu_full = matches!(p, Placed::Wait(_));
+                    p
+                }
+                Some(_) if workers_busy => Placed::Wait(task),
+                Some(_) => match self.handler_jobs.try_send(task) {
+                    Ok(()) => Placed::Done,
+                    Err(TrySendError::Full(t) | TrySendError::Disconnected(t)) => {
+                        workers_busy = true;
+                        Placed::Wait(t)
+                    }
+                },
+            };
+            if let Placed::Wait(t) = placed {
+                self.pending.push_back(t);
+            }
+            if self.retry_at.is_some() {
+                break;
+            }
+        }
+    }
+
+    fn fail_unknown(&mut self, task: Task) -> Placed {
+        let error = format!("unknown task type {:?}", task.msg.kind);
+        match self.shared.store.fail_pending(&task.msg.task_id, &error) {
+            Ok(_) => {
+                log::warn!(task_id = task.msg.task_id.as_str(), queue = task.queue.as_str(),
+                    kind = task.msg.kind.as_str(); "unknown task type: task failed");
+                Placed::Done
+            }
+            Err(e) => self.db_trouble(task, &e),
+        }
+    }
+
+    fn db_trouble(&mut self, task: Task, e: &dyn std::fmt::Display) -> Placed {
+        log::warn!(task_id = task.msg.task_id.as_str(), error:% = e;
+            "mysql error while scheduling; will retry");
+        self.retry_at = Some(Instant::now() + Duration::from_secs(1));
+        Placed::Wait(task)
+    }
+
+    fn place_gpu(&mut self, task: Task) -> Placed {
+        let attempt = task.attempts + 1;
+        loop {
+            let at = {
+                let mut m = self.shared.slots();
+                let Some(at) = m.pick() else {
+                    return Placed::Wait(task);
+                };
+                m.occupy(
+                    at,
+                    Holder {
+                        task_id: task.msg.task_id.clone(),
+                        attempt,
+                        since: Instant::now(),
+                    },
+                );
+                at
+            };
+            let ep = &self.shared.config.gpus[at.gpu];
+            let lease = task
+                .msg
+                .timeout_s
+                .map(Duration::from_secs)
+                .unwrap_or(ep.task_timeout);
+            let claim = self.shared.store.claim_gpu_attempt(
+                &task.msg.task_id,
+                task.attempts,
+                &ep.id,
+                at.slot,
+                lease,
+            );
+            match claim {
+                Ok(Claim::Claimed) => {
+                    log::info!(task_id = task.msg.task_id.as_str(), gpu = ep.id.as_str(),
+                        slot = at.slot, attempt, queue = task.queue.as_str(); "slot claimed");
+                    let job = GpuJob {
+                        task,
+                        attempt,
+                        gpu: at.gpu,
+                        slot: at.slot,
+                    };
+                    // The channel holds one job per slot, so this never blocks; it fails only
+                    // if every dispatch worker is gone, which the supervisor is already handling.
+                    if let Err(e) = self.gpu_jobs.send(job) {
+                        log::error!(task_id = e.0.task.msg.task_id.as_str();
+                            "dispatch pool gone; task stays processing until its lease ends");
+                    }
+                    return Placed::Done;
+                }
+                Ok(Claim::SlotTaken { holder, attempt }) => {
+                    // MySQL knows a holder the matrix did not: mirror it and pick again.
+                    log::warn!(gpu = ep.id.as_str(), slot = at.slot, holder = holder.as_str();
+                        "slot held in mysql but free in memory; mirrored");
+                    self.shared.slots().occupy(
+                        at,
+                        Holder {
+                            task_id: holder,
+                            attempt,
+                            since: Instant::now(),
+                        },
+                    );
+                }
+                Ok(Claim::NotPending) => {
+                    self.shared.slots().vacate(at);
+                    log::info!(task_id = task.msg.task_id.as_str();
+                        "task no longer pending (moved elsewhere); dropped from hand");
+                    return Placed::Done;
+                }
+                Err(e) => {
+                    self.shared.slots().vacate(at);
+                    return self.db_trouble(task, &e);
+                }
+            }
+        }
+    }
+
+    /// At a stop: everything still in hand, and whatever the poller sent meanwhile, goes back to
+    /// the head of its queue in its original order.
+    fn hand_back(&mut self) {
+        // The poller ends within its pop timeout; wait for it to close the channel.
+        let deadline =
+            Instant::now() + self.shared.config.redis.pop_timeout + Duration::from_secs(5);
+        loop {
+            match self
+                .tasks
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(t) => self.pending.push_back(t),
+                Err(_) => break,
+            }
+        }
+        let back: Vec<(String, String)> = self
+            .pending
+            .drain(..)
+            .map(|t| (t.queue, t.msg.to_json()))
+            .collect();
+        if back.is_empty() {
+            return;
+        }
+        match crate::queue::return_tasks(&self.client, &back) {
+            Ok(()) => log::info!(count = back.len(); "returned tasks in hand to redis"),
+            Err(e) => log::error!(count = back.len(), error:% = e;
+                "could not return tasks to redis; their rows stay pending"),
+        }
+    }
+}

@@ -1,0 +1,566 @@
+//! MySQL: the durable record of every task and the fleet-wide owner of every GPU slot.
+//!
+//! Every thread that changes a task's state calls into this module through a shared [`Store`] (a
+//! `mysql::Pool` is thread-safe): the poller inserts rows, the scheduler claims slots, dispatch and
+//! handler workers and the callback server finish attempts. Each state change is one short
+//! transaction whose `WHERE` clause states what it expects (the state, the attempt number, an empty
+//! slot), so two threads, or two instances, can never both win: the loser sees zero affected rows and
+//! is told why through a typed result rather than an error.
+//!
+//! The schema is created at start and migrated in place, including a table made by the seed README's
+//! DDL. Migrations only use statements every MySQL-protocol server understands (no `ADD COLUMN IF NOT
+//! EXISTS`, a MariaDB extension): they look at `information_schema` first, so each step is idempotent.
+
+use std::time::Duration;
+
+use mysql::prelude::Queryable;
+use mysql::{params, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, PooledConn, TxOpts};
+
+/// The newest schema version this build knows.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// A task's state in the `tasks.state` column (design §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Pending,
+    Processing,
+    Finished,
+    Failed,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Processing => "processing",
+            State::Finished => "finished",
+            State::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<State> {
+        Some(match s {
+            "pending" => State::Pending,
+            "processing" => State::Processing,
+            "finished" => State::Finished,
+            "failed" => State::Failed,
+            _ => return None,
+        })
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, State::Finished | State::Failed)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("mysql: {0}")]
+    Mysql(#[from] mysql::Error),
+    #[error("mysql url: {0}")]
+    Url(#[from] mysql::UrlError),
+    #[error("mysql schema: {0}")]
+    Schema(String),
+}
+
+/// What happened when a task taken from a queue was recorded.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Accepted {
+    /// A new row, `pending`, attempt 0.
+    New,
+    /// The row existed and is still `pending` (the task was handed back to Redis at a stop): take it
+    /// over with the attempts it already used.
+    Resumed { attempts: u32 },
+    /// The row exists in another state: the task is running or done, so this copy is a duplicate.
+    Exists { state: String },
+}
+
+/// Result of trying to claim a slot for a task's next attempt.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claim {
+    Claimed,
+    /// The slot row is held by another task (possibly of another instance).
+    SlotTaken { holder: String, attempt: u32 },
+    /// The task is no longer `pending` at the expected attempt: someone else moved it.
+    NotPending,
+}
+
+/// Result of ending an attempt, from a callback or a dispatch outcome (design §5 reply codes).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// The state changed; the GPU slot it held (if any) is free in MySQL.
+    Applied { slot: Option<(String, usize)> },
+    /// The task is already in exactly this terminal state from this attempt.
+    Duplicate,
+    /// The attempt named is not the task's current one.
+    Stale { current: u32 },
+    /// The task is in a state this change cannot come from (terminal with another status, or not
+    /// dispatched).
+    Conflict { state: String },
+    Unknown,
+}
+
+/// One held slot row, as read at start to rebuild the in-memory matrix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldSlot {
+    pub gpu_id: String,
+    pub slot_index: usize,
+    pub task_id: String,
+    pub attempt: u32,
+}
+
+/// A shared handle on the database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+    instance: String,
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary.
+pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Longest error text kept per task.
+const MAX_ERROR: usize = 4000;
+/// Longest raw payload kept for a malformed queue element.
+const MAX_RAW: usize = 65_536;
+
+impl Store {
+    /// Connects (creating the database if it does not exist), with every I/O bounded.
+    pub fn connect(
+        url: &str,
+        tls: bool,
+        instance: &str,
+        max_connections: usize,
+    ) -> Result<Store, StoreError> {
+        let opts = Opts::from_url(url)?;
+        let db = opts
+            .get_db_name()
+            .ok_or_else(|| StoreError::Schema("the mysql url names no database".into()))?
+            .to_string();
+        let mut builder = OptsBuilder::from_opts(opts)
+            .tcp_connect_timeout(Some(Duration::from_secs(5)))
+            .read_timeout(Some(Duration::from_secs(30)))
+            .write_timeout(Some(Duration::from_secs(30)))
+            // A lock wait must end well before the read timeout so it surfaces as an error we
+            // can retry, not as a dead socket.
+            .init(vec!["SET SESSION innodb_lock_wait_timeout = 10"]);
+        if tls {
+            builder = builder.ssl_opts(mysql::SslOpts::default());
+        }
+        {
+            let bootstrap = builder.clone().db_name(None::<String>);
+            let mut conn = mysql::Conn::new(bootstrap)?;
+            conn.query_drop(format!("CREATE DATABASE IF NOT EXISTS `{db}`"))?;
+        }
+        let constraints = PoolConstraints::new(1, max_connections.max(2))
+            .expect("min 1 is never above max >= 2");
+        let pool = Pool::new(
+            builder
+                .db_name(Some(db))
+                .pool_opts(PoolOpts::default().with_constraints(constraints)),
+        )?;
+        Ok(Store {
+            pool,
+            instance: instance.to_string(),
+        })
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    fn conn(&self) -> Result<PooledConn, StoreError> {
+        Ok(self.pool.try_get_conn(Duration::from_secs(10))?)
+    }
+
+    /// A cheap round trip, for health checks.
+    pub fn ping(&self) -> Result<(), StoreError> {
+        self.conn()?.query_drop("SELECT 1")?;
+        Ok(())
+    }
+
+    /// Creates or upgrades the schema to [`SCHEMA_VERSION`]. Safe to run from several instances at
+    /// once: a named lock serialises them.
+    pub fn migrate(&self) -> Result<u32, StoreError> {
+        let mut c = self.conn()?;
+        let got: Option<i64> = c.query_first("SELECT GET_LOCK('qsysd_migrate', 30)")?;
+        if got != Some(1) {
+            return Err(StoreError::Schema(
+                "another instance held the migration lock for 30s".into(),
+            ));
+        }
+        let result = migrate_locked(&mut c);
+        let _ = c.query_drop("DO RELEASE_LOCK('qsysd_migrate')");
+        result
+    }
+
+    /// Makes sure a slot row exists for every configured GPU slot.
+    pub fn ensure_slots(&self, gpus: &[(String, usize)]) -> Result<(), StoreError> {
+        let mut c = self.conn()?;
+        let rows: Vec<(&str, usize)> = gpus
+            .iter()
+            .flat_map(|(id, n)| (0..*n).map(move |i| (id.as_str(), i)))
+            .collect();
+        c.exec_batch(
+            "INSERT IGNORE INTO gpu_slots (gpu_id, slot_index) VALUES (?, ?)",
+            rows.iter().map(|(g, i)| (g, i)),
+        )?;
+        Ok(())
+    }
+
+    /// Every slot row that holds a task.
+    pub fn held_slots(&self) -> Result<Vec<HeldSlot>, StoreError> {
+        let mut c = self.conn()?;
+        let rows: Vec<(String, u32, String, Option<u32>)> = c.query(
+            "SELECT gpu_id, slot_index, task_id, attempt FROM gpu_slots WHERE task_id IS NOT NULL",
+        )?;
+        Ok(rows
+            .into_iter()
+            .map(|(gpu_id, slot, task_id, attempt)| HeldSlot {
+                gpu_id,
+                slot_index: slot as usize,
+                task_id,
+                attempt: attempt.unwrap_or(0),
+            })
+            .collect())
+    }
+
+    /// Records a task taken from `queue`. `payload` is the message in the seed's format.
+    pub fn accept(
+        &self,
+        task_id: &str,
+        queue: &str,
+        kind: &str,
+        payload: &str,
+        max_attempts: Option<u32>,
+        timeout_s: Option<u64>,
+    ) -> Result<Accepted, StoreError> {
+        let mut c = self.conn()?;
+        c.exec_drop(
+            "INSERT INTO tasks (task_id, queue, state, type, payload, attempts, max_attempts, \
+             timeout_s, instance_id, created_at) \
+             VALUES (:id, :queue, 'pending', :kind, :payload, 0, :max, :timeout, :inst, NOW(3)) \
+             ON DUPLICATE KEY UPDATE task_id = task_id",
+            params! {
+                "id" => task_id, queue, kind, payload, "max" => max_attempts,
+                "timeout" => timeout_s, "inst" => &self.instance,
+            },
+        )?;
+        if c.affected_rows() == 1 {
+            return Ok(Accepted::New);
+        }
+        let row: Option<(String, u32)> = c.exec_first(
+            "SELECT state, attempts FROM tasks WHERE task_id = ?",
+            (task_id,),
+        )?;
+        Ok(match row {
+            Some((state, attempts)) if state == "pending" => Accepted::Resumed { attempts },
+            Some((state, _)) => Accepted::Exists { state },
+            // Deleted between the two statements: treat as a duplicate and let the next copy in.
+            None => Accepted::Exists {
+                state: "deleted".into(),
+            },
+        })
+    }
+
+    /// Records a queue element that could not be parsed as `failed`, keeping the raw text for
+    /// inspection. Uses `task_id` if given and free, else a fresh UUID; returns the id used.
+    pub fn record_malformed(
+        &self,
+        task_id: Option<&str>,
+        queue: &str,
+        raw: &[u8],
+        reason: &str,
+    ) -> Result<String, StoreError> {
+        let mut c = self.conn()?;
+        let text = String::from_utf8_lossy(raw);
+        let mut candidates: Vec<String> = task_id.map(str::to_string).into_iter().collect();
+        candidates.push(uuid::Uuid::new_v4().to_string());
+        for id in candidates {
+            c.exec_drop(
+                "INSERT INTO tasks (task_id, queue, state, type, payload, error, attempts, \
+                 instance_id, created_at, finished_at) \
+                 VALUES (:id, :queue, 'failed', NULL, :raw, :err, 0, :inst, NOW(3), NOW(3)) \
+                 ON DUPLICATE KEY UPDATE task_id = task_id",
+                params! {
+                    "id" => id.as_str(), queue, "raw" => truncate(&text, MAX_RAW),
+                    "err" => truncate(&format!("malformed queue message: {reason}"), MAX_ERROR),
+                    "inst" => &self.instance,
+                },
+            )?;
+            if c.affected_rows() == 1 {
+                return Ok(id);
+            }
+        }
+        Err(StoreError::Schema(
+            "a fresh UUID collided with an existing task id".into(),
+        ))
+    }
+
+    /// Moves a `pending` task at `attempts` to `processing` as attempt `attempts + 1` on a GPU slot,
+    /// claiming the slot row in the same transaction.
+    pub fn claim_gpu_attempt(
+        &self,
+        task_id: &str,
+        attempts: u32,
+        gpu_id: &str,
+        slot: usize,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        let mut c = self.conn()?;
+        let mut tx = c.start_transaction(TxOpts::default())?;
+        let attempt = attempts + 1;
+        tx.exec_drop(
+            "UPDATE gpu_slots SET task_id = :id, attempt = :attempt, instance_id = :inst, \
+             claimed_at = NOW(3) WHERE gpu_id = :gpu AND slot_index = :slot AND task_id IS NULL",
+            params! { "id" => task_id, attempt, "inst" => &self.instance, "gpu" => gpu_id, slot },
+        )?;
+        if tx.affected_rows() == 0 {
+            let holder: Option<(Option<String>, Option<u32>)> = tx.exec_first(
+                "SELECT task_id, attempt FROM gpu_slots WHERE gpu_id = ? AND slot_index = ?",
+                (gpu_id, slot),
+            )?;
+            tx.rollback()?;
+            return match holder {
+                Some((Some(holder), attempt)) => Ok(Claim::SlotTaken {
+                    holder,
+                    attempt: attempt.unwrap_or(0),
+                }),
+                _ => Err(StoreError::Schema(format!(
+                    "slot row {gpu_id}/{slot} is missing from gpu_slots"
+                ))),
+            };
+        }
+        tx.exec_drop(
+            "UPDATE tasks SET state = 'processing', attempts = :attempt, gpu_id = :gpu, \
+             slot_index = :slot, dispatched_at = NOW(3), \
+             deadline = NOW(3) + INTERVAL :lease MICROSECOND, instance_id = :inst \
+             WHERE task_id = :id AND state = 'pending' AND attempts = :attempts",
+            params! {
+                attempt, "gpu" => gpu_id, slot, "lease" => lease.as_micros() as u64,
+                "inst" => &self.instance, "id" => task_id, attempts,
+            },
+        )?;
+        if tx.affected_rows() == 0 {
+            tx.rollback()?;
+            return Ok(Claim::NotPending);
+        }
+        tx.commit()?;
+        Ok(Claim::Claimed)
+    }
+
+    /// Moves a `pending` task to `processing` for a handler (no slot). False if it was not pending at
+    /// `attempts`.
+    pub fn start_handler_attempt(
+        &self,
+        task_id: &str,
+        attempts: u32,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut c = self.conn()?;
+        c.exec_drop(
+            "UPDATE tasks SET state = 'processing', attempts = :attempt, dispatched_at = NOW(3), \
+             deadline = NOW(3) + INTERVAL :lease MICROSECOND, instance_id = :inst \
+             WHERE task_id = :id AND state = 'pending' AND attempts = :attempts",
+            params! {
+                "attempt" => attempts + 1, "lease" => lease.as_micros() as u64,
+                "inst" => &self.instance, "id" => task_id, attempts,
+            },
+        )?;
+        Ok(c.affected_rows() == 1)
+    }
+
+    /// Fails a task that never ran (unknown type). False if it was not pending.
+    pub fn fail_pending(&self, task_id: &str, error: &str) -> Result<bool, StoreError> {
+        let mut c = self.conn()?;
+        c.exec_drop(
+            "UPDATE tasks SET state = 'failed', error = ?, finished_at = NOW(3) \
+             WHERE task_id = ? AND state = 'pending'",
+            (truncate(error, MAX_ERROR), task_id),
+        )?;
+        Ok(c.affected_rows() == 1)
+    }
+
+    /// Ends attempt `attempt` of `task_id` with a terminal `status`, freeing its slot row.
+    pub fn finish(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        status: State,
+        error: Option<&str>,
+    ) -> Result<Finish, StoreError> {
+        debug_assert!(status.is_terminal());
+        let mut c = self.conn()?;
+        let mut tx = c.start_transaction(TxOpts::default())?;
+        let row: Option<(String, u32, Option<String>, Option<u32>)> = tx.exec_first(
+            "SELECT state, attempts, gpu_id, slot_index FROM tasks WHERE task_id = ? FOR UPDATE",
+            (task_id,),
+        )?;
+        let Some((state, current, gpu, slot)) = row else {
+            tx.rollback()?;
+            return Ok(Finish::Unknown);
+        };
+        let verdict = match State::parse(&state) {
+            _ if current != attempt => Some(Finish::Stale { current }),
+            Some(s) if s == status => Some(Finish::Duplicate),
+            Some(State::Processing) => None,
+            _ => Some(Finish::Conflict { state }),
+        };
+        if let Some(v) = verdict {
+            tx.rollback()?;
+            return Ok(v);
+        }
+        tx.exec_drop(
+            "UPDATE tasks SET state = ?, error = ?, finished_at = NOW(3), deadline = NULL \
+             WHERE task_id = ?",
+            (status.as_str(), error.map(|e| truncate(e, MAX_ERROR)), task_id),
+        )?;
+        let slot = match (gpu, slot) {
+            (Some(g), Some(s)) => {
+                tx.exec_drop(
+                    "UPDATE gpu_slots SET task_id = NULL, attempt = NULL, instance_id = NULL, \
+                     claimed_at = NULL WHERE gpu_id = ? AND slot_index = ? AND task_id = ?",
+                    (&g, s, task_id),
+                )?;
+                Some((g, s as usize))
+            }
+            _ => None,
+        };
+        tx.commit()?;
+        Ok(Finish::Applied { slot })
+    }
+}
+
+fn column_exists(c: &mut PooledConn, table: &str, column: &str) -> Result<bool, StoreError> {
+    let n: Option<u64> = c.exec_first(
+        "SELECT COUNT(*) FROM information_schema.columns \
+         WHERE table_schema = DATABASE() AND table_name = ? AND column_name = ?",
+        (table, column),
+    )?;
+    Ok(n.unwrap_or(0) > 0)
+}
+
+fn index_exists(c: &mut PooledConn, table: &str, index: &str) -> Result<bool, StoreError> {
+    let n: Option<u64> = c.exec_first(
+        "SELECT COUNT(*) FROM information_schema.statistics \
+         WHERE table_schema = DATABASE() AND table_name = ? AND index_name = ?",
+        (table, index),
+    )?;
+    Ok(n.unwrap_or(0) > 0)
+}
+
+/// Columns qsysd adds to the seed's table, in order.
+const TASK_COLUMNS: &[(&str, &str)] = &[
+    ("payload", "MEDIUMTEXT NULL"),
+    ("attempts", "INT NOT NULL DEFAULT 0"),
+    ("max_attempts", "INT NULL"),
+    ("timeout_s", "INT NULL"),
+    ("error", "TEXT NULL"),
+    ("created_at", "DATETIME(3) NULL"),
+    (
+        "updated_at",
+        "DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3)",
+    ),
+    ("dispatched_at", "DATETIME(3) NULL"),
+    ("finished_at", "DATETIME(3) NULL"),
+    ("deadline", "DATETIME(3) NULL"),
+    ("instance_id", "VARCHAR(64) NULL"),
+];
+
+/// Indexes: the seed's three (same names) and the ones qsysd's queries need.
+const TASK_INDEXES: &[(&str, &str)] = &[
+    ("idx_tasks_state", "(state)"),
+    ("idx_tasks_gpu_id", "(gpu_id)"),
+    ("idx_tasks_type", "(type)"),
+    ("idx_tasks_state_deadline", "(state, deadline)"),
+];
+
+fn migrate_locked(c: &mut PooledConn) -> Result<u32, StoreError> {
+    c.query_drop("CREATE TABLE IF NOT EXISTS qsys_schema (version INT NOT NULL) ENGINE=InnoDB")?;
+    let current: Option<u32> = c.query_first("SELECT MAX(version) FROM qsys_schema")?;
+    let current = current.unwrap_or(0);
+    if current > SCHEMA_VERSION {
+        return Err(StoreError::Schema(format!(
+            "database schema is version {current}, newer than this qsysd ({SCHEMA_VERSION}): \
+             upgrade qsysd"
+        )));
+    }
+    if current >= 1 {
+        return Ok(current);
+    }
+    // Version 1. The seed's DDL, verbatim in its columns, so an existing seed table is the same
+    // starting point as an empty database.
+    c.query_drop(
+        "CREATE TABLE IF NOT EXISTS tasks (
+            task_id VARCHAR(255) PRIMARY KEY,
+            queue VARCHAR(100),
+            state VARCHAR(20),
+            type VARCHAR(50),
+            gpu_id VARCHAR(10),
+            slot_index INT
+        ) ENGINE=InnoDB",
+    )?;
+    // Widen what the seed made too narrow: endpoint ids up to 64, type names up to 100.
+    c.query_drop(
+        "ALTER TABLE tasks MODIFY queue VARCHAR(255) NULL, MODIFY type VARCHAR(100) NULL, \
+         MODIFY gpu_id VARCHAR(64) NULL",
+    )?;
+    for (name, ddl) in TASK_COLUMNS {
+        if !column_exists(c, "tasks", name)? {
+            c.query_drop(format!("ALTER TABLE tasks ADD COLUMN {name} {ddl}"))?;
+        }
+    }
+    for (name, cols) in TASK_INDEXES {
+        if !index_exists(c, "tasks", name)? {
+            c.query_drop(format!("CREATE INDEX {name} ON tasks {cols}"))?;
+        }
+    }
+    c.query_drop(
+        "CREATE TABLE IF NOT EXISTS gpu_slots (
+            gpu_id VARCHAR(64) NOT NULL,
+            slot_index INT NOT NULL,
+            task_id VARCHAR(255) NULL,
+            attempt INT NULL,
+            instance_id VARCHAR(64) NULL,
+            claimed_at DATETIME(3) NULL,
+            PRIMARY KEY (gpu_id, slot_index)
+        ) ENGINE=InnoDB",
+    )?;
+    c.query_drop("INSERT INTO qsys_schema (version) VALUES (1)")?;
+    Ok(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("héllo", 3), "hé");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+
+    #[test]
+    fn states_round_trip() {
+        for s in [
+            State::Pending,
+            State::Processing,
+            State::Finished,
+            State::Failed,
+        ] {
+            assert_eq!(State::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(State::parse("done"), None);
+        assert!(State::Failed.is_terminal() && !State::Processing.is_terminal());
+    }
+}
