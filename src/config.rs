@@ -301,6 +301,32 @@ impl Config {
         self.gpus.iter().map(|g| g.slots).sum()
     }
 
+    /// Only the `[redis]` table of a config file, with the seed's `REDIS_*` and `TASK_QUEUES`
+    /// variables applied: what a producer needs. Other tables are not read, so a producer does not
+    /// need the daemon's secrets.
+    pub fn load_redis(path: &Path, env: &Env) -> Result<RedisConfig, ConfigError> {
+        #[derive(Deserialize)]
+        struct RedisOnly {
+            #[serde(default)]
+            redis: RawRedis,
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let parse_err = |e: toml::de::Error| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        };
+        let only: RedisOnly = toml::from_str(&text).map_err(parse_err)?;
+        redis_config(&only.redis, env)
+    }
+
+    /// The Redis settings a producer uses when there is no config file.
+    pub fn default_redis(env: &Env) -> Result<RedisConfig, ConfigError> {
+        redis_config(&RawRedis::default(), env)
+    }
+
     /// A short human summary for `qsysd --check-config`. Never prints a secret.
     pub fn summary(&self) -> String {
         use std::fmt::Write;
@@ -514,8 +540,7 @@ fn positive(key: &str, v: usize) -> Result<usize, ConfigError> {
     Ok(v)
 }
 
-fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
-    // Redis
+fn redis_config(raw: &RawRedis, env: &Env) -> Result<RedisConfig, ConfigError> {
     let queues = match env.get("TASK_QUEUES") {
         Some(q) => q
             .split(',')
@@ -523,7 +548,6 @@ fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
             .filter(|s| !s.is_empty())
             .collect(),
         None => raw
-            .redis
             .queues
             .clone()
             .unwrap_or_else(|| vec!["task_queue_1".into(), "task_queue_2".into()]),
@@ -549,18 +573,23 @@ fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
         }
     }
     let redis = RedisConfig {
-        url: redis_url(&raw.redis, env)?,
+        url: redis_url(raw, env)?,
         queues,
-        pop_timeout: duration("redis.pop_timeout", raw.redis.pop_timeout.as_ref(), "1s")?,
+        pop_timeout: duration("redis.pop_timeout", raw.pop_timeout.as_ref(), "1s")?,
     };
     if redis.pop_timeout < Duration::from_secs(1) || redis.pop_timeout.subsec_millis() != 0 {
         // BLPOP's timeout is in whole seconds on the Redis versions we support.
         return Err(invalid(
             "redis.pop_timeout",
-            raw.redis.pop_timeout.as_deref().unwrap_or(""),
+            raw.pop_timeout.as_deref().unwrap_or(""),
             "must be a whole number of seconds, at least 1s",
         ));
     }
+    Ok(redis)
+}
+
+fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
+    let redis = redis_config(&raw.redis, env)?;
 
     let mysql = MysqlConfig {
         url: mysql_url(&raw.mysql, env)?,

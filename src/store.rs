@@ -258,13 +258,18 @@ impl Store {
         if c.affected_rows() == 1 {
             return Ok(Accepted::New);
         }
-        let row: Option<(String, u32)> = c.exec_first(
+        // The seed's table allowed a NULL state; such a row is not ours to resume.
+        let row: Option<(Option<String>, u32)> = c.exec_first(
             "SELECT state, attempts FROM tasks WHERE task_id = ?",
             (task_id,),
         )?;
         Ok(match row {
-            Some((state, attempts)) if state == "pending" => Accepted::Resumed { attempts },
-            Some((state, _)) => Accepted::Exists { state },
+            Some((Some(state), attempts)) if state == "pending" => {
+                Accepted::Resumed { attempts }
+            }
+            Some((state, _)) => Accepted::Exists {
+                state: state.unwrap_or_else(|| "NULL".into()),
+            },
             // Deleted between the two statements: treat as a duplicate and let the next copy in.
             None => Accepted::Exists {
                 state: "deleted".into(),
@@ -401,7 +406,7 @@ impl Store {
         debug_assert!(status.is_terminal());
         let mut c = self.conn()?;
         let mut tx = c.start_transaction(TxOpts::default())?;
-        let row: Option<(String, u32, Option<String>, Option<u32>)> = tx.exec_first(
+        let row: Option<(Option<String>, u32, Option<String>, Option<u32>)> = tx.exec_first(
             "SELECT state, attempts, gpu_id, slot_index FROM tasks WHERE task_id = ? FOR UPDATE",
             (task_id,),
         )?;
@@ -409,6 +414,7 @@ impl Store {
             tx.rollback()?;
             return Ok(Finish::Unknown);
         };
+        let state = state.unwrap_or_else(|| "NULL".into());
         let verdict = match State::parse(&state) {
             _ if current != attempt => Some(Finish::Stale { current }),
             Some(s) if s == status => Some(Finish::Duplicate),
@@ -486,8 +492,8 @@ const TASK_INDEXES: &[(&str, &str)] = &[
 
 fn migrate_locked(c: &mut PooledConn) -> Result<u32, StoreError> {
     c.query_drop("CREATE TABLE IF NOT EXISTS qsys_schema (version INT NOT NULL) ENGINE=InnoDB")?;
-    let current: Option<u32> = c.query_first("SELECT MAX(version) FROM qsys_schema")?;
-    let current = current.unwrap_or(0);
+    let current: Option<Option<u32>> = c.query_first("SELECT MAX(version) FROM qsys_schema")?;
+    let current = current.flatten().unwrap_or(0);
     if current > SCHEMA_VERSION {
         return Err(StoreError::Schema(format!(
             "database schema is version {current}, newer than this qsysd ({SCHEMA_VERSION}): \

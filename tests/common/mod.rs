@@ -1,0 +1,240 @@
+//! Test harness: every test gets its own MySQL database and Redis key prefix on the real local
+//! servers, so tests run in parallel. If a server cannot be reached the test fails with a message
+//! that says so; nothing is ever skipped.
+//!
+//! `QSYS_TEST_REDIS_URL` and `QSYS_TEST_MYSQL_URL` (a URL without a database) point the tests at
+//! other servers.
+
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use mysql::prelude::Queryable;
+use qsys::config::{Config, Env};
+use qsys::daemon::Daemon;
+
+pub const SECRET: &str = "test-callback-secret-0123456789";
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+fn redis_url() -> String {
+    std::env::var("QSYS_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+fn mysql_base() -> String {
+    std::env::var("QSYS_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
+}
+
+pub struct TestEnv {
+    pub db: String,
+    pub prefix: String,
+    pub redis: redis::Client,
+    pub dir: std::path::PathBuf,
+}
+
+impl TestEnv {
+    /// A fresh database and key prefix. `tag`: a short name of the test, letters and digits.
+    pub fn new(tag: &str) -> TestEnv {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let pid = std::process::id();
+        let db = format!("qsys_t_{tag}_{pid}_{n}");
+        let prefix = format!("qsys-test:{tag}:{pid}:{n}:");
+        let redis = redis::Client::open(redis_url()).expect("valid redis url");
+        let mut conn = redis
+            .get_connection_with_timeout(Duration::from_secs(3))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "Redis at {} is unreachable ({e}). The tests need a real Redis: \
+                     run `bash scripts/services.sh` (see README) and try again.",
+                    redis_url()
+                )
+            });
+        let _: String = redis::cmd("PING").query(&mut conn).expect("redis PING");
+        let mut my = mysql::Conn::new(
+            mysql::Opts::from_url(&mysql_base()).expect("valid mysql url"),
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "MariaDB/MySQL at {} is unreachable ({e}). The tests need a real server: \
+                 run `bash scripts/services.sh` (see README) and try again.",
+                mysql_base()
+            )
+        });
+        my.query_drop(format!("DROP DATABASE IF EXISTS `{db}`"))
+            .expect("drop old test db");
+        let dir = std::env::temp_dir().join(format!("qsys-test-{tag}-{pid}-{n}"));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TestEnv {
+            db,
+            prefix,
+            redis,
+            dir,
+        }
+    }
+
+    pub fn queue(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    pub fn mysql_url(&self) -> String {
+        format!("{}/{}", mysql_base(), self.db)
+    }
+
+    /// A config for this test: queues `q1` (high) and `q2`, one endpoint per URL, then `extra`.
+    pub fn config_toml(&self, gpu_urls: &[String], extra: &str) -> String {
+        let mut s = format!(
+            r#"
+[redis]
+url = "{redis}"
+queues = ["{q1}", "{q2}"]
+
+[mysql]
+url = "{mysql}"
+
+[callback]
+listen = "127.0.0.1:0"
+secret = "{SECRET}"
+
+[daemon]
+instance_id = "test"
+shutdown_grace = "10s"
+"#,
+            redis = redis_url(),
+            q1 = self.queue("q1"),
+            q2 = self.queue("q2"),
+            mysql = self.mysql_url(),
+        );
+        s.push_str(extra);
+        for (i, url) in gpu_urls.iter().enumerate() {
+            s.push_str(&format!(
+                "\n[[gpu.endpoints]]\nid = \"g{i}\"\nurl = \"{url}\"\n"
+            ));
+        }
+        s
+    }
+
+    pub fn config(&self, toml: &str) -> Config {
+        Config::from_toml(toml, Path::new("test.toml"), &Env::new())
+            .unwrap_or_else(|e| panic!("test config invalid: {e}\n{toml}"))
+    }
+
+    pub fn start(&self, toml: &str) -> Daemon {
+        Daemon::start(self.config(toml)).unwrap_or_else(|e| panic!("daemon start: {e}"))
+    }
+
+    pub fn redis_conn(&self) -> redis::Connection {
+        let c = self
+            .redis
+            .get_connection_with_timeout(Duration::from_secs(3))
+            .expect("redis connection");
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        c
+    }
+
+    /// RPUSH raw elements, exactly as given.
+    pub fn push_raw(&self, queue: &str, items: &[String]) {
+        let mut c = self.redis_conn();
+        let _: () = redis::cmd("RPUSH")
+            .arg(self.queue(queue))
+            .arg(items)
+            .query(&mut c)
+            .expect("rpush");
+    }
+
+    pub fn llen(&self, queue: &str) -> usize {
+        redis::cmd("LLEN")
+            .arg(self.queue(queue))
+            .query(&mut self.redis_conn())
+            .expect("llen")
+    }
+
+    pub fn lrange(&self, queue: &str) -> Vec<String> {
+        redis::cmd("LRANGE")
+            .arg(self.queue(queue))
+            .arg(0)
+            .arg(-1)
+            .query(&mut self.redis_conn())
+            .expect("lrange")
+    }
+
+    pub fn mysql(&self) -> mysql::Conn {
+        mysql::Conn::new(mysql::Opts::from_url(&self.mysql_url()).expect("url")).expect("mysql")
+    }
+
+    /// Rows of a query on this test's database.
+    pub fn query<T: mysql::prelude::FromRow>(&self, sql: &str) -> Vec<T> {
+        self.mysql().query(sql).expect(sql)
+    }
+
+    pub fn count(&self, sql_where: &str) -> u64 {
+        let n: Vec<u64> = self.query(&format!("SELECT COUNT(*) FROM tasks WHERE {sql_where}"));
+        n[0]
+    }
+
+    /// `state -> count` over all tasks.
+    pub fn states(&self) -> HashMap<String, u64> {
+        self.query::<(String, u64)>("SELECT state, COUNT(*) FROM tasks GROUP BY state")
+            .into_iter()
+            .collect()
+    }
+
+    /// A task's `(state, error)`.
+    pub fn task(&self, id: &str) -> Option<(String, Option<String>)> {
+        let mut c = self.mysql();
+        c.exec_first("SELECT state, error FROM tasks WHERE task_id = ?", (id,))
+            .expect("select task")
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if let Ok(mut my) = mysql::Conn::new(
+            mysql::Opts::from_url(&mysql_base()).expect("valid mysql url"),
+        ) {
+            let _ = my.query_drop(format!("DROP DATABASE IF EXISTS `{}`", self.db));
+        }
+        if let Ok(mut c) = self.redis.get_connection_with_timeout(Duration::from_secs(3)) {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{}*", self.prefix))
+                .query(&mut c)
+                .unwrap_or_default();
+            if !keys.is_empty() {
+                let _: Result<(), _> = redis::cmd("DEL").arg(keys).query(&mut c);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Polls `f` until it holds or `timeout` passes; true if it held.
+pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    f()
+}
+
+/// Stops a daemon and waits for it, failing the test if a thread died.
+pub fn stop(d: Daemon) {
+    d.stop();
+    d.wait().expect("daemon stopped cleanly");
+}
+
+/// Seed-format messages for `n` transcription tasks with ids `{tag}-{i}`.
+pub fn transcriptions(tag: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            format!(
+                r#"{{"type": "start_transcribe", "data": {{"s3_bucket": "b", "s3_key": "rec/{i}.wav", "task_id": "{tag}-{i}"}}}}"#
+            )
+        })
+        .collect()
+}

@@ -1,0 +1,247 @@
+//! End to end against the real Redis and MariaDB and the fake GPU fleet: tasks in, rows out.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{stop, transcriptions, wait_for, TestEnv};
+use qsys::config::Completion;
+use qsys::fakegpu::{Fleet, FleetConfig};
+
+#[test]
+fn two_hundred_tasks_over_four_gpus_all_finish_within_slots_and_fairly() {
+    let env = TestEnv::new("e2e200");
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 4,
+        delay: (Duration::from_millis(5), Duration::from_millis(40)),
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let daemon = env.start(&env.config_toml(fleet.urls(), ""));
+    env.push_raw("q1", &transcriptions("e2e", 200));
+
+    let done = wait_for(Duration::from_secs(90), || {
+        env.count("state = 'finished'") == 200
+    });
+    assert!(done, "not all finished: {:?}", env.states());
+
+    let stats = fleet.stats();
+    let seen = stats.seen();
+    assert_eq!(seen.len(), 200, "the fleet saw every task");
+    assert!(seen.values().all(|&n| n == 1), "no task dispatched twice");
+    for g in 0..4 {
+        assert!(stats.max_running(g) <= 4, "gpu {g} ran {}", stats.max_running(g));
+        let got = stats.received(g);
+        assert!((25..=75).contains(&got), "gpu {g} got {got} of 200");
+    }
+    // The rows tell the truth: each finished task names the GPU and slot it ran on.
+    let bad: Vec<(String, Option<String>, Option<u32>)> = env.query(
+        "SELECT task_id, gpu_id, slot_index FROM tasks \
+         WHERE gpu_id NOT IN ('g0','g1','g2','g3') OR slot_index NOT BETWEEN 0 AND 3 \
+         OR attempts <> 1 OR finished_at IS NULL",
+    );
+    assert!(bad.is_empty(), "{bad:?}");
+    let held: Vec<u64> = env.query("SELECT COUNT(*) FROM gpu_slots WHERE task_id IS NOT NULL");
+    assert_eq!(held[0], 0, "no slot held after the run");
+    assert_eq!(daemon.shared().slots().busy(), 0);
+    let slots: Vec<u64> = env.query("SELECT COUNT(*) FROM gpu_slots");
+    assert_eq!(slots[0], 16);
+    // The seed's monitoring query still works (and shows nothing running).
+    let running: Vec<(String, u64)> = env.query(
+        "SELECT gpu_id, COUNT(*) as active_tasks FROM tasks WHERE state = 'processing' GROUP BY gpu_id",
+    );
+    assert!(running.is_empty());
+    stop(daemon);
+}
+
+#[test]
+fn response_mode_finishes_on_the_answer() {
+    let env = TestEnv::new("respmode");
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 2,
+        completion: Completion::Response,
+        delay: (Duration::from_millis(20), Duration::from_millis(60)),
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let extra = "[gpu]\nslots = 2\ncompletion = \"response\"\nrequest_timeout = \"2s\"\n";
+    let daemon = env.start(&env.config_toml(fleet.urls(), extra));
+    env.push_raw("q1", &transcriptions("resp", 30));
+    assert!(
+        wait_for(Duration::from_secs(60), || env.count("state = 'finished'") == 30),
+        "{:?}",
+        env.states()
+    );
+    for g in 0..2 {
+        assert!(fleet.stats().max_running(g) <= 2);
+    }
+    stop(daemon);
+}
+
+#[test]
+fn seed_producer_messages_are_taken_as_written() {
+    let env = TestEnv::new("seedfmt");
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 1,
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let daemon = env.start(&env.config_toml(fleet.urls(), ""));
+    // Exactly what Python's json.dumps produced in the seed's producer.
+    env.push_raw(
+        "q1",
+        &[
+            r#"{"type": "start_transcribe", "data": {"s3_bucket": "esales-et-callrecordings", "s3_key": "recordings/audio.wav", "call_session": "1751353080.711222", "task_id": "seed-in-data"}}"#.into(),
+            r#"{"type": "start_transcribe", "task_id": "seed-top-level", "data": {"s3_bucket": "b", "s3_key": "k2"}}"#.into(),
+            r#"{"type": "start_transcribe", "data": {"s3_bucket": "b", "s3_key": "no-id.wav", "pii_entities": "email,phone_number,address"}}"#.into(),
+        ],
+    );
+    assert!(wait_for(Duration::from_secs(30), || env.count("state = 'finished'") == 3));
+    assert_eq!(env.task("seed-in-data").map(|t| t.0).as_deref(), Some("finished"));
+    assert_eq!(env.task("seed-top-level").map(|t| t.0).as_deref(), Some("finished"));
+    // The id qsysd assigned is a UUID, recorded, and sent to the GPU.
+    let ids: Vec<String> = env.query("SELECT task_id FROM tasks WHERE payload LIKE '%no-id.wav%'");
+    assert_eq!(ids.len(), 1);
+    assert!(uuid::Uuid::parse_str(&ids[0]).is_ok(), "{}", ids[0]);
+    // The GPU got data + task_id + callback_url (design §5).
+    let body = fleet.stats().body("seed-in-data").expect("dispatched");
+    assert_eq!(body["s3_key"], "recordings/audio.wav");
+    assert_eq!(body["call_session"], "1751353080.711222");
+    assert_eq!(body["task_id"], "seed-in-data");
+    let cb = body["callback_url"].as_str().expect("callback_url");
+    assert!(cb.contains("/callback?attempt=1&token="), "{cb}");
+    let body = fleet.stats().body(&ids[0]).expect("dispatched");
+    assert_eq!(body["pii_entities"], "email,phone_number,address");
+    stop(daemon);
+}
+
+#[test]
+fn malformed_elements_fail_with_a_reason_and_the_poller_goes_on() {
+    let env = TestEnv::new("malformed");
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 1,
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let daemon = env.start(&env.config_toml(fleet.urls(), ""));
+    let mut items: Vec<String> = vec![
+        "not json at all".into(),
+        r#"{"data": {"task_id": "m-no-type"}}"#.into(),
+        "[1, 2, 3]".into(),
+        r#"{"type": "start_transcribe", "data": "a string"}"#.into(),
+    ];
+    items.extend(transcriptions("ok", 2));
+    env.push_raw("q1", &items);
+    assert!(wait_for(Duration::from_secs(30), || {
+        env.count("state = 'finished'") == 2 && env.count("state = 'failed'") == 4
+    }), "{:?}", env.states());
+    let (state, error) = env.task("m-no-type").expect("row for the readable id");
+    assert_eq!(state, "failed");
+    assert!(error.unwrap_or_default().contains("missing \"type\""));
+    let errors: Vec<(String, String)> =
+        env.query("SELECT payload, error FROM tasks WHERE state = 'failed' ORDER BY payload");
+    assert!(errors.iter().any(|(p, e)| p == "not json at all" && e.contains("not valid JSON")));
+    assert!(errors.iter().any(|(p, e)| p == "[1, 2, 3]" && e.contains("expected a JSON object")));
+    assert!(errors.iter().any(|(_, e)| e.contains("data must be an object")));
+    assert_eq!(fleet.stats().seen().len(), 2, "malformed elements never reach a GPU");
+    stop(daemon);
+}
+
+#[test]
+fn unknown_type_fails_and_known_ids_are_not_reset() {
+    let env = TestEnv::new("unknown");
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 1,
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let daemon = env.start(&env.config_toml(fleet.urls(), ""));
+    env.push_raw(
+        "q1",
+        &[r#"{"type": "make_coffee", "data": {"task_id": "coffee-1"}}"#.into()],
+    );
+    env.push_raw("q1", &transcriptions("once", 1));
+    assert!(wait_for(Duration::from_secs(30), || {
+        env.task("coffee-1").is_some_and(|t| t.0 == "failed")
+            && env.task("once-0").is_some_and(|t| t.0 == "finished")
+    }));
+    let (_, err) = env.task("coffee-1").expect("row");
+    assert!(err.unwrap_or_default().contains("unknown task type \"make_coffee\""));
+    // The seed reset a finished task when its id came again; qsysd drops the copy.
+    env.push_raw("q1", &transcriptions("once", 1));
+    assert!(wait_for(Duration::from_secs(10), || env.llen("q1") == 0));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(env.task("once-0").map(|t| t.0).as_deref(), Some("finished"));
+    assert_eq!(fleet.stats().seen()["once-0"], 1);
+    stop(daemon);
+}
+
+#[test]
+fn earlier_queue_wins_and_each_queue_is_fifo() {
+    let env = TestEnv::new("priority");
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 1,
+        completion: Completion::Response,
+        delay: (Duration::from_millis(30), Duration::from_millis(30)),
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    // Pushed before the daemon starts, so the order of taking is all that matters.
+    env.push_raw("q2", &transcriptions("low", 3));
+    env.push_raw("q1", &transcriptions("high", 3));
+    let extra = "[gpu]\nslots = 1\ncompletion = \"response\"\n";
+    let daemon = env.start(&env.config_toml(fleet.urls(), extra));
+    assert!(wait_for(Duration::from_secs(30), || env.count("state = 'finished'") == 6));
+    let order: Vec<String> =
+        env.query("SELECT task_id FROM tasks ORDER BY dispatched_at, task_id");
+    assert_eq!(order, ["high-0", "high-1", "high-2", "low-0", "low-1", "low-2"]);
+    stop(daemon);
+}
+
+#[test]
+fn full_fleet_leaves_tasks_in_redis_and_a_stop_hands_back_the_rest() {
+    let env = TestEnv::new("backpress");
+    // Every task takes a minute: the two slots fill and stay full.
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 1,
+        delay: (Duration::from_secs(60), Duration::from_secs(60)),
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let extra = "[gpu]\nslots = 2\n";
+    let daemon = env.start(&env.config_toml(fleet.urls(), extra));
+    env.push_raw("q1", &transcriptions("bp", 100));
+    assert!(wait_for(Duration::from_secs(20), || {
+        env.count("state = 'processing'") == 2
+    }));
+    std::thread::sleep(Duration::from_millis(1500));
+    let in_redis = env.llen("q1");
+    let in_mysql = env.count("1 = 1") as usize;
+    // What qsysd holds: 2 running, the scheduler's prefetch, one in the channel, one at the poller.
+    let hand = qsys::scheduler::PREFETCH + 2;
+    assert!(in_redis >= 100 - 2 - hand, "only {in_redis} left in redis");
+    assert_eq!(in_redis + in_mysql, 100, "every taken task is recorded");
+    stop(daemon);
+    // At a stop the tasks in hand go back to the head of the queue, in order; running ones stay.
+    assert_eq!(env.llen("q1"), 98);
+    let head = env.lrange("q1");
+    let first: serde_json::Value = serde_json::from_str(&head[0]).expect("json");
+    assert_eq!(first["data"]["task_id"], "bp-2");
+    let ids: HashSet<String> = head
+        .iter()
+        .map(|s| {
+            let v: serde_json::Value = serde_json::from_str(s).expect("json");
+            v["data"]["task_id"].as_str().expect("id").to_string()
+        })
+        .collect();
+    assert_eq!(ids.len(), 98);
+    assert_eq!(env.count("state = 'processing'"), 2);
+    // A restart takes the handed-back tasks over (their rows were pending) and keeps the slots of
+    // the two still awaiting callbacks.
+    let daemon = env.start(&env.config_toml(fleet.urls(), extra));
+    assert_eq!(daemon.shared().slots().busy(), 2);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(env.count("state = 'processing'"), 2, "slots survive the restart");
+    stop(daemon);
+}
