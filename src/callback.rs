@@ -139,12 +139,7 @@ fn read_body(req: &mut Request, max: usize) -> Option<Vec<u8>> {
     }
     let mut body = Vec::new();
     let limit = max as u64 + 1;
-    if req
-        .as_reader()
-        .take(limit)
-        .read_to_end(&mut body)
-        .is_err()
-    {
+    if req.as_reader().take(limit).read_to_end(&mut body).is_err() {
         return Some(Vec::new()); // a broken body parses as malformed
     }
     (body.len() <= max).then_some(body)
@@ -202,7 +197,11 @@ mod tests {
             br#"{"task_id":"t","status":"processing"}"#,
             br#"{"task_id":5,"status":"finished"}"#,
         ] {
-            assert!(parse_report(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                parse_report(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
@@ -213,6 +212,9 @@ mod tests {
             (Some(2), Some("ab".into()))
         );
         assert_eq!(credentials("/callback"), (None, None));
-        assert_eq!(credentials("/callback?attempt=x&token="), (None, Some(String::new())));
+        assert_eq!(
+            credentials("/callback?attempt=x&token="),
+            (None, Some(String::new()))
+        );
     }
 }

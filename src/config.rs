@@ -38,7 +38,11 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(key: impl Into<String>, value: impl fmt::Display, reason: impl Into<String>) -> ConfigError {
+fn invalid(
+    key: impl Into<String>,
+    value: impl fmt::Display,
+    reason: impl Into<String>,
+) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
         value: value.to_string(),
@@ -332,7 +336,11 @@ impl Config {
         use std::fmt::Write;
         let mut s = String::new();
         let _ = writeln!(s, "instance: {}", self.daemon.instance_id);
-        let _ = writeln!(s, "queues (priority order): {}", self.redis.queues.join(", "));
+        let _ = writeln!(
+            s,
+            "queues (priority order): {}",
+            self.redis.queues.join(", ")
+        );
         let _ = writeln!(
             s,
             "gpus: {} endpoints, {} slots",
@@ -394,7 +402,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// The inverse of [`parse_duration`], for summaries: the largest unit that divides exactly.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    for (unit, size) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
         if ms >= size && ms % size == 0 {
             return format!("{}{unit}", ms / size);
         }
@@ -684,9 +697,8 @@ fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
         if e.endpoints.is_some() {
             return Err(invalid(k("endpoints"), "[...]", "endpoints do not nest"));
         }
-        let id = e
-            .id
-            .ok_or_else(|| invalid(k("id"), "", "every endpoint needs an id"))?;
+        let id =
+            e.id.ok_or_else(|| invalid(k("id"), "", "every endpoint needs an id"))?;
         if id.is_empty()
             || id.len() > 64
             || !id
@@ -836,7 +848,11 @@ fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
         None => hostname(),
     };
     if instance_id.is_empty() || instance_id.len() > 64 {
-        return Err(invalid("daemon.instance_id", &instance_id, "1 to 64 characters"));
+        return Err(invalid(
+            "daemon.instance_id",
+            &instance_id,
+            "1 to 64 characters",
+        ));
     }
     let total_slots: usize = gpus.iter().map(|g| g.slots).sum();
     let log_level_s = rd.log_level.as_deref().unwrap_or("info");
@@ -897,7 +913,9 @@ mod tests {
     }
 
     fn err(text: &str) -> String {
-        load(text).expect_err("config should be refused").to_string()
+        load(text)
+            .expect_err("config should be refused")
+            .to_string()
     }
 
     #[test]
@@ -943,18 +961,31 @@ mod tests {
     #[test]
     fn bad_values_name_key_and_value() {
         let e = err(&MINIMAL.replace("id = \"g0\"", "id = \"g0\"\nslots = 0"));
-        assert!(e.contains("gpu.endpoints[0].slots") && e.contains('0'), "{e}");
+        assert!(
+            e.contains("gpu.endpoints[0].slots") && e.contains('0'),
+            "{e}"
+        );
         let e = err(&MINIMAL.replace("http://127.0.0.1:9000/run", "ftp://x"));
-        assert!(e.contains("gpu.endpoints[0].url") && e.contains("ftp://x"), "{e}");
-        let e = err(&format!(
-            "{MINIMAL}\n[gpu.endpoints.0]\n"
-        ));
+        assert!(
+            e.contains("gpu.endpoints[0].url") && e.contains("ftp://x"),
+            "{e}"
+        );
+        let e = err(&format!("{MINIMAL}\n[gpu.endpoints.0]\n"));
         assert!(!e.is_empty());
-        let text = MINIMAL.replace("[[gpu.endpoints]]", "[gpu]\ntask_timeout = \"10 minutes\"\n[[gpu.endpoints]]");
+        let text = MINIMAL.replace(
+            "[[gpu.endpoints]]",
+            "[gpu]\ntask_timeout = \"10 minutes\"\n[[gpu.endpoints]]",
+        );
         let e = err(&text);
-        assert!(e.contains("gpu.task_timeout") && e.contains("10 minutes"), "{e}");
+        assert!(
+            e.contains("gpu.task_timeout") && e.contains("10 minutes"),
+            "{e}"
+        );
         let e = err(&MINIMAL.replace("127.0.0.1:8000", "localhost"));
-        assert!(e.contains("callback.listen") && e.contains("localhost"), "{e}");
+        assert!(
+            e.contains("callback.listen") && e.contains("localhost"),
+            "{e}"
+        );
         let e = err(&MINIMAL.replace("0123456789abcdef", "short"));
         assert!(e.contains("callback.secret") && !e.contains("short"), "{e}");
     }
@@ -972,7 +1003,9 @@ mod tests {
 
     #[test]
     fn type_handlers_are_checked() {
-        let e = err(&format!("{MINIMAL}\n[types.send_email]\nhandler = \"exec\"\n"));
+        let e = err(&format!(
+            "{MINIMAL}\n[types.send_email]\nhandler = \"exec\"\n"
+        ));
         assert!(e.contains("types.send_email.command"), "{e}");
         let e = err(&format!("{MINIMAL}\n[types.x]\nhandler = \"smtp\"\n"));
         assert!(e.contains("types.x.handler") && e.contains("smtp"), "{e}");
@@ -984,7 +1017,9 @@ mod tests {
             "{MINIMAL}\n[types.r]\nhandler = \"http\"\nurl = \"http://r:9/g\"\ntimeout = \"10s\"\n"
         ))
         .expect("valid http type");
-        assert!(matches!(&c.types["r"], Handler::Http { timeout, .. } if *timeout == Duration::from_secs(10)));
+        assert!(
+            matches!(&c.types["r"], Handler::Http { timeout, .. } if *timeout == Duration::from_secs(10))
+        );
         // An explicit [types] table replaces the default, so start_transcribe is now unknown.
         assert!(!c.types.contains_key("start_transcribe"));
     }
@@ -993,7 +1028,10 @@ mod tests {
     fn gpu_type_without_endpoints_is_refused() {
         let text = "[callback]\nlisten = \"127.0.0.1:1\"\nsecret = \"0123456789abcdef\"\n";
         let e = err(text);
-        assert!(e.contains("gpu.endpoints") && e.contains("start_transcribe"), "{e}");
+        assert!(
+            e.contains("gpu.endpoints") && e.contains("start_transcribe"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1008,8 +1046,12 @@ mod tests {
         assert_eq!(c.gpus[1].completion, Completion::Callback);
         assert_eq!(c.gpus[1].bearer_token, Some(Secret::new("tok")));
         assert_eq!(c.total_slots(), 5);
-        let e = err(&(MINIMAL.to_string() + "[[gpu.endpoints]]\nid = \"g0\"\nurl = \"http://h/\"\n"));
-        assert!(e.contains("gpu.endpoints[1].id") && e.contains("duplicate"), "{e}");
+        let e =
+            err(&(MINIMAL.to_string() + "[[gpu.endpoints]]\nid = \"g0\"\nurl = \"http://h/\"\n"));
+        assert!(
+            e.contains("gpu.endpoints[1].id") && e.contains("duplicate"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1061,7 +1103,10 @@ mod tests {
         assert!(!format!("{c:?}").contains("abcdefghijklmnopqrstuvwxyz"));
         let both = MINIMAL.replace(
             "secret = \"0123456789abcdef\"",
-            &format!("secret = \"0123456789abcdef\"\nsecret_file = \"{}\"", f.display()),
+            &format!(
+                "secret = \"0123456789abcdef\"\nsecret_file = \"{}\"",
+                f.display()
+            ),
         );
         assert!(err(&both).contains("callback.secret_file"));
         let missing = MINIMAL.replace(
@@ -1069,7 +1114,10 @@ mod tests {
             "secret_file = \"/nonexistent/qsys\"",
         );
         let e = err(&missing);
-        assert!(e.contains("callback.secret_file") && e.contains("/nonexistent/qsys"), "{e}");
+        assert!(
+            e.contains("callback.secret_file") && e.contains("/nonexistent/qsys"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 }

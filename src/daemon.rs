@@ -179,15 +179,21 @@ impl Daemon {
         let agent = crate::http::agent();
         for i in 0..cfg.daemon.dispatch_threads {
             let (s, rx, a) = (Arc::clone(&shared), gpu_rx.clone(), agent.clone());
-            spawn(&mut threads, &done_tx, format!("qsys-dispatch-{i}"), move || {
-                crate::dispatch::run_worker(s, rx, a)
-            })?;
+            spawn(
+                &mut threads,
+                &done_tx,
+                format!("qsys-dispatch-{i}"),
+                move || crate::dispatch::run_worker(s, rx, a),
+            )?;
         }
         for i in 0..cfg.daemon.handler_threads {
             let (s, rx) = (Arc::clone(&shared), handler_rx.clone());
-            spawn(&mut threads, &done_tx, format!("qsys-handler-{i}"), move || {
-                crate::handlers::run_worker(s, rx)
-            })?;
+            spawn(
+                &mut threads,
+                &done_tx,
+                format!("qsys-handler-{i}"),
+                move || crate::handlers::run_worker(s, rx),
+            )?;
         }
         let scheduler = Scheduler::new(
             Arc::clone(&shared),

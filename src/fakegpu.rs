@@ -279,7 +279,11 @@ fn serve_gpu(inner: Arc<Inner>, i: usize, server: Server, due: Sender<(Instant, 
         });
         let (Some(body), Some((task_id, callback_url))) = (body, parsed) else {
             stats.refused.fetch_add(1, Ordering::SeqCst);
-            respond(req, 400, json!({"error": "task_id and callback_url required"}));
+            respond(
+                req,
+                400,
+                json!({"error": "task_id and callback_url required"}),
+            );
             continue;
         };
         stats.received.fetch_add(1, Ordering::SeqCst);
@@ -313,11 +317,7 @@ fn serve_gpu(inner: Arc<Inner>, i: usize, server: Server, due: Sender<(Instant, 
         let now_running = stats.running.fetch_add(1, Ordering::SeqCst) + 1;
         bump_max(&stats.max_running, now_running);
         let (lo, hi) = cfg.delay;
-        let delay = if hi > lo {
-            rng.gen_range(lo..=hi)
-        } else {
-            lo
-        };
+        let delay = if hi > lo { rng.gen_range(lo..=hi) } else { lo };
         let status = if rng.gen_bool(cfg.task_fail_rate.clamp(0.0, 1.0)) {
             "failed"
         } else {
@@ -342,7 +342,11 @@ fn serve_gpu(inner: Arc<Inner>, i: usize, server: Server, due: Sender<(Instant, 
                 std::thread::spawn(move || {
                     std::thread::sleep(delay);
                     inner.stats.gpus[i].running.fetch_sub(1, Ordering::SeqCst);
-                    respond(req, code, json!({"task_id": work.task_id, "status": work.status}));
+                    respond(
+                        req,
+                        code,
+                        json!({"task_id": work.task_id, "status": work.status}),
+                    );
                 });
             }
         }
@@ -384,9 +388,7 @@ fn run_timer(inner: &Inner, due: Receiver<(Instant, Due)>, callbacks: Sender<Due
             }
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) if heap.is_empty() => return,
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                std::thread::sleep(wait)
-            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => std::thread::sleep(wait),
         }
     }
 }
@@ -397,8 +399,16 @@ fn send_callbacks(inner: &Inner, rx: Receiver<Due>) {
         if inner.stopping.load(Ordering::SeqCst) {
             return;
         }
-        let body = json!({"task_id": d.task_id, "status": d.status}).to_string();
-        let times = if inner.config.duplicate_callbacks { 2 } else { 1 };
+        let mut body = json!({"task_id": d.task_id, "status": d.status});
+        if d.status == "failed" {
+            body["error"] = json!("injected task failure");
+        }
+        let body = body.to_string();
+        let times = if inner.config.duplicate_callbacks {
+            2
+        } else {
+            1
+        };
         for _ in 0..times {
             let code = crate::http::post_json(
                 &agent,

@@ -86,8 +86,8 @@ fn positive_int(obj: &Map<String, Value>, field: &str) -> Result<Option<u64>, St
 
 /// Parses one queue element. `new_id` supplies an id when the producer gave none.
 pub fn parse(raw: &[u8], new_id: impl FnOnce() -> String) -> Result<Message, Malformed> {
-    let value: Value = serde_json::from_slice(raw)
-        .map_err(|e| malformed(None, format!("not valid JSON: {e}")))?;
+    let value: Value =
+        serde_json::from_slice(raw).map_err(|e| malformed(None, format!("not valid JSON: {e}")))?;
     let Value::Object(mut obj) = value else {
         return Err(malformed(
             None,
@@ -191,16 +191,22 @@ mod tests {
 
     #[test]
     fn top_level_id_then_assigned_id() {
-        let m = parse(br#"{"type":"cleanup","task_id":"t1","data":{"user_id":789}}"#, id)
-            .expect("valid");
+        let m = parse(
+            br#"{"type":"cleanup","task_id":"t1","data":{"user_id":789}}"#,
+            id,
+        )
+        .expect("valid");
         assert_eq!(m.task_id, "t1");
         assert_eq!(m.data["task_id"], "t1");
         let m = parse(br#"{"type":"send_email","data":{"email":"a@b"}}"#, id).expect("valid");
         assert_eq!(m.task_id, "generated");
         assert!(m.id_assigned);
         assert_eq!(m.data["task_id"], "generated");
-        let m = parse(br#"{"type":"x","task_id":"outer","data":{"task_id":"inner"}}"#, id)
-            .expect("valid");
+        let m = parse(
+            br#"{"type":"x","task_id":"outer","data":{"task_id":"inner"}}"#,
+            id,
+        )
+        .expect("valid");
         assert_eq!(m.task_id, "inner");
         let m = parse(br#"{"type":"x","data":{"task_id":42}}"#, id).expect("numeric id");
         assert_eq!(m.task_id, "42");
@@ -226,8 +232,14 @@ mod tests {
             (br#"{"type":7}"#, "type must be a string"),
             (br#"{"type":""}"#, "type must not be empty"),
             (br#"{"type":"x","data":[1]}"#, "data must be an object"),
-            (br#"{"type":"x","data":{"task_id":""}}"#, "task_id must not be empty"),
-            (br#"{"type":"x","data":{"task_id":{}}}"#, "task_id must be a string"),
+            (
+                br#"{"type":"x","data":{"task_id":""}}"#,
+                "task_id must not be empty",
+            ),
+            (
+                br#"{"type":"x","data":{"task_id":{}}}"#,
+                "task_id must be a string",
+            ),
             (&[0xff, 0xfe], "not valid JSON"),
         ];
         for (raw, want) in cases {

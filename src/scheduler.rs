@@ -236,14 +236,11 @@ impl Scheduler {
         // The poller ends within its pop timeout; wait for it to close the channel.
         let deadline =
             Instant::now() + self.shared.config.redis.pop_timeout + Duration::from_secs(5);
-        loop {
-            match self
-                .tasks
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok(t) => self.pending.push_back(t),
-                Err(_) => break,
-            }
+        while let Ok(t) = self
+            .tasks
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.pending.push_back(t);
         }
         let back: Vec<(String, String)> = self
             .pending

@@ -80,7 +80,10 @@ pub enum Accepted {
 pub enum Claim {
     Claimed,
     /// The slot row is held by another task (possibly of another instance).
-    SlotTaken { holder: String, attempt: u32 },
+    SlotTaken {
+        holder: String,
+        attempt: u32,
+    },
     /// The task is no longer `pending` at the expected attempt: someone else moved it.
     NotPending,
 }
@@ -89,14 +92,20 @@ pub enum Claim {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Finish {
     /// The state changed; the GPU slot it held (if any) is free in MySQL.
-    Applied { slot: Option<(String, usize)> },
+    Applied {
+        slot: Option<(String, usize)>,
+    },
     /// The task is already in exactly this terminal state from this attempt.
     Duplicate,
     /// The attempt named is not the task's current one.
-    Stale { current: u32 },
+    Stale {
+        current: u32,
+    },
     /// The task is in a state this change cannot come from (terminal with another status, or not
     /// dispatched).
-    Conflict { state: String },
+    Conflict {
+        state: String,
+    },
     Unknown,
 }
 
@@ -108,6 +117,9 @@ pub struct HeldSlot {
     pub task_id: String,
     pub attempt: u32,
 }
+
+/// `state, attempts, gpu_id, slot_index` of a task, as `finish` reads it.
+type AttemptRow = (Option<String>, u32, Option<String>, Option<u32>);
 
 /// A shared handle on the database; cheap to clone.
 #[derive(Clone)]
@@ -161,8 +173,8 @@ impl Store {
             let mut conn = mysql::Conn::new(bootstrap)?;
             conn.query_drop(format!("CREATE DATABASE IF NOT EXISTS `{db}`"))?;
         }
-        let constraints = PoolConstraints::new(1, max_connections.max(2))
-            .expect("min 1 is never above max >= 2");
+        let constraints =
+            PoolConstraints::new(1, max_connections.max(2)).expect("min 1 is never above max >= 2");
         let pool = Pool::new(
             builder
                 .db_name(Some(db))
@@ -264,9 +276,7 @@ impl Store {
             (task_id,),
         )?;
         Ok(match row {
-            Some((Some(state), attempts)) if state == "pending" => {
-                Accepted::Resumed { attempts }
-            }
+            Some((Some(state), attempts)) if state == "pending" => Accepted::Resumed { attempts },
             Some((state, _)) => Accepted::Exists {
                 state: state.unwrap_or_else(|| "NULL".into()),
             },
@@ -406,7 +416,7 @@ impl Store {
         debug_assert!(status.is_terminal());
         let mut c = self.conn()?;
         let mut tx = c.start_transaction(TxOpts::default())?;
-        let row: Option<(Option<String>, u32, Option<String>, Option<u32>)> = tx.exec_first(
+        let row: Option<AttemptRow> = tx.exec_first(
             "SELECT state, attempts, gpu_id, slot_index FROM tasks WHERE task_id = ? FOR UPDATE",
             (task_id,),
         )?;
@@ -428,7 +438,11 @@ impl Store {
         tx.exec_drop(
             "UPDATE tasks SET state = ?, error = ?, finished_at = NOW(3), deadline = NULL \
              WHERE task_id = ?",
-            (status.as_str(), error.map(|e| truncate(e, MAX_ERROR)), task_id),
+            (
+                status.as_str(),
+                error.map(|e| truncate(e, MAX_ERROR)),
+                task_id,
+            ),
         )?;
         let slot = match (gpu, slot) {
             (Some(g), Some(s)) => {

@@ -61,7 +61,11 @@ impl Signer {
 
     /// The URL a GPU endpoint calls back for this attempt.
     pub fn callback_url(&self, task_id: &str, attempt: u32) -> String {
-        let sep = if self.public_url.contains('?') { '&' } else { '?' };
+        let sep = if self.public_url.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
         format!(
             "{}{sep}attempt={attempt}&token={}",
             self.public_url,
@@ -89,7 +93,10 @@ mod tests {
     use super::*;
 
     fn signer() -> Signer {
-        Signer::new(Secret::new("0123456789abcdef"), "http://10.0.0.5:8000/callback")
+        Signer::new(
+            Secret::new("0123456789abcdef"),
+            "http://10.0.0.5:8000/callback",
+        )
     }
 
     #[test]
@@ -113,9 +120,14 @@ mod tests {
     fn callback_url_appends_query() {
         let s = signer();
         let u = s.callback_url("t", 3);
-        assert!(u.starts_with("http://10.0.0.5:8000/callback?attempt=3&token="), "{u}");
+        assert!(
+            u.starts_with("http://10.0.0.5:8000/callback?attempt=3&token="),
+            "{u}"
+        );
         let q = Signer::new(Secret::new("0123456789abcdef"), "http://h/cb?x=1");
-        assert!(q.callback_url("t", 1).starts_with("http://h/cb?x=1&attempt=1&token="));
+        assert!(q
+            .callback_url("t", 1)
+            .starts_with("http://h/cb?x=1&attempt=1&token="));
     }
 
     #[test]

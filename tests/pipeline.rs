@@ -31,7 +31,11 @@ fn two_hundred_tasks_over_four_gpus_all_finish_within_slots_and_fairly() {
     assert_eq!(seen.len(), 200, "the fleet saw every task");
     assert!(seen.values().all(|&n| n == 1), "no task dispatched twice");
     for g in 0..4 {
-        assert!(stats.max_running(g) <= 4, "gpu {g} ran {}", stats.max_running(g));
+        assert!(
+            stats.max_running(g) <= 4,
+            "gpu {g} ran {}",
+            stats.max_running(g)
+        );
         let got = stats.received(g);
         assert!((25..=75).contains(&got), "gpu {g} got {got} of 200");
     }
@@ -69,7 +73,8 @@ fn response_mode_finishes_on_the_answer() {
     let daemon = env.start(&env.config_toml(fleet.urls(), extra));
     env.push_raw("q1", &transcriptions("resp", 30));
     assert!(
-        wait_for(Duration::from_secs(60), || env.count("state = 'finished'") == 30),
+        wait_for(Duration::from_secs(60), || env.count("state = 'finished'")
+            == 30),
         "{:?}",
         env.states()
     );
@@ -97,9 +102,17 @@ fn seed_producer_messages_are_taken_as_written() {
             r#"{"type": "start_transcribe", "data": {"s3_bucket": "b", "s3_key": "no-id.wav", "pii_entities": "email,phone_number,address"}}"#.into(),
         ],
     );
-    assert!(wait_for(Duration::from_secs(30), || env.count("state = 'finished'") == 3));
-    assert_eq!(env.task("seed-in-data").map(|t| t.0).as_deref(), Some("finished"));
-    assert_eq!(env.task("seed-top-level").map(|t| t.0).as_deref(), Some("finished"));
+    assert!(wait_for(Duration::from_secs(30), || env
+        .count("state = 'finished'")
+        == 3));
+    assert_eq!(
+        env.task("seed-in-data").map(|t| t.0).as_deref(),
+        Some("finished")
+    );
+    assert_eq!(
+        env.task("seed-top-level").map(|t| t.0).as_deref(),
+        Some("finished")
+    );
     // The id qsysd assigned is a UUID, recorded, and sent to the GPU.
     let ids: Vec<String> = env.query("SELECT task_id FROM tasks WHERE payload LIKE '%no-id.wav%'");
     assert_eq!(ids.len(), 1);
@@ -133,18 +146,32 @@ fn malformed_elements_fail_with_a_reason_and_the_poller_goes_on() {
     ];
     items.extend(transcriptions("ok", 2));
     env.push_raw("q1", &items);
-    assert!(wait_for(Duration::from_secs(30), || {
-        env.count("state = 'finished'") == 2 && env.count("state = 'failed'") == 4
-    }), "{:?}", env.states());
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            env.count("state = 'finished'") == 2 && env.count("state = 'failed'") == 4
+        }),
+        "{:?}",
+        env.states()
+    );
     let (state, error) = env.task("m-no-type").expect("row for the readable id");
     assert_eq!(state, "failed");
     assert!(error.unwrap_or_default().contains("missing \"type\""));
     let errors: Vec<(String, String)> =
         env.query("SELECT payload, error FROM tasks WHERE state = 'failed' ORDER BY payload");
-    assert!(errors.iter().any(|(p, e)| p == "not json at all" && e.contains("not valid JSON")));
-    assert!(errors.iter().any(|(p, e)| p == "[1, 2, 3]" && e.contains("expected a JSON object")));
-    assert!(errors.iter().any(|(_, e)| e.contains("data must be an object")));
-    assert_eq!(fleet.stats().seen().len(), 2, "malformed elements never reach a GPU");
+    assert!(errors
+        .iter()
+        .any(|(p, e)| p == "not json at all" && e.contains("not valid JSON")));
+    assert!(errors
+        .iter()
+        .any(|(p, e)| p == "[1, 2, 3]" && e.contains("expected a JSON object")));
+    assert!(errors
+        .iter()
+        .any(|(_, e)| e.contains("data must be an object")));
+    assert_eq!(
+        fleet.stats().seen().len(),
+        2,
+        "malformed elements never reach a GPU"
+    );
     stop(daemon);
 }
 
@@ -167,7 +194,9 @@ fn unknown_type_fails_and_known_ids_are_not_reset() {
             && env.task("once-0").is_some_and(|t| t.0 == "finished")
     }));
     let (_, err) = env.task("coffee-1").expect("row");
-    assert!(err.unwrap_or_default().contains("unknown task type \"make_coffee\""));
+    assert!(err
+        .unwrap_or_default()
+        .contains("unknown task type \"make_coffee\""));
     // The seed reset a finished task when its id came again; qsysd drops the copy.
     env.push_raw("q1", &transcriptions("once", 1));
     assert!(wait_for(Duration::from_secs(10), || env.llen("q1") == 0));
@@ -192,10 +221,14 @@ fn earlier_queue_wins_and_each_queue_is_fifo() {
     env.push_raw("q1", &transcriptions("high", 3));
     let extra = "[gpu]\nslots = 1\ncompletion = \"response\"\n";
     let daemon = env.start(&env.config_toml(fleet.urls(), extra));
-    assert!(wait_for(Duration::from_secs(30), || env.count("state = 'finished'") == 6));
-    let order: Vec<String> =
-        env.query("SELECT task_id FROM tasks ORDER BY dispatched_at, task_id");
-    assert_eq!(order, ["high-0", "high-1", "high-2", "low-0", "low-1", "low-2"]);
+    assert!(wait_for(Duration::from_secs(30), || env
+        .count("state = 'finished'")
+        == 6));
+    let order: Vec<String> = env.query("SELECT task_id FROM tasks ORDER BY dispatched_at, task_id");
+    assert_eq!(
+        order,
+        ["high-0", "high-1", "high-2", "low-0", "low-1", "low-2"]
+    );
     stop(daemon);
 }
 
@@ -242,6 +275,10 @@ fn full_fleet_leaves_tasks_in_redis_and_a_stop_hands_back_the_rest() {
     let daemon = env.start(&env.config_toml(fleet.urls(), extra));
     assert_eq!(daemon.shared().slots().busy(), 2);
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(env.count("state = 'processing'"), 2, "slots survive the restart");
+    assert_eq!(
+        env.count("state = 'processing'"),
+        2,
+        "slots survive the restart"
+    );
     stop(daemon);
 }

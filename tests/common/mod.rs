@@ -53,16 +53,15 @@ impl TestEnv {
                 )
             });
         let _: String = redis::cmd("PING").query(&mut conn).expect("redis PING");
-        let mut my = mysql::Conn::new(
-            mysql::Opts::from_url(&mysql_base()).expect("valid mysql url"),
-        )
-        .unwrap_or_else(|e| {
-            panic!(
-                "MariaDB/MySQL at {} is unreachable ({e}). The tests need a real server: \
+        let mut my =
+            mysql::Conn::new(mysql::Opts::from_url(&mysql_base()).expect("valid mysql url"))
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "MariaDB/MySQL at {} is unreachable ({e}). The tests need a real server: \
                  run `bash scripts/services.sh` (see README) and try again.",
-                mysql_base()
-            )
-        });
+                        mysql_base()
+                    )
+                });
         my.query_drop(format!("DROP DATABASE IF EXISTS `{db}`"))
             .expect("drop old test db");
         let dir = std::env::temp_dir().join(format!("qsys-test-{tag}-{pid}-{n}"));
@@ -192,12 +191,15 @@ shutdown_grace = "10s"
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
-        if let Ok(mut my) = mysql::Conn::new(
-            mysql::Opts::from_url(&mysql_base()).expect("valid mysql url"),
-        ) {
+        if let Ok(mut my) =
+            mysql::Conn::new(mysql::Opts::from_url(&mysql_base()).expect("valid mysql url"))
+        {
             let _ = my.query_drop(format!("DROP DATABASE IF EXISTS `{}`", self.db));
         }
-        if let Ok(mut c) = self.redis.get_connection_with_timeout(Duration::from_secs(3)) {
+        if let Ok(mut c) = self
+            .redis
+            .get_connection_with_timeout(Duration::from_secs(3))
+        {
             let keys: Vec<String> = redis::cmd("KEYS")
                 .arg(format!("{}*", self.prefix))
                 .query(&mut c)

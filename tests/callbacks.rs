@@ -1,0 +1,169 @@
+//! The callback endpoint over real sockets: every reply code of design §5, and proof that forged,
+//! duplicate, stale and conflicting callbacks change nothing.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use common::{stop, transcriptions, wait_for, TestEnv, SECRET};
+use qsys::config::Secret;
+use qsys::fakegpu::{Fleet, FleetConfig};
+use qsys::token::Signer;
+
+/// A raw HTTP/1.1 exchange; returns (status, body).
+fn call(addr: SocketAddr, method: &str, target: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "{method} {target} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+fn target(signer: &Signer, id: &str, attempt: u32) -> String {
+    let url = signer.callback_url(id, attempt);
+    url[url.find("/callback").expect("path")..].to_string()
+}
+
+#[test]
+fn every_reply_code_and_nothing_changes_without_authority() {
+    let env = TestEnv::new("callbacks");
+    // The GPU accepts but never calls back: this test plays the GPU's part.
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 1,
+        lose_rate: 1.0,
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let daemon = env.start(&env.config_toml(fleet.urls(), ""));
+    let addr = daemon.callback_addr();
+    let signer = Signer::new(Secret::new(SECRET), "http://unused/callback");
+    env.push_raw("q1", &transcriptions("cb", 1));
+    assert!(wait_for(Duration::from_secs(20), || {
+        env.task("cb-0").is_some_and(|t| t.0 == "processing")
+    }));
+    // The URL the GPU received is the one we can sign ourselves.
+    let sent = fleet.stats().body("cb-0").expect("dispatched")["callback_url"]
+        .as_str()
+        .expect("url")
+        .to_string();
+    assert!(sent.ends_with(&target(&signer, "cb-0", 1)), "{sent}");
+    let finished = r#"{"task_id":"cb-0","status":"finished"}"#;
+    let processing = || env.task("cb-0").map(|t| t.0).as_deref() == Some("processing");
+
+    // No token, a forged token, a token for another task: 401, nothing changes.
+    assert_eq!(call(addr, "POST", "/callback", finished).0, 401);
+    let forged = format!("/callback?attempt=1&token={}", "ab".repeat(32));
+    assert_eq!(call(addr, "POST", &forged, finished).0, 401);
+    assert_eq!(
+        call(addr, "POST", &target(&signer, "other", 1), finished).0,
+        401
+    );
+    assert!(processing());
+    // Malformed, too large, wrong method.
+    let t1 = target(&signer, "cb-0", 1);
+    assert_eq!(call(addr, "POST", &t1, "{not json").0, 400);
+    assert_eq!(
+        call(addr, "POST", &t1, r#"{"task_id":"cb-0","status":"done"}"#).0,
+        400
+    );
+    let huge = format!(
+        r#"{{"task_id":"cb-0","status":"finished","x":"{}"}}"#,
+        "a".repeat(70_000)
+    );
+    assert_eq!(call(addr, "POST", &t1, &huge).0, 413);
+    assert_eq!(call(addr, "GET", "/callback", "").0, 405);
+    assert_eq!(call(addr, "GET", "/nowhere", "").0, 404);
+    // A correctly signed token for an attempt that is not the current one: stale.
+    let (code, body) = call(addr, "POST", &target(&signer, "cb-0", 2), finished);
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("stale"));
+    assert!(processing());
+    // Unknown task (valid token for an id nobody pushed).
+    assert_eq!(
+        call(
+            addr,
+            "POST",
+            &target(&signer, "ghost", 1),
+            r#"{"task_id":"ghost","status":"finished"}"#
+        )
+        .0,
+        404
+    );
+    assert!(processing());
+
+    // The real one applies and frees the slot.
+    let (code, body) = call(addr, "POST", &t1, finished);
+    assert_eq!(code, 200, "{body}");
+    assert!(!body.contains("duplicate"));
+    assert_eq!(env.task("cb-0").map(|t| t.0).as_deref(), Some("finished"));
+    let held: Vec<u64> = env.query("SELECT COUNT(*) FROM gpu_slots WHERE task_id IS NOT NULL");
+    assert_eq!(held[0], 0);
+    assert_eq!(daemon.shared().slots().busy(), 0);
+    // Repeat: 200 duplicate. Conflicting status: 409. The task stays finished.
+    let (code, body) = call(addr, "POST", &t1, finished);
+    assert_eq!(
+        (code, body.contains("\"duplicate\":true")),
+        (200, true),
+        "{body}"
+    );
+    let (code, _) = call(
+        addr,
+        "POST",
+        &t1,
+        r#"{"task_id":"cb-0","status":"failed","error":"late"}"#,
+    );
+    assert_eq!(code, 409);
+    let (state, error) = env.task("cb-0").expect("row");
+    assert_eq!((state.as_str(), error), ("finished", None));
+
+    // /healthz answers while MySQL does.
+    let (code, body) = call(addr, "GET", "/healthz", "");
+    assert_eq!(code, 200, "{body}");
+    stop(daemon);
+}
+
+#[test]
+fn failed_callback_records_the_error() {
+    let env = TestEnv::new("cbfail");
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 2,
+        task_fail_rate: 1.0,
+        duplicate_callbacks: true,
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let daemon = env.start(&env.config_toml(fleet.urls(), ""));
+    env.push_raw("q1", &transcriptions("f", 20));
+    assert!(wait_for(Duration::from_secs(30), || env
+        .count("state = 'failed'")
+        == 20));
+    // Every callback was sent twice: the second of each is a 200 duplicate, never a change.
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            fleet.stats().callback_replies().get(&200).copied() == Some(40)
+        }),
+        "{:?}",
+        fleet.stats().callback_replies()
+    );
+    assert_eq!(
+        env.count("state = 'failed' AND error = 'injected task failure'"),
+        20
+    );
+    stop(daemon);
+}

@@ -1,0 +1,225 @@
+//! The binaries as an operator runs them: `qsysd --check-config`, exit codes, SIGTERM, `qsys-push`,
+//! and the shipped `etc/qsysd.toml`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{transcriptions, wait_for, TestEnv};
+use qsys::config::{Completion, Config, Env};
+use qsys::fakegpu::{Fleet, FleetConfig};
+
+const QSYSD: &str = env!("CARGO_BIN_EXE_qsysd");
+const PUSH: &str = env!("CARGO_BIN_EXE_qsys-push");
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write");
+    p
+}
+
+fn run(bin: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin)
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .expect("run binary");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn shipped_config_is_valid() {
+    let dir = std::env::temp_dir().join(format!("qsys-etc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    write(
+        &dir,
+        "callback.secret",
+        "0123456789abcdef0123456789abcdef\n",
+    );
+    write(&dir, "gpu.token", "gpu-token\n");
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/etc/qsysd.toml"))
+        .expect("etc/qsysd.toml")
+        .replace("/etc/qsysd/", &format!("{}/", dir.display()));
+    let c = Config::from_toml(&text, Path::new("etc/qsysd.toml"), &Env::new())
+        .unwrap_or_else(|e| panic!("etc/qsysd.toml is invalid: {e}"));
+    assert_eq!(c.gpus.len(), 4);
+    assert_eq!(c.total_slots(), 16);
+    assert_eq!(c.gpus[0].completion, Completion::Callback);
+    assert_eq!(
+        c.gpus[0].bearer_token.as_ref().map(|s| s.expose()),
+        Some("gpu-token")
+    );
+    assert_eq!(c.redis.queues, ["task_queue_1", "task_queue_2"]);
+    for t in [
+        "start_transcribe",
+        "send_email",
+        "generate_report",
+        "cleanup",
+    ] {
+        assert!(c.types.contains_key(t), "type {t}");
+    }
+    // And the binary agrees.
+    let p = write(&dir, "qsysd.toml", &text);
+    let (code, out, err) = run(
+        QSYSD,
+        &["--config", p.to_str().expect("utf8"), "--check-config"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("gpus: 4 endpoints, 16 slots"), "{out}");
+    assert!(!out.contains("0123456789abcdef0123456789abcdef") && !out.contains("gpu-token"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_config_exits_2_naming_key_and_value() {
+    let env = TestEnv::new("badcfg");
+    let good = env.config_toml(&["http://127.0.0.1:1/g0".into()], "");
+    let cases = [
+        (good.replace("[daemon]", "[daemon]\nthreads = 4"), "threads"),
+        (
+            good.replace("[daemon]", "[gpu]\ntask_timeout = \"soon\"\n[daemon]"),
+            "gpu.task_timeout",
+        ),
+        (
+            good.replace("127.0.0.1:0", "127.0.0.1:99999"),
+            "callback.listen",
+        ),
+        (
+            good.replace("[daemon]", "[retry]\nmax_attempts = 0\n[daemon]"),
+            "retry.max_attempts",
+        ),
+        ("this is not toml".to_string(), "qsysd.toml"),
+    ];
+    for (text, key) in cases {
+        let p = write(&env.dir, "qsysd.toml", &text);
+        let (code, _, err) = run(
+            QSYSD,
+            &["--config", p.to_str().expect("utf8"), "--check-config"],
+        );
+        assert_eq!(code, 2, "{key}: {err}");
+        assert!(err.contains(key), "error does not name {key}: {err}");
+    }
+    let (code, _, err) = run(QSYSD, &["--config", "/nonexistent/qsysd.toml"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("/nonexistent/qsysd.toml"), "{err}");
+    let (code, _, _) = run(QSYSD, &["--no-such-flag"]);
+    assert_eq!(code, 2);
+}
+
+#[test]
+fn sigterm_finishes_calls_in_flight_and_exits_zero() {
+    let env = TestEnv::new("sigterm");
+    // Response mode, 2 s per task: four calls are in flight when the signal comes.
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 1,
+        completion: Completion::Response,
+        delay: (Duration::from_secs(2), Duration::from_secs(2)),
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let extra = "[gpu]\ncompletion = \"response\"\n";
+    let p = write(
+        &env.dir,
+        "qsysd.toml",
+        &env.config_toml(fleet.urls(), extra),
+    );
+    let log = std::fs::File::create(env.dir.join("qsysd.log")).expect("log");
+    let mut child = Command::new(QSYSD)
+        .args(["--config", p.to_str().expect("utf8")])
+        .env_clear()
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn qsysd");
+    let log_text = || std::fs::read_to_string(env.dir.join("qsysd.log")).unwrap_or_default();
+    assert!(
+        wait_for(Duration::from_secs(20), || log_text()
+            .contains("qsysd starting")),
+        "{}",
+        log_text()
+    );
+    env.push_raw("q1", &transcriptions("term", 10));
+    let started = wait_for(Duration::from_secs(20), || {
+        env.count("state = 'processing'") == 4
+    });
+    assert!(started, "{}", log_text());
+    let t0 = Instant::now();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "no exit within the grace period"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "{}", log_text());
+    // The four in flight were allowed to finish; the rest went back to Redis, rows pending.
+    assert_eq!(env.count("state = 'finished'"), 4, "{}", log_text());
+    assert_eq!(env.count("state = 'processing'"), 0);
+    assert_eq!(env.llen("q1"), 6);
+    let held: Vec<u64> = env.query("SELECT COUNT(*) FROM gpu_slots WHERE task_id IS NOT NULL");
+    assert_eq!(held[0], 0);
+}
+
+#[test]
+fn qsys_push_writes_the_seed_format() {
+    let env = TestEnv::new("push");
+    let p = write(
+        &env.dir,
+        "qsysd.toml",
+        &env.config_toml(&["http://127.0.0.1:1/g0".into()], ""),
+    );
+    let cfg = p.to_str().expect("utf8");
+    let (code, out, err) = run(
+        PUSH,
+        &[
+            "--config",
+            cfg,
+            "--type",
+            "send_email",
+            "--data",
+            r#"{"email":"a@b.c"}"#,
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let id = out.trim();
+    assert!(uuid::Uuid::parse_str(id).is_ok(), "{out}");
+    let items = env.lrange("q1");
+    assert_eq!(items.len(), 1);
+    let v: serde_json::Value = serde_json::from_str(&items[0]).expect("json");
+    assert_eq!(v["type"], "send_email");
+    assert_eq!(v["data"]["email"], "a@b.c");
+    assert_eq!(v["data"]["task_id"], id);
+    // An explicit id and queue.
+    let (code, out, _) = run(
+        PUSH,
+        &[
+            "--config",
+            cfg,
+            "--type",
+            "cleanup",
+            "--task-id",
+            "c-1",
+            "--queue",
+            &env.queue("q2"),
+        ],
+    );
+    assert_eq!((code, out.trim()), (0, "c-1"));
+    assert_eq!(env.llen("q2"), 1);
+    // Bad input: exit 2, nothing pushed.
+    let (code, _, err) = run(PUSH, &["--config", cfg, "--type", "x", "--data", "[1]"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("data"), "{err}");
+    assert_eq!(env.llen("q1"), 1);
+}

@@ -1,0 +1,182 @@
+//! `exec` and `http` handlers for the non-GPU task types, against real processes and a real HTTP
+//! server; none of them ever takes a GPU slot.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{stop, wait_for, TestEnv};
+use qsys::fakegpu::{Fleet, FleetConfig};
+
+/// A report service on port 0: records bodies and answers 500 when the data says so.
+fn report_server() -> (String, Arc<Mutex<HashMap<String, serde_json::Value>>>) {
+    let server = tiny_http::Server::http("127.0.0.1:0").expect("bind");
+    let url = format!(
+        "http://{}/generate",
+        server.server_addr().to_ip().expect("ip")
+    );
+    let seen = Arc::new(Mutex::new(HashMap::new()));
+    let seen2 = Arc::clone(&seen);
+    std::thread::spawn(move || {
+        for mut req in server.incoming_requests() {
+            let mut body = String::new();
+            let _ = req.as_reader().read_to_string(&mut body);
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            let id = v["task_id"].as_str().unwrap_or("").to_string();
+            let code = if v["data"]["report_type"] == "broken" {
+                500
+            } else {
+                200
+            };
+            seen2.lock().expect("lock").insert(id, v);
+            let _ = req.respond(tiny_http::Response::from_string("nope").with_status_code(code));
+        }
+    });
+    (url, seen)
+}
+
+#[test]
+fn exec_and_http_handlers_run_outside_gpu_slots() {
+    let env = TestEnv::new("handlers");
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 1,
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let out = env.dir.join("out");
+    std::fs::create_dir_all(&out).expect("out dir");
+    let script = env.dir.join("handler.sh");
+    std::fs::write(
+        &script,
+        r#"#!/bin/sh
+input=$(cat)
+case "$QSYS_TASK_TYPE" in
+  send_email) printf '%s\n%s\n' "$QSYS_TASK_ID" "$input" > "$1/$QSYS_TASK_ID" ;;
+  cleanup) echo "cleanup: user 789 is locked" >&2; exit 3 ;;
+  slow) sleep 60 & echo $! > "$1/child.pid"; sleep 60 ;;
+esac
+"#,
+    )
+    .expect("script");
+    let (report_url, reports) = report_server();
+    let sh = |t: &str| {
+        format!(
+            "[types.{t}]\nhandler = \"exec\"\ncommand = [\"/bin/sh\", \"{}\", \"{}\"]\n",
+            script.display(),
+            out.display()
+        )
+    };
+    let extra = format!(
+        "{}{}{}[types.slow]\nhandler = \"exec\"\ncommand = [\"/bin/sh\", \"{}\", \"{}\"]\ntimeout = \"1s\"\n\
+         [types.generate_report]\nhandler = \"http\"\nurl = \"{report_url}\"\n\
+         [types.start_transcribe]\nhandler = \"gpu\"\n",
+        sh("send_email"),
+        sh("cleanup"),
+        "",
+        script.display(),
+        out.display()
+    );
+    let daemon = env.start(&env.config_toml(fleet.urls(), &extra));
+    env.push_raw(
+        "q1",
+        &[
+            r#"{"type": "send_email", "data": {"user_id": 123, "email": "user@example.com", "subject": "Test Email", "task_id": "mail-1"}}"#.into(),
+            r#"{"type": "cleanup", "data": {"user_id": 789, "task_id": "clean-1"}}"#.into(),
+            r#"{"type": "slow", "data": {"task_id": "slow-1"}}"#.into(),
+            r#"{"type": "generate_report", "data": {"user_id": 456, "report_type": "monthly", "task_id": "rep-1"}}"#.into(),
+            r#"{"type": "generate_report", "data": {"user_id": 456, "report_type": "broken", "task_id": "rep-2"}}"#.into(),
+        ],
+    );
+    let terminal = |id: &str| {
+        env.task(id)
+            .is_some_and(|t| t.0 == "finished" || t.0 == "failed")
+    };
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            ["mail-1", "clean-1", "slow-1", "rep-1", "rep-2"]
+                .iter()
+                .all(|id| terminal(id))
+        }),
+        "{:?}",
+        env.states()
+    );
+
+    // exec: stdin has the task JSON, the environment the id and type; exit 0 = finished.
+    assert_eq!(env.task("mail-1").map(|t| t.0).as_deref(), Some("finished"));
+    let written = std::fs::read_to_string(out.join("mail-1")).expect("handler output");
+    let mut lines = written.lines();
+    assert_eq!(lines.next(), Some("mail-1"));
+    let input: serde_json::Value = serde_json::from_str(lines.next().expect("json")).expect("json");
+    assert_eq!(input["type"], "send_email");
+    assert_eq!(input["data"]["email"], "user@example.com");
+    assert_eq!(input["attempt"], 1);
+    // A non-zero exit keeps the tail of stderr as the error.
+    let (state, error) = env.task("clean-1").expect("row");
+    let error = error.unwrap_or_default();
+    assert_eq!(state, "failed");
+    assert!(
+        error.contains("exit status 3") && error.contains("user 789 is locked"),
+        "{error}"
+    );
+    // A timeout kills the whole process group, the handler's own children included.
+    let (state, error) = env.task("slow-1").expect("row");
+    assert_eq!(state, "failed");
+    assert!(error.unwrap_or_default().contains("timed out after 1s"));
+    let pid: i32 = std::fs::read_to_string(out.join("child.pid"))
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("pid");
+    assert!(
+        wait_for(Duration::from_secs(5), || unsafe { libc::kill(pid, 0) }
+            != 0),
+        "the handler's child {pid} survived the timeout"
+    );
+    // http: 2xx finished, anything else failed with the status.
+    assert_eq!(env.task("rep-1").map(|t| t.0).as_deref(), Some("finished"));
+    let (state, error) = env.task("rep-2").expect("row");
+    assert_eq!(state, "failed");
+    assert!(error.unwrap_or_default().contains("HTTP 500"));
+    assert_eq!(
+        reports.lock().expect("lock")["rep-1"]["data"]["user_id"],
+        456
+    );
+    // None of them touched a GPU.
+    assert!(fleet.stats().seen().is_empty());
+    let gpu_rows: Vec<u64> = env.query("SELECT COUNT(*) FROM tasks WHERE gpu_id IS NOT NULL");
+    assert_eq!(gpu_rows[0], 0);
+    stop(daemon);
+}
+
+#[test]
+fn handler_tasks_flow_while_every_gpu_slot_is_busy() {
+    let env = TestEnv::new("hflow");
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 1,
+        delay: (Duration::from_secs(60), Duration::from_secs(60)),
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let extra = "[gpu]\nslots = 1\n[types.start_transcribe]\nhandler = \"gpu\"\n\
+                 [types.cleanup]\nhandler = \"exec\"\ncommand = [\"/bin/true\"]\n";
+    let daemon = env.start(&env.config_toml(fleet.urls(), extra));
+    let mut items = common::transcriptions("busy", 3);
+    items.extend(
+        (0..20).map(|i| format!(r#"{{"type": "cleanup", "data": {{"task_id": "c-{i}"}}}}"#)),
+    );
+    env.push_raw("q1", &items);
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            env.count("state = 'finished' AND type = 'cleanup'") == 20
+        }),
+        "{:?}",
+        env.states()
+    );
+    assert_eq!(
+        env.task("busy-0").map(|t| t.0).as_deref(),
+        Some("processing")
+    );
+    stop(daemon);
+}

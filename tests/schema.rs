@@ -1,0 +1,183 @@
+//! The schema: created from nothing, and migrated in place from the seed README's DDL.
+
+mod common;
+
+use common::TestEnv;
+use mysql::prelude::Queryable;
+use qsys::store::{Store, SCHEMA_VERSION};
+
+const SEED_DDL: &[&str] = &[
+    "CREATE TABLE tasks (
+        task_id VARCHAR(255) PRIMARY KEY,
+        queue VARCHAR(100),
+        state VARCHAR(20),
+        type VARCHAR(50),
+        gpu_id VARCHAR(10),
+        slot_index INT
+    )",
+    "CREATE INDEX idx_tasks_state ON tasks(state)",
+    "CREATE INDEX idx_tasks_gpu_id ON tasks(gpu_id)",
+    "CREATE INDEX idx_tasks_type ON tasks(type)",
+];
+
+fn columns(env: &TestEnv) -> Vec<String> {
+    env.query(&format!(
+        "SELECT column_name FROM information_schema.columns \
+         WHERE table_schema = '{}' AND table_name = 'tasks' ORDER BY ordinal_position",
+        env.db
+    ))
+}
+
+#[test]
+fn seed_table_is_migrated_in_place_and_keeps_its_rows() {
+    let env = TestEnv::new("seedddl");
+    let mut root = mysql::Conn::new(
+        mysql::Opts::from_url(env.mysql_url().rsplit_once('/').expect("db").0).expect("url"),
+    )
+    .expect("mysql");
+    root.query_drop(format!("CREATE DATABASE `{}`", env.db))
+        .expect("create db");
+    let mut c = env.mysql();
+    for stmt in SEED_DDL {
+        c.query_drop(*stmt).expect("seed ddl");
+    }
+    c.query_drop(
+        "INSERT INTO tasks VALUES \
+         ('old-1', 'task_queue_1', 'finished', 'start_transcribe', 'g0', 2), \
+         ('old-2', 'task_queue_1', 'processing', 'start_transcribe', 'g3', 0), \
+         ('old-3', NULL, NULL, NULL, NULL, NULL)",
+    )
+    .expect("seed rows");
+
+    let store = Store::connect(&env.mysql_url(), false, "test", 2).expect("connect");
+    assert_eq!(store.migrate().expect("migrate"), SCHEMA_VERSION);
+    // Idempotent: a second start (or a second instance) changes nothing.
+    assert_eq!(store.migrate().expect("migrate again"), SCHEMA_VERSION);
+
+    let cols = columns(&env);
+    for want in [
+        "task_id",
+        "queue",
+        "state",
+        "type",
+        "gpu_id",
+        "slot_index",
+        "payload",
+        "attempts",
+        "error",
+        "created_at",
+        "finished_at",
+        "deadline",
+        "instance_id",
+    ] {
+        assert!(
+            cols.iter().any(|c| c == want),
+            "missing column {want}: {cols:?}"
+        );
+    }
+    type Row = (String, Option<String>, Option<String>, Option<u32>, u32);
+    let rows: Vec<Row> = env
+        .query("SELECT task_id, state, gpu_id, slot_index, attempts FROM tasks ORDER BY task_id");
+    assert_eq!(
+        rows[0],
+        (
+            "old-1".into(),
+            Some("finished".into()),
+            Some("g0".into()),
+            Some(2),
+            0
+        )
+    );
+    assert_eq!(rows[1].1.as_deref(), Some("processing"));
+    assert_eq!(rows.len(), 3);
+    // Widened: endpoint ids longer than the seed's 10 characters fit.
+    c.query_drop("UPDATE tasks SET gpu_id = 'gpu-node-17.eu-west' WHERE task_id = 'old-1'")
+        .expect("wide gpu id");
+    // The seed's monitoring query keeps working.
+    let busy: Vec<(String, u64)> = env.query(
+        "SELECT gpu_id, COUNT(*) as active_tasks FROM tasks WHERE state = 'processing' GROUP BY gpu_id",
+    );
+    assert_eq!(busy, [("g3".to_string(), 1)]);
+    // A task id the seed left in a terminal state is never reset by a new copy.
+    let accepted = store
+        .accept("old-1", "q", "start_transcribe", "{}", None, None)
+        .expect("accept");
+    assert_eq!(
+        accepted,
+        qsys::store::Accepted::Exists {
+            state: "finished".into()
+        }
+    );
+    let accepted = store
+        .accept("old-3", "q", "start_transcribe", "{}", None, None)
+        .expect("accept");
+    assert_eq!(
+        accepted,
+        qsys::store::Accepted::Exists {
+            state: "NULL".into()
+        }
+    );
+}
+
+#[test]
+fn empty_database_gets_the_current_schema() {
+    let env = TestEnv::new("fresh");
+    // The database does not exist yet: connect creates it.
+    let store = Store::connect(&env.mysql_url(), false, "test", 2).expect("connect");
+    assert_eq!(store.migrate().expect("migrate"), SCHEMA_VERSION);
+    store
+        .ensure_slots(&[("g0".into(), 2), ("g1".into(), 3)])
+        .expect("slots");
+    store
+        .ensure_slots(&[("g0".into(), 2), ("g1".into(), 3)])
+        .expect("slots again");
+    let n: Vec<u64> = env.query("SELECT COUNT(*) FROM gpu_slots");
+    assert_eq!(n[0], 5);
+    let v: Vec<u32> = env.query("SELECT MAX(version) FROM qsys_schema");
+    assert_eq!(v[0], SCHEMA_VERSION);
+    assert!(store.held_slots().expect("held").is_empty());
+}
+
+#[test]
+fn a_slot_is_claimed_once() {
+    let env = TestEnv::new("claim");
+    let store = Store::connect(&env.mysql_url(), false, "test", 4).expect("connect");
+    store.migrate().expect("migrate");
+    store.ensure_slots(&[("g0".into(), 1)]).expect("slots");
+    for id in ["a", "b"] {
+        store
+            .accept(id, "q", "start_transcribe", "{}", None, None)
+            .expect("accept");
+    }
+    let lease = std::time::Duration::from_secs(60);
+    use qsys::store::Claim;
+    assert_eq!(
+        store
+            .claim_gpu_attempt("a", 0, "g0", 0, lease)
+            .expect("claim"),
+        Claim::Claimed
+    );
+    assert_eq!(
+        store
+            .claim_gpu_attempt("b", 0, "g0", 0, lease)
+            .expect("claim"),
+        Claim::SlotTaken {
+            holder: "a".into(),
+            attempt: 1
+        }
+    );
+    // "b" is untouched by the failed claim.
+    let b: Vec<(String, u32)> = env.query("SELECT state, attempts FROM tasks WHERE task_id = 'b'");
+    assert_eq!(b, [("pending".to_string(), 0)]);
+    // The same attempt cannot be claimed twice either.
+    store.ensure_slots(&[("g0".into(), 2)]).expect("slots");
+    assert_eq!(
+        store
+            .claim_gpu_attempt("a", 0, "g0", 1, lease)
+            .expect("claim"),
+        Claim::NotPending
+    );
+    let held = store.held_slots().expect("held");
+    assert_eq!(held.len(), 1);
+    assert_eq!((held[0].task_id.as_str(), held[0].attempt), ("a", 1));
+}
