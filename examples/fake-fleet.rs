@@ -1,0 +1,92 @@
+//! Runs the fake GPU fleet ([`qsys::fakegpu`]) on fixed local ports for the quickstart demo and the
+//! benchmark. Prints one endpoint URL per line, then serves until SIGINT/SIGTERM or `--for`.
+//!
+//! `cargo run --example fake-fleet -- --gpus 4 --base-port 9100 --delay-ms 200-2000`
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use qsys::config::Completion;
+use qsys::fakegpu::{Fleet, FleetConfig};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 4)]
+    gpus: usize,
+    /// GPU i listens on base-port + i (0: any free ports).
+    #[arg(long, default_value_t = 9100)]
+    base_port: u16,
+    /// Work time per task in milliseconds, MIN-MAX.
+    #[arg(long, default_value = "200-2000")]
+    delay_ms: String,
+    /// "callback" or "response".
+    #[arg(long, default_value = "callback")]
+    completion: String,
+    #[arg(long, default_value_t = 0.0)]
+    fail_rate: f64,
+    #[arg(long, default_value_t = 0.0)]
+    hang_rate: f64,
+    #[arg(long, default_value_t = 0.0)]
+    lose_rate: f64,
+    #[arg(long, default_value_t = 0.0)]
+    task_fail_rate: f64,
+    /// Bearer token every request must carry.
+    #[arg(long)]
+    token: Option<String>,
+    /// Stop after this many seconds (default: run until a signal).
+    #[arg(long = "for")]
+    run_for: Option<u64>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let (lo, hi) = a
+        .delay_ms
+        .split_once('-')
+        .unwrap_or((a.delay_ms.as_str(), a.delay_ms.as_str()));
+    let completion = match a.completion.as_str() {
+        "callback" => Completion::Callback,
+        "response" => Completion::Response,
+        other => anyhow::bail!("--completion: expected callback or response, got {other:?}"),
+    };
+    let fleet = Fleet::start(FleetConfig {
+        gpus: a.gpus,
+        delay: (
+            Duration::from_millis(lo.trim().parse()?),
+            Duration::from_millis(hi.trim().parse()?),
+        ),
+        completion,
+        fail_rate: a.fail_rate,
+        hang_rate: a.hang_rate,
+        lose_rate: a.lose_rate,
+        task_fail_rate: a.task_fail_rate,
+        duplicate_callbacks: false,
+        token: a.token,
+        base_port: a.base_port,
+    })?;
+    for url in fleet.urls() {
+        println!("{url}");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))?;
+    }
+    let started = Instant::now();
+    while !stop.load(Ordering::SeqCst)
+        && a.run_for.is_none_or(|s| started.elapsed() < Duration::from_secs(s))
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stats = fleet.stats();
+    for g in 0..a.gpus {
+        eprintln!(
+            "fake-fleet: g{g} received {} tasks, at most {} at once",
+            stats.received(g),
+            stats.max_running(g)
+        );
+    }
+    fleet.stop();
+    Ok(())
+}
