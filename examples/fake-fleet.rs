@@ -75,7 +75,8 @@ fn main() -> anyhow::Result<()> {
     }
     let started = Instant::now();
     while !stop.load(Ordering::SeqCst)
-        && a.run_for.is_none_or(|s| started.elapsed() < Duration::from_secs(s))
+        && a.run_for
+            .is_none_or(|s| started.elapsed() < Duration::from_secs(s))
     {
         std::thread::sleep(Duration::from_millis(100));
     }
