@@ -7,4 +7,9 @@ cd "$(dirname "$0")/.."
 bash scripts/services.sh
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
-cargo test --all-targets --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+# Binaries and examples have no tests of their own; clippy above has built them.
+cargo test --lib --tests --locked 2>&1 | tee "$log"
+# One closing line over every test binary.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
