@@ -215,12 +215,14 @@ impl Daemon {
             crate::callback::serve(s, server)
         })?;
 
-        Ok(Daemon {
+        let daemon = Daemon {
             shared,
             callback_addr,
             done: done_rx,
             threads,
-        })
+        };
+        crate::notify::ready(&daemon.status_line());
+        Ok(daemon)
     }
 
     /// Where the callback server listens (useful with port 0).
@@ -240,9 +242,13 @@ impl Daemon {
 
     /// Begins a graceful stop.
     pub fn stop(&self) {
-        if self.shared.stop.stop() {
-            log::info!("stopping: no new tasks are taken");
-        }
+        begin_stop(&self.shared, None);
+    }
+
+    /// `STATUS=` text: slot use.
+    fn status_line(&self) -> String {
+        let m = self.shared.slots();
+        format!("{}/{} GPU slots busy", m.busy(), m.total())
     }
 
     /// Blocks until every thread has ended (or the grace period after a stop ran out).
@@ -251,7 +257,21 @@ impl Daemon {
         let grace = shared.config.daemon.shutdown_grace;
         let mut live: BTreeSet<String> = self.threads.iter().map(|(n, _)| n.clone()).collect();
         let mut failure: Option<String> = None;
+        let watchdog = crate::notify::watchdog_interval();
+        let mut last_ping: Option<Instant> = None;
         while !live.is_empty() {
+            // The watchdog is fed only while every thread lives, so a dead thread that somehow
+            // did not stop us still gets us restarted.
+            let every = watchdog.unwrap_or(Duration::from_secs(2));
+            if last_ping.is_none_or(|t| t.elapsed() >= every) {
+                last_ping = Some(Instant::now());
+                if watchdog.is_some() && failure.is_none() {
+                    crate::notify::watchdog();
+                }
+                if !shared.stop.is_stopping() {
+                    crate::notify::status(&self.status_line());
+                }
+            }
             if !live.iter().any(|n| is_worker(n)) && !shared.stop.is_closing() {
                 shared.stop.close();
             }
@@ -268,7 +288,7 @@ impl Daemon {
                     if !shared.stop.is_stopping() {
                         log::error!(thread = name.as_str(); "thread ended unexpectedly; stopping");
                         failure.get_or_insert(name);
-                        shared.stop.stop();
+                        begin_stop(shared, None);
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
@@ -289,6 +309,19 @@ impl Daemon {
     }
 }
 
+/// Begins a graceful stop (once) and tells systemd. False if a stop had already begun.
+fn begin_stop(shared: &Shared, signal: Option<i32>) -> bool {
+    if !shared.stop.stop() {
+        return false;
+    }
+    crate::notify::stopping();
+    match signal {
+        Some(signal) => log::info!(signal; "stop requested; finishing calls in flight"),
+        None => log::info!("stopping: no new tasks are taken"),
+    }
+    true
+}
+
 /// Starts `qsys-signal`: SIGTERM/SIGINT begin a graceful stop, a second one exits at once (status
 /// 130) after killing exec handlers.
 pub fn spawn_signal_thread(shared: Arc<Shared>) -> std::io::Result<JoinHandle<()>> {
@@ -298,9 +331,7 @@ pub fn spawn_signal_thread(shared: Arc<Shared>) -> std::io::Result<JoinHandle<()
         .name("qsys-signal".into())
         .spawn(move || {
             for sig in signals.forever() {
-                if shared.stop.stop() {
-                    log::info!(signal = sig; "stop requested; finishing calls in flight");
-                } else {
+                if !begin_stop(&shared, Some(sig)) {
                     log::warn!(signal = sig; "second stop signal: exiting now");
                     shared.kill_children();
                     std::process::exit(130);

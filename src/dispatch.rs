@@ -23,13 +23,10 @@ use crate::scheduler::GpuJob;
 use crate::shared::Shared;
 use crate::store::State;
 
-/// The JSON body sent to a GPU endpoint.
+/// The JSON body sent to a GPU endpoint: `data` (which always holds `task_id`, see
+/// [`crate::message::parse`]) plus the callback URL.
 pub fn request_body(job: &GpuJob, callback_url: &str) -> String {
     let mut data = job.task.msg.data.clone();
-    data.insert(
-        "task_id".into(),
-        Value::String(job.task.msg.task_id.clone()),
-    );
     data.insert("callback_url".into(), Value::String(callback_url.into()));
     Value::Object(data).to_string()
 }

@@ -161,12 +161,11 @@ pub fn run_worker(shared: Arc<Shared>, jobs: Receiver<Task>) {
 
 fn run_one(shared: &Shared, agent: &ureq::Agent, task: &Task) {
     let task_id = task.msg.task_id.as_str();
-    let Some(handler) = shared.config.types.get(&task.msg.kind) else {
-        return; // the scheduler only sends configured types
-    };
+    // The scheduler only sends configured non-GPU types here.
+    let handler = shared.config.types.get(&task.msg.kind);
     let configured = match handler {
-        Handler::Exec { timeout, .. } | Handler::Http { timeout, .. } => *timeout,
-        Handler::Gpu => return,
+        Some(Handler::Exec { timeout, .. } | Handler::Http { timeout, .. }) => *timeout,
+        Some(Handler::Gpu) | None => return,
     };
     let timeout = task
         .msg
@@ -192,26 +191,11 @@ fn run_one(shared: &Shared, agent: &ureq::Agent, task: &Task) {
         "handler started");
     let input = task_json(task, attempt);
     let result = match handler {
-        Handler::Exec { command, .. } => run_exec(shared, command, task, &input, timeout),
-        Handler::Http {
+        Some(Handler::Exec { command, .. }) => run_exec(shared, command, task, &input, timeout),
+        Some(Handler::Http {
             url, bearer_token, ..
-        } => match http::post_json(
-            agent,
-            url,
-            bearer_token.as_ref(),
-            &input,
-            timeout.min(Duration::from_secs(10)),
-            timeout,
-        ) {
-            Ok(r) if r.is_success() => Ok(()),
-            Ok(r) => Err(format!(
-                "handler {url} answered HTTP {}: {}",
-                r.status,
-                r.body.trim()
-            )),
-            Err(e) => Err(format!("handler {url}: {}", http::describe(&e))),
-        },
-        Handler::Gpu => return,
+        }) => run_http(agent, url, bearer_token.as_ref(), &input, timeout),
+        Some(Handler::Gpu) | None => return,
     };
     let (status, error) = match result {
         Ok(()) => (State::Finished, None),
@@ -219,6 +203,32 @@ fn run_one(shared: &Shared, agent: &ureq::Agent, task: &Task) {
     };
     if let Err(e) = shared.finish(task_id, attempt, status, error.as_deref(), "handler") {
         log::error!(task_id, error:% = e; "could not record handler outcome");
+    }
+}
+
+/// Runs one `http` handler call: 2xx = finished.
+fn run_http(
+    agent: &ureq::Agent,
+    url: &str,
+    token: Option<&crate::config::Secret>,
+    input: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    match http::post_json(
+        agent,
+        url,
+        token,
+        input,
+        timeout.min(Duration::from_secs(10)),
+        timeout,
+    ) {
+        Ok(r) if r.is_success() => Ok(()),
+        Ok(r) => Err(format!(
+            "handler {url} answered HTTP {}: {}",
+            r.status,
+            r.body.trim()
+        )),
+        Err(e) => Err(format!("handler {url}: {}", http::describe(&e))),
     }
 }
 

@@ -25,6 +25,7 @@ pub mod handlers;
 pub mod http;
 pub mod logging;
 pub mod message;
+pub mod notify;
 pub mod push;
 pub mod queue;
 pub mod scheduler;

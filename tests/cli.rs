@@ -130,15 +130,9 @@ fn sigterm_finishes_calls_in_flight_and_exits_zero() {
         "qsysd.toml",
         &env.config_toml(fleet.urls(), extra),
     );
-    let log = std::fs::File::create(env.dir.join("qsysd.log")).expect("log");
-    let mut child = Command::new(QSYSD)
-        .args(["--config", p.to_str().expect("utf8")])
-        .env_clear()
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn qsysd");
-    let log_text = || std::fs::read_to_string(env.dir.join("qsysd.log")).unwrap_or_default();
+    let log = env.dir.join("qsysd.log");
+    let mut child = spawn_qsysd(&p, &log, &[]);
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         wait_for(Duration::from_secs(20), || log_text()
             .contains("qsysd starting")),
@@ -150,19 +144,9 @@ fn sigterm_finishes_calls_in_flight_and_exits_zero() {
         env.count("state = 'processing'") == 4
     });
     assert!(started, "{}", log_text());
-    let t0 = Instant::now();
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "no exit within the grace period"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_exit(&mut child, Duration::from_secs(15));
     assert_eq!(status.code(), Some(0), "{}", log_text());
     // The four in flight were allowed to finish; the rest went back to Redis, rows pending.
     assert_eq!(env.count("state = 'finished'"), 4, "{}", log_text());
@@ -222,4 +206,113 @@ fn qsys_push_writes_the_seed_format() {
     assert_eq!(code, 2);
     assert!(err.contains("data"), "{err}");
     assert_eq!(env.llen("q1"), 1);
+}
+
+/// Starts qsysd on `config` with `envs`, stderr to `log`.
+fn spawn_qsysd(config: &Path, log: &Path, envs: &[(&str, String)]) -> std::process::Child {
+    Command::new(QSYSD)
+        .args(["--config", config.to_str().expect("utf8")])
+        .env_clear()
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log"))
+        .spawn()
+        .expect("spawn qsysd")
+}
+
+fn wait_exit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return s;
+        }
+        assert!(t0.elapsed() < limit, "qsysd did not exit within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn second_signal_exits_at_once() {
+    let env = TestEnv::new("sigtwice");
+    // A call that would take a minute, and a grace period longer than that.
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 1,
+        completion: Completion::Response,
+        delay: (Duration::from_secs(60), Duration::from_secs(60)),
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let extra = "[gpu]\ncompletion = \"response\"\n";
+    let text = env
+        .config_toml(fleet.urls(), extra)
+        .replace("shutdown_grace = \"10s\"", "shutdown_grace = \"5m\"");
+    let p = write(&env.dir, "qsysd.toml", &text);
+    let log = env.dir.join("qsysd.log");
+    let mut child = spawn_qsysd(&p, &log, &[]);
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(wait_for(Duration::from_secs(20), || log_text()
+        .contains("qsysd starting")));
+    env.push_raw("q1", &transcriptions("twice", 1));
+    assert!(wait_for(Duration::from_secs(20), || {
+        fleet.stats().running(0) == 1
+    }));
+    let pid = child.id() as i32;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert!(wait_for(Duration::from_secs(5), || log_text()
+        .contains("stop requested")));
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "waits for the call in flight"
+    );
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = wait_exit(&mut child, Duration::from_secs(5));
+    assert_eq!(status.code(), Some(130), "{}", log_text());
+}
+
+#[test]
+fn systemd_notifications() {
+    use std::os::unix::net::UnixDatagram;
+    let env = TestEnv::new("notify");
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 2,
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let p = write(&env.dir, "qsysd.toml", &env.config_toml(fleet.urls(), ""));
+    let sock_path = env.dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let log = env.dir.join("qsysd.log");
+    let mut child = spawn_qsysd(
+        &p,
+        &log,
+        &[
+            ("NOTIFY_SOCKET", sock_path.display().to_string()),
+            ("WATCHDOG_USEC", "1000000".into()),
+        ],
+    );
+    let mut got = String::new();
+    let mut read_until = |want: &str, limit: Duration| {
+        let t0 = Instant::now();
+        let mut buf = [0u8; 4096];
+        while !got.contains(want) && t0.elapsed() < limit {
+            if let Ok(n) = sock.recv(&mut buf) {
+                got.push_str(&String::from_utf8_lossy(&buf[..n]));
+                got.push('\n');
+            }
+        }
+        assert!(got.contains(want), "no {want} in {got:?}");
+    };
+    read_until("READY=1", Duration::from_secs(20));
+    read_until("STATUS=0/8 GPU slots busy", Duration::from_secs(5));
+    read_until("WATCHDOG=1", Duration::from_secs(5));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    read_until("STOPPING=1", Duration::from_secs(5));
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(15)).code(),
+        Some(0)
+    );
 }

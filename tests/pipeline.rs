@@ -282,3 +282,37 @@ fn full_fleet_leaves_tasks_in_redis_and_a_stop_hands_back_the_rest() {
     );
     stop(daemon);
 }
+
+#[test]
+fn per_endpoint_slot_counts_are_honoured() {
+    let env = TestEnv::new("slotcount");
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 2,
+        delay: (Duration::from_millis(20), Duration::from_millis(80)),
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    // g0 gets 1 slot, g1 keeps the default 3.
+    let text = env
+        .config_toml(fleet.urls(), "[gpu]\nslots = 3\n")
+        .replacen("id = \"g0\"\n", "id = \"g0\"\nslots = 1\n", 1);
+    let daemon = env.start(&text);
+    env.push_raw("q1", &transcriptions("sc", 80));
+    assert!(wait_for(Duration::from_secs(60), || env
+        .count("state = 'finished'")
+        == 80));
+    let stats = fleet.stats();
+    assert_eq!(stats.max_running(0), 1);
+    assert!(stats.max_running(1) <= 3 && stats.max_running(1) >= 2);
+    // Load follows capacity: the 3-slot GPU does most of the work.
+    assert!(
+        stats.received(1) > 2 * stats.received(0),
+        "{} vs {}",
+        stats.received(1),
+        stats.received(0)
+    );
+    let slots: Vec<(String, u64)> =
+        env.query("SELECT gpu_id, COUNT(*) FROM gpu_slots GROUP BY gpu_id ORDER BY gpu_id");
+    assert_eq!(slots, [("g0".to_string(), 1), ("g1".to_string(), 3)]);
+    stop(daemon);
+}
