@@ -42,6 +42,12 @@ impl Backoff {
         self.next_with(rand::random::<f64>())
     }
 
+    /// The delay after `n` earlier failures, without changing this backoff's own count.
+    pub fn delay_for(&mut self, n: u32) -> Duration {
+        self.failures = n;
+        self.next_delay()
+    }
+
     /// Call after a success: the next failure starts from `base` again.
     pub fn reset(&mut self) {
         self.failures = 0;

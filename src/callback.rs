@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tiny_http::{Header, Method, Request, Response, Server};
 
 use crate::shared::Shared;
-use crate::store::{Finish, State};
+use crate::store::{Ending, Finish, State};
 
 /// A parsed, not yet authenticated callback body.
 #[derive(Debug, PartialEq, Eq)]
@@ -80,13 +80,18 @@ pub fn handle_callback(shared: &Shared, url: &str, body: &[u8]) -> (u16, Value) 
         return (401, json!({ "error": "invalid callback token" }));
     }
     let task_id = report.task_id.as_str();
-    match shared.finish(
-        task_id,
-        attempt,
-        report.status,
-        report.error.as_deref(),
-        "callback",
-    ) {
+    // A GPU that reports `failed` has judged the task itself: final, not retried.
+    let ending = match report.status {
+        State::Finished => Ending::Finished,
+        _ => Ending::Failed {
+            error: report
+                .error
+                .as_deref()
+                .unwrap_or("reported failed by the gpu"),
+            retryable: false,
+        },
+    };
+    match shared.end_attempt(task_id, attempt, ending, "callback") {
         Ok(Finish::Applied { .. }) => (
             200,
             json!({ "task_id": task_id, "state": report.status.as_str() }),
@@ -113,13 +118,22 @@ pub fn handle_callback(shared: &Shared, url: &str, body: &[u8]) -> (u16, Value) 
     }
 }
 
+/// 200 when MySQL answers now and no other dependency is known to fail; otherwise 503 with what is
+/// wrong, by dependency.
 fn health(shared: &Shared) -> (u16, Value) {
+    let mut problems = shared.problems();
     match shared.store.ping() {
-        Ok(()) => (200, json!({ "status": "ok" })),
-        Err(e) => (
-            503,
-            json!({ "status": "unhealthy", "mysql": e.to_string() }),
-        ),
+        Ok(()) => {
+            problems.remove("mysql");
+        }
+        Err(e) => {
+            problems.insert("mysql", e.to_string());
+        }
+    }
+    if problems.is_empty() {
+        (200, json!({ "status": "ok" }))
+    } else {
+        (503, json!({ "status": "unhealthy", "problems": problems }))
     }
 }
 

@@ -83,6 +83,8 @@ pub enum Completion {
 pub struct RedisConfig {
     /// Full connection URL, password already folded in.
     pub url: String,
+    /// Prefix of every key qsysd itself owns (in-hand lists); queues are named as configured.
+    pub key_prefix: String,
     /// Earlier queues win over later ones.
     pub queues: Vec<String>,
     /// How long one blocking pop waits; bounds how fast the poller notices a stop.
@@ -109,6 +111,8 @@ pub struct CallbackConfig {
 pub struct Endpoint {
     pub id: String,
     pub url: String,
+    /// What the health probe GETs after an ejection (default: `url`).
+    pub health_url: String,
     pub slots: usize,
     pub completion: Completion,
     pub bearer_token: Option<Secret>,
@@ -143,6 +147,16 @@ pub struct DaemonConfig {
     pub log_level: log::LevelFilter,
 }
 
+/// When a failed attempt is tried again.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryConfig {
+    /// Attempts per task, unless the message says otherwise.
+    pub max_attempts: u32,
+    /// Delay before the first retry; doubles per attempt, with jitter.
+    pub backoff: Duration,
+    pub backoff_max: Duration,
+}
+
 /// The validated configuration. Every field holds a value that has been checked.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -150,7 +164,8 @@ pub struct Config {
     pub mysql: MysqlConfig,
     pub callback: CallbackConfig,
     pub gpus: Vec<Endpoint>,
-    pub max_attempts: u32,
+    pub health: crate::slots::HealthPolicy,
+    pub retry: RetryConfig,
     pub types: BTreeMap<String, Handler>,
     pub daemon: DaemonConfig,
 }
@@ -180,6 +195,7 @@ struct Raw {
 #[serde(deny_unknown_fields)]
 struct RawRedis {
     url: Option<String>,
+    key_prefix: Option<String>,
     password_file: Option<PathBuf>,
     queues: Option<Vec<String>>,
     pop_timeout: Option<String>,
@@ -211,6 +227,10 @@ struct RawCallback {
 struct RawGpu {
     id: Option<String>,
     url: Option<String>,
+    health_url: Option<String>,
+    eject_after: Option<u32>,
+    eject_cooldown: Option<String>,
+    eject_cooldown_max: Option<String>,
     slots: Option<usize>,
     completion: Option<String>,
     bearer_token: Option<String>,
@@ -224,6 +244,8 @@ struct RawGpu {
 #[serde(deny_unknown_fields)]
 struct RawRetry {
     max_attempts: Option<u32>,
+    backoff: Option<String>,
+    backoff_max: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -585,7 +607,16 @@ fn redis_config(raw: &RawRedis, env: &Env) -> Result<RedisConfig, ConfigError> {
             return Err(invalid(format!("{queues_key}[{i}]"), q, "listed twice"));
         }
     }
+    let key_prefix = raw.key_prefix.clone().unwrap_or_else(|| "qsys".into());
+    if key_prefix.is_empty() || key_prefix.chars().any(char::is_whitespace) {
+        return Err(invalid(
+            "redis.key_prefix",
+            &key_prefix,
+            "must be non-empty and contain no white space",
+        ));
+    }
     let redis = RedisConfig {
+        key_prefix,
         url: redis_url(raw, env)?,
         queues,
         pop_timeout: duration("redis.pop_timeout", raw.pop_timeout.as_ref(), "1s")?,
@@ -663,10 +694,11 @@ fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
 
     // GPUs: [gpu] gives defaults, BEARER_TOKEN overrides the default token.
     let mut d = raw.gpu;
-    if d.id.is_some() || d.url.is_some() {
-        let (key, value) = match &d.id {
-            Some(id) => ("gpu.id", id.clone()),
-            None => ("gpu.url", d.url.clone().unwrap_or_default()),
+    if d.id.is_some() || d.url.is_some() || d.health_url.is_some() {
+        let (key, value) = match (&d.id, &d.url) {
+            (Some(id), _) => ("gpu.id", id.clone()),
+            (None, Some(url)) => ("gpu.url", url.clone()),
+            (None, None) => ("gpu.health_url", d.health_url.clone().unwrap_or_default()),
         };
         return Err(invalid(
             key,
@@ -690,12 +722,33 @@ fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
     };
     let default_request = duration("gpu.request_timeout", d.request_timeout.as_ref(), "30s")?;
     let default_task = duration("gpu.task_timeout", d.task_timeout.as_ref(), "30m")?;
+    let health = crate::slots::HealthPolicy {
+        eject_after: match d.eject_after.unwrap_or(3) {
+            0 => return Err(invalid("gpu.eject_after", 0, "must be at least 1")),
+            n => n,
+        },
+        cooldown: duration("gpu.eject_cooldown", d.eject_cooldown.as_ref(), "10s")?,
+        cooldown_max: duration(
+            "gpu.eject_cooldown_max",
+            d.eject_cooldown_max.as_ref(),
+            "5m",
+        )?,
+    };
 
     let mut gpus = Vec::with_capacity(endpoints.len());
     for (i, e) in endpoints.into_iter().enumerate() {
         let k = |f: &str| format!("gpu.endpoints[{i}].{f}");
         if e.endpoints.is_some() {
             return Err(invalid(k("endpoints"), "[...]", "endpoints do not nest"));
+        }
+        for (field, set) in [
+            ("eject_after", e.eject_after.is_some()),
+            ("eject_cooldown", e.eject_cooldown.is_some()),
+            ("eject_cooldown_max", e.eject_cooldown_max.is_some()),
+        ] {
+            if set {
+                return Err(invalid(k(field), "…", "set in [gpu] for the whole fleet"));
+            }
         }
         let id =
             e.id.ok_or_else(|| invalid(k("id"), "", "every endpoint needs an id"))?;
@@ -725,6 +778,10 @@ fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
         )?;
         gpus.push(Endpoint {
             url: http_url(&k("url"), url)?,
+            health_url: match &e.health_url {
+                Some(h) => http_url(&k("health_url"), h)?,
+                None => url.to_string(),
+            },
             slots: match e.slots {
                 Some(n) => positive(&k("slots"), n)?,
                 None => default_slots,
@@ -746,10 +803,14 @@ fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
         });
     }
 
-    let max_attempts = raw.retry.max_attempts.unwrap_or(3);
-    if max_attempts == 0 {
-        return Err(invalid("retry.max_attempts", 0, "must be at least 1"));
-    }
+    let retry = RetryConfig {
+        max_attempts: match raw.retry.max_attempts.unwrap_or(3) {
+            0 => return Err(invalid("retry.max_attempts", 0, "must be at least 1")),
+            n => n,
+        },
+        backoff: duration("retry.backoff", raw.retry.backoff.as_ref(), "1s")?,
+        backoff_max: duration("retry.backoff_max", raw.retry.backoff_max.as_ref(), "1m")?,
+    };
 
     // Task types. Without a [types] table the seed's GPU type is the only one known.
     let raw_types = raw.types.unwrap_or_else(|| {
@@ -880,7 +941,8 @@ fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
         mysql,
         callback,
         gpus,
-        max_attempts,
+        health,
+        retry,
         types,
         daemon,
     })
@@ -944,7 +1006,11 @@ mod tests {
         assert_eq!(c.gpus[0].completion, Completion::Callback);
         assert_eq!(c.gpus[0].request_timeout, Duration::from_secs(30));
         assert_eq!(c.gpus[0].task_timeout, Duration::from_secs(1800));
-        assert_eq!(c.max_attempts, 3);
+        assert_eq!(c.retry.max_attempts, 3);
+        assert_eq!(c.retry.backoff, Duration::from_secs(1));
+        assert_eq!(c.health.eject_after, 3);
+        assert_eq!(c.gpus[0].health_url, c.gpus[0].url);
+        assert_eq!(c.redis.key_prefix, "qsys");
         assert!(matches!(c.types["start_transcribe"], Handler::Gpu));
         assert_eq!(c.callback.public_url, None);
         assert_eq!(c.daemon.dispatch_threads, 4);

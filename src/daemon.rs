@@ -36,6 +36,8 @@ pub enum StartError {
     Redis(#[from] redis::RedisError),
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: SocketAddr, reason: String },
+    #[error("cannot recover the in-hand list: {0}")]
+    Recover(String),
     #[error("cannot start thread {name}: {source}")]
     Thread {
         name: String,
@@ -98,7 +100,7 @@ fn spawn(
 
 /// Threads that must be gone before the callback server closes.
 fn is_worker(name: &str) -> bool {
-    name != "qsys-callback"
+    name != "qsys-callback" && name != "qsys-maintenance"
 }
 
 impl Daemon {
@@ -137,6 +139,17 @@ impl Daemon {
             .clone()
             .unwrap_or_else(|| format!("http://{callback_addr}/callback"));
 
+        // What a previous run of this instance left: handler attempts died with it, and elements it
+        // had moved from a queue may not be recorded yet.
+        let orphans = store.expire_orphaned_handlers()?;
+        let recovered =
+            crate::queue::recover_in_hand(&client, &store, c).map_err(StartError::Recover)?;
+        store.heartbeat()?;
+        if orphans + recovered as u64 > 0 {
+            log::info!(orphaned_handlers = orphans, recovered_in_hand = recovered;
+                "recovered what the previous run left");
+        }
+
         // The slot matrix starts as MySQL says: attempts awaiting callbacks keep their slots.
         let mut matrix = SlotMatrix::new(c.gpus.iter().map(|g| (g.id.as_str(), g.slots)));
         for held in store.held_slots()? {
@@ -166,6 +179,7 @@ impl Daemon {
             stop: crate::shutdown::Shutdown::new(),
             events: events_tx,
             children: Mutex::new(Default::default()),
+            problems: Mutex::new(Default::default()),
             config,
         });
         let cfg = &shared.config;
@@ -195,7 +209,7 @@ impl Daemon {
                 move || crate::handlers::run_worker(s, rx),
             )?;
         }
-        let scheduler = Scheduler::new(
+        let mut scheduler = Scheduler::new(
             Arc::clone(&shared),
             task_rx,
             events_rx,
@@ -203,6 +217,10 @@ impl Daemon {
             handler_tx,
             client.clone(),
         );
+        let resumed = scheduler.resume()?;
+        if resumed > 0 {
+            log::info!(count = resumed; "resuming pending tasks held before the restart");
+        }
         spawn(&mut threads, &done_tx, "qsys-scheduler".into(), move || {
             scheduler.run()
         })?;
@@ -214,6 +232,13 @@ impl Daemon {
         spawn(&mut threads, &done_tx, "qsys-callback".into(), move || {
             crate::callback::serve(s, server)
         })?;
+        let s = Arc::clone(&shared);
+        spawn(
+            &mut threads,
+            &done_tx,
+            "qsys-maintenance".into(),
+            move || crate::maintenance::run(s),
+        )?;
 
         let daemon = Daemon {
             shared,

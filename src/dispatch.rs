@@ -5,14 +5,15 @@
 //! per-attempt signed `callback_url`, `Authorization: Bearer` when configured. In `callback` mode a
 //! 2xx only means accepted and the thread is free again at once; in `response` mode the thread waits
 //! for the answer for up to the task's lease (not the short request timeout: the seed's 30 s cap
-//! failed long jobs while the GPU still worked on them) and a 2xx means finished. Anything else
-//! ends the attempt as failed through [`Shared::finish`], which frees the slot.
+//! failed long jobs while the GPU still worked on them) and a 2xx means finished. Anything else ends
+//! the attempt through [`Shared::end_attempt`], which frees the slot and retries what may pass
+//! (transport errors, timeouts, 5xx, 408, 429). Every answer also feeds the GPU's health record.
 //!
 //! Workers take jobs until the scheduler drops its sender, so jobs already handed over at a stop are
 //! still sent.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use serde_json::Value;
@@ -21,7 +22,8 @@ use crate::config::{Completion, Endpoint};
 use crate::http::{self, Reply};
 use crate::scheduler::GpuJob;
 use crate::shared::Shared;
-use crate::store::State;
+use crate::slots::HealthChange;
+use crate::store::Ending;
 
 /// The JSON body sent to a GPU endpoint: `data` (which always holds `task_id`, see
 /// [`crate::message::parse`]) plus the callback URL.
@@ -37,21 +39,41 @@ pub enum Verdict {
     /// Accepted; the callback will say how it ended.
     AwaitCallback,
     Finished,
-    Failed(String),
+    Failed {
+        error: String,
+        retryable: bool,
+    },
+}
+
+/// Whether a failure may pass on another try: transport errors, timeouts, 5xx, 408 and 429. Any
+/// other status is the request's own fault.
+pub fn retryable_status(status: u16) -> bool {
+    status >= 500 || status == 408 || status == 429
 }
 
 pub fn judge(ep: &Endpoint, result: &Result<Reply, String>) -> Verdict {
     match (result, ep.completion) {
         (Ok(r), Completion::Callback) if r.is_success() => Verdict::AwaitCallback,
         (Ok(r), Completion::Response) if r.is_success() => Verdict::Finished,
-        (Ok(r), _) => Verdict::Failed(format!(
-            "gpu {} answered HTTP {}: {}",
-            ep.id,
-            r.status,
-            r.body.trim()
-        )),
-        (Err(e), _) => Verdict::Failed(format!("gpu {}: {e}", ep.id)),
+        (Ok(r), _) => Verdict::Failed {
+            error: format!(
+                "gpu {} answered HTTP {}: {}",
+                ep.id,
+                r.status,
+                r.body.trim()
+            ),
+            retryable: retryable_status(r.status),
+        },
+        (Err(e), _) => Verdict::Failed {
+            error: format!("gpu {}: {e}", ep.id),
+            retryable: true,
+        },
     }
+}
+
+/// Whether the endpoint itself looked healthy: it answered, and not with a server error.
+pub fn endpoint_ok(result: &Result<Reply, String>) -> bool {
+    matches!(result, Ok(r) if r.status < 500)
 }
 
 pub fn run_worker(shared: Arc<Shared>, jobs: Receiver<GpuJob>, agent: ureq::Agent) {
@@ -77,21 +99,39 @@ pub fn run_worker(shared: Arc<Shared>, jobs: Receiver<GpuJob>, agent: ureq::Agen
             total,
         )
         .map_err(|e| http::describe(&e));
-        let (status, error) = match judge(ep, &result) {
+        let change = shared.slots().record_dispatch(
+            job.gpu,
+            endpoint_ok(&result),
+            Instant::now(),
+            &shared.config.health,
+        );
+        match change {
+            HealthChange::Ejected { cooldown } => log::warn!(gpu = ep.id.as_str(),
+                cooldown:? = cooldown; "gpu ejected after repeated failures"),
+            HealthChange::Ramped { limit } => log::info!(gpu = ep.id.as_str(), limit;
+                "gpu ramping up"),
+            HealthChange::None => {}
+        }
+        let verdict = judge(ep, &result);
+        let ending = match &verdict {
             Verdict::AwaitCallback => {
                 log::debug!(task_id, gpu = ep.id.as_str(), attempt = job.attempt;
                     "dispatched; awaiting callback");
                 continue;
             }
-            Verdict::Finished => (State::Finished, None),
-            Verdict::Failed(e) => (State::Failed, Some(e)),
+            Verdict::Finished => Ending::Finished,
+            Verdict::Failed { error, retryable } => Ending::Failed {
+                error,
+                retryable: *retryable,
+            },
         };
-        if let Err(e) = shared.finish(task_id, job.attempt, status, error.as_deref(), "dispatch") {
-            log::error!(task_id, gpu = ep.id.as_str(), error:% = e;
-                "could not record dispatch outcome; task stays processing");
-        }
+        shared.end_attempt_patiently(task_id, job.attempt, ending, "dispatch", PATIENCE);
     }
 }
+
+/// How long a dispatch worker keeps trying to record an outcome through a MySQL outage before it
+/// leaves the attempt to its lease.
+const PATIENCE: Duration = Duration::from_secs(30);
 
 #[cfg(test)]
 mod tests {
@@ -101,6 +141,7 @@ mod tests {
         Endpoint {
             id: "g1".into(),
             url: "http://127.0.0.1:1/".into(),
+            health_url: "http://127.0.0.1:1/".into(),
             slots: 4,
             completion,
             bearer_token: None,
@@ -124,11 +165,37 @@ mod tests {
         assert_eq!(judge(&resp, &reply(200)), Verdict::Finished);
         assert_eq!(
             judge(&cb, &reply(503)),
-            Verdict::Failed("gpu g1 answered HTTP 503: busy".into())
+            Verdict::Failed {
+                error: "gpu g1 answered HTTP 503: busy".into(),
+                retryable: true
+            }
         );
         assert_eq!(
             judge(&resp, &Err("connection failed".into())),
-            Verdict::Failed("gpu g1: connection failed".into())
+            Verdict::Failed {
+                error: "gpu g1: connection failed".into(),
+                retryable: true
+            }
         );
+    }
+
+    #[test]
+    fn which_failures_are_retried() {
+        for s in [500, 502, 503, 504, 408, 429] {
+            assert!(retryable_status(s), "{s}");
+        }
+        for s in [400, 401, 403, 404, 409, 413, 422] {
+            assert!(!retryable_status(s), "{s}");
+        }
+        let cb = ep(Completion::Callback);
+        assert!(matches!(
+            judge(&cb, &reply(400)),
+            Verdict::Failed {
+                retryable: false,
+                ..
+            }
+        ));
+        assert!(endpoint_ok(&reply(404)) && !endpoint_ok(&reply(502)));
+        assert!(!endpoint_ok(&Err("timed out".into())));
     }
 }

@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use crate::config::Handler;
 use crate::http;
 use crate::shared::{Shared, Task};
-use crate::store::State;
+use crate::store::Ending;
 
 /// How much of an `exec` handler's stderr is kept as the error.
 const STDERR_TAIL: usize = 2048;
@@ -44,14 +44,29 @@ fn tail(bytes: &[u8], max: usize) -> String {
     String::from_utf8_lossy(&bytes[start..]).trim().to_string()
 }
 
-/// Runs one `exec` handler to completion or timeout. `Err` holds the task's error text.
+/// Why a handler run failed, and whether another attempt may do better.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub error: String,
+    pub retryable: bool,
+}
+
+fn retryable(error: String) -> Failure {
+    Failure {
+        error,
+        retryable: true,
+    }
+}
+
+/// Runs one `exec` handler to completion or timeout. A program that cannot be started fails for
+/// good (retrying will not install it); a crash, a non-zero exit or a timeout may pass.
 pub fn run_exec(
     shared: &Shared,
     command: &[String],
     task: &Task,
     input: &str,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let mut child = Command::new(&command[0])
         .args(&command[1..])
         .env("QSYS_TASK_ID", &task.msg.task_id)
@@ -62,7 +77,10 @@ pub fn run_exec(
         // Its own group, so a timeout can kill whatever it started too.
         .process_group(0)
         .spawn()
-        .map_err(|e| format!("cannot start {:?}: {e}", command[0]))?;
+        .map_err(|e| Failure {
+            error: format!("cannot start {:?}: {e}", command[0]),
+            retryable: false,
+        })?;
     let pgid = child.id() as i32;
     shared
         .children
@@ -138,16 +156,16 @@ pub fn run_exec(
         }
     };
     match status {
-        Err(()) => Err(with_stderr(format!(
+        Err(()) => Err(retryable(with_stderr(format!(
             "timed out after {} (process group killed)",
             crate::config::format_duration(timeout)
-        ))),
+        )))),
         Ok(s) if s.success() => Ok(()),
-        Ok(s) => Err(with_stderr(match (s.code(), s.signal()) {
+        Ok(s) => Err(retryable(with_stderr(match (s.code(), s.signal()) {
             (Some(code), _) => format!("exit status {code}"),
             (None, Some(sig)) => format!("killed by signal {sig}"),
             _ => "ended abnormally".to_string(),
-        })),
+        }))),
     }
 }
 
@@ -173,9 +191,11 @@ fn run_one(shared: &Shared, agent: &ureq::Agent, task: &Task) {
         .map(Duration::from_secs)
         .unwrap_or(configured);
     let attempt = task.attempts + 1;
+    // The worker's own timeout ends the run; the lease only matters if this process dies.
+    let lease = timeout + LEASE_MARGIN;
     match shared
         .store
-        .start_handler_attempt(task_id, task.attempts, timeout)
+        .start_handler_attempt(task_id, task.attempts, lease)
     {
         Ok(true) => {}
         Ok(false) => {
@@ -197,13 +217,14 @@ fn run_one(shared: &Shared, agent: &ureq::Agent, task: &Task) {
         }) => run_http(agent, url, bearer_token.as_ref(), &input, timeout),
         Some(Handler::Gpu) | None => return,
     };
-    let (status, error) = match result {
-        Ok(()) => (State::Finished, None),
-        Err(e) => (State::Failed, Some(e)),
+    let ending = match &result {
+        Ok(()) => Ending::Finished,
+        Err(f) => Ending::Failed {
+            error: &f.error,
+            retryable: f.retryable,
+        },
     };
-    if let Err(e) = shared.finish(task_id, attempt, status, error.as_deref(), "handler") {
-        log::error!(task_id, error:% = e; "could not record handler outcome");
-    }
+    shared.end_attempt_patiently(task_id, attempt, ending, "handler", PATIENCE);
 }
 
 /// Runs one `http` handler call: 2xx = finished.
@@ -213,24 +234,27 @@ fn run_http(
     token: Option<&crate::config::Secret>,
     input: &str,
     timeout: Duration,
-) -> Result<(), String> {
-    match http::post_json(
-        agent,
-        url,
-        token,
-        input,
-        timeout.min(Duration::from_secs(10)),
-        timeout,
-    ) {
+) -> Result<(), Failure> {
+    let connect = timeout.min(Duration::from_secs(10));
+    match http::post_json(agent, url, token, input, connect, timeout) {
         Ok(r) if r.is_success() => Ok(()),
-        Ok(r) => Err(format!(
-            "handler {url} answered HTTP {}: {}",
-            r.status,
-            r.body.trim()
-        )),
-        Err(e) => Err(format!("handler {url}: {}", http::describe(&e))),
+        Ok(r) => Err(Failure {
+            error: format!(
+                "handler {url} answered HTTP {}: {}",
+                r.status,
+                r.body.trim()
+            ),
+            retryable: crate::dispatch::retryable_status(r.status),
+        }),
+        Err(e) => Err(retryable(format!("handler {url}: {}", http::describe(&e)))),
     }
 }
+
+/// What a handler's lease adds to its timeout.
+const LEASE_MARGIN: Duration = Duration::from_secs(30);
+
+/// How long a handler worker keeps trying to record an outcome through a MySQL outage.
+const PATIENCE: Duration = Duration::from_secs(30);
 
 #[cfg(test)]
 mod tests {

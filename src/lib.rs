@@ -10,9 +10,10 @@
 //! | `qsys-signal`     | [`daemon`]      | [`shutdown::Shutdown`]                         |
 //! | `qsys-poller`     | [`queue`]       | Redis → MySQL → bounded channel → scheduler    |
 //! | `qsys-scheduler`  | [`scheduler`]   | slot matrix ([`slots`]), MySQL, worker channels |
-//! | `qsys-dispatch-N` | [`dispatch`]    | GPU endpoints over HTTP, [`shared::Shared::finish`] |
-//! | `qsys-handler-N`  | [`handlers`]    | exec / HTTP handlers, [`shared::Shared::finish`] |
-//! | `qsys-callback`   | [`callback`]    | `tiny_http`, [`shared::Shared::finish`]         |
+//! | `qsys-dispatch-N` | [`dispatch`]    | GPU endpoints over HTTP, [`shared::Shared::end_attempt`] |
+//! | `qsys-handler-N`  | [`handlers`]    | exec / HTTP handlers, [`shared::Shared::end_attempt`] |
+//! | `qsys-callback`   | [`callback`]    | `tiny_http`, [`shared::Shared::end_attempt`]    |
+//! | `qsys-maintenance`| [`maintenance`] | leases, GPU health probes, heartbeat            |
 //! | main              | [`daemon`]      | joins every thread                              |
 
 pub mod backoff;
@@ -24,6 +25,7 @@ pub mod fakegpu;
 pub mod handlers;
 pub mod http;
 pub mod logging;
+pub mod maintenance;
 pub mod message;
 pub mod notify;
 pub mod push;

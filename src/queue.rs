@@ -1,15 +1,21 @@
 //! The poller thread (`qsys-poller`): takes tasks from the Redis lists into the scheduler's bounded
-//! channel.
+//! channel, without ever holding a task that exists nowhere else.
 //!
-//! One `BLPOP` over every configured queue, in priority order, so an earlier queue always wins and
-//! producers that `RPUSH` get FIFO — what the seed's multi-key `BLPOP` did. Each element is parsed
-//! ([`crate::message`]) and recorded in MySQL *before* it goes to the channel; an element that cannot
-//! be parsed is recorded `failed` with the reason and the poller goes on.
+//! Reliable fetch: an element is *moved* (`LMOVE`/`BLMOVE`) from its queue to this instance's in-hand
+//! list, parsed ([`crate::message`]), recorded in MySQL, and only then removed from the in-hand list
+//! and handed on. A `kill -9` at any instant leaves it in the queue, in the in-hand list (recovered by
+//! [`recover_in_hand`] at the next start) or in MySQL as `pending` (resumed by the scheduler). An
+//! element that cannot be parsed is recorded `failed` with the reason and the poller goes on.
+//!
+//! Priority: a small Lua script moves from the first non-empty queue in configured order, atomically,
+//! so an earlier queue always wins and producers that `RPUSH` get FIFO. When every queue is empty the
+//! poller blocks on the first queue; with several queues that wait is 100 ms, after which the others
+//! are looked at again.
 //!
 //! Backpressure: the channel holds one task and the scheduler stops receiving once it holds a few
 //! that it cannot place, so when every slot is busy this thread blocks on the send with one task in
-//! hand, and everything else stays in Redis. If anything fails after the pop (MySQL down) or a stop
-//! comes while a task is in hand, the element goes back to the head of its queue.
+//! hand, and everything else stays in Redis. If MySQL fails after a move, the element goes back to the
+//! head of its queue; at a stop, a task in hand goes back to its queue ([`hand_back`]).
 
 use std::time::Duration;
 
@@ -19,7 +25,27 @@ use redis::{Client, Connection};
 use crate::backoff::Backoff;
 use crate::message;
 use crate::shared::{Shared, Task};
-use crate::store::Accepted;
+use crate::store::{Accepted, Store};
+
+/// Moves the head of the first non-empty queue to that queue's in-hand list. KEYS: the n queues in
+/// priority order, then their n in-hand lists. Returns the queue's position (1-based) and the element.
+const TAKE_SCRIPT: &str = r#"
+local n = #KEYS / 2
+for i = 1, n do
+  local v = redis.call('LMOVE', KEYS[i], KEYS[n + i], 'LEFT', 'RIGHT')
+  if v then return {i, v} end
+end
+return false
+"#;
+
+/// This instance's in-hand list for one queue: one per queue, so a recovered element still knows
+/// where it came from.
+pub fn in_hand_key(config: &crate::config::Config, queue: &str) -> String {
+    format!(
+        "{}:inhand:{}:{queue}",
+        config.redis.key_prefix, config.daemon.instance_id
+    )
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -36,18 +62,96 @@ pub fn connect(client: &Client, pop_timeout: Duration) -> Result<Connection, Que
     Ok(conn)
 }
 
-/// Puts tasks back at the head of their queues, earliest first in the end (so `LPUSH` in reverse).
-pub fn return_tasks(client: &Client, tasks: &[(String, String)]) -> Result<(), QueueError> {
+/// Puts tasks back at the head of their queues (earliest ends up first, so `LPUSH` in reverse) and
+/// gives up this instance's hold on their `pending` rows, so whoever pops them next takes them over.
+/// A crash between the two leaves a row still held and a copy in Redis: the copy is then dropped as a
+/// duplicate when its claim finds the task no longer pending.
+pub fn hand_back(client: &Client, store: &Store, tasks: &[Task]) -> Result<(), String> {
     if tasks.is_empty() {
         return Ok(());
     }
-    let mut conn = connect(client, Duration::from_secs(1))?;
+    let mut conn = connect(client, Duration::from_secs(1)).map_err(|e| e.to_string())?;
     let mut pipe = redis::pipe();
-    for (queue, json) in tasks.iter().rev() {
-        pipe.cmd("LPUSH").arg(queue).arg(json).ignore();
+    for t in tasks.iter().rev() {
+        pipe.cmd("LPUSH")
+            .arg(&t.queue)
+            .arg(t.msg.to_json())
+            .ignore();
     }
-    pipe.query::<()>(&mut conn)?;
-    Ok(())
+    pipe.query::<()>(&mut conn).map_err(|e| e.to_string())?;
+    let ids: Vec<String> = tasks.iter().map(|t| t.msg.task_id.clone()).collect();
+    store.release_pending(&ids).map_err(|e| e.to_string())
+}
+
+/// What recording one taken element came to.
+enum Taken {
+    /// Recorded and ready to schedule.
+    Task(Task),
+    /// Recorded as failed, or a duplicate: nothing to schedule.
+    Settled,
+}
+
+/// Records one element taken from `queue` in MySQL (parse, then insert or take over).
+fn record(store: &Store, queue: &str, raw: &[u8]) -> Result<Taken, crate::store::StoreError> {
+    let msg = match message::parse(raw, || uuid::Uuid::new_v4().to_string()) {
+        Ok(m) => m,
+        Err(bad) => {
+            let id = store.record_malformed(bad.task_id.as_deref(), queue, raw, &bad.reason)?;
+            log::warn!(task_id = id.as_str(), queue, reason = bad.reason.as_str();
+                "malformed queue message recorded as failed");
+            return Ok(Taken::Settled);
+        }
+    };
+    let attempts = match store.accept(
+        &msg.task_id,
+        queue,
+        &msg.kind,
+        &msg.to_json(),
+        msg.max_attempts,
+        msg.timeout_s,
+    )? {
+        Accepted::New => 0,
+        Accepted::Resumed { attempts } => attempts,
+        Accepted::Exists { state } => {
+            log::warn!(task_id = msg.task_id.as_str(), queue, state = state.as_str();
+                "task id already known and not pending here: duplicate dropped");
+            return Ok(Taken::Settled);
+        }
+    };
+    log::debug!(task_id = msg.task_id.as_str(), queue, kind = msg.kind.as_str(); "task taken");
+    Ok(Taken::Task(Task::new(msg, queue, attempts)))
+}
+
+/// At start, before the threads run: records whatever a previous run of this instance had moved to
+/// its in-hand list but not yet recorded, then empties the list. The tasks themselves are scheduled
+/// from MySQL like every other `pending` task of this instance.
+pub fn recover_in_hand(
+    client: &Client,
+    store: &Store,
+    config: &crate::config::Config,
+) -> Result<usize, String> {
+    let mut conn = connect(client, Duration::from_secs(1)).map_err(|e| e.to_string())?;
+    let mut recovered = 0;
+    for queue in &config.redis.queues {
+        let key = in_hand_key(config, queue);
+        let items: Vec<Vec<u8>> = redis::cmd("LRANGE")
+            .arg(&key)
+            .arg(0)
+            .arg(-1)
+            .query(&mut conn)
+            .map_err(|e| e.to_string())?;
+        for raw in &items {
+            record(store, queue, raw).map_err(|e| e.to_string())?;
+            let _: () = redis::cmd("LREM")
+                .arg(&key)
+                .arg(1)
+                .arg(raw)
+                .query(&mut conn)
+                .map_err(|e| e.to_string())?;
+        }
+        recovered += items.len();
+    }
+    Ok(recovered)
 }
 
 pub struct Poller {
@@ -63,142 +167,130 @@ impl Poller {
 
     /// Runs until a stop. Redis and MySQL failures are retried with backoff, never fatal.
     pub fn run(self) {
-        let queues = self.shared.config.redis.queues.clone();
-        let pop_timeout = self.shared.config.redis.pop_timeout;
+        let config = &self.shared.config;
+        let queues = &config.redis.queues;
+        let in_hand: Vec<String> = queues.iter().map(|q| in_hand_key(config, q)).collect();
+        let block = if queues.len() == 1 {
+            config.redis.pop_timeout.as_secs_f64()
+        } else {
+            0.1
+        };
+        let script = redis::Script::new(TAKE_SCRIPT);
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut conn: Option<Connection> = None;
         while !self.shared.stop.is_stopping() {
             let c = match conn.as_mut() {
                 Some(c) => c,
-                None => match connect(&self.client, pop_timeout) {
+                None => match connect(&self.client, config.redis.pop_timeout) {
                     Ok(c) => {
                         if backoff.failures() > 0 {
                             log::info!("redis connection restored");
                         }
+                        self.shared.set_problem("redis", None);
                         conn.insert(c)
                     }
                     Err(e) => {
-                        let wait = backoff.next_delay();
-                        log::warn!(error:% = e, retry_in:? = wait; "cannot connect to redis");
-                        self.shared.stop.sleep(wait);
+                        self.redis_trouble(&e, &mut backoff);
                         continue;
                     }
                 },
             };
-            let popped: Result<Option<(String, Vec<u8>)>, _> = redis::cmd("BLPOP")
-                .arg(&queues)
-                .arg(pop_timeout.as_secs())
-                .query(c);
-            match popped {
+            let taken = script
+                .key(queues)
+                .key(&in_hand)
+                .invoke::<Option<(usize, Vec<u8>)>>(c)
+                .and_then(|got| match got {
+                    Some((i, raw)) => Ok(Some((i.saturating_sub(1).min(queues.len() - 1), raw))),
+                    None => redis::cmd("BLMOVE")
+                        .arg(&queues[0])
+                        .arg(&in_hand[0])
+                        .arg("LEFT")
+                        .arg("RIGHT")
+                        .arg(block)
+                        .query::<Option<Vec<u8>>>(c)
+                        .map(|v| v.map(|raw| (0, raw))),
+                });
+            match taken {
                 Ok(None) => backoff.reset(),
-                Ok(Some((queue, raw))) => {
+                Ok(Some((i, raw))) => {
                     backoff.reset();
-                    if let Err(wait) = self.take(c, &queue, raw, &mut backoff) {
+                    if let Err(wait) = self.take(c, &in_hand[i], &queues[i], raw, &mut backoff) {
                         self.shared.stop.sleep(wait);
                     }
                 }
                 Err(e) => {
                     conn = None;
-                    let wait = backoff.next_delay();
-                    log::warn!(error:% = e, retry_in:? = wait; "redis pop failed");
-                    self.shared.stop.sleep(wait);
+                    self.redis_trouble(&e, &mut backoff);
                 }
             }
         }
         log::debug!("poller stopped");
     }
 
-    /// Records one popped element and hands it on. `Err(wait)` asks the caller to back off.
+    fn redis_trouble(&self, e: &dyn std::fmt::Display, backoff: &mut Backoff) {
+        let wait = backoff.next_delay();
+        log::warn!(error:% = e, retry_in:? = wait; "redis unavailable");
+        self.shared.set_problem("redis", Some(e.to_string()));
+        self.shared.stop.sleep(wait);
+    }
+
+    /// Records one moved element, clears it from the in-hand list and hands it on. `Err(wait)` asks
+    /// the caller to back off.
     fn take(
         &self,
         conn: &mut Connection,
+        in_hand: &str,
         queue: &str,
         raw: Vec<u8>,
         backoff: &mut Backoff,
     ) -> Result<(), Duration> {
-        let store = &self.shared.store;
-        let msg = match message::parse(&raw, || uuid::Uuid::new_v4().to_string()) {
-            Ok(m) => m,
-            Err(bad) => {
-                return match store.record_malformed(
-                    bad.task_id.as_deref(),
-                    queue,
-                    &raw,
-                    &bad.reason,
-                ) {
-                    Ok(id) => {
-                        log::warn!(task_id = id.as_str(), queue, reason = bad.reason.as_str();
-                            "malformed queue message recorded as failed");
-                        Ok(())
-                    }
-                    Err(e) => Err(self.put_back(conn, queue, &raw, &e, backoff)),
-                };
-            }
-        };
-        let payload = msg.to_json();
-        let attempts = match store.accept(
-            &msg.task_id,
-            queue,
-            &msg.kind,
-            &payload,
-            msg.max_attempts,
-            msg.timeout_s,
-        ) {
-            Ok(Accepted::New) => 0,
-            Ok(Accepted::Resumed { attempts }) => attempts,
-            Ok(Accepted::Exists { state }) => {
-                log::warn!(task_id = msg.task_id.as_str(), queue, state = state.as_str();
-                    "task id already known and not pending: duplicate dropped");
-                return Ok(());
-            }
+        let taken = match record(&self.shared.store, queue, &raw) {
+            Ok(t) => t,
             Err(e) => {
-                // Put back the canonical form so an id qsysd assigned stays the same.
-                return Err(self.put_back(conn, queue, payload.as_bytes(), &e, backoff));
+                // Back to the head of its queue, in one step, and wait for MySQL.
+                let wait = backoff.next_delay();
+                let moved: Result<(), _> = redis::pipe()
+                    .atomic()
+                    .cmd("LREM")
+                    .arg(in_hand)
+                    .arg(1)
+                    .arg(&raw)
+                    .ignore()
+                    .cmd("LPUSH")
+                    .arg(queue)
+                    .arg(&raw)
+                    .ignore()
+                    .query(conn);
+                self.shared.set_problem("mysql", Some(e.to_string()));
+                match moved {
+                    Ok(()) => log::warn!(queue, error:% = e, retry_in:? = wait;
+                        "mysql unavailable: task returned to its queue"),
+                    Err(re) => log::warn!(queue, error:% = e, redis_error:% = re;
+                        "mysql unavailable; task stays in the in-hand list until restart"),
+                }
+                return Err(wait);
             }
         };
-        log::debug!(task_id = msg.task_id.as_str(), queue, kind = msg.kind.as_str(); "task taken");
-        let mut task = Task {
-            msg,
-            queue: queue.to_string(),
-            attempts,
-            taken_at: std::time::Instant::now(),
+        let removed: Result<(), _> = redis::cmd("LREM").arg(in_hand).arg(1).arg(&raw).query(conn);
+        if let Err(e) = removed {
+            // Recorded already: a leftover copy is dropped as a duplicate at the next start.
+            log::warn!(queue, error:% = e; "could not clear the in-hand list");
+        }
+        let Taken::Task(mut task) = taken else {
+            return Ok(());
         };
         loop {
             match self.tx.send_timeout(task, Duration::from_millis(200)) {
                 Ok(()) => return Ok(()),
                 Err(SendTimeoutError::Timeout(t)) if !self.shared.stop.is_stopping() => task = t,
                 Err(SendTimeoutError::Timeout(t) | SendTimeoutError::Disconnected(t)) => {
-                    // Stopping with a task in hand: its row stays `pending` and the next taker
-                    // resumes it.
-                    let back = vec![(t.queue.clone(), t.msg.to_json())];
-                    if let Err(e) = return_tasks(&self.client, &back) {
-                        log::error!(task_id = t.msg.task_id.as_str(), error:% = e;
-                            "could not return task to redis at stop; its row stays pending");
+                    if let Err(e) = hand_back(&self.client, &self.shared.store, &[t]) {
+                        log::error!(error:% = e;
+                            "could not return a task to redis at stop; it resumes at next start");
                     }
                     return Ok(());
                 }
             }
         }
-    }
-
-    /// After a MySQL failure: the element goes back to the head of its queue.
-    fn put_back(
-        &self,
-        conn: &mut Connection,
-        queue: &str,
-        raw: &[u8],
-        error: &dyn std::fmt::Display,
-        backoff: &mut Backoff,
-    ) -> Duration {
-        let wait = backoff.next_delay();
-        let pushed: Result<(), _> = redis::cmd("LPUSH").arg(queue).arg(raw).query(conn);
-        match pushed {
-            Ok(()) => log::warn!(queue, error:% = error, retry_in:? = wait;
-                "mysql unavailable: task returned to its queue"),
-            Err(e) => log::error!(queue, error:% = error, redis_error:% = e,
-                raw = String::from_utf8_lossy(raw).as_ref();
-                "mysql unavailable and the task could not be returned to redis"),
-        }
-        wait
     }
 }

@@ -7,16 +7,19 @@
 //! invisibly. An unknown type fails at once. When nothing can be placed it stops receiving, which
 //! blocks the poller, which leaves tasks in Redis (promise 6).
 //!
-//! Wake-ups come on the event channel whenever a slot or a worker frees. At a stop it drains the
-//! channel and returns every task it holds to the head of its Redis queue (rows stay `pending`).
+//! Wake-ups come on the event channel whenever a slot or a worker frees; retries come there too and
+//! wait in a timer heap until their backoff has passed (the row is read again then, so a retry always
+//! runs from what MySQL says). At start it resumes the `pending` tasks MySQL says this instance holds.
+//! At a stop it drains the channel and returns every task it holds to the head of its Redis queue.
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{never, select, Receiver, Sender, TrySendError};
 
-use crate::config::Handler;
+use crate::config::{Completion, Handler};
 use crate::shared::{Event, Shared, Task};
 use crate::slots::Holder;
 use crate::store::Claim;
@@ -51,6 +54,8 @@ pub struct Scheduler {
     pending: VecDeque<Task>,
     /// After a MySQL error, placement pauses until then.
     retry_at: Option<Instant>,
+    /// Retries waiting for their backoff: (due, task id).
+    delayed: BinaryHeap<Reverse<(Instant, String)>>,
 }
 
 impl Scheduler {
@@ -71,6 +76,62 @@ impl Scheduler {
             client,
             pending: VecDeque::new(),
             retry_at: None,
+            delayed: BinaryHeap::new(),
+        }
+    }
+
+    /// Takes over the `pending` tasks MySQL says this instance holds (a restart after a crash):
+    /// due ones in order, the others when their backoff ends.
+    pub fn resume(&mut self) -> Result<usize, crate::store::StoreError> {
+        let rows = self.shared.store.pending_tasks()?;
+        let n = rows.len();
+        for row in rows {
+            let wait = row.wait;
+            let id = row.task_id.clone();
+            match Task::from_stored(row) {
+                Ok(t) if wait.is_zero() => self.pending.push_back(t),
+                Ok(_) => self.delayed.push(Reverse((Instant::now() + wait, id))),
+                Err(e) => {
+                    log::error!(task_id = id.as_str(), error = e.as_str(); "cannot resume task")
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Moves retries whose backoff is over into the hand, reading each back from MySQL.
+    fn release_due(&mut self) {
+        let now = Instant::now();
+        while self
+            .delayed
+            .peek()
+            .is_some_and(|Reverse((due, _))| *due <= now)
+        {
+            let Some(Reverse((_, id))) = self.delayed.pop() else {
+                break;
+            };
+            match self.shared.store.pending_task(&id) {
+                Ok(Some(row)) => match Task::from_stored(row) {
+                    // Retries go first: they have waited already.
+                    Ok(t) => self.pending.push_front(t),
+                    Err(e) => log::error!(task_id = id.as_str(), error = e.as_str();
+                        "cannot retry task"),
+                },
+                Ok(None) => log::debug!(task_id = id.as_str(); "retry no longer pending here"),
+                Err(e) => {
+                    log::warn!(task_id = id.as_str(), error:% = e; "mysql error loading a retry");
+                    self.delayed
+                        .push(Reverse((now + Duration::from_secs(1), id)));
+                    break;
+                }
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        if let Event::Retry { task_id, after } = event {
+            self.delayed
+                .push(Reverse((Instant::now() + after, task_id)));
         }
     }
 
@@ -78,20 +139,31 @@ impl Scheduler {
         let none = never();
         let mut poller_gone = false;
         while !self.shared.stop.is_stopping() {
+            self.release_due();
             self.place_pending();
             let rx = if self.pending.len() < PREFETCH && !poller_gone {
                 &self.tasks
             } else {
                 &none
             };
+            let next_due = self
+                .delayed
+                .peek()
+                .map(|Reverse((due, _))| due.saturating_duration_since(Instant::now()))
+                .unwrap_or(Duration::from_millis(250))
+                .min(Duration::from_millis(250));
             select! {
                 recv(rx) -> t => match t {
                     Ok(t) => self.pending.push_back(t),
                     // The supervisor notices the poller's end; stop listening to it.
                     Err(_) => poller_gone = true,
                 },
-                recv(self.events) -> _ => {},
-                default(Duration::from_millis(250)) => {},
+                recv(self.events) -> e => {
+                    if let Ok(e) = e {
+                        self.on_event(e);
+                    }
+                },
+                default(next_due) => {},
             }
         }
         self.hand_back();
@@ -159,7 +231,7 @@ impl Scheduler {
         loop {
             let at = {
                 let mut m = self.shared.slots();
-                let Some(at) = m.pick() else {
+                let Some(at) = m.pick_avoiding(task.avoid_gpu.as_deref()) else {
                     return Placed::Wait(task);
                 };
                 m.occupy(
@@ -173,11 +245,17 @@ impl Scheduler {
                 at
             };
             let ep = &self.shared.config.gpus[at.gpu];
-            let lease = task
+            let timeout = task
                 .msg
                 .timeout_s
                 .map(Duration::from_secs)
                 .unwrap_or(ep.task_timeout);
+            // In response mode the call itself may run for the whole timeout: give the lease the
+            // request timeout on top so the call's own verdict comes first.
+            let lease = match ep.completion {
+                Completion::Callback => timeout,
+                Completion::Response => timeout + ep.request_timeout,
+            };
             let claim = self.shared.store.claim_gpu_attempt(
                 &task.msg.task_id,
                 task.attempts,
@@ -242,18 +320,14 @@ impl Scheduler {
         {
             self.pending.push_back(t);
         }
-        let back: Vec<(String, String)> = self
-            .pending
-            .drain(..)
-            .map(|t| (t.queue, t.msg.to_json()))
-            .collect();
+        let back: Vec<Task> = self.pending.drain(..).collect();
         if back.is_empty() {
             return;
         }
-        match crate::queue::return_tasks(&self.client, &back) {
+        match crate::queue::hand_back(&self.client, &self.shared.store, &back) {
             Ok(()) => log::info!(count = back.len(); "returned tasks in hand to redis"),
             Err(e) => log::error!(count = back.len(), error:% = e;
-                "could not return tasks to redis; their rows stay pending"),
+                "could not return tasks to redis; they resume at the next start"),
         }
     }
 }

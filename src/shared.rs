@@ -1,21 +1,23 @@
 //! What every daemon thread shares: the validated config, the store, the slot matrix, the callback
 //! signer, the stop flags and the scheduler's wake-up channel.
 //!
-//! [`Shared::finish`] is the one place an attempt ends, whoever learned of it (the callback server,
-//! a dispatch worker in `response` mode or after an error, a handler worker): MySQL first, then the
-//! in-memory slot, then a wake-up so the scheduler can hand the freed slot to the next task.
+//! [`Shared::end_attempt`] is the one place an attempt ends, whoever learned of it (the callback
+//! server, a dispatch worker in `response` mode or after an error, a handler worker, the lease
+//! check): MySQL first, then the in-memory slot, then a message to the scheduler — a wake-up so it can
+//! hand the freed slot on, and the task itself when it is to be retried.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 
+use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::message::Message;
 use crate::shutdown::Shutdown;
 use crate::slots::SlotMatrix;
-use crate::store::{Finish, State, Store, StoreError};
+use crate::store::{Ending, Finish, Next, Store, StoreError, StoredTask};
 use crate::token::Signer;
 
 /// A task in memory, between the poller and a worker.
@@ -26,12 +28,45 @@ pub struct Task {
     /// Attempts already used (0 for a new task).
     pub attempts: u32,
     pub taken_at: Instant,
+    /// The GPU of the previous attempt: a retry goes elsewhere if it can.
+    pub avoid_gpu: Option<String>,
 }
 
-/// Tells the scheduler something may have become possible (a slot or a worker freed).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+impl Task {
+    /// A new task just taken from `queue`.
+    pub fn new(msg: Message, queue: &str, attempts: u32) -> Task {
+        Task {
+            msg,
+            queue: queue.to_string(),
+            attempts,
+            taken_at: Instant::now(),
+            avoid_gpu: None,
+        }
+    }
+
+    /// A task read back from MySQL (restart, retry). Its payload was written by qsysd, so a parse
+    /// error means the row was edited by hand; the error says so.
+    pub fn from_stored(row: StoredTask) -> Result<Task, String> {
+        let msg =
+            crate::message::parse(row.payload.as_bytes(), || row.task_id.clone()).map_err(|m| {
+                format!(
+                    "stored payload of {} is unreadable: {}",
+                    row.task_id, m.reason
+                )
+            })?;
+        let mut task = Task::new(msg, &row.queue, row.attempts);
+        task.avoid_gpu = row.last_gpu;
+        Ok(task)
+    }
+}
+
+/// What the scheduler is told by other threads.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
+    /// Something may have become possible (a slot or a worker freed).
     Wake,
+    /// A task is `pending` again and may run once `after` has passed.
+    Retry { task_id: String, after: Duration },
 }
 
 pub struct Shared {
@@ -43,6 +78,8 @@ pub struct Shared {
     pub events: Sender<Event>,
     /// Process groups of running `exec` handlers, killed if the grace period runs out.
     pub children: Mutex<HashSet<i32>>,
+    /// What is wrong right now, by dependency ("redis", "mysql"), for `/healthz` and the log.
+    pub problems: Mutex<BTreeMap<&'static str, String>>,
 }
 
 impl Shared {
@@ -57,38 +94,96 @@ impl Shared {
         let _ = self.events.send(Event::Wake);
     }
 
-    /// Ends attempt `attempt` of `task_id` as `status` and frees what it held.
-    pub fn finish(
+    /// Ends attempt `attempt` of `task_id` and frees what it held; a retry goes to the scheduler.
+    pub fn end_attempt(
         &self,
         task_id: &str,
         attempt: u32,
-        status: State,
-        error: Option<&str>,
+        ending: Ending<'_>,
         source: &str,
     ) -> Result<Finish, StoreError> {
-        let out = self.store.finish(task_id, attempt, status, error)?;
-        match &out {
-            Finish::Applied { slot } => {
-                if let Some((gpu, index)) = slot {
-                    self.slots().release(gpu, *index, task_id);
-                }
-                let gpu = slot.as_ref().map(|(g, _)| g.as_str()).unwrap_or("");
-                match status {
-                    State::Finished => log::info!(
-                        task_id, attempt, gpu, source; "task finished"
-                    ),
-                    _ => log::warn!(
-                        task_id, attempt, gpu, source, error = error.unwrap_or(""); "task failed"
-                    ),
-                }
-                self.wake_scheduler();
-            }
-            other => log::info!(
-                task_id, attempt, source, status = status.as_str(), outcome:? = other;
-                "completion not applied"
-            ),
+        let r = &self.config.retry;
+        let mut delay = Backoff::new(r.backoff, r.backoff_max);
+        let after = delay.delay_for(attempt.saturating_sub(1));
+        let out = self
+            .store
+            .end_attempt(task_id, attempt, ending, r.max_attempts, after)?;
+        let Finish::Applied { slot, next } = &out else {
+            log::info!(task_id, attempt, source, outcome:? = out; "completion not applied");
+            return Ok(out);
+        };
+        if let Some((gpu, index)) = slot {
+            self.slots().release(gpu, *index, task_id);
         }
+        let gpu = slot.as_ref().map(|(g, _)| g.as_str()).unwrap_or("");
+        let error = match ending {
+            Ending::Finished => "",
+            Ending::Failed { error, .. } | Ending::Expired { error } => error,
+        };
+        match next {
+            Next::Done(crate::store::State::Finished) => {
+                log::info!(task_id, attempt, gpu, source; "task finished")
+            }
+            Next::Done(_) => log::warn!(task_id, attempt, gpu, source, error; "task failed"),
+            Next::Retry { after } => {
+                log::warn!(task_id, attempt, gpu, source, error, retry_in:? = after;
+                    "attempt failed; will retry");
+                let _ = self.events.send(Event::Retry {
+                    task_id: task_id.to_string(),
+                    after: *after,
+                });
+            }
+        }
+        self.wake_scheduler();
         Ok(out)
+    }
+
+    /// [`Shared::end_attempt`] that keeps trying through a MySQL outage (with backoff, up to
+    /// `patience`), so a result already in hand is not lost to a short blip. `None`: gave up (the
+    /// lease will settle the attempt later) or stopping.
+    pub fn end_attempt_patiently(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        ending: Ending<'_>,
+        source: &str,
+        patience: Duration,
+    ) -> Option<Finish> {
+        let deadline = Instant::now() + patience;
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            match self.end_attempt(task_id, attempt, ending, source) {
+                Ok(f) => return Some(f),
+                Err(e) => {
+                    let wait = backoff.next_delay();
+                    log::error!(task_id, attempt, source, error:% = e, retry_in:? = wait;
+                        "could not record the end of an attempt");
+                    if Instant::now() + wait > deadline || self.stop.sleep(wait) {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Notes that `what` ("redis", "mysql") is failing, or with `None` that it works again.
+    pub fn set_problem(&self, what: &'static str, problem: Option<String>) {
+        let mut p = self.problems.lock().unwrap_or_else(|e| e.into_inner());
+        match problem {
+            Some(text) => {
+                p.insert(what, text);
+            }
+            None => {
+                p.remove(what);
+            }
+        }
+    }
+
+    pub fn problems(&self) -> BTreeMap<&'static str, String> {
+        self.problems
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn kill_children(&self) {

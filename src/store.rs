@@ -17,7 +17,7 @@ use mysql::prelude::Queryable;
 use mysql::{params, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, PooledConn, TxOpts};
 
 /// The newest schema version this build knows.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// A task's state in the `tasks.state` column (design §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,12 +88,73 @@ pub enum Claim {
     NotPending,
 }
 
+/// How an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending<'a> {
+    Finished,
+    /// `retryable`: the failure may pass (connection error, timeout, 5xx, a crashed handler);
+    /// otherwise it is the task's own (a 4xx, a `failed` callback) and final.
+    Failed {
+        error: &'a str,
+        retryable: bool,
+    },
+    /// No completion before the lease deadline: always worth another attempt.
+    Expired {
+        error: &'a str,
+    },
+}
+
+impl Ending<'_> {
+    fn outcome(&self) -> &'static str {
+        match self {
+            Ending::Finished => "finished",
+            Ending::Failed { .. } => "failed",
+            Ending::Expired { .. } => "expired",
+        }
+    }
+
+    fn error(&self) -> Option<&str> {
+        match self {
+            Ending::Finished => None,
+            Ending::Failed { error, .. } | Ending::Expired { error } => Some(error),
+        }
+    }
+
+    fn retryable(&self) -> bool {
+        matches!(
+            self,
+            Ending::Failed {
+                retryable: true,
+                ..
+            } | Ending::Expired { .. }
+        )
+    }
+
+    /// The terminal state this ending leads to when no retry is left.
+    pub fn terminal(&self) -> State {
+        match self {
+            Ending::Finished => State::Finished,
+            _ => State::Failed,
+        }
+    }
+}
+
+/// What an applied ending led to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// The task is terminal in this state.
+    Done(State),
+    /// The task is `pending` again and may run after this delay.
+    Retry { after: Duration },
+}
+
 /// Result of ending an attempt, from a callback or a dispatch outcome (design §5 reply codes).
 #[derive(Debug, PartialEq, Eq)]
 pub enum Finish {
     /// The state changed; the GPU slot it held (if any) is free in MySQL.
     Applied {
         slot: Option<(String, usize)>,
+        next: Next,
     },
     /// The task is already in exactly this terminal state from this attempt.
     Duplicate,
@@ -109,6 +170,28 @@ pub enum Finish {
     Unknown,
 }
 
+/// A `pending` task as stored: enough to schedule it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredTask {
+    pub task_id: String,
+    pub queue: String,
+    /// The message in the seed's format.
+    pub payload: String,
+    pub attempts: u32,
+    /// Time left before a retry may run.
+    pub wait: Duration,
+    /// The GPU of the last attempt, to avoid on the next.
+    pub last_gpu: Option<String>,
+}
+
+/// A `processing` attempt past its lease deadline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expired {
+    pub task_id: String,
+    pub attempt: u32,
+    pub gpu_id: Option<String>,
+}
+
 /// One held slot row, as read at start to rebuild the in-memory matrix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeldSlot {
@@ -118,8 +201,14 @@ pub struct HeldSlot {
     pub attempt: u32,
 }
 
-/// `state, attempts, gpu_id, slot_index` of a task, as `finish` reads it.
-type AttemptRow = (Option<String>, u32, Option<String>, Option<u32>);
+/// `state, attempts, gpu_id, slot_index, max_attempts` of a task, as `end_attempt` reads it.
+type AttemptRow = (
+    Option<String>,
+    u32,
+    Option<String>,
+    Option<u32>,
+    Option<u32>,
+);
 
 /// A shared handle on the database; cheap to clone.
 #[derive(Clone)]
@@ -405,44 +494,65 @@ impl Store {
         Ok(c.affected_rows() == 1)
     }
 
-    /// Ends attempt `attempt` of `task_id` with a terminal `status`, freeing its slot row.
-    pub fn finish(
+    /// Ends attempt `attempt` of `task_id`: the task becomes terminal, or `pending` again after
+    /// `retry_after` when the ending is retryable and attempts are left (`max_attempts` of the task,
+    /// else `default_max`). Frees the slot row and records the attempt in `task_attempts`.
+    pub fn end_attempt(
         &self,
         task_id: &str,
         attempt: u32,
-        status: State,
-        error: Option<&str>,
+        ending: Ending<'_>,
+        default_max: u32,
+        retry_after: Duration,
     ) -> Result<Finish, StoreError> {
-        debug_assert!(status.is_terminal());
         let mut c = self.conn()?;
         let mut tx = c.start_transaction(TxOpts::default())?;
         let row: Option<AttemptRow> = tx.exec_first(
-            "SELECT state, attempts, gpu_id, slot_index FROM tasks WHERE task_id = ? FOR UPDATE",
+            "SELECT state, attempts, gpu_id, slot_index, max_attempts FROM tasks              WHERE task_id = ? FOR UPDATE",
             (task_id,),
         )?;
-        let Some((state, current, gpu, slot)) = row else {
+        let Some((state, current, gpu, slot, max)) = row else {
             tx.rollback()?;
             return Ok(Finish::Unknown);
         };
         let state = state.unwrap_or_else(|| "NULL".into());
         let verdict = match State::parse(&state) {
             _ if current != attempt => Some(Finish::Stale { current }),
-            Some(s) if s == status => Some(Finish::Duplicate),
             Some(State::Processing) => None,
+            Some(s) if s == ending.terminal() && !matches!(ending, Ending::Expired { .. }) => {
+                Some(Finish::Duplicate)
+            }
             _ => Some(Finish::Conflict { state }),
         };
         if let Some(v) = verdict {
             tx.rollback()?;
             return Ok(v);
         }
+        let error = ending.error().map(|e| truncate(e, MAX_ERROR));
+        let next = if ending.retryable() && attempt < max.unwrap_or(default_max) {
+            tx.exec_drop(
+                "UPDATE tasks SET state = 'pending', error = :err, deadline = NULL,                  not_before = NOW(3) + INTERVAL :after MICROSECOND WHERE task_id = :id",
+                params! { "err" => error, "after" => retry_after.as_micros() as u64, "id" => task_id },
+            )?;
+            Next::Retry { after: retry_after }
+        } else {
+            let done = ending.terminal();
+            tx.exec_drop(
+                "UPDATE tasks SET state = ?, error = ?, finished_at = NOW(3), deadline = NULL \
+                 WHERE task_id = ?",
+                (done.as_str(), error, task_id),
+            )?;
+            Next::Done(done)
+        };
         tx.exec_drop(
-            "UPDATE tasks SET state = ?, error = ?, finished_at = NOW(3), deadline = NULL \
-             WHERE task_id = ?",
-            (
-                status.as_str(),
-                error.map(|e| truncate(e, MAX_ERROR)),
-                task_id,
-            ),
+            "INSERT INTO task_attempts (task_id, attempt, gpu_id, slot_index, instance_id, \
+             started_at, ended_at, outcome, error) \
+             SELECT task_id, attempts, gpu_id, slot_index, :inst, dispatched_at, NOW(3), :outcome, \
+             :err FROM tasks WHERE task_id = :id \
+             ON DUPLICATE KEY UPDATE ended_at = VALUES(ended_at), outcome = VALUES(outcome), \
+             error = VALUES(error)",
+            params! { "inst" => &self.instance, "outcome" => ending.outcome(), "err" => error,
+            "id" => task_id },
         )?;
         let slot = match (gpu, slot) {
             (Some(g), Some(s)) => {
@@ -456,9 +566,146 @@ impl Store {
             _ => None,
         };
         tx.commit()?;
-        Ok(Finish::Applied { slot })
+        Ok(Finish::Applied { slot, next })
+    }
+
+    /// This instance's attempts whose lease deadline has passed, oldest first.
+    pub fn expired(&self, limit: usize) -> Result<Vec<Expired>, StoreError> {
+        let mut c = self.conn()?;
+        let rows: Vec<(String, u32, Option<String>)> = c.exec(
+            "SELECT task_id, attempts, gpu_id FROM tasks WHERE state = 'processing' \
+             AND deadline < NOW(3) AND instance_id = ? ORDER BY deadline LIMIT ?",
+            (&self.instance, limit as u64),
+        )?;
+        Ok(rows
+            .into_iter()
+            .map(|(task_id, attempt, gpu_id)| Expired {
+                task_id,
+                attempt,
+                gpu_id,
+            })
+            .collect())
+    }
+
+    /// At start: handler attempts this instance was running died with the previous process, so
+    /// their leases end now. (GPU attempts may still be running on the GPU and keep theirs.)
+    pub fn expire_orphaned_handlers(&self) -> Result<u64, StoreError> {
+        let mut c = self.conn()?;
+        c.exec_drop(
+            "UPDATE tasks SET deadline = NOW(3) - INTERVAL 1 SECOND WHERE state = 'processing' \
+             AND gpu_id IS NULL AND instance_id = ?",
+            (&self.instance,),
+        )?;
+        Ok(c.affected_rows())
+    }
+
+    const STORED: &'static str = "SELECT task_id, queue, payload, attempts, \
+        GREATEST(0, TIMESTAMPDIFF(MICROSECOND, NOW(3), COALESCE(not_before, NOW(3)))), gpu_id \
+        FROM tasks";
+
+    fn stored(row: StoredRow) -> StoredTask {
+        let (task_id, queue, payload, attempts, wait, last_gpu) = row;
+        StoredTask {
+            task_id,
+            queue: queue.unwrap_or_default(),
+            payload: payload.unwrap_or_default(),
+            attempts,
+            wait: Duration::from_micros(wait.max(0) as u64),
+            last_gpu,
+        }
+    }
+
+    /// The `pending` tasks this instance holds, oldest first: what a restart resumes.
+    pub fn pending_tasks(&self) -> Result<Vec<StoredTask>, StoreError> {
+        let mut c = self.conn()?;
+        let rows: Vec<StoredRow> = c.exec(
+            format!(
+                "{} WHERE state = 'pending' AND instance_id = ? ORDER BY created_at, task_id",
+                Self::STORED
+            ),
+            (&self.instance,),
+        )?;
+        Ok(rows.into_iter().map(Self::stored).collect())
+    }
+
+    /// One task, if it is `pending` and held by this instance (a retry coming due).
+    pub fn pending_task(&self, task_id: &str) -> Result<Option<StoredTask>, StoreError> {
+        let mut c = self.conn()?;
+        let row: Option<StoredRow> = c.exec_first(
+            format!(
+                "{} WHERE task_id = ? AND state = 'pending' AND instance_id = ?",
+                Self::STORED
+            ),
+            (task_id, &self.instance),
+        )?;
+        Ok(row.map(Self::stored))
+    }
+
+    /// Gives up this instance's hold on `pending` tasks that went back to Redis, so whoever pops
+    /// them next takes them over.
+    pub fn release_pending(&self, task_ids: &[String]) -> Result<(), StoreError> {
+        let mut c = self.conn()?;
+        c.exec_batch(
+            "UPDATE tasks SET instance_id = NULL WHERE task_id = ? AND state = 'pending' \
+             AND instance_id = ?",
+            task_ids.iter().map(|id| (id, &self.instance)),
+        )?;
+        Ok(())
+    }
+
+    /// Records that this instance is alive.
+    pub fn heartbeat(&self) -> Result<(), StoreError> {
+        let mut c = self.conn()?;
+        c.exec_drop(
+            "INSERT INTO instances (instance_id, started_at, heartbeat_at) \
+             VALUES (?, NOW(3), NOW(3)) ON DUPLICATE KEY UPDATE heartbeat_at = NOW(3)",
+            (&self.instance,),
+        )?;
+        Ok(())
+    }
+
+    /// The attempts of one task, oldest first.
+    pub fn attempts(&self, task_id: &str) -> Result<Vec<AttemptRecord>, StoreError> {
+        let mut c = self.conn()?;
+        let rows: Vec<(u32, Option<String>, Option<u32>, String, Option<String>)> = c.exec(
+            "SELECT attempt, gpu_id, slot_index, outcome, error FROM task_attempts \
+             WHERE task_id = ? ORDER BY attempt",
+            (task_id,),
+        )?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(attempt, gpu_id, slot_index, outcome, error)| AttemptRecord {
+                    attempt,
+                    gpu_id,
+                    slot_index,
+                    outcome,
+                    error,
+                },
+            )
+            .collect())
     }
 }
+
+/// One row of `task_attempts`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptRecord {
+    pub attempt: u32,
+    pub gpu_id: Option<String>,
+    pub slot_index: Option<u32>,
+    pub outcome: String,
+    pub error: Option<String>,
+}
+
+/// `task_id, queue, payload, attempts, wait in µs, gpu_id`.
+type StoredRow = (
+    String,
+    Option<String>,
+    Option<String>,
+    u32,
+    i64,
+    Option<String>,
+);
 
 fn column_exists(c: &mut PooledConn, table: &str, column: &str) -> Result<bool, StoreError> {
     let n: Option<u64> = c.exec_first(
@@ -514,9 +761,47 @@ fn migrate_locked(c: &mut PooledConn) -> Result<u32, StoreError> {
              upgrade qsysd"
         )));
     }
-    if current >= 1 {
-        return Ok(current);
+    if current < 1 {
+        migrate_v1(c)?;
     }
+    if current < 2 {
+        migrate_v2(c)?;
+    }
+    Ok(SCHEMA_VERSION)
+}
+
+/// Retries, attempt history and instance heartbeats.
+fn migrate_v2(c: &mut PooledConn) -> Result<(), StoreError> {
+    if !column_exists(c, "tasks", "not_before")? {
+        c.query_drop("ALTER TABLE tasks ADD COLUMN not_before DATETIME(3) NULL")?;
+    }
+    c.query_drop(
+        "CREATE TABLE IF NOT EXISTS task_attempts (
+            task_id VARCHAR(255) NOT NULL,
+            attempt INT NOT NULL,
+            gpu_id VARCHAR(64) NULL,
+            slot_index INT NULL,
+            instance_id VARCHAR(64) NULL,
+            started_at DATETIME(3) NULL,
+            ended_at DATETIME(3) NULL,
+            outcome VARCHAR(20) NOT NULL,
+            error TEXT NULL,
+            PRIMARY KEY (task_id, attempt)
+        ) ENGINE=InnoDB",
+    )?;
+    c.query_drop(
+        "CREATE TABLE IF NOT EXISTS instances (
+            instance_id VARCHAR(64) NOT NULL PRIMARY KEY,
+            started_at DATETIME(3) NOT NULL,
+            heartbeat_at DATETIME(3) NOT NULL
+        ) ENGINE=InnoDB",
+    )?;
+    c.query_drop("INSERT INTO qsys_schema (version) VALUES (2)")?;
+    Ok(())
+}
+
+/// The seed's table, widened and extended, and the slot table.
+fn migrate_v1(c: &mut PooledConn) -> Result<(), StoreError> {
     // Version 1. The seed's DDL, verbatim in its columns, so an existing seed table is the same
     // starting point as an empty database.
     c.query_drop(
@@ -556,7 +841,7 @@ fn migrate_locked(c: &mut PooledConn) -> Result<u32, StoreError> {
         ) ENGINE=InnoDB",
     )?;
     c.query_drop("INSERT INTO qsys_schema (version) VALUES (1)")?;
-    Ok(1)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,99 @@
+//! The maintenance thread (`qsys-maintenance`): the slow, periodic work.
+//!
+//! - Leases: an attempt with no completion by its deadline (`gpu.task_timeout`, the task's
+//!   `timeout_s`, or an exec/http handler's timeout plus a margin) ends as `expired`; its slot frees
+//!   and the task is retried (preferring another GPU) or fails after its attempts. A late callback
+//!   for it then gets 409.
+//! - Health probes: a GPU whose ejection cooldown is over gets a `GET` of its `health_url`; any
+//!   answer below 500 readmits it with one slot, anything else ejects it again for longer.
+//! - Heartbeat: this instance's row in `instances`, and whether MySQL answers at all (`/healthz`).
+//!
+//! Every call here is bounded (MySQL and HTTP timeouts), and the loop ends with the stop.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::shared::Shared;
+use crate::slots::HealthChange;
+use crate::store::Ending;
+
+/// How often the loop runs.
+const TICK: Duration = Duration::from_millis(250);
+/// How long one health probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub fn run(shared: Arc<Shared>) {
+    let agent = crate::http::agent();
+    let mut last_beat: Option<Instant> = None;
+    while !shared.stop.sleep(TICK) {
+        if last_beat.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            last_beat = Some(Instant::now());
+            match shared.store.heartbeat() {
+                Ok(()) => shared.set_problem("mysql", None),
+                Err(e) => {
+                    log::warn!(error:% = e; "mysql unavailable");
+                    shared.set_problem("mysql", Some(e.to_string()));
+                    continue;
+                }
+            }
+            expire_leases(&shared);
+        }
+        probe_due(&shared, &agent);
+    }
+    log::debug!("maintenance stopped");
+}
+
+fn expire_leases(shared: &Shared) {
+    let expired = match shared.store.expired(100) {
+        Ok(e) => e,
+        Err(e) => {
+            log::warn!(error:% = e; "cannot look for expired leases");
+            return;
+        }
+    };
+    for e in expired {
+        let error = match &e.gpu_id {
+            Some(g) => format!("no completion from gpu {g} before the lease ran out"),
+            None => "the handler did not finish before its lease ran out".to_string(),
+        };
+        if let Err(err) = shared.end_attempt(
+            &e.task_id,
+            e.attempt,
+            Ending::Expired { error: &error },
+            "lease",
+        ) {
+            log::warn!(task_id = e.task_id.as_str(), error:% = err; "cannot expire lease");
+            return;
+        }
+    }
+}
+
+fn probe_due(shared: &Shared, agent: &ureq::Agent) {
+    let due = shared.slots().take_due_probes(Instant::now());
+    for gpu in due {
+        let ep = &shared.config.gpus[gpu];
+        let ok = probe(agent, &ep.health_url, ep.bearer_token.as_ref());
+        let change = shared
+            .slots()
+            .probe_result(gpu, ok, Instant::now(), &shared.config.health);
+        match change {
+            HealthChange::Ejected { cooldown } => log::warn!(gpu = ep.id.as_str(),
+                cooldown:? = cooldown; "gpu still down; next probe after cooldown"),
+            _ => log::info!(gpu = ep.id.as_str(); "gpu answered its probe: readmitted with 1 slot"),
+        }
+        shared.wake_scheduler();
+    }
+}
+
+/// Whether `url` answers a GET with a status below 500.
+pub fn probe(agent: &ureq::Agent, url: &str, token: Option<&crate::config::Secret>) -> bool {
+    let mut req = agent
+        .get(url)
+        .config()
+        .timeout_global(Some(PROBE_TIMEOUT))
+        .build();
+    if let Some(t) = token {
+        req = req.header("Authorization", format!("Bearer {}", t.expose()));
+    }
+    matches!(req.call(), Ok(r) if r.status().as_u16() < 500)
+}
