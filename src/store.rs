@@ -663,38 +663,6 @@ impl Store {
         )?;
         Ok(())
     }
-
-    /// The attempts of one task, oldest first.
-    pub fn attempts(&self, task_id: &str) -> Result<Vec<AttemptRecord>, StoreError> {
-        let mut c = self.conn()?;
-        let rows: Vec<(u32, Option<String>, Option<u32>, String, Option<String>)> = c.exec(
-            "SELECT attempt, gpu_id, slot_index, outcome, error FROM task_attempts \
-             WHERE task_id = ? ORDER BY attempt",
-            (task_id,),
-        )?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(attempt, gpu_id, slot_index, outcome, error)| AttemptRecord {
-                    attempt,
-                    gpu_id,
-                    slot_index,
-                    outcome,
-                    error,
-                },
-            )
-            .collect())
-    }
-}
-
-/// One row of `task_attempts`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AttemptRecord {
-    pub attempt: u32,
-    pub gpu_id: Option<String>,
-    pub slot_index: Option<u32>,
-    pub outcome: String,
-    pub error: Option<String>,
 }
 
 /// `task_id, queue, payload, attempts, wait in µs, gpu_id`.
