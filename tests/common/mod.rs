@@ -33,35 +33,42 @@ pub struct TestEnv {
     pub prefix: String,
     pub redis: redis::Client,
     pub dir: std::path::PathBuf,
+    redis_url: String,
+    mysql_base: String,
 }
 
 impl TestEnv {
-    /// A fresh database and key prefix. `tag`: a short name of the test, letters and digits.
+    /// A fresh database and key prefix on the shared local servers. `tag`: a short name of the
+    /// test, letters and digits.
     pub fn new(tag: &str) -> TestEnv {
+        TestEnv::on(tag, &redis_url(), &mysql_base())
+    }
+
+    /// The same on given servers (a test's own Redis or MariaDB, which it may restart).
+    pub fn on(tag: &str, redis_url: &str, mysql_base: &str) -> TestEnv {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id();
         let db = format!("qsys_t_{tag}_{pid}_{n}");
         let prefix = format!("qsys-test:{tag}:{pid}:{n}:");
-        let redis = redis::Client::open(redis_url()).expect("valid redis url");
+        let redis = redis::Client::open(redis_url).expect("valid redis url");
         let mut conn = redis
             .get_connection_with_timeout(Duration::from_secs(3))
             .unwrap_or_else(|e| {
                 panic!(
                     "Redis at {} is unreachable ({e}). The tests need a real Redis: \
                      run `bash scripts/services.sh` (see README) and try again.",
-                    redis_url()
+                    redis_url
                 )
             });
         let _: String = redis::cmd("PING").query(&mut conn).expect("redis PING");
-        let mut my =
-            mysql::Conn::new(mysql::Opts::from_url(&mysql_base()).expect("valid mysql url"))
-                .unwrap_or_else(|e| {
-                    panic!(
-                        "MariaDB/MySQL at {} is unreachable ({e}). The tests need a real server: \
+        let mut my = mysql::Conn::new(mysql::Opts::from_url(mysql_base).expect("valid mysql url"))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "MariaDB/MySQL at {} is unreachable ({e}). The tests need a real server: \
                  run `bash scripts/services.sh` (see README) and try again.",
-                        mysql_base()
-                    )
-                });
+                    mysql_base
+                )
+            });
         my.query_drop(format!("DROP DATABASE IF EXISTS `{db}`"))
             .expect("drop old test db");
         let dir = std::env::temp_dir().join(format!("qsys-test-{tag}-{pid}-{n}"));
@@ -71,6 +78,8 @@ impl TestEnv {
             prefix,
             redis,
             dir,
+            redis_url: redis_url.to_string(),
+            mysql_base: mysql_base.to_string(),
         }
     }
 
@@ -79,7 +88,7 @@ impl TestEnv {
     }
 
     pub fn mysql_url(&self) -> String {
-        format!("{}/{}", mysql_base(), self.db)
+        format!("{}/{}", self.mysql_base, self.db)
     }
 
     /// A config for this test: queues `q1` (high) and `q2`, one endpoint per URL, then `extra`.
@@ -101,7 +110,7 @@ secret = "{SECRET}"
 instance_id = "test"
 shutdown_grace = "10s"
 "#,
-            redis = redis_url(),
+            redis = self.redis_url,
             q1 = self.queue("q1"),
             q2 = self.queue("q2"),
             mysql = self.mysql_url(),
@@ -239,4 +248,138 @@ pub fn transcriptions(tag: &str, n: usize) -> Vec<String> {
             )
         })
         .collect()
+}
+
+/// A free TCP port on loopback (bound and released: good enough for a test's own server).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// A server process a test owns and may restart: its own Redis or MariaDB on a free port, with its
+/// data in a temp directory, so restarting it disturbs no other test.
+pub struct OwnServer {
+    pub port: u16,
+    dir: std::path::PathBuf,
+    kind: ServerKind,
+    child: Option<std::process::Child>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ServerKind {
+    Redis,
+    Mariadb,
+}
+
+impl OwnServer {
+    /// A Redis that keeps every write on disk (AOF, fsync always), so a restart loses nothing.
+    pub fn redis(dir: &Path) -> OwnServer {
+        OwnServer::start(dir.join("redis"), ServerKind::Redis)
+    }
+
+    /// A MariaDB with durable commits (`innodb_flush_log_at_trx_commit=1`, the default).
+    pub fn mariadb(dir: &Path) -> OwnServer {
+        let data = dir.join("mariadb");
+        std::fs::create_dir_all(&data).expect("mariadb dir");
+        let out = std::process::Command::new("mariadb-install-db")
+            .args([
+                "--no-defaults",
+                "--user=root",
+                "--auth-root-authentication-method=normal",
+            ])
+            .arg("--skip-test-db")
+            .arg(format!("--datadir={}", data.join("data").display()))
+            .output()
+            .expect("mariadb-install-db (apt-get install mariadb-server)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        OwnServer::start(data, ServerKind::Mariadb)
+    }
+
+    fn start(dir: std::path::PathBuf, kind: ServerKind) -> OwnServer {
+        std::fs::create_dir_all(&dir).expect("server dir");
+        let mut s = OwnServer {
+            port: free_port(),
+            dir,
+            kind,
+            child: None,
+        };
+        s.spawn();
+        s
+    }
+
+    pub fn url(&self) -> String {
+        match self.kind {
+            ServerKind::Redis => format!("redis://127.0.0.1:{}/0", self.port),
+            ServerKind::Mariadb => format!("mysql://root@127.0.0.1:{}", self.port),
+        }
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("server.log"))
+            .expect("log");
+        let mut cmd = match self.kind {
+            ServerKind::Redis => {
+                let mut c = std::process::Command::new("redis-server");
+                c.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
+                    .args(["--appendfsync", "always", "--port", &self.port.to_string()])
+                    .arg("--dir")
+                    .arg(&self.dir);
+                c
+            }
+            ServerKind::Mariadb => {
+                let mut c = std::process::Command::new("/usr/sbin/mariadbd");
+                c.args(["--no-defaults", "--user=root", "--bind-address=127.0.0.1"])
+                    .arg(format!("--port={}", self.port))
+                    .arg(format!("--datadir={}", self.dir.join("data").display()))
+                    .arg(format!("--socket={}", self.dir.join("sock").display()))
+                    .arg(format!("--pid-file={}", self.dir.join("pid").display()))
+                    .args(["--skip-log-bin", "--innodb-buffer-pool-size=64M"]);
+                c
+            }
+        };
+        let child = cmd
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start server");
+        self.child = Some(child);
+        let port = self.port;
+        assert!(
+            wait_for(Duration::from_secs(30), || {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            }),
+            "own server on port {port} did not come up"
+        );
+    }
+
+    /// Stops the server (SIGTERM, as a service restart does) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+
+    pub fn start_again(&mut self) {
+        self.spawn();
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
