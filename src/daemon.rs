@@ -36,8 +36,6 @@ pub enum StartError {
     Redis(#[from] redis::RedisError),
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: SocketAddr, reason: String },
-    #[error("cannot recover the in-hand list: {0}")]
-    Recover(String),
     #[error("cannot start thread {name}: {source}")]
     Thread {
         name: String,
@@ -139,15 +137,12 @@ impl Daemon {
             .clone()
             .unwrap_or_else(|| format!("http://{callback_addr}/callback"));
 
-        // What a previous run of this instance left: handler attempts died with it, and elements it
-        // had moved from a queue may not be recorded yet.
+        // Handler attempts this instance was running died with its previous run. (What it had
+        // moved to its in-hand lists is taken again by the poller when it connects.)
         let orphans = store.expire_orphaned_handlers()?;
-        let recovered =
-            crate::queue::recover_in_hand(&client, &store, c).map_err(StartError::Recover)?;
         store.heartbeat()?;
-        if orphans + recovered as u64 > 0 {
-            log::info!(orphaned_handlers = orphans, recovered_in_hand = recovered;
-                "recovered what the previous run left");
+        if orphans > 0 {
+            log::info!(count = orphans; "handler attempts of the previous run will be retried");
         }
 
         // The slot matrix starts as MySQL says: attempts awaiting callbacks keep their slots.

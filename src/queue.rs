@@ -3,9 +3,10 @@
 //!
 //! Reliable fetch: an element is *moved* (`LMOVE`/`BLMOVE`) from its queue to this instance's in-hand
 //! list, parsed ([`crate::message`]), recorded in MySQL, and only then removed from the in-hand list
-//! and handed on. A `kill -9` at any instant leaves it in the queue, in the in-hand list (recovered by
-//! [`recover_in_hand`] at the next start) or in MySQL as `pending` (resumed by the scheduler). An
-//! element that cannot be parsed is recorded `failed` with the reason and the poller goes on.
+//! and handed on. A `kill -9` at any instant leaves it in the queue, in the in-hand list (taken again
+//! on every connect, so also after a Redis restart ate a reply) or in MySQL as `pending` (resumed by
+//! the scheduler at start). An element that cannot be parsed is recorded `failed` with the reason and
+//! the poller goes on.
 //!
 //! Priority: a small Lua script moves from the first non-empty queue in configured order, atomically,
 //! so an earlier queue always wins and producers that `RPUSH` get FIFO. When every queue is empty the
@@ -122,38 +123,6 @@ fn record(store: &Store, queue: &str, raw: &[u8]) -> Result<Taken, crate::store:
     Ok(Taken::Task(Task::new(msg, queue, attempts)))
 }
 
-/// At start, before the threads run: records whatever a previous run of this instance had moved to
-/// its in-hand list but not yet recorded, then empties the list. The tasks themselves are scheduled
-/// from MySQL like every other `pending` task of this instance.
-pub fn recover_in_hand(
-    client: &Client,
-    store: &Store,
-    config: &crate::config::Config,
-) -> Result<usize, String> {
-    let mut conn = connect(client, Duration::from_secs(1)).map_err(|e| e.to_string())?;
-    let mut recovered = 0;
-    for queue in &config.redis.queues {
-        let key = in_hand_key(config, queue);
-        let items: Vec<Vec<u8>> = redis::cmd("LRANGE")
-            .arg(&key)
-            .arg(0)
-            .arg(-1)
-            .query(&mut conn)
-            .map_err(|e| e.to_string())?;
-        for raw in &items {
-            record(store, queue, raw).map_err(|e| e.to_string())?;
-            let _: () = redis::cmd("LREM")
-                .arg(&key)
-                .arg(1)
-                .arg(raw)
-                .query(&mut conn)
-                .map_err(|e| e.to_string())?;
-        }
-        recovered += items.len();
-    }
-    Ok(recovered)
-}
-
 pub struct Poller {
     shared: std::sync::Arc<Shared>,
     client: Client,
@@ -187,7 +156,13 @@ impl Poller {
                             log::info!("redis connection restored");
                         }
                         self.shared.set_problem("redis", None);
-                        conn.insert(c)
+                        let c = conn.insert(c);
+                        if let Err(e) = self.recover(c, &in_hand, &mut backoff) {
+                            conn = None;
+                            self.redis_trouble(&e, &mut backoff);
+                            continue;
+                        }
+                        c
                     }
                     Err(e) => {
                         self.redis_trouble(&e, &mut backoff);
@@ -225,6 +200,30 @@ impl Poller {
             }
         }
         log::debug!("poller stopped");
+    }
+
+    /// On every (re)connect: what the in-hand lists still hold was moved by an earlier run of this
+    /// instance, or by a move whose reply a broken connection lost. Each is taken again like a fresh
+    /// element; a copy whose row is already settled is dropped as a duplicate.
+    fn recover(
+        &self,
+        c: &mut Connection,
+        in_hand: &[String],
+        backoff: &mut Backoff,
+    ) -> Result<(), redis::RedisError> {
+        for (key, queue) in in_hand.iter().zip(&self.shared.config.redis.queues) {
+            let items: Vec<Vec<u8>> = redis::cmd("LRANGE").arg(key).arg(0).arg(-1).query(c)?;
+            if !items.is_empty() {
+                log::info!(queue = queue.as_str(), count = items.len();
+                    "recovering tasks left in the in-hand list");
+            }
+            for raw in items {
+                if let Err(wait) = self.take(c, key, queue, raw, backoff) {
+                    self.shared.stop.sleep(wait);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn redis_trouble(&self, e: &dyn std::fmt::Display, backoff: &mut Backoff) {

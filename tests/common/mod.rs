@@ -233,6 +233,13 @@ pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
+/// Waits until the log file at `path` contains `needle`; true if it did within `timeout`.
+pub fn wait_log(path: &Path, needle: &str, timeout: Duration) -> bool {
+    wait_for(timeout, || {
+        std::fs::read_to_string(path).is_ok_and(|t| t.contains(needle))
+    })
+}
+
 /// Stops a daemon and waits for it, failing the test if a thread died.
 pub fn stop(d: Daemon) {
     d.stop();
