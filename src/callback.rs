@@ -163,13 +163,16 @@ fn route(shared: &Shared, mut req: Request) {
     let url = req.url().to_string();
     let path = url.split('?').next().unwrap_or("");
     let (status, body) = match (path, req.method()) {
-        ("/callback", Method::Post) => match read_body(&mut req, shared.config.callback.max_body) {
-            Some(b) => handle_callback(shared, &url, &b),
-            None => (
-                413,
-                json!({ "error": format!("body larger than {} bytes", shared.config.callback.max_body) }),
-            ),
-        },
+        ("/callback", Method::Post) => {
+            let max = shared.config().callback.max_body;
+            match read_body(&mut req, max) {
+                Some(b) => handle_callback(shared, &url, &b),
+                None => (
+                    413,
+                    json!({ "error": format!("body larger than {max} bytes") }),
+                ),
+            }
+        }
         ("/healthz", Method::Get) => health(shared),
         ("/callback", _) | ("/healthz", _) => (405, json!({ "error": "method not allowed" })),
         _ => (404, json!({ "error": "not found" })),
@@ -180,6 +183,7 @@ fn route(shared: &Shared, mut req: Request) {
 /// Serves until the stop reaches its closing stage.
 pub fn serve(shared: Arc<Shared>, server: Server) {
     while !shared.stop.is_closing() {
+        shared.tick("qsys-callback");
         match server.recv_timeout(Duration::from_millis(200)) {
             Ok(Some(req)) => route(&shared, req),
             Ok(None) => {}

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -79,7 +80,7 @@ pub enum Completion {
     Response,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RedisConfig {
     /// Full connection URL, password already folded in.
     pub url: String,
@@ -91,14 +92,14 @@ pub struct RedisConfig {
     pub pop_timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MysqlConfig {
     pub url: String,
     /// Connect over TLS (verified against the system's web PKI roots or the URL's `root_cert_path`).
     pub tls: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallbackConfig {
     pub listen: SocketAddr,
     /// `None`: derived from the bound address at start (only allowed for a specific listen IP).
@@ -163,7 +164,7 @@ pub struct Config {
     pub redis: RedisConfig,
     pub mysql: MysqlConfig,
     pub callback: CallbackConfig,
-    pub gpus: Vec<Endpoint>,
+    pub gpus: Vec<Arc<Endpoint>>,
     pub health: crate::slots::HealthPolicy,
     pub retry: RetryConfig,
     pub types: BTreeMap<String, Handler>,
@@ -320,6 +321,43 @@ impl Config {
             message: e.to_string().trim_end().to_string(),
         })?;
         validate(raw, env)
+    }
+
+    /// Keeps from `old` what cannot change while the daemon runs (connections, the listener, the
+    /// callback secret that signs tokens already handed out, the instance id, thread counts) and
+    /// names each such key that `self` tried to change.
+    pub fn keep_fixed(&mut self, old: &Config) -> Vec<&'static str> {
+        let mut kept = Vec::new();
+        if self.redis != old.redis {
+            self.redis = old.redis.clone();
+            kept.push("redis");
+        }
+        if self.mysql != old.mysql {
+            self.mysql = old.mysql.clone();
+            kept.push("mysql");
+        }
+        if self.callback.listen != old.callback.listen
+            || self.callback.public_url != old.callback.public_url
+            || self.callback.secret != old.callback.secret
+        {
+            self.callback = CallbackConfig {
+                max_body: self.callback.max_body,
+                ..old.callback.clone()
+            };
+            kept.push("callback (listen, public_url, secret)");
+        }
+        let d = &mut self.daemon;
+        let o = &old.daemon;
+        if d.instance_id != o.instance_id
+            || d.dispatch_threads != o.dispatch_threads
+            || d.handler_threads != o.handler_threads
+        {
+            d.instance_id = o.instance_id.clone();
+            d.dispatch_threads = o.dispatch_threads;
+            d.handler_threads = o.handler_threads;
+            kept.push("daemon (instance_id, dispatch_threads, handler_threads)");
+        }
+        kept
     }
 
     /// Total GPU slots over every endpoint.
@@ -764,7 +802,7 @@ fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
                 "1 to 64 letters, digits, '-', '_' or '.'",
             ));
         }
-        if gpus.iter().any(|g: &Endpoint| g.id == id) {
+        if gpus.iter().any(|g: &Arc<Endpoint>| g.id == id) {
             return Err(invalid(k("id"), &id, "duplicate endpoint id"));
         }
         let url = e
@@ -776,7 +814,7 @@ fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
             e.bearer_token.clone(),
             e.bearer_token_file.as_ref(),
         )?;
-        gpus.push(Endpoint {
+        gpus.push(Arc::new(Endpoint {
             url: http_url(&k("url"), url)?,
             health_url: match &e.health_url {
                 Some(h) => http_url(&k("health_url"), h)?,
@@ -800,7 +838,7 @@ fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
                 None => default_task,
             },
             id,
-        });
+        }));
     }
 
     let retry = RetryConfig {

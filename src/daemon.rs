@@ -14,7 +14,9 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -67,6 +69,8 @@ impl Drop for ExitGuard {
 /// A running daemon.
 pub struct Daemon {
     shared: Arc<Shared>,
+    /// Where SIGHUP re-reads the configuration from.
+    config_path: Option<PathBuf>,
     callback_addr: SocketAddr,
     done: Receiver<String>,
     threads: Vec<(String, JoinHandle<()>)>,
@@ -146,7 +150,7 @@ impl Daemon {
         }
 
         // The slot matrix starts as MySQL says: attempts awaiting callbacks keep their slots.
-        let mut matrix = SlotMatrix::new(c.gpus.iter().map(|g| (g.id.as_str(), g.slots)));
+        let mut matrix = SlotMatrix::new(&c.gpus);
         for held in store.held_slots()? {
             match matrix.find(&held.gpu_id, held.slot_index) {
                 Some(at) => matrix.occupy(
@@ -175,14 +179,18 @@ impl Daemon {
             events: events_tx,
             children: Mutex::new(Default::default()),
             problems: Mutex::new(Default::default()),
-            config,
+            config: RwLock::new(Arc::new(config)),
+            reload_requested: AtomicBool::new(false),
+            progress: Mutex::new(Default::default()),
+            queue_depths: Mutex::new(Vec::new()),
         });
-        let cfg = &shared.config;
+        let cfg = shared.config();
 
         let (done_tx, done_rx) = unbounded();
         let mut threads = Vec::new();
         let (task_tx, task_rx) = bounded(1);
-        let (gpu_tx, gpu_rx) = bounded(cfg.total_slots().max(1));
+        // Jobs never outnumber claimed slots; unbounded because a reload may add slots.
+        let (gpu_tx, gpu_rx) = unbounded();
         let (handler_tx, handler_rx) = bounded(0);
 
         let agent = crate::http::agent();
@@ -219,7 +227,7 @@ impl Daemon {
         spawn(&mut threads, &done_tx, "qsys-scheduler".into(), move || {
             scheduler.run()
         })?;
-        let poller = Poller::new(Arc::clone(&shared), client, task_tx);
+        let poller = Poller::new(Arc::clone(&shared), client.clone(), task_tx);
         spawn(&mut threads, &done_tx, "qsys-poller".into(), move || {
             poller.run()
         })?;
@@ -232,16 +240,17 @@ impl Daemon {
             &mut threads,
             &done_tx,
             "qsys-maintenance".into(),
-            move || crate::maintenance::run(s),
+            move || crate::maintenance::run(s, client),
         )?;
 
         let daemon = Daemon {
             shared,
+            config_path: None,
             callback_addr,
             done: done_rx,
             threads,
         };
-        crate::notify::ready(&daemon.status_line());
+        crate::notify::ready(&daemon.shared.status_line());
         Ok(daemon)
     }
 
@@ -260,36 +269,79 @@ impl Daemon {
         Arc::clone(&self.shared)
     }
 
+    /// Makes SIGHUP re-read the configuration from `path`.
+    pub fn reload_from(&mut self, path: PathBuf) {
+        self.config_path = Some(path);
+    }
+
+    /// Re-reads the config file (SIGHUP) with `RELOADING=1` ... `READY=1`. An invalid file is
+    /// refused and logged; the old config stays.
+    fn reload(&self) {
+        let Some(path) = &self.config_path else {
+            log::warn!("reload requested but the daemon has no config file to read");
+            return;
+        };
+        crate::notify::reloading();
+        match crate::config::Config::load(path, &crate::config::process_env()) {
+            Ok(new) => self.apply_config(new),
+            Err(e) => log::error!(error:% = e; "reload refused: the old configuration stays"),
+        }
+        crate::notify::ready(&self.shared.status_line());
+    }
+
+    /// Puts a new configuration in force without touching work in flight: GPUs, slot counts,
+    /// handlers, timeouts, retry and health settings and the log level change; a removed GPU and
+    /// slots beyond a lowered count drain. What needs a restart is kept as it was, with a warning.
+    pub fn apply_config(&self, mut new: crate::config::Config) {
+        let shared = &self.shared;
+        let old = shared.config();
+        for key in new.keep_fixed(&old) {
+            log::warn!(key; "changed in the config file; takes effect at the next restart");
+        }
+        let gpus: Vec<(String, usize)> = new.gpus.iter().map(|g| (g.id.clone(), g.slots)).collect();
+        if let Err(e) = shared.store.ensure_slots(&gpus) {
+            log::error!(error:% = e; "reload refused: cannot create slot rows");
+            return;
+        }
+        shared.slots().reconfigure(&new.gpus);
+        log::set_max_level(new.daemon.log_level);
+        log::info!(gpus = new.gpus.len(), slots = new.total_slots(); "configuration reloaded");
+        shared.set_config(new);
+        shared.wake_scheduler();
+    }
+
     /// Begins a graceful stop.
     pub fn stop(&self) {
         begin_stop(&self.shared, None);
     }
 
-    /// `STATUS=` text: slot use.
-    fn status_line(&self) -> String {
-        let m = self.shared.slots();
-        format!("{}/{} GPU slots busy", m.busy(), m.total())
-    }
-
     /// Blocks until every thread has ended (or the grace period after a stop ran out).
     pub fn wait(self) -> Result<(), RunError> {
         let shared = &self.shared;
-        let grace = shared.config.daemon.shutdown_grace;
+        let grace = shared.config().daemon.shutdown_grace;
         let mut live: BTreeSet<String> = self.threads.iter().map(|(n, _)| n.clone()).collect();
         let mut failure: Option<String> = None;
         let watchdog = crate::notify::watchdog_interval();
         let mut last_ping: Option<Instant> = None;
         while !live.is_empty() {
+            if shared.reload_requested.swap(false, Ordering::SeqCst) && !shared.stop.is_stopping() {
+                self.reload();
+            }
             // The watchdog is fed only while every thread lives, so a dead thread that somehow
             // did not stop us still gets us restarted.
             let every = watchdog.unwrap_or(Duration::from_secs(2));
             if last_ping.is_none_or(|t| t.elapsed() >= every) {
                 last_ping = Some(Instant::now());
-                if watchdog.is_some() && failure.is_none() {
+                // A loop that has not gone round for a whole watchdog period is stuck: let
+                // systemd's watchdog restart us.
+                let stalled = shared.stalled(every * 2);
+                if !stalled.is_empty() {
+                    log::error!(threads:? = stalled; "threads made no progress; watchdog not fed");
+                } else if watchdog.is_some() && failure.is_none() {
                     crate::notify::watchdog();
                 }
                 if !shared.stop.is_stopping() {
-                    crate::notify::status(&self.status_line());
+                    crate::notify::status(&shared.status_line());
                 }
             }
             if !live.iter().any(|n| is_worker(n)) && !shared.stop.is_closing() {
@@ -342,15 +394,20 @@ fn begin_stop(shared: &Shared, signal: Option<i32>) -> bool {
     true
 }
 
-/// Starts `qsys-signal`: SIGTERM/SIGINT begin a graceful stop, a second one exits at once (status
-/// 130) after killing exec handlers.
+/// Starts `qsys-signal`: SIGHUP asks for a reload, SIGTERM/SIGINT begin a graceful stop, a second
+/// one exits at once (status 130) after killing exec handlers.
 pub fn spawn_signal_thread(shared: Arc<Shared>) -> std::io::Result<JoinHandle<()>> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     std::thread::Builder::new()
         .name("qsys-signal".into())
         .spawn(move || {
             for sig in signals.forever() {
+                if sig == SIGHUP {
+                    log::info!("reload requested");
+                    shared.reload_requested.store(true, Ordering::SeqCst);
+                    continue;
+                }
                 if !begin_stop(&shared, Some(sig)) {
                     log::warn!(signal = sig; "second stop signal: exiting now");
                     shared.kill_children();

@@ -78,7 +78,7 @@ pub fn endpoint_ok(result: &Result<Reply, String>) -> bool {
 
 pub fn run_worker(shared: Arc<Shared>, jobs: Receiver<GpuJob>, agent: ureq::Agent) {
     while let Ok(job) = jobs.recv() {
-        let ep = &shared.config.gpus[job.gpu];
+        let ep = &job.endpoint;
         let task_id = job.task.msg.task_id.as_str();
         let body = request_body(&job, &shared.signer.callback_url(task_id, job.attempt));
         let total = match ep.completion {
@@ -99,12 +99,11 @@ pub fn run_worker(shared: Arc<Shared>, jobs: Receiver<GpuJob>, agent: ureq::Agen
             total,
         )
         .map_err(|e| http::describe(&e));
-        let change = shared.slots().record_dispatch(
-            job.gpu,
-            endpoint_ok(&result),
-            Instant::now(),
-            &shared.config.health,
-        );
+        let policy = shared.config().health;
+        let change =
+            shared
+                .slots()
+                .record_dispatch(&ep.id, endpoint_ok(&result), Instant::now(), &policy);
         match change {
             HealthChange::Ejected { cooldown } => log::warn!(gpu = ep.id.as_str(),
                 cooldown:? = cooldown; "gpu ejected after repeated failures"),

@@ -180,7 +180,8 @@ pub fn run_worker(shared: Arc<Shared>, jobs: Receiver<Task>) {
 fn run_one(shared: &Shared, agent: &ureq::Agent, task: &Task) {
     let task_id = task.msg.task_id.as_str();
     // The scheduler only sends configured non-GPU types here.
-    let handler = shared.config.types.get(&task.msg.kind);
+    let config = shared.config();
+    let handler = config.types.get(&task.msg.kind);
     let configured = match handler {
         Some(Handler::Exec { timeout, .. } | Handler::Http { timeout, .. }) => *timeout,
         Some(Handler::Gpu) | None => return,

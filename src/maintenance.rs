@@ -7,6 +7,7 @@
 //! - Health probes: a GPU whose ejection cooldown is over gets a `GET` of its `health_url`; any
 //!   answer below 500 readmits it with one slot, anything else ejects it again for longer.
 //! - Heartbeat: this instance's row in `instances`, and whether MySQL answers at all (`/healthz`).
+//! - Queue depths: one pipelined `LLEN` per second, for `STATUS=` and `/status`.
 //!
 //! Every call here is bounded (MySQL and HTTP timeouts), and the loop ends with the stop.
 
@@ -22,12 +23,15 @@ const TICK: Duration = Duration::from_millis(250);
 /// How long one health probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub fn run(shared: Arc<Shared>) {
+pub fn run(shared: Arc<Shared>, client: redis::Client) {
     let agent = crate::http::agent();
     let mut last_beat: Option<Instant> = None;
+    let mut redis: Option<redis::Connection> = None;
     while !shared.stop.sleep(TICK) {
+        shared.tick("qsys-maintenance");
         if last_beat.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             last_beat = Some(Instant::now());
+            measure_queues(&shared, &client, &mut redis);
             match shared.store.heartbeat() {
                 Ok(()) => shared.set_problem("mysql", None),
                 Err(e) => {
@@ -41,6 +45,31 @@ pub fn run(shared: Arc<Shared>) {
         probe_due(&shared, &agent);
     }
     log::debug!("maintenance stopped");
+}
+
+fn measure_queues(shared: &Shared, client: &redis::Client, conn: &mut Option<redis::Connection>) {
+    let queues = shared.config().redis.queues.clone();
+    let c = match conn {
+        Some(c) => c,
+        None => match crate::queue::connect(client, Duration::from_secs(1)) {
+            Ok(c) => conn.insert(c),
+            // The poller reports Redis trouble; nothing to add here.
+            Err(_) => return,
+        },
+    };
+    let mut pipe = redis::pipe();
+    for q in &queues {
+        pipe.cmd("LLEN").arg(q);
+    }
+    match pipe.query::<Vec<u64>>(c) {
+        Ok(lens) => {
+            *shared
+                .queue_depths
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = queues.into_iter().zip(lens).collect();
+        }
+        Err(_) => *conn = None,
+    }
 }
 
 fn expire_leases(shared: &Shared) {
@@ -70,12 +99,12 @@ fn expire_leases(shared: &Shared) {
 
 fn probe_due(shared: &Shared, agent: &ureq::Agent) {
     let due = shared.slots().take_due_probes(Instant::now());
-    for gpu in due {
-        let ep = &shared.config.gpus[gpu];
+    let policy = shared.config().health;
+    for ep in due {
         let ok = probe(agent, &ep.health_url, ep.bearer_token.as_ref());
         let change = shared
             .slots()
-            .probe_result(gpu, ok, Instant::now(), &shared.config.health);
+            .probe_result(&ep.id, ok, Instant::now(), &policy);
         match change {
             HealthChange::Ejected { cooldown } => log::warn!(gpu = ep.id.as_str(),
                 cooldown:? = cooldown; "gpu still down; next probe after cooldown"),

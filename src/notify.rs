@@ -23,6 +23,14 @@ pub fn status(status: &str) {
     send(&[NotifyState::Status(status)]);
 }
 
+/// `RELOADING=1` with the `MONOTONIC_USEC` that `Type=notify-reload` expects; `READY=1` follows.
+pub fn reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => send(&[NotifyState::Reloading, now]),
+        Err(_) => send(&[NotifyState::Reloading]),
+    }
+}
+
 pub fn watchdog() {
     send(&[NotifyState::Watchdog]);
 }

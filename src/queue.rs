@@ -136,9 +136,10 @@ impl Poller {
 
     /// Runs until a stop. Redis and MySQL failures are retried with backoff, never fatal.
     pub fn run(self) {
-        let config = &self.shared.config;
+        // Queues, timeouts and key names are fixed for the daemon's life (a reload keeps them).
+        let config = self.shared.config();
         let queues = &config.redis.queues;
-        let in_hand: Vec<String> = queues.iter().map(|q| in_hand_key(config, q)).collect();
+        let in_hand: Vec<String> = queues.iter().map(|q| in_hand_key(&config, q)).collect();
         let block = if queues.len() == 1 {
             config.redis.pop_timeout.as_secs_f64()
         } else {
@@ -148,6 +149,7 @@ impl Poller {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut conn: Option<Connection> = None;
         while !self.shared.stop.is_stopping() {
+            self.shared.tick("qsys-poller");
             let c = match conn.as_mut() {
                 Some(c) => c,
                 None => match connect(&self.client, config.redis.pop_timeout) {
@@ -157,7 +159,7 @@ impl Poller {
                         }
                         self.shared.set_problem("redis", None);
                         let c = conn.insert(c);
-                        if let Err(e) = self.recover(c, &in_hand, &mut backoff) {
+                        if let Err(e) = self.recover(c, queues, &in_hand, &mut backoff) {
                             conn = None;
                             self.redis_trouble(&e, &mut backoff);
                             continue;
@@ -208,10 +210,11 @@ impl Poller {
     fn recover(
         &self,
         c: &mut Connection,
+        queues: &[String],
         in_hand: &[String],
         backoff: &mut Backoff,
     ) -> Result<(), redis::RedisError> {
-        for (key, queue) in in_hand.iter().zip(&self.shared.config.redis.queues) {
+        for (key, queue) in in_hand.iter().zip(queues) {
             let items: Vec<Vec<u8>> = redis::cmd("LRANGE").arg(key).arg(0).arg(-1).query(c)?;
             if !items.is_empty() {
                 log::info!(queue = queue.as_str(), count = items.len();
@@ -279,6 +282,8 @@ impl Poller {
             return Ok(());
         };
         loop {
+            // Blocked on a full fleet is waiting, not being stuck.
+            self.shared.tick("qsys-poller");
             match self.tx.send_timeout(task, Duration::from_millis(200)) {
                 Ok(()) => return Ok(()),
                 Err(SendTimeoutError::Timeout(t)) if !self.shared.stop.is_stopping() => task = t,

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{never, select, Receiver, Sender, TrySendError};
 
-use crate::config::{Completion, Handler};
+use crate::config::{Completion, Endpoint, Handler};
 use crate::shared::{Event, Shared, Task};
 use crate::slots::Holder;
 use crate::store::Claim;
@@ -32,8 +32,8 @@ pub const PREFETCH: usize = 8;
 pub struct GpuJob {
     pub task: Task,
     pub attempt: u32,
-    /// Index into `config.gpus`.
-    pub gpu: usize,
+    /// The GPU's settings as they were when the slot was claimed.
+    pub endpoint: Arc<Endpoint>,
     pub slot: usize,
 }
 
@@ -139,6 +139,7 @@ impl Scheduler {
         let none = never();
         let mut poller_gone = false;
         while !self.shared.stop.is_stopping() {
+            self.shared.tick("qsys-scheduler");
             self.release_due();
             self.place_pending();
             let rx = if self.pending.len() < PREFETCH && !poller_gone {
@@ -180,7 +181,7 @@ impl Scheduler {
         let (mut gpu_full, mut workers_busy) = (false, false);
         for _ in 0..self.pending.len() {
             let task = self.pending.pop_front().expect("len checked");
-            let handler = self.shared.config.types.get(&task.msg.kind).cloned();
+            let handler = self.shared.config().types.get(&task.msg.kind).cloned();
             let placed = match handler {
                 None => self.fail_unknown(task),
                 Some(Handler::Gpu) if gpu_full => Placed::Wait(task),
@@ -229,7 +230,7 @@ impl Scheduler {
     fn place_gpu(&mut self, task: Task) -> Placed {
         let attempt = task.attempts + 1;
         loop {
-            let at = {
+            let (at, ep) = {
                 let mut m = self.shared.slots();
                 let Some(at) = m.pick_avoiding(task.avoid_gpu.as_deref()) else {
                     return Placed::Wait(task);
@@ -242,9 +243,8 @@ impl Scheduler {
                         since: Instant::now(),
                     },
                 );
-                at
+                (at, Arc::clone(m.endpoint(at.gpu)))
             };
-            let ep = &self.shared.config.gpus[at.gpu];
             let timeout = task
                 .msg
                 .timeout_s
@@ -270,7 +270,7 @@ impl Scheduler {
                     let job = GpuJob {
                         task,
                         attempt,
-                        gpu: at.gpu,
+                        endpoint: ep,
                         slot: at.slot,
                     };
                     // The channel holds one job per slot, so this never blocks; it fails only
@@ -313,7 +313,7 @@ impl Scheduler {
     fn hand_back(&mut self) {
         // The poller ends within its pop timeout; wait for it to close the channel.
         let deadline =
-            Instant::now() + self.shared.config.redis.pop_timeout + Duration::from_secs(5);
+            Instant::now() + self.shared.config().redis.pop_timeout + Duration::from_secs(5);
         while let Ok(t) = self
             .tasks
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))

@@ -7,7 +7,8 @@
 //! hand the freed slot on, and the task itself when it is to be retried.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
@@ -70,7 +71,8 @@ pub enum Event {
 }
 
 pub struct Shared {
-    pub config: Config,
+    /// The configuration in force; a reload swaps it (see [`Shared::config`]).
+    pub config: RwLock<Arc<Config>>,
     pub store: Store,
     pub slots: Mutex<SlotMatrix>,
     pub signer: Signer,
@@ -80,9 +82,26 @@ pub struct Shared {
     pub children: Mutex<HashSet<i32>>,
     /// What is wrong right now, by dependency ("redis", "mysql"), for `/healthz` and the log.
     pub problems: Mutex<BTreeMap<&'static str, String>>,
+    /// Set by SIGHUP; the supervisor reloads the config file.
+    pub reload_requested: AtomicBool,
+    /// When each looping thread last went round its loop: the watchdog is fed only while all do.
+    pub progress: Mutex<BTreeMap<&'static str, Instant>>,
+    /// Length of each queue in Redis, as last measured by the maintenance thread.
+    pub queue_depths: Mutex<Vec<(String, u64)>>,
 }
 
 impl Shared {
+    /// The configuration in force now. Callers hold the `Arc` for one piece of work, so a reload
+    /// never changes settings under a task in flight.
+    pub fn config(&self) -> Arc<Config> {
+        Arc::clone(&self.config.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Puts `config` in force.
+    pub fn set_config(&self, config: Config) {
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+    }
+
     /// The slot matrix. A panic while it was held takes the daemon down anyway (the supervisor sees
     /// the thread die), so a poisoned lock is still usable for an orderly stop.
     pub fn slots(&self) -> MutexGuard<'_, SlotMatrix> {
@@ -102,7 +121,7 @@ impl Shared {
         ending: Ending<'_>,
         source: &str,
     ) -> Result<Finish, StoreError> {
-        let r = &self.config.retry;
+        let r = self.config().retry;
         let mut delay = Backoff::new(r.backoff, r.backoff_max);
         let after = delay.delay_for(attempt.saturating_sub(1));
         let out = self
@@ -164,6 +183,47 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// Records that the looping thread `name` is making progress.
+    pub fn tick(&self, name: &'static str) {
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name, Instant::now());
+    }
+
+    /// The looping threads that have not gone round for longer than `limit`.
+    pub fn stalled(&self, limit: Duration) -> Vec<&'static str> {
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, t)| t.elapsed() > limit)
+            .map(|(n, _)| *n)
+            .collect()
+    }
+
+    /// Tasks waiting in Redis over every queue, as last measured.
+    pub fn waiting(&self) -> u64 {
+        self.queue_depths
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// The `STATUS=` line and the log's summary: slot use, backlog, GPUs down.
+    pub fn status_line(&self) -> String {
+        let (busy, total, down) = {
+            let m = self.slots();
+            (m.busy(), m.total(), m.down())
+        };
+        format!(
+            "{busy}/{total} GPU slots busy, {} tasks waiting, {down} GPUs down",
+            self.waiting()
+        )
     }
 
     /// Notes that `what` ("redis", "mysql") is failing, or with `None` that it works again.

@@ -1,20 +1,29 @@
 //! The GPU slot matrix: which task holds which slot of which GPU, in memory.
 //!
 //! The matrix is pure data with no I/O; the daemon keeps one behind a `Mutex` shared by the scheduler
-//! thread (which picks and occupies slots), and the dispatch, handler and callback threads (which
-//! release them after MySQL has recorded the end of an attempt). MySQL's `gpu_slots` table is the
-//! authority; this is its mirror, kept so that picking a slot costs no round trip.
+//! thread (which picks and occupies slots), and the dispatch, handler, callback and maintenance
+//! threads (which release slots after MySQL has recorded the end of an attempt, and feed GPU health).
+//! MySQL's `gpu_slots` table is the authority; this is its mirror, kept so that picking a slot costs
+//! no round trip. Each row carries its endpoint's settings, so a dispatch uses the settings its slot
+//! was claimed under even if a reload changes them meanwhile.
 //!
 //! Health lives here too, because it decides what `pick` may choose: after `eject_after` consecutive
 //! failed dispatches a GPU is ejected for a cooldown that doubles with each ejection (never the last
 //! GPU still up); when the cooldown ends the maintenance thread probes it, and a GPU that answers comes
 //! back with one usable slot, doubling with each successful dispatch up to its configured count.
 //!
+//! A reload reshapes the matrix ([`SlotMatrix::reconfigure`]): new GPUs join, a removed GPU and slots
+//! beyond a lowered count drain (they take nothing new and vanish as their tasks end). Rows are
+//! never removed, so a row index stays valid for the daemon's life.
+//!
 //! Choice rule: the GPU with the lowest share of busy slots wins (so a 2-slot GPU with one task is as
 //! loaded as a 4-slot GPU with two), ties are broken by a rotating cursor so that an idle fleet does
 //! not send every first task to `g0`, and within a GPU the lowest free slot index is used.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use crate::config::Endpoint;
 
 /// Who holds a slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,23 +63,63 @@ impl HealthPolicy {
 
 #[derive(Debug)]
 struct Gpu {
-    id: String,
+    endpoint: Arc<Endpoint>,
+    /// Slot cells; those at index `cap` and beyond are draining after a reload lowered the count.
     cells: Vec<Option<Holder>>,
-    /// Usable slots: the configured count, or fewer while ramping up after a readmission.
+    /// The configured slot count (0 once the GPU is removed from the config).
+    cap: usize,
+    /// Usable slots: `cap`, or fewer while ramping up after a readmission.
     limit: usize,
     health: Health,
     failures: u32,
     /// Ejections since the GPU last ran at full capacity.
     ejections: u32,
+    /// Removed from the config: drains, takes nothing new.
+    retired: bool,
 }
 
 impl Gpu {
+    fn new(endpoint: Arc<Endpoint>) -> Gpu {
+        let n = endpoint.slots;
+        Gpu {
+            endpoint,
+            cells: vec![None; n],
+            cap: n,
+            limit: n,
+            health: Health::Up,
+            failures: 0,
+            ejections: 0,
+            retired: false,
+        }
+    }
+
     fn busy(&self) -> usize {
         self.cells.iter().filter(|c| c.is_some()).count()
     }
 
+    /// Usable slots right now.
+    fn usable(&self) -> usize {
+        self.limit.min(self.cap)
+    }
+
+    fn free_cell(&self) -> Option<usize> {
+        self.cells[..self.cap.min(self.cells.len())]
+            .iter()
+            .position(Option::is_none)
+    }
+
     fn open(&self) -> bool {
-        self.health == Health::Up && self.busy() < self.limit
+        self.health == Health::Up
+            && !self.retired
+            && self.busy() < self.usable()
+            && self.free_cell().is_some()
+    }
+
+    /// Drops free cells beyond the configured count.
+    fn trim(&mut self) {
+        while self.cells.len() > self.cap && self.cells.last().is_some_and(Option::is_none) {
+            self.cells.pop();
+        }
     }
 }
 
@@ -93,9 +142,11 @@ pub struct SlotMatrix {
 pub struct GpuView {
     pub id: String,
     pub cells: Vec<Option<Holder>>,
+    pub slots: usize,
     pub limit: usize,
     pub health: Health,
     pub failures: u32,
+    pub retired: bool,
 }
 
 /// What a dispatch outcome did to a GPU's health.
@@ -112,21 +163,40 @@ pub enum HealthChange {
 }
 
 impl SlotMatrix {
-    /// A matrix with every slot free: `(gpu id, slot count)` per GPU, in config order.
-    pub fn new<'a>(gpus: impl IntoIterator<Item = (&'a str, usize)>) -> SlotMatrix {
+    /// A matrix with every slot free, one row per endpoint in config order.
+    pub fn new(endpoints: &[Arc<Endpoint>]) -> SlotMatrix {
         SlotMatrix {
-            gpus: gpus
-                .into_iter()
-                .map(|(id, n)| Gpu {
-                    id: id.to_string(),
-                    cells: vec![None; n],
-                    limit: n,
-                    health: Health::Up,
-                    failures: 0,
-                    ejections: 0,
-                })
-                .collect(),
+            gpus: endpoints.iter().cloned().map(Gpu::new).collect(),
             cursor: 0,
+        }
+    }
+
+    /// Applies a new endpoint list (a reload): known GPUs take the new settings and slot count,
+    /// new ones join, missing ones retire and drain. Held slots are never touched.
+    pub fn reconfigure(&mut self, endpoints: &[Arc<Endpoint>]) {
+        for g in &mut self.gpus {
+            match endpoints.iter().find(|e| e.id == g.endpoint.id) {
+                Some(e) => {
+                    let full = g.limit >= g.cap;
+                    g.endpoint = Arc::clone(e);
+                    g.cap = e.slots;
+                    g.retired = false;
+                    if g.cells.len() < g.cap {
+                        g.cells.resize(g.cap, None);
+                    }
+                    g.limit = if full { g.cap } else { g.limit.min(g.cap) };
+                }
+                None => {
+                    g.retired = true;
+                    g.cap = 0;
+                }
+            }
+            g.trim();
+        }
+        for e in endpoints {
+            if !self.gpus.iter().any(|g| g.endpoint.id == e.id) {
+                self.gpus.push(Gpu::new(Arc::clone(e)));
+            }
         }
     }
 
@@ -140,7 +210,7 @@ impl SlotMatrix {
     /// when no other GPU can take the task.
     pub fn pick_avoiding(&mut self, avoid: Option<&str>) -> Option<SlotRef> {
         let n = self.gpus.len();
-        let mut best: Option<(usize, usize, usize)> = None; // (gpu, busy, limit)
+        let mut best: Option<(usize, usize, usize)> = None; // (gpu, busy, usable)
         let mut fallback = None;
         for k in 0..n {
             let g = (self.cursor + k) % n;
@@ -148,50 +218,52 @@ impl SlotMatrix {
             if !gpu.open() {
                 continue;
             }
-            if avoid == Some(gpu.id.as_str()) {
+            if avoid == Some(gpu.endpoint.id.as_str()) {
                 fallback = Some(g);
                 continue;
             }
-            let (busy, limit) = (gpu.busy(), gpu.limit);
-            // busy/limit < best_busy/best_limit, compared without division.
+            let (busy, usable) = (gpu.busy(), gpu.usable());
+            // busy/usable < best_busy/best_usable, compared without division.
             let better = match best {
                 None => true,
-                Some((_, b, l)) => busy * l < b * limit,
+                Some((_, b, u)) => busy * u < b * usable,
             };
             if better {
-                best = Some((g, busy, limit));
+                best = Some((g, busy, usable));
             }
         }
         let g = best.map(|(g, _, _)| g).or(fallback)?;
         self.cursor = (g + 1) % n;
         let slot = self.gpus[g]
-            .cells
-            .iter()
-            .position(Option::is_none)
+            .free_cell()
             .expect("an open GPU has a free cell");
         Some(SlotRef { gpu: g, slot })
     }
 
-    /// Records a dispatch to `gpu` that the endpoint answered (`ok`) or did not (connection error,
-    /// timeout, 5xx). Ejects the GPU after too many failures in a row, unless it is the last one up.
+    /// Records a dispatch to GPU `gpu_id` that the endpoint answered (`ok`) or did not (connection
+    /// error, timeout, 5xx). Ejects the GPU after too many failures in a row, unless it is the last
+    /// one up.
     pub fn record_dispatch(
         &mut self,
-        gpu: usize,
+        gpu_id: &str,
         ok: bool,
         now: Instant,
         policy: &HealthPolicy,
     ) -> HealthChange {
+        let Some(gpu) = self.index(gpu_id) else {
+            return HealthChange::None;
+        };
         let others_up = self
             .gpus
             .iter()
             .enumerate()
-            .any(|(i, g)| i != gpu && g.health == Health::Up);
+            .any(|(i, g)| i != gpu && g.health == Health::Up && !g.retired);
         let g = &mut self.gpus[gpu];
         if ok {
             g.failures = 0;
-            if g.health == Health::Up && g.limit < g.cells.len() {
-                g.limit = (g.limit * 2).min(g.cells.len());
-                if g.limit == g.cells.len() {
+            if g.health == Health::Up && g.limit < g.cap {
+                g.limit = (g.limit * 2).min(g.cap);
+                if g.limit == g.cap {
                     g.ejections = 0;
                 }
                 return HealthChange::Ramped { limit: g.limit };
@@ -212,12 +284,12 @@ impl SlotMatrix {
     }
 
     /// GPUs whose cooldown is over, now marked as being probed.
-    pub fn take_due_probes(&mut self, now: Instant) -> Vec<usize> {
+    pub fn take_due_probes(&mut self, now: Instant) -> Vec<Arc<Endpoint>> {
         let mut due = Vec::new();
-        for (i, g) in self.gpus.iter_mut().enumerate() {
+        for g in &mut self.gpus {
             if matches!(g.health, Health::Ejected { until } if until <= now) {
                 g.health = Health::Probing;
-                due.push(i);
+                due.push(Arc::clone(&g.endpoint));
             }
         }
         due
@@ -226,11 +298,14 @@ impl SlotMatrix {
     /// A probe's result: readmit with one usable slot, or eject again for a longer cooldown.
     pub fn probe_result(
         &mut self,
-        gpu: usize,
+        gpu_id: &str,
         ok: bool,
         now: Instant,
         policy: &HealthPolicy,
     ) -> HealthChange {
+        let Some(gpu) = self.index(gpu_id) else {
+            return HealthChange::None;
+        };
         let g = &mut self.gpus[gpu];
         if ok {
             g.health = Health::Up;
@@ -248,41 +323,57 @@ impl SlotMatrix {
 
     /// Index of a GPU by id.
     pub fn index(&self, gpu_id: &str) -> Option<usize> {
-        self.gpus.iter().position(|g| g.id == gpu_id)
+        self.gpus.iter().position(|g| g.endpoint.id == gpu_id)
+    }
+
+    /// The settings of the GPU at row `gpu`.
+    pub fn endpoint(&self, gpu: usize) -> &Arc<Endpoint> {
+        &self.gpus[gpu].endpoint
     }
 
     /// Marks `at` as held. The caller picked it or read it from MySQL.
     pub fn occupy(&mut self, at: SlotRef, holder: Holder) {
-        self.gpus[at.gpu].cells[at.slot] = Some(holder);
+        let cells = &mut self.gpus[at.gpu].cells;
+        if cells.len() <= at.slot {
+            cells.resize(at.slot + 1, None);
+        }
+        cells[at.slot] = Some(holder);
     }
 
     /// Frees `at` unconditionally (a claim that MySQL refused).
     pub fn vacate(&mut self, at: SlotRef) {
-        self.gpus[at.gpu].cells[at.slot] = None;
+        let g = &mut self.gpus[at.gpu];
+        if let Some(c) = g.cells.get_mut(at.slot) {
+            *c = None;
+        }
+        g.trim();
     }
 
     /// Frees the slot of `gpu_id`/`slot` if `task_id` holds it. False if it did not (already freed,
-    /// or a GPU or slot that is no longer configured).
+    /// or a GPU this matrix does not know).
     pub fn release(&mut self, gpu_id: &str, slot: usize, task_id: &str) -> bool {
-        let Some(at) = self.find(gpu_id, slot) else {
+        let Some(g) = self.index(gpu_id) else {
             return false;
         };
-        let cell = &mut self.gpus[at.gpu].cells[at.slot];
+        let gpu = &mut self.gpus[g];
+        let Some(cell) = gpu.cells.get_mut(slot) else {
+            return false;
+        };
         if cell.as_ref().is_some_and(|h| h.task_id == task_id) {
             *cell = None;
+            gpu.trim();
             return true;
         }
         false
     }
 
-    /// The coordinates of a configured slot, by GPU id.
+    /// The coordinates of a slot of a known GPU, by GPU id; slots beyond the configured count are
+    /// found too (they hold attempts from before a reload or a restart with fewer slots).
     pub fn find(&self, gpu_id: &str, slot: usize) -> Option<SlotRef> {
-        let g = self.index(gpu_id)?;
-        (slot < self.gpus[g].cells.len()).then_some(SlotRef { gpu: g, slot })
-    }
-
-    pub fn gpu_id(&self, gpu: usize) -> &str {
-        &self.gpus[gpu].id
+        Some(SlotRef {
+            gpu: self.index(gpu_id)?,
+            slot,
+        })
     }
 
     pub fn has_free(&self) -> bool {
@@ -293,8 +384,17 @@ impl SlotMatrix {
         self.gpus.iter().map(Gpu::busy).sum()
     }
 
+    /// Configured slots over every GPU still in the config.
     pub fn total(&self) -> usize {
-        self.gpus.iter().map(|g| g.cells.len()).sum()
+        self.gpus.iter().map(|g| g.cap).sum()
+    }
+
+    /// GPUs not up (ejected or being probed).
+    pub fn down(&self) -> usize {
+        self.gpus
+            .iter()
+            .filter(|g| !g.retired && g.health != Health::Up)
+            .count()
     }
 
     /// A copy of every row, for status and tests.
@@ -302,11 +402,13 @@ impl SlotMatrix {
         self.gpus
             .iter()
             .map(|g| GpuView {
-                id: g.id.clone(),
+                id: g.endpoint.id.clone(),
                 cells: g.cells.clone(),
-                limit: g.limit,
+                slots: g.cap,
+                limit: g.usable(),
                 health: g.health,
                 failures: g.failures,
+                retired: g.retired,
             })
             .collect()
     }
@@ -315,6 +417,27 @@ impl SlotMatrix {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn matrix(gpus: &[(&str, usize)]) -> SlotMatrix {
+        SlotMatrix::new(&endpoints(gpus))
+    }
+
+    fn endpoints(gpus: &[(&str, usize)]) -> Vec<Arc<Endpoint>> {
+        gpus.iter()
+            .map(|(id, n)| {
+                Arc::new(Endpoint {
+                    id: id.to_string(),
+                    url: format!("http://127.0.0.1:1/{id}"),
+                    health_url: format!("http://127.0.0.1:1/{id}"),
+                    slots: *n,
+                    completion: crate::config::Completion::Callback,
+                    bearer_token: None,
+                    request_timeout: Duration::from_secs(1),
+                    task_timeout: Duration::from_secs(60),
+                })
+            })
+            .collect()
+    }
 
     fn holder(id: &str) -> Holder {
         Holder {
@@ -336,14 +459,14 @@ mod tests {
 
     #[test]
     fn idle_fleet_rotates_instead_of_always_g0() {
-        let mut m = SlotMatrix::new([("g0", 4), ("g1", 4), ("g2", 4), ("g3", 4)]);
+        let mut m = matrix(&[("g0", 4), ("g1", 4), ("g2", 4), ("g3", 4)]);
         let gpus: Vec<usize> = fill(&mut m, 8).iter().map(|s| s.gpu).collect();
         assert_eq!(gpus, [0, 1, 2, 3, 0, 1, 2, 3]);
     }
 
     #[test]
     fn least_loaded_wins() {
-        let mut m = SlotMatrix::new([("g0", 4), ("g1", 4)]);
+        let mut m = matrix(&[("g0", 4), ("g1", 4)]);
         m.occupy(SlotRef { gpu: 1, slot: 0 }, holder("a"));
         m.occupy(SlotRef { gpu: 1, slot: 1 }, holder("b"));
         // g0 is empty, g1 half full: the next two go to g0 whatever the cursor says.
@@ -356,7 +479,7 @@ mod tests {
     #[test]
     fn load_is_a_share_of_capacity() {
         // g0 has 2 slots with 1 busy (50%), g1 has 4 with 1 busy (25%): g1 is less loaded.
-        let mut m = SlotMatrix::new([("g0", 2), ("g1", 4)]);
+        let mut m = matrix(&[("g0", 2), ("g1", 4)]);
         m.occupy(SlotRef { gpu: 0, slot: 0 }, holder("a"));
         m.occupy(SlotRef { gpu: 1, slot: 0 }, holder("b"));
         assert_eq!(m.pick().map(|s| s.gpu), Some(1));
@@ -364,7 +487,7 @@ mod tests {
 
     #[test]
     fn never_more_than_capacity_and_lowest_free_slot() {
-        let mut m = SlotMatrix::new([("g0", 2), ("g1", 3)]);
+        let mut m = matrix(&[("g0", 2), ("g1", 3)]);
         let taken = fill(&mut m, 5);
         assert_eq!(m.pick(), None);
         assert!(!m.has_free());
@@ -382,7 +505,7 @@ mod tests {
 
     #[test]
     fn release_only_by_the_holder() {
-        let mut m = SlotMatrix::new([("g0", 1)]);
+        let mut m = matrix(&[("g0", 1)]);
         m.occupy(SlotRef { gpu: 0, slot: 0 }, holder("a"));
         assert!(!m.release("g0", 0, "b"));
         assert!(!m.release("g9", 0, "a"));
@@ -399,7 +522,7 @@ mod tests {
 
     #[test]
     fn retries_avoid_the_last_gpu_unless_it_is_the_only_choice() {
-        let mut m = SlotMatrix::new([("g0", 2), ("g1", 2)]);
+        let mut m = matrix(&[("g0", 2), ("g1", 2)]);
         for _ in 0..4 {
             assert_eq!(m.pick_avoiding(Some("g0")).map(|s| s.gpu), Some(1));
         }
@@ -411,13 +534,19 @@ mod tests {
     #[test]
     fn ejection_after_consecutive_failures_then_probe_and_ramp_up() {
         let t0 = Instant::now();
-        let mut m = SlotMatrix::new([("g0", 4), ("g1", 4)]);
-        assert_eq!(m.record_dispatch(0, false, t0, &POLICY), HealthChange::None);
-        assert_eq!(m.record_dispatch(0, true, t0, &POLICY), HealthChange::None);
+        let mut m = matrix(&[("g0", 4), ("g1", 4)]);
+        assert_eq!(
+            m.record_dispatch("g0", false, t0, &POLICY),
+            HealthChange::None
+        );
+        assert_eq!(
+            m.record_dispatch("g0", true, t0, &POLICY),
+            HealthChange::None
+        );
         // A success resets the count: three more failures are needed.
-        m.record_dispatch(0, false, t0, &POLICY);
-        m.record_dispatch(0, false, t0, &POLICY);
-        let change = m.record_dispatch(0, false, t0, &POLICY);
+        m.record_dispatch("g0", false, t0, &POLICY);
+        m.record_dispatch("g0", false, t0, &POLICY);
+        let change = m.record_dispatch("g0", false, t0, &POLICY);
         assert_eq!(
             change,
             HealthChange::Ejected {
@@ -432,7 +561,7 @@ mod tests {
         }
         assert_eq!(m.pick(), None);
         assert!(m.take_due_probes(t0 + Duration::from_secs(5)).is_empty());
-        assert_eq!(m.take_due_probes(t0 + Duration::from_secs(10)), [0]);
+        assert_eq!(m.take_due_probes(t0 + Duration::from_secs(10))[0].id, "g0");
         assert!(
             m.take_due_probes(t0 + Duration::from_secs(11)).is_empty(),
             "one probe at a time"
@@ -440,38 +569,41 @@ mod tests {
         // A failed probe doubles the cooldown.
         let t1 = t0 + Duration::from_secs(10);
         assert_eq!(
-            m.probe_result(0, false, t1, &POLICY),
+            m.probe_result("g0", false, t1, &POLICY),
             HealthChange::Ejected {
                 cooldown: Duration::from_secs(20)
             }
         );
-        assert_eq!(m.take_due_probes(t1 + Duration::from_secs(20)), [0]);
+        assert_eq!(m.take_due_probes(t1 + Duration::from_secs(20)).len(), 1);
         // Readmitted with one slot, then 2, then 4.
         assert_eq!(
-            m.probe_result(0, true, t1, &POLICY),
+            m.probe_result("g0", true, t1, &POLICY),
             HealthChange::Ramped { limit: 1 }
         );
         let at = m.pick().expect("one slot");
         m.occupy(at, holder("r1"));
         assert_eq!(m.pick(), None, "only one usable slot after readmission");
         assert_eq!(
-            m.record_dispatch(0, true, t1, &POLICY),
+            m.record_dispatch("g0", true, t1, &POLICY),
             HealthChange::Ramped { limit: 2 }
         );
         assert_eq!(
-            m.record_dispatch(0, true, t1, &POLICY),
+            m.record_dispatch("g0", true, t1, &POLICY),
             HealthChange::Ramped { limit: 4 }
         );
-        assert_eq!(m.record_dispatch(0, true, t1, &POLICY), HealthChange::None);
+        assert_eq!(
+            m.record_dispatch("g0", true, t1, &POLICY),
+            HealthChange::None
+        );
         assert_eq!(m.view()[0].limit, 4);
     }
 
     #[test]
     fn the_last_gpu_up_is_never_ejected() {
         let t0 = Instant::now();
-        let mut m = SlotMatrix::new([("g0", 1), ("g1", 1)]);
+        let mut m = matrix(&[("g0", 1), ("g1", 1)]);
         for _ in 0..3 {
-            m.record_dispatch(0, false, t0, &POLICY);
+            m.record_dispatch("g0", false, t0, &POLICY);
         }
         assert_eq!(
             m.view()[0].health,
@@ -480,9 +612,46 @@ mod tests {
             }
         );
         for _ in 0..10 {
-            assert_eq!(m.record_dispatch(1, false, t0, &POLICY), HealthChange::None);
+            assert_eq!(
+                m.record_dispatch("g1", false, t0, &POLICY),
+                HealthChange::None
+            );
         }
         assert_eq!(m.view()[1].health, Health::Up);
+    }
+
+    #[test]
+    fn reload_adds_drains_and_resizes_without_touching_held_slots() {
+        let mut m = matrix(&[("g0", 2), ("g1", 2)]);
+        m.occupy(SlotRef { gpu: 0, slot: 1 }, holder("a"));
+        m.occupy(SlotRef { gpu: 1, slot: 0 }, holder("b"));
+        // g0 shrinks to 1 slot (its busy slot 1 drains), g1 is removed, g2 joins.
+        m.reconfigure(&endpoints(&[("g0", 1), ("g2", 3)]));
+        assert_eq!(m.total(), 4);
+        assert_eq!(m.busy(), 2, "held slots survive the reload");
+        let v = m.view();
+        assert!(v[1].retired && v[1].cells[0].is_some());
+        // New work: g0's slot 0 and g2's three; never g1, never g0's slot 1.
+        let mut got = Vec::new();
+        while let Some(at) = m.pick() {
+            m.occupy(at, holder("n"));
+            got.push((m.endpoint(at.gpu).id.clone(), at.slot));
+        }
+        got.sort();
+        let want: Vec<(String, usize)> = [("g0", 0), ("g2", 0), ("g2", 1), ("g2", 2)]
+            .iter()
+            .map(|(g, s)| (g.to_string(), *s))
+            .collect();
+        assert_eq!(got, want);
+        // The draining slots vanish as their tasks end.
+        assert!(m.release("g0", 1, "a"));
+        assert_eq!(m.view()[0].cells.len(), 1);
+        assert!(m.release("g1", 0, "b"));
+        assert!(m.view()[1].cells.is_empty());
+        // g1 comes back.
+        m.reconfigure(&endpoints(&[("g0", 1), ("g1", 2), ("g2", 3)]));
+        assert_eq!(m.total(), 6);
+        assert!(m.pick().is_some_and(|at| m.endpoint(at.gpu).id == "g1"));
     }
 
     #[test]
@@ -496,7 +665,7 @@ mod tests {
     #[test]
     fn fair_share_over_many_rounds() {
         // Random release order, constant pressure: every GPU ends up with about the same count.
-        let mut m = SlotMatrix::new([("g0", 4), ("g1", 4), ("g2", 4), ("g3", 4)]);
+        let mut m = matrix(&[("g0", 4), ("g1", 4), ("g2", 4), ("g3", 4)]);
         let mut counts = [0usize; 4];
         let mut held: Vec<(String, usize, String)> = Vec::new();
         let mut seed = 7u64;
@@ -505,7 +674,7 @@ mod tests {
                 let id = format!("t{i}-{}", held.len());
                 m.occupy(at, holder(&id));
                 counts[at.gpu] += 1;
-                held.push((m.gpu_id(at.gpu).to_string(), at.slot, id));
+                held.push((m.endpoint(at.gpu).id.clone(), at.slot, id));
             }
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
             let k = (seed >> 33) as usize % held.len();

@@ -293,6 +293,8 @@ fn systemd_notifications() {
             ("WATCHDOG_USEC", "1000000".into()),
         ],
     );
+    // Reads notifications until `want` arrives, then forgets everything up to it, so each call
+    // waits for a notification newer than the previous one found.
     let mut got = String::new();
     let mut read_until = |want: &str, limit: Duration| {
         let t0 = Instant::now();
@@ -303,13 +305,51 @@ fn systemd_notifications() {
                 got.push('\n');
             }
         }
-        assert!(got.contains(want), "no {want} in {got:?}");
+        let at = got
+            .find(want)
+            .unwrap_or_else(|| panic!("no {want} in {got:?}"));
+        got = got[at + want.len()..].to_string();
     };
     read_until("READY=1", Duration::from_secs(20));
-    read_until("STATUS=0/8 GPU slots busy", Duration::from_secs(5));
+    read_until(
+        "STATUS=0/8 GPU slots busy, 0 tasks waiting, 0 GPUs down",
+        Duration::from_secs(5),
+    );
     read_until("WATCHDOG=1", Duration::from_secs(5));
+    let pid = child.id() as i32;
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    // SIGHUP with a broken file: RELOADING, then READY again with the old config kept.
+    std::fs::write(&p, "[gpu]\nslots = \"many\"\n").expect("break config");
     // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    read_until("RELOADING=1", Duration::from_secs(5));
+    read_until("READY=1", Duration::from_secs(5));
+    assert!(
+        common::wait_log(&log, "reload refused", Duration::from_secs(5)),
+        "{}",
+        log_text()
+    );
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "a bad reload must not stop qsysd"
+    );
+    // SIGHUP with a good file that adds a slot per GPU.
+    let bigger = env.config_toml(fleet.urls(), "[gpu]\nslots = 5\n");
+    std::fs::write(&p, bigger).expect("config");
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    read_until("RELOADING=1", Duration::from_secs(5));
+    read_until("READY=1", Duration::from_secs(5));
+    read_until("STATUS=0/10 GPU slots busy", Duration::from_secs(5));
+    assert!(common::wait_log(
+        &log,
+        "configuration reloaded",
+        Duration::from_secs(5)
+    ));
+    env.push_raw("q1", &transcriptions("afterhup", 20));
+    assert!(wait_for(Duration::from_secs(30), || env
+        .count("state = 'finished'")
+        == 20));
+    unsafe { libc::kill(pid, libc::SIGTERM) };
     read_until("STOPPING=1", Duration::from_secs(5));
     assert_eq!(
         wait_exit(&mut child, Duration::from_secs(15)).code(),

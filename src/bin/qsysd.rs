@@ -33,7 +33,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     qsys::logging::init(config.daemon.log_level);
-    match run(config) {
+    match run(config, args.config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{e:#}");
@@ -42,8 +42,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
-    let daemon = qsys::daemon::Daemon::start(config)?;
+fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
+    let mut daemon = qsys::daemon::Daemon::start(config)?;
+    daemon.reload_from(path);
     qsys::daemon::spawn_signal_thread(daemon.stopper())?;
     daemon.wait()?;
     Ok(())
