@@ -146,6 +146,7 @@ pub struct DaemonConfig {
     pub handler_threads: usize,
     pub dispatch_threads: usize,
     pub log_level: log::LevelFilter,
+    pub log_target: crate::logging::Target,
 }
 
 /// When a failed attempt is tried again.
@@ -268,6 +269,7 @@ struct RawDaemon {
     handler_threads: Option<usize>,
     dispatch_threads: Option<usize>,
     log_level: Option<String>,
+    log_target: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -351,11 +353,13 @@ impl Config {
         if d.instance_id != o.instance_id
             || d.dispatch_threads != o.dispatch_threads
             || d.handler_threads != o.handler_threads
+            || d.log_target != o.log_target
         {
             d.instance_id = o.instance_id.clone();
             d.dispatch_threads = o.dispatch_threads;
             d.handler_threads = o.handler_threads;
-            kept.push("daemon (instance_id, dispatch_threads, handler_threads)");
+            d.log_target = o.log_target;
+            kept.push("daemon (instance_id, dispatch_threads, handler_threads, log_target)");
         }
         kept
     }
@@ -955,6 +959,7 @@ fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
     }
     let total_slots: usize = gpus.iter().map(|g| g.slots).sum();
     let log_level_s = rd.log_level.as_deref().unwrap_or("info");
+    let log_target_s = rd.log_target.as_deref().unwrap_or("auto");
     let daemon = DaemonConfig {
         instance_id,
         shutdown_grace: duration("daemon.shutdown_grace", rd.shutdown_grace.as_ref(), "30s")?,
@@ -970,6 +975,13 @@ fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
                 "daemon.log_level",
                 log_level_s,
                 "expected error, warn, info, debug or trace",
+            )
+        })?,
+        log_target: log_target_s.parse().map_err(|_| {
+            invalid(
+                "daemon.log_target",
+                log_target_s,
+                "expected auto, journal, stderr or syslog",
             )
         })?,
     };

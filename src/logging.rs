@@ -1,14 +1,49 @@
-//! The log sink: one line per record on stderr, `LEVEL target: message key=value ...`.
+//! The log sink, chosen once at start by `daemon.log_target`:
 //!
-//! Structured fields (`task_id`, `gpu`, `queue`, ...) are passed as `log` key-values so that a journald
-//! backend can turn them into journal fields; on stderr they are appended in `key=value` form, which
-//! is still greppable by task id. Installed once by the binary's `main`; library code only uses the
-//! `log` macros.
+//! - `journal`: native journald entries with priorities, and every structured field (`task_id`,
+//!   `gpu`, `queue`, ...) as a journal field (`TASK_ID=`, `GPU=`, `QUEUE=`), so
+//!   `journalctl -u qsysd TASK_ID=...` traces one task;
+//! - `stderr`: one line per record, `LEVEL target: message key=value ...`;
+//! - `syslog`: the same line to the local syslog daemon (facility daemon);
+//! - `auto` (default): `journal` when stderr is connected to the journal (running under systemd),
+//!   else `stderr`.
+//!
+//! Library code only uses the `log` macros with key-values. Other crates' records are let through at
+//! `warn` and above only: their debug output is noise to an operator and could carry request
+//! headers. Installed once by the binary's `main`.
 
 use std::io::Write;
 
 use log::kv::{Key, Value, VisitSource};
-use log::{LevelFilter, Log, Metadata, Record};
+use log::{Level, LevelFilter, Log, Metadata, Record};
+
+/// Where log records go (`daemon.log_target`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Auto,
+    Journal,
+    Stderr,
+    Syslog,
+}
+
+impl std::str::FromStr for Target {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Target, ()> {
+        Ok(match s {
+            "auto" => Target::Auto,
+            "journal" => Target::Journal,
+            "stderr" => Target::Stderr,
+            "syslog" => Target::Syslog,
+            _ => return Err(()),
+        })
+    }
+}
+
+/// Whether a record passes: ours at the configured level, other crates' at `warn` and above.
+fn wanted(metadata: &Metadata<'_>) -> bool {
+    let ours = metadata.target().starts_with("qsys");
+    metadata.level() <= log::max_level() && (ours || metadata.level() <= Level::Warn)
+}
 
 struct StderrLogger;
 
@@ -41,7 +76,7 @@ pub fn format_record(record: &Record<'_>) -> String {
 
 impl Log for StderrLogger {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-        metadata.level() <= log::max_level()
+        wanted(metadata)
     }
 
     fn log(&self, record: &Record<'_>) {
@@ -57,16 +92,102 @@ impl Log for StderrLogger {
     fn flush(&self) {}
 }
 
-/// Installs the stderr logger at `level`. A second call only changes the level.
-pub fn init(level: LevelFilter) {
-    static LOGGER: StderrLogger = StderrLogger;
-    let _ = log::set_logger(&LOGGER);
+struct SyslogLogger(std::sync::Mutex<syslog::Logger<syslog::LoggerBackend, syslog::Formatter3164>>);
+
+impl Log for SyslogLogger {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        wanted(metadata)
+    }
+
+    fn log(&self, record: &Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let line = format_record(record);
+        let mut w = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = match record.level() {
+            Level::Error => w.err(line),
+            Level::Warn => w.warning(line),
+            Level::Info => w.info(line),
+            Level::Debug | Level::Trace => w.debug(line),
+        };
+    }
+
+    fn flush(&self) {}
+}
+
+/// The journal logger with the same filter as the others.
+struct JournalLogger(systemd_journal_logger::JournalLog);
+
+impl Log for JournalLogger {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        wanted(metadata)
+    }
+
+    fn log(&self, record: &Record<'_>) {
+        if self.enabled(record.metadata()) {
+            self.0.log(record);
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Installs the logger for `target` at `level`. Falls back to stderr (and says so there) when the
+/// journal or syslog cannot be reached. A second call only changes the level.
+pub fn init(target: Target, level: LevelFilter) {
     log::set_max_level(level);
+    let journal = match target {
+        Target::Auto => systemd_journal_logger::connected_to_journal(),
+        Target::Journal => true,
+        Target::Stderr | Target::Syslog => false,
+    };
+    let installed = if journal {
+        match systemd_journal_logger::JournalLog::new() {
+            Ok(j) => log::set_boxed_logger(Box::new(JournalLogger(
+                j.with_syslog_identifier("qsysd".into()),
+            )))
+            .is_ok(),
+            Err(e) => {
+                eprintln!("qsysd: cannot log to the journal ({e}); logging to stderr");
+                false
+            }
+        }
+    } else if target == Target::Syslog {
+        let formatter = syslog::Formatter3164 {
+            facility: syslog::Facility::LOG_DAEMON,
+            hostname: None,
+            process: "qsysd".into(),
+            pid: std::process::id(),
+        };
+        match syslog::unix(formatter) {
+            Ok(w) => {
+                log::set_boxed_logger(Box::new(SyslogLogger(std::sync::Mutex::new(w)))).is_ok()
+            }
+            Err(e) => {
+                eprintln!("qsysd: cannot log to syslog ({e}); logging to stderr");
+                false
+            }
+        }
+    } else {
+        false
+    };
+    if !installed {
+        static LOGGER: StderrLogger = StderrLogger;
+        let _ = log::set_logger(&LOGGER);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn targets_parse() {
+        assert_eq!("journal".parse(), Ok(Target::Journal));
+        assert_eq!("auto".parse(), Ok(Target::Auto));
+        assert!("file".parse::<Target>().is_err());
+    }
 
     #[test]
     fn fields_are_appended() {

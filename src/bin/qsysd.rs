@@ -32,7 +32,7 @@ fn main() -> ExitCode {
         println!("config ok: {}", args.config.display());
         return ExitCode::SUCCESS;
     }
-    qsys::logging::init(config.daemon.log_level);
+    qsys::logging::init(config.daemon.log_target, config.daemon.log_level);
     match run(config, args.config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -173,6 +173,23 @@ shutdown_grace = "10s"
         mysql::Conn::new(mysql::Opts::from_url(&self.mysql_url()).expect("url")).expect("mysql")
     }
 
+    /// Whether a daemon has created this test's schema yet (queried without the database, which
+    /// may not exist yet).
+    pub fn schema_ready(&self) -> bool {
+        let Ok(mut c) = mysql::Conn::new(mysql::Opts::from_url(&self.mysql_base).expect("url"))
+        else {
+            return false;
+        };
+        let n: Option<u64> = c
+            .exec_first(
+                "SELECT COUNT(*) FROM information_schema.tables \
+                 WHERE table_schema = ? AND table_name = 'gpu_slots'",
+                (&self.db,),
+            )
+            .unwrap_or(None);
+        n == Some(1)
+    }
+
     /// Rows of a query on this test's database.
     pub fn query<T: mysql::prelude::FromRow>(&self, sql: &str) -> Vec<T> {
         self.mysql().query(sql).expect(sql)
@@ -271,6 +288,7 @@ pub struct OwnServer {
     pub port: u16,
     dir: std::path::PathBuf,
     kind: ServerKind,
+    args: Vec<String>,
     child: Option<std::process::Child>,
 }
 
@@ -283,7 +301,16 @@ enum ServerKind {
 impl OwnServer {
     /// A Redis that keeps every write on disk (AOF, fsync always), so a restart loses nothing.
     pub fn redis(dir: &Path) -> OwnServer {
-        OwnServer::start(dir.join("redis"), ServerKind::Redis)
+        OwnServer::start(dir.join("redis"), ServerKind::Redis, &[])
+    }
+
+    /// The same, requiring `password`.
+    pub fn redis_with_password(dir: &Path, password: &str) -> OwnServer {
+        OwnServer::start(
+            dir.join("redis"),
+            ServerKind::Redis,
+            &["--requirepass", password],
+        )
     }
 
     /// A MariaDB with durable commits (`innodb_flush_log_at_trx_commit=1`, the default).
@@ -305,15 +332,16 @@ impl OwnServer {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        OwnServer::start(data, ServerKind::Mariadb)
+        OwnServer::start(data, ServerKind::Mariadb, &[])
     }
 
-    fn start(dir: std::path::PathBuf, kind: ServerKind) -> OwnServer {
+    fn start(dir: std::path::PathBuf, kind: ServerKind, args: &[&str]) -> OwnServer {
         std::fs::create_dir_all(&dir).expect("server dir");
         let mut s = OwnServer {
             port: free_port(),
             dir,
             kind,
+            args: args.iter().map(|a| a.to_string()).collect(),
             child: None,
         };
         s.spawn();
@@ -354,6 +382,7 @@ impl OwnServer {
             }
         };
         let child = cmd
+            .args(&self.args)
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
