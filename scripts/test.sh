@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (README, CI): makes sure Redis and MariaDB run (installing them if missing),
-# then checks formatting and lints, and runs every unit and integration test against the real
-# servers. Fails loudly if a service cannot be reached; nothing is skipped.
+# checks formatting and lints, builds and tests the Debian package (scripts/test-deb.sh; needs
+# root), and runs every unit and integration test against the real servers. Fails loudly if a
+# service cannot be reached; nothing is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/services.sh
@@ -9,7 +10,10 @@ cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
+bash scripts/test-deb.sh 2>&1 | tee "$log"
 # Binaries and examples have no tests of their own; clippy above has built them.
-cargo test --lib --tests --locked 2>&1 | tee "$log"
-# One closing line over every test binary.
-awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+cargo test --lib --tests --locked 2>&1 | tee -a "$log"
+# One closing line over every test binary and the package checks.
+awk '/^test result:/ { p += $4; f += $6 }
+     /^test-deb: [0-9]+ passed/ { p += $2; f += $4 }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -52,6 +52,11 @@ fn shipped_config_is_valid() {
     assert_eq!(c.gpus.len(), 4);
     assert_eq!(c.total_slots(), 16);
     assert_eq!(c.gpus[0].completion, Completion::Callback);
+    // No token by default, so a fresh install validates; uncommenting the line enables it.
+    assert_eq!(c.gpus[0].bearer_token, None);
+    let with_token = text.replacen("# bearer_token_file = \"", "bearer_token_file = \"", 1);
+    let c = Config::from_toml(&with_token, Path::new("etc/qsysd.toml"), &Env::new())
+        .unwrap_or_else(|e| panic!("etc/qsysd.toml with its token line is invalid: {e}"));
     assert_eq!(
         c.gpus[0].bearer_token.as_ref().map(|s| s.expose()),
         Some("gpu-token")

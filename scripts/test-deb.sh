@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Package tests (CI runs them from scripts/test.sh): build the .deb; check its files, modes and
+# conffiles; install it with dpkg; check the user, permissions, the unit (systemd-analyze verify and
+# security) and the installed `qsysd --check-config`; upgrade with an edited config; remove; purge;
+# and lintian. Needs root (dpkg). Touches only the qsysd package and a sentinel database.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+fail() { echo "test-deb: FAIL: $*" >&2; exit 1; }
+ok() { echo "test-deb: ok: $*"; }
+
+[ "$(id -u)" -eq 0 ] || fail "needs root (dpkg -i)"
+missing=()
+command -v lintian >/dev/null || missing+=(lintian)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
+if [ ${#missing[@]} -gt 0 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+bash scripts/deb.sh
+built=$(ls -1t target/debian/qsysd_*.deb | head -1)
+# cargo-deb clears its output directory on the next run (the upgrade build below); keep a copy
+# where lintian (which drops root privileges) can read it.
+work=$(mktemp -d)
+chmod 755 "$work"
+trap 'rm -rf "$work"' EXIT
+deb=$work/$(basename "$built")
+cp "$built" "$deb"
+chmod 644 "$deb"
+echo "test-deb: $deb"
+
+# Contents and modes.
+listing=$(dpkg-deb -c "$deb")
+unit=$(awk '{print $6}' <<<"$listing" | grep -E '/systemd/system/qsysd\.service$' || true)
+[ -n "$unit" ] || fail "no systemd unit in the package"
+for f in ./usr/bin/qsysd ./usr/bin/qsys-push ./etc/qsysd.toml ./usr/lib/sysusers.d/qsysd.conf \
+         ./usr/share/man/man8/qsysd.8.gz ./usr/share/man/man1/qsys-push.1.gz \
+         ./usr/share/man/man5/qsysd.toml.5.gz ./usr/share/doc/qsysd/copyright; do
+  awk '{print $6}' <<<"$listing" | grep -qx -- "$f" || fail "missing $f"
+done
+grep -E ' \./etc/qsysd\.toml$' <<<"$listing" | grep -q '^-rw-r-----' || fail "etc/qsysd.toml is not 0640"
+ok "file list and modes"
+conffiles=$(dpkg-deb --ctrl-tarfile "$deb" | tar -xO ./conffiles)
+[ "$conffiles" = "/etc/qsysd.toml" ] || fail "conffiles are: $conffiles"
+ok "conffiles: $conffiles"
+postinst=$(dpkg-deb --ctrl-tarfile "$deb" | tar -xO ./postinst)
+grep -q 'restart' <<<"$postinst" || fail "postinst does not restart the service on upgrade"
+
+# A database that must survive a purge.
+mariadb -h 127.0.0.1 -u root -e 'CREATE DATABASE IF NOT EXISTS qsys_deb_sentinel'
+
+# Install.
+dpkg --purge qsysd >/dev/null 2>&1 || true
+dpkg -i "$deb" >/dev/null
+getent passwd qsysd >/dev/null || fail "no qsysd user"
+[ "$(stat -c '%U:%G %a' /etc/qsysd.toml)" = "root:qsysd 640" ] || fail "/etc/qsysd.toml: $(stat -c '%U:%G %a' /etc/qsysd.toml)"
+[ "$(stat -c '%U:%G %a' /etc/qsysd/callback.secret)" = "root:qsysd 640" ] || fail "callback.secret mode"
+[ "$(wc -c < /etc/qsysd/callback.secret)" -ge 32 ] || fail "callback.secret too short"
+ok "installed: user qsysd, /etc/qsysd.toml root:qsysd 0640, callback secret generated"
+out=$(/usr/bin/qsysd --check-config) || fail "installed qsysd --check-config: $out"
+grep -q 'config ok: /etc/qsysd.toml' <<<"$out" || fail "check-config said: $out"
+ok "installed qsysd --check-config"
+installed_unit=/${unit#./}
+verify=$(systemd-analyze verify "$installed_unit" 2>&1 || true)
+[ -z "$verify" ] || fail "systemd-analyze verify: $verify"
+score=$(systemd-analyze security --offline=yes "$installed_unit" 2>/dev/null | sed -n 's/.*Overall exposure level for qsysd.service: \([0-9.]*\).*/\1/p')
+awk -v s="$score" 'BEGIN { exit !(s != "" && s <= 2.0) }' || fail "security exposure $score > 2.0"
+ok "unit: systemd-analyze verify clean, exposure $score"
+
+# Upgrade keeps an edited config.
+echo "# edited by the operator" >> /etc/qsysd.toml
+version=$(dpkg-deb -f "$deb" Version)
+cargo deb --no-build --locked --deb-version "${version%-*}-99" --output "$work/upgrade.deb" >/dev/null
+dpkg -i "$work/upgrade.deb" >/dev/null
+grep -q '^# edited by the operator' /etc/qsysd.toml || fail "upgrade lost the edited config"
+[ "$(dpkg-query -W -f='${Version}' qsysd)" = "${version%-*}-99" ] || fail "upgrade did not install"
+ok "upgrade keeps the edited config"
+
+# Remove keeps the config; purge removes it and never touches the database.
+dpkg -r qsysd >/dev/null
+[ ! -e /usr/bin/qsysd ] || fail "remove left /usr/bin/qsysd"
+[ -e /etc/qsysd.toml ] || fail "remove deleted the config"
+dpkg -P qsysd >/dev/null
+[ ! -e /etc/qsysd.toml ] && [ ! -e /etc/qsysd ] || fail "purge left /etc/qsysd.toml or /etc/qsysd"
+mariadb -h 127.0.0.1 -u root -e 'USE qsys_deb_sentinel' || fail "purge touched the database"
+mariadb -h 127.0.0.1 -u root -e 'DROP DATABASE qsys_deb_sentinel'
+ok "remove keeps the config, purge removes it, the database is untouched"
+
+# lintian: no errors.
+lintian --fail-on error --tag-display-limit 0 "$deb" || fail "lintian reports errors"
+ok "lintian: no errors"
+echo "test-deb: 9 passed, 0 failed"
