@@ -6,6 +6,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 fail() { echo "test-deb: FAIL: $*" >&2; exit 1; }
+# dpkg refuses to run while another package operation holds its lock: wait for it (2 minutes).
+dpkg_() {
+  local out
+  for _ in $(seq 60); do
+    if out=$(dpkg "$@" 2>&1); then return 0; fi
+    grep -q 'lock' <<<"$out" || { echo "$out" >&2; return 1; }
+    sleep 2
+  done
+  echo "$out" >&2
+  return 1
+}
 ok() { echo "test-deb: ok: $*"; }
 
 [ "$(id -u)" -eq 0 ] || fail "needs root (dpkg -i)"
@@ -50,8 +61,8 @@ grep -q 'restart' <<<"$postinst" || fail "postinst does not restart the service 
 mariadb -h 127.0.0.1 -u root -e 'CREATE DATABASE IF NOT EXISTS qsys_deb_sentinel'
 
 # Install.
-dpkg --purge qsysd >/dev/null 2>&1 || true
-dpkg -i "$deb" >/dev/null
+dpkg_ --purge qsysd || true
+dpkg_ -i "$deb"
 getent passwd qsysd >/dev/null || fail "no qsysd user"
 [ "$(stat -c '%U:%G %a' /etc/qsysd.toml)" = "root:qsysd 640" ] || fail "/etc/qsysd.toml: $(stat -c '%U:%G %a' /etc/qsysd.toml)"
 [ "$(stat -c '%U:%G %a' /etc/qsysd/callback.secret)" = "root:qsysd 640" ] || fail "callback.secret mode"
@@ -71,16 +82,16 @@ ok "unit: systemd-analyze verify clean, exposure $score"
 echo "# edited by the operator" >> /etc/qsysd.toml
 version=$(dpkg-deb -f "$deb" Version)
 cargo deb --no-build --locked --deb-version "${version%-*}-99" --output "$work/upgrade.deb" >/dev/null
-dpkg -i "$work/upgrade.deb" >/dev/null
+dpkg_ -i "$work/upgrade.deb"
 grep -q '^# edited by the operator' /etc/qsysd.toml || fail "upgrade lost the edited config"
 [ "$(dpkg-query -W -f='${Version}' qsysd)" = "${version%-*}-99" ] || fail "upgrade did not install"
 ok "upgrade keeps the edited config"
 
 # Remove keeps the config; purge removes it and never touches the database.
-dpkg -r qsysd >/dev/null
+dpkg_ -r qsysd
 [ ! -e /usr/bin/qsysd ] || fail "remove left /usr/bin/qsysd"
 [ -e /etc/qsysd.toml ] || fail "remove deleted the config"
-dpkg -P qsysd >/dev/null
+dpkg_ -P qsysd
 [ ! -e /etc/qsysd.toml ] && [ ! -e /etc/qsysd ] || fail "purge left /etc/qsysd.toml or /etc/qsysd"
 mariadb -h 127.0.0.1 -u root -e 'USE qsys_deb_sentinel' || fail "purge touched the database"
 mariadb -h 127.0.0.1 -u root -e 'DROP DATABASE qsys_deb_sentinel'

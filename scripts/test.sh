@@ -6,6 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/services.sh
+# promtool checks /metrics (tests/ops.rs); Debian ships it in the prometheus package.
+if ! command -v promtool >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 log=$(mktemp)

@@ -67,17 +67,32 @@ fn credentials(url: &str) -> (Option<u32>, Option<String>) {
 
 /// Decides a callback: (HTTP status, JSON reply). `url` is the request target with its query.
 pub fn handle_callback(shared: &Shared, url: &str, body: &[u8]) -> (u16, Value) {
+    let (status, reply, result) = decide_callback(shared, url, body);
+    shared.metrics.callbacks.inc(result);
+    (status, reply)
+}
+
+/// The callback's reply and its `result` label for `qsys_callbacks_total`.
+fn decide_callback(shared: &Shared, url: &str, body: &[u8]) -> (u16, Value, &'static str) {
     let report = match parse_report(body) {
         Ok(r) => r,
-        Err(e) => return (400, json!({ "error": e })),
+        Err(e) => return (400, json!({ "error": e }), "malformed"),
     };
     let (attempt, token) = credentials(url);
     let (Some(attempt), Some(token)) = (attempt, token) else {
-        return (401, json!({ "error": "missing callback token" }));
+        return (
+            401,
+            json!({ "error": "missing callback token" }),
+            "unauthorized",
+        );
     };
     if !shared.signer.verify(&report.task_id, attempt, &token) {
         log::warn!(task_id = report.task_id.as_str(), attempt; "callback with an invalid token refused");
-        return (401, json!({ "error": "invalid callback token" }));
+        return (
+            401,
+            json!({ "error": "invalid callback token" }),
+            "unauthorized",
+        );
     }
     let task_id = report.task_id.as_str();
     // A GPU that reports `failed` has judged the task itself: final, not retried.
@@ -95,32 +110,45 @@ pub fn handle_callback(shared: &Shared, url: &str, body: &[u8]) -> (u16, Value) 
         Ok(Finish::Applied { .. }) => (
             200,
             json!({ "task_id": task_id, "state": report.status.as_str() }),
+            "applied",
         ),
         Ok(Finish::Duplicate) => (
             200,
             json!({ "task_id": task_id, "state": report.status.as_str(), "duplicate": true }),
+            "duplicate",
         ),
-        Ok(Finish::Unknown) => (404, json!({ "error": "unknown task", "task_id": task_id })),
+        Ok(Finish::Unknown) => (
+            404,
+            json!({ "error": "unknown task", "task_id": task_id }),
+            "unknown",
+        ),
         Ok(Finish::Stale { current }) => (
             409,
             json!({ "error": "stale attempt", "task_id": task_id, "attempt": attempt,
                     "current_attempt": current }),
+            "stale",
         ),
         Ok(Finish::Conflict { state }) => (
             409,
             json!({ "error": "task is not awaiting this result", "task_id": task_id,
                     "state": state }),
+            "conflict",
         ),
         Err(e) => {
             log::error!(task_id, error:% = e; "callback could not be recorded");
-            (503, json!({ "error": "database unavailable, retry later" }))
+            shared.metrics.errors.inc("mysql");
+            (
+                503,
+                json!({ "error": "database unavailable, retry later" }),
+                "unavailable",
+            )
         }
     }
 }
 
 /// 200 when MySQL answers now and no other dependency is known to fail; otherwise 503 with what is
 /// wrong, by dependency.
-fn health(shared: &Shared) -> (u16, Value) {
+pub fn health(shared: &Shared) -> (u16, Value) {
     let mut problems = shared.problems();
     match shared.store.ping() {
         Ok(()) => {
@@ -137,7 +165,7 @@ fn health(shared: &Shared) -> (u16, Value) {
     }
 }
 
-fn reply(req: Request, status: u16, body: &Value) {
+pub fn reply(req: Request, status: u16, body: &Value) {
     let header =
         Header::from_bytes("Content-Type", "application/json").expect("static header is valid");
     let resp = Response::from_string(body.to_string())
@@ -147,7 +175,7 @@ fn reply(req: Request, status: u16, body: &Value) {
 }
 
 /// Reads the body, refusing more than `max` bytes. `None`: too large.
-fn read_body(req: &mut Request, max: usize) -> Option<Vec<u8>> {
+pub fn read_body(req: &mut Request, max: usize) -> Option<Vec<u8>> {
     if req.body_length().is_some_and(|n| n > max) {
         return None;
     }

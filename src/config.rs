@@ -149,6 +149,15 @@ pub struct DaemonConfig {
     pub log_target: crate::logging::Target,
 }
 
+/// The admin listener: `/metrics`, `/status`, `/tasks/<id>`, the dashboard and its actions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// Required as `Authorization: Bearer` on every admin request but `/healthz` when set; must be
+    /// set when `listen` is not a loopback address.
+    pub token: Option<Secret>,
+}
+
 /// When a failed attempt is tried again.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryConfig {
@@ -165,6 +174,7 @@ pub struct Config {
     pub redis: RedisConfig,
     pub mysql: MysqlConfig,
     pub callback: CallbackConfig,
+    pub admin: AdminConfig,
     pub gpus: Vec<Arc<Endpoint>>,
     pub health: crate::slots::HealthPolicy,
     pub retry: RetryConfig,
@@ -184,6 +194,8 @@ struct Raw {
     mysql: RawMysql,
     #[serde(default)]
     callback: RawCallback,
+    #[serde(default)]
+    admin: RawAdmin,
     #[serde(default)]
     gpu: RawGpu,
     #[serde(default)]
@@ -240,6 +252,14 @@ struct RawGpu {
     request_timeout: Option<String>,
     task_timeout: Option<String>,
     endpoints: Option<Vec<RawGpu>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+    token: Option<String>,
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -337,6 +357,10 @@ impl Config {
         if self.mysql != old.mysql {
             self.mysql = old.mysql.clone();
             kept.push("mysql");
+        }
+        if self.admin != old.admin {
+            self.admin = old.admin.clone();
+            kept.push("admin");
         }
         if self.callback.listen != old.callback.listen
             || self.callback.public_url != old.callback.public_url
@@ -734,6 +758,25 @@ fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
         max_body: positive("callback.max_body", raw.callback.max_body.unwrap_or(65_536))?,
     };
 
+    let admin_s = raw.admin.listen.as_deref().unwrap_or("127.0.0.1:8001");
+    let admin = AdminConfig {
+        listen: admin_s
+            .parse()
+            .map_err(|_| invalid("admin.listen", admin_s, "expected IP:PORT"))?,
+        token: read_secret(
+            "admin.token",
+            raw.admin.token,
+            raw.admin.token_file.as_ref(),
+        )?,
+    };
+    if !admin.listen.ip().is_loopback() && admin.token.is_none() {
+        return Err(invalid(
+            "admin.listen",
+            admin_s,
+            "not a loopback address: set admin.token or admin.token_file to protect task data",
+        ));
+    }
+
     // GPUs: [gpu] gives defaults, BEARER_TOKEN overrides the default token.
     let mut d = raw.gpu;
     if d.id.is_some() || d.url.is_some() || d.health_url.is_some() {
@@ -990,6 +1033,7 @@ fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
         redis,
         mysql,
         callback,
+        admin,
         gpus,
         health,
         retry,

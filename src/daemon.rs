@@ -72,6 +72,7 @@ pub struct Daemon {
     /// Where SIGHUP re-reads the configuration from.
     config_path: Option<PathBuf>,
     callback_addr: SocketAddr,
+    admin_addr: SocketAddr,
     done: Receiver<String>,
     threads: Vec<(String, JoinHandle<()>)>,
 }
@@ -100,9 +101,9 @@ fn spawn(
     Ok(())
 }
 
-/// Threads that must be gone before the callback server closes.
+/// Threads that must be gone before the callback and admin servers close.
 fn is_worker(name: &str) -> bool {
-    name != "qsys-callback" && name != "qsys-maintenance"
+    !matches!(name, "qsys-callback" | "qsys-maintenance" | "qsys-admin")
 }
 
 impl Daemon {
@@ -132,6 +133,15 @@ impl Daemon {
                 reason: e.to_string(),
             })?;
         let callback_addr = server
+            .server_addr()
+            .to_ip()
+            .expect("an http server on an IP address has an IP address");
+        let admin_server =
+            tiny_http::Server::http(c.admin.listen).map_err(|e| StartError::Listen {
+                addr: c.admin.listen,
+                reason: e.to_string(),
+            })?;
+        let admin_addr = admin_server
             .server_addr()
             .to_ip()
             .expect("an http server on an IP address has an IP address");
@@ -166,9 +176,10 @@ impl Daemon {
                     "held slot of an unconfigured gpu or slot; ignored"),
             }
         }
+        matrix.set_drained(&store.drained()?);
         log::info!(instance = c.daemon.instance_id.as_str(), schema = version,
             gpus = c.gpus.len(), slots = matrix.total(), busy = matrix.busy(),
-            callback:% = callback_addr; "qsysd starting");
+            callback:% = callback_addr, admin:% = admin_addr; "qsysd starting");
 
         let (events_tx, events_rx) = unbounded();
         let shared = Arc::new(Shared {
@@ -183,6 +194,7 @@ impl Daemon {
             reload_requested: AtomicBool::new(false),
             progress: Mutex::new(Default::default()),
             queue_depths: Mutex::new(Vec::new()),
+            metrics: Default::default(),
         });
         let cfg = shared.config();
 
@@ -235,6 +247,10 @@ impl Daemon {
         spawn(&mut threads, &done_tx, "qsys-callback".into(), move || {
             crate::callback::serve(s, server)
         })?;
+        let (s, cl) = (Arc::clone(&shared), client.clone());
+        spawn(&mut threads, &done_tx, "qsys-admin".into(), move || {
+            crate::admin::serve(s, admin_server, cl)
+        })?;
         let s = Arc::clone(&shared);
         spawn(
             &mut threads,
@@ -247,6 +263,7 @@ impl Daemon {
             shared,
             config_path: None,
             callback_addr,
+            admin_addr,
             done: done_rx,
             threads,
         };
@@ -257,6 +274,11 @@ impl Daemon {
     /// Where the callback server listens (useful with port 0).
     pub fn callback_addr(&self) -> SocketAddr {
         self.callback_addr
+    }
+
+    /// Where the admin server listens.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
     }
 
     /// The state all threads share (for status output and tests).

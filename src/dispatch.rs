@@ -71,9 +71,14 @@ pub fn judge(ep: &Endpoint, result: &Result<Reply, String>) -> Verdict {
     }
 }
 
-/// Whether the endpoint itself looked healthy: it answered, and not with a server error.
-pub fn endpoint_ok(result: &Result<Reply, String>) -> bool {
-    matches!(result, Ok(r) if r.status < 500)
+/// What was wrong with the endpoint itself, if anything: no answer, or a server error. A 4xx is
+/// the request's fault, not the GPU's.
+pub fn endpoint_error(ep: &Endpoint, result: &Result<Reply, String>) -> Option<String> {
+    match result {
+        Ok(r) if r.status < 500 => None,
+        Ok(r) => Some(format!("HTTP {}", r.status)),
+        Err(e) => Some(format!("{}: {e}", ep.id)),
+    }
 }
 
 pub fn run_worker(shared: Arc<Shared>, jobs: Receiver<GpuJob>, agent: ureq::Agent) {
@@ -90,6 +95,7 @@ pub fn run_worker(shared: Arc<Shared>, jobs: Receiver<GpuJob>, agent: ureq::Agen
                 .map(Duration::from_secs)
                 .unwrap_or(ep.task_timeout),
         };
+        let started = Instant::now();
         let result = http::post_json(
             &agent,
             &ep.url,
@@ -99,11 +105,16 @@ pub fn run_worker(shared: Arc<Shared>, jobs: Receiver<GpuJob>, agent: ureq::Agen
             total,
         )
         .map_err(|e| http::describe(&e));
+        shared.metrics.dispatch_seconds.observe(started.elapsed());
         let policy = shared.config().health;
+        let trouble = endpoint_error(ep, &result);
+        if trouble.is_some() {
+            shared.metrics.errors.inc("dispatch");
+        }
         let change =
             shared
                 .slots()
-                .record_dispatch(&ep.id, endpoint_ok(&result), Instant::now(), &policy);
+                .record_dispatch(&ep.id, trouble.as_deref(), Instant::now(), &policy);
         match change {
             HealthChange::Ejected { cooldown } => log::warn!(gpu = ep.id.as_str(),
                 cooldown:? = cooldown; "gpu ejected after repeated failures"),
@@ -194,7 +205,11 @@ mod tests {
                 ..
             }
         ));
-        assert!(endpoint_ok(&reply(404)) && !endpoint_ok(&reply(502)));
-        assert!(!endpoint_ok(&Err("timed out".into())));
+        assert_eq!(endpoint_error(&cb, &reply(404)), None);
+        assert_eq!(
+            endpoint_error(&cb, &reply(502)).as_deref(),
+            Some("HTTP 502")
+        );
+        assert!(endpoint_error(&cb, &Err("timed out".into())).is_some());
     }
 }

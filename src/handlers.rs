@@ -218,6 +218,9 @@ fn run_one(shared: &Shared, agent: &ureq::Agent, task: &Task) {
         }) => run_http(agent, url, bearer_token.as_ref(), &input, timeout),
         Some(Handler::Gpu) | None => return,
     };
+    if result.is_err() {
+        shared.metrics.errors.inc("handler");
+    }
     let ending = match &result {
         Ok(()) => Ending::Finished,
         Err(f) => Ending::Failed {

@@ -13,9 +13,11 @@
 //! | `qsys-dispatch-N` | [`dispatch`]    | GPU endpoints over HTTP, [`shared::Shared::end_attempt`] |
 //! | `qsys-handler-N`  | [`handlers`]    | exec / HTTP handlers, [`shared::Shared::end_attempt`] |
 //! | `qsys-callback`   | [`callback`]    | `tiny_http`, [`shared::Shared::end_attempt`]    |
-//! | `qsys-maintenance`| [`maintenance`] | leases, GPU health probes, heartbeat            |
+//! | `qsys-maintenance`| [`maintenance`] | leases, GPU health probes, heartbeat, drains    |
+//! | `qsys-admin`      | [`admin`]       | `/metrics`, `/status`, `/tasks/<id>`, actions   |
 //! | main              | [`daemon`]      | joins every thread                              |
 
+pub mod admin;
 pub mod backoff;
 pub mod callback;
 pub mod config;
@@ -27,7 +29,9 @@ pub mod http;
 pub mod logging;
 pub mod maintenance;
 pub mod message;
+pub mod metrics;
 pub mod notify;
+pub mod ops;
 pub mod push;
 pub mod queue;
 pub mod scheduler;

@@ -8,6 +8,8 @@
 //!   answer below 500 readmits it with one slot, anything else ejects it again for longer.
 //! - Heartbeat: this instance's row in `instances`, and whether MySQL answers at all (`/healthz`).
 //! - Queue depths: one pipelined `LLEN` per second, for `STATUS=` and `/status`.
+//! - Drains: the GPUs an operator drained (`gpu_state` in MySQL, set by `qsysd drain` from any
+//!   host), applied to the slot matrix within a second.
 //!
 //! Every call here is bounded (MySQL and HTTP timeouts), and the loop ends with the stop.
 
@@ -41,6 +43,10 @@ pub fn run(shared: Arc<Shared>, client: redis::Client) {
                 }
             }
             expire_leases(&shared);
+            match shared.store.drained() {
+                Ok(d) => shared.slots().set_drained(&d),
+                Err(e) => log::warn!(error:% = e; "cannot read drained gpus"),
+            }
         }
         probe_due(&shared, &agent);
     }

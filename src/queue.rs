@@ -233,6 +233,7 @@ impl Poller {
         let wait = backoff.next_delay();
         log::warn!(error:% = e, retry_in:? = wait; "redis unavailable");
         self.shared.set_problem("redis", Some(e.to_string()));
+        self.shared.metrics.errors.inc("redis");
         self.shared.stop.sleep(wait);
     }
 
@@ -264,6 +265,7 @@ impl Poller {
                     .ignore()
                     .query(conn);
                 self.shared.set_problem("mysql", Some(e.to_string()));
+                self.shared.metrics.errors.inc("mysql");
                 match moved {
                     Ok(()) => log::warn!(queue, error:% = e, retry_in:? = wait;
                         "mysql unavailable: task returned to its queue"),

@@ -88,6 +88,7 @@ pub struct Shared {
     pub progress: Mutex<BTreeMap<&'static str, Instant>>,
     /// Length of each queue in Redis, as last measured by the maintenance thread.
     pub queue_depths: Mutex<Vec<(String, u64)>>,
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Shared {
@@ -127,10 +128,27 @@ impl Shared {
         let out = self
             .store
             .end_attempt(task_id, attempt, ending, r.max_attempts, after)?;
-        let Finish::Applied { slot, next } = &out else {
+        let Finish::Applied { slot, next, age } = &out else {
             log::info!(task_id, attempt, source, outcome:? = out; "completion not applied");
             return Ok(out);
         };
+        self.metrics.attempts.inc(match ending {
+            Ending::Finished => "finished",
+            Ending::Failed { .. } => "failed",
+            Ending::Expired { .. } => "expired",
+        });
+        match next {
+            Next::Retry { .. } => {
+                self.metrics
+                    .retries
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Next::Done(_) => {
+                if let Some(age) = age {
+                    self.metrics.task_seconds.observe(*age);
+                }
+            }
+        }
         if let Some((gpu, index)) = slot {
             self.slots().release(gpu, *index, task_id);
         }
@@ -175,6 +193,7 @@ impl Shared {
                 Ok(f) => return Some(f),
                 Err(e) => {
                     let wait = backoff.next_delay();
+                    self.metrics.errors.inc("mysql");
                     log::error!(task_id, attempt, source, error:% = e, retry_in:? = wait;
                         "could not record the end of an attempt");
                     if Instant::now() + wait > deadline || self.stop.sleep(wait) {

@@ -76,6 +76,12 @@ struct Gpu {
     ejections: u32,
     /// Removed from the config: drains, takes nothing new.
     retired: bool,
+    /// Drained by an operator (persisted in MySQL): finishes what it has, takes nothing new.
+    drained: bool,
+    /// Dispatches answered or not, and the last error, for `qsysd status`.
+    dispatched: u64,
+    failed: u64,
+    last_error: Option<String>,
 }
 
 impl Gpu {
@@ -90,6 +96,10 @@ impl Gpu {
             failures: 0,
             ejections: 0,
             retired: false,
+            drained: false,
+            dispatched: 0,
+            failed: 0,
+            last_error: None,
         }
     }
 
@@ -111,6 +121,7 @@ impl Gpu {
     fn open(&self) -> bool {
         self.health == Health::Up
             && !self.retired
+            && !self.drained
             && self.busy() < self.usable()
             && self.free_cell().is_some()
     }
@@ -147,6 +158,10 @@ pub struct GpuView {
     pub health: Health,
     pub failures: u32,
     pub retired: bool,
+    pub drained: bool,
+    pub dispatched: u64,
+    pub failed: u64,
+    pub last_error: Option<String>,
 }
 
 /// What a dispatch outcome did to a GPU's health.
@@ -240,19 +255,35 @@ impl SlotMatrix {
         Some(SlotRef { gpu: g, slot })
     }
 
-    /// Records a dispatch to GPU `gpu_id` that the endpoint answered (`ok`) or did not (connection
-    /// error, timeout, 5xx). Ejects the GPU after too many failures in a row, unless it is the last
-    /// one up.
+    /// Marks exactly the GPUs in `drained` as drained (what MySQL's `gpu_state` says).
+    pub fn set_drained(&mut self, drained: &[String]) {
+        for g in &mut self.gpus {
+            g.drained = drained.contains(&g.endpoint.id);
+        }
+    }
+
+    /// Records a dispatch to GPU `gpu_id` that the endpoint answered (`error` is `None`) or did not
+    /// (connection error, timeout, 5xx). Ejects the GPU after too many failures in a row, unless it
+    /// is the last one up.
     pub fn record_dispatch(
         &mut self,
         gpu_id: &str,
-        ok: bool,
+        error: Option<&str>,
         now: Instant,
         policy: &HealthPolicy,
     ) -> HealthChange {
         let Some(gpu) = self.index(gpu_id) else {
             return HealthChange::None;
         };
+        let ok = error.is_none();
+        {
+            let g = &mut self.gpus[gpu];
+            g.dispatched += 1;
+            if let Some(e) = error {
+                g.failed += 1;
+                g.last_error = Some(e.to_string());
+            }
+        }
         let others_up = self
             .gpus
             .iter()
@@ -409,6 +440,10 @@ impl SlotMatrix {
                 health: g.health,
                 failures: g.failures,
                 retired: g.retired,
+                drained: g.drained,
+                dispatched: g.dispatched,
+                failed: g.failed,
+                last_error: g.last_error.clone(),
             })
             .collect()
     }
@@ -536,17 +571,17 @@ mod tests {
         let t0 = Instant::now();
         let mut m = matrix(&[("g0", 4), ("g1", 4)]);
         assert_eq!(
-            m.record_dispatch("g0", false, t0, &POLICY),
+            m.record_dispatch("g0", Some("down"), t0, &POLICY),
             HealthChange::None
         );
         assert_eq!(
-            m.record_dispatch("g0", true, t0, &POLICY),
+            m.record_dispatch("g0", None, t0, &POLICY),
             HealthChange::None
         );
         // A success resets the count: three more failures are needed.
-        m.record_dispatch("g0", false, t0, &POLICY);
-        m.record_dispatch("g0", false, t0, &POLICY);
-        let change = m.record_dispatch("g0", false, t0, &POLICY);
+        m.record_dispatch("g0", Some("down"), t0, &POLICY);
+        m.record_dispatch("g0", Some("down"), t0, &POLICY);
+        let change = m.record_dispatch("g0", Some("down"), t0, &POLICY);
         assert_eq!(
             change,
             HealthChange::Ejected {
@@ -584,15 +619,15 @@ mod tests {
         m.occupy(at, holder("r1"));
         assert_eq!(m.pick(), None, "only one usable slot after readmission");
         assert_eq!(
-            m.record_dispatch("g0", true, t1, &POLICY),
+            m.record_dispatch("g0", None, t1, &POLICY),
             HealthChange::Ramped { limit: 2 }
         );
         assert_eq!(
-            m.record_dispatch("g0", true, t1, &POLICY),
+            m.record_dispatch("g0", None, t1, &POLICY),
             HealthChange::Ramped { limit: 4 }
         );
         assert_eq!(
-            m.record_dispatch("g0", true, t1, &POLICY),
+            m.record_dispatch("g0", None, t1, &POLICY),
             HealthChange::None
         );
         assert_eq!(m.view()[0].limit, 4);
@@ -603,7 +638,7 @@ mod tests {
         let t0 = Instant::now();
         let mut m = matrix(&[("g0", 1), ("g1", 1)]);
         for _ in 0..3 {
-            m.record_dispatch("g0", false, t0, &POLICY);
+            m.record_dispatch("g0", Some("down"), t0, &POLICY);
         }
         assert_eq!(
             m.view()[0].health,
@@ -613,7 +648,7 @@ mod tests {
         );
         for _ in 0..10 {
             assert_eq!(
-                m.record_dispatch("g1", false, t0, &POLICY),
+                m.record_dispatch("g1", Some("down"), t0, &POLICY),
                 HealthChange::None
             );
         }
@@ -649,6 +684,24 @@ mod tests {
         m.reconfigure(&endpoints(&[("g0", 1), ("g1", 2), ("g2", 3)]));
         assert_eq!(m.total(), 6);
         assert!(m.pick().is_some_and(|at| m.endpoint(at.gpu).id == "g1"));
+    }
+
+    #[test]
+    fn drained_gpus_take_nothing_new_and_keep_what_they_run() {
+        let mut m = matrix(&[("g0", 2), ("g1", 2)]);
+        m.occupy(SlotRef { gpu: 0, slot: 0 }, holder("a"));
+        m.set_drained(&["g0".to_string()]);
+        for _ in 0..2 {
+            let at = m.pick().expect("g1 has room");
+            assert_eq!(at.gpu, 1);
+            m.occupy(at, holder("b"));
+        }
+        assert_eq!(m.pick(), None);
+        assert_eq!(m.busy(), 3);
+        m.set_drained(&[]);
+        assert_eq!(m.pick().map(|s| s.gpu), Some(0));
+        let v = m.view();
+        assert!(!v[0].drained);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use mysql::prelude::Queryable;
 use mysql::{params, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, PooledConn, TxOpts};
 
 /// The newest schema version this build knows.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// A task's state in the `tasks.state` column (design §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +155,8 @@ pub enum Finish {
     Applied {
         slot: Option<(String, usize)>,
         next: Next,
+        /// How long ago the task was first taken (for the end-to-end duration metric).
+        age: Option<Duration>,
     },
     /// The task is already in exactly this terminal state from this attempt.
     Duplicate,
@@ -201,13 +203,16 @@ pub struct HeldSlot {
     pub attempt: u32,
 }
 
-/// `state, attempts, gpu_id, slot_index, max_attempts` of a task, as `end_attempt` reads it.
+/// `state, attempts, gpu_id, slot_index, max_attempts, attempt_base, age in µs` of a task, as
+/// `end_attempt` reads it.
 type AttemptRow = (
     Option<String>,
     u32,
     Option<String>,
     Option<u32>,
     Option<u32>,
+    u32,
+    Option<i64>,
 );
 
 /// A shared handle on the database; cheap to clone.
@@ -508,10 +513,11 @@ impl Store {
         let mut c = self.conn()?;
         let mut tx = c.start_transaction(TxOpts::default())?;
         let row: Option<AttemptRow> = tx.exec_first(
-            "SELECT state, attempts, gpu_id, slot_index, max_attempts FROM tasks              WHERE task_id = ? FOR UPDATE",
+            "SELECT state, attempts, gpu_id, slot_index, max_attempts, attempt_base, \
+             TIMESTAMPDIFF(MICROSECOND, created_at, NOW(3)) FROM tasks WHERE task_id = ? FOR UPDATE",
             (task_id,),
         )?;
-        let Some((state, current, gpu, slot, max)) = row else {
+        let Some((state, current, gpu, slot, max, base, age)) = row else {
             tx.rollback()?;
             return Ok(Finish::Unknown);
         };
@@ -529,7 +535,9 @@ impl Store {
             return Ok(v);
         }
         let error = ending.error().map(|e| truncate(e, MAX_ERROR));
-        let next = if ending.retryable() && attempt < max.unwrap_or(default_max) {
+        // After a requeue, attempts count again from `attempt_base`.
+        let used = attempt.saturating_sub(base);
+        let next = if ending.retryable() && used < max.unwrap_or(default_max) {
             tx.exec_drop(
                 "UPDATE tasks SET state = 'pending', error = :err, deadline = NULL,                  not_before = NOW(3) + INTERVAL :after MICROSECOND WHERE task_id = :id",
                 params! { "err" => error, "after" => retry_after.as_micros() as u64, "id" => task_id },
@@ -566,7 +574,11 @@ impl Store {
             _ => None,
         };
         tx.commit()?;
-        Ok(Finish::Applied { slot, next })
+        Ok(Finish::Applied {
+            slot,
+            next,
+            age: age.map(|us| Duration::from_micros(us.max(0) as u64)),
+        })
     }
 
     /// This instance's attempts whose lease deadline has passed, oldest first.
@@ -653,6 +665,151 @@ impl Store {
         Ok(())
     }
 
+    /// Number of tasks by state and type.
+    pub fn counts(&self) -> Result<Vec<(String, String, u64)>, StoreError> {
+        let mut c = self.conn()?;
+        let rows: Vec<(Option<String>, Option<String>, u64)> =
+            c.query("SELECT state, type, COUNT(*) FROM tasks GROUP BY state, type")?;
+        Ok(rows
+            .into_iter()
+            .map(|(s, t, n)| (s.unwrap_or_default(), t.unwrap_or_default(), n))
+            .collect())
+    }
+
+    /// The GPUs an operator drained (fleet-wide, across restarts).
+    pub fn drained(&self) -> Result<Vec<String>, StoreError> {
+        let mut c = self.conn()?;
+        Ok(c.query("SELECT gpu_id FROM gpu_state WHERE drained = 1")?)
+    }
+
+    /// Drains or undrains a GPU, recording who did it.
+    pub fn set_drained(&self, gpu_id: &str, drained: bool, by: &str) -> Result<(), StoreError> {
+        let mut c = self.conn()?;
+        c.exec_drop(
+            "INSERT INTO gpu_state (gpu_id, drained, updated_at, updated_by) \
+             VALUES (:gpu, :d, NOW(3), :by) \
+             ON DUPLICATE KEY UPDATE drained = :d, updated_at = NOW(3), updated_by = :by",
+            params! { "gpu" => gpu_id, "d" => drained, by },
+        )?;
+        Ok(())
+    }
+
+    /// One task as stored, if it exists.
+    pub fn task(&self, task_id: &str) -> Result<Option<TaskRecord>, StoreError> {
+        let mut c = self.conn()?;
+        let row: Option<mysql::Row> = c.exec_first(
+            "SELECT task_id, queue, state, type, gpu_id, slot_index, attempts, error, payload, \
+             CAST(created_at AS CHAR), CAST(dispatched_at AS CHAR), CAST(finished_at AS CHAR), \
+             instance_id, requeues FROM tasks WHERE task_id = ?",
+            (task_id,),
+        )?;
+        let Some(mut r) = row else {
+            return Ok(None);
+        };
+        let mut text = |i: usize| -> Option<String> { r.take::<Option<String>, _>(i).flatten() };
+        let record = TaskRecord {
+            task_id: text(0).unwrap_or_default(),
+            queue: text(1),
+            state: text(2),
+            kind: text(3),
+            gpu_id: text(4),
+            slot_index: None,
+            attempts: 0,
+            error: text(7),
+            payload: text(8),
+            created_at: text(9),
+            dispatched_at: text(10),
+            finished_at: text(11),
+            instance_id: text(12),
+            requeues: 0,
+        };
+        Ok(Some(TaskRecord {
+            slot_index: r.take::<Option<u32>, _>(5).flatten(),
+            attempts: r.take::<Option<u32>, _>(6).flatten().unwrap_or(0),
+            requeues: r.take::<Option<u32>, _>(13).flatten().unwrap_or(0),
+            ..record
+        }))
+    }
+
+    /// The attempts of one task, oldest first.
+    pub fn attempts(&self, task_id: &str) -> Result<Vec<AttemptRecord>, StoreError> {
+        let mut c = self.conn()?;
+        let rows: Vec<mysql::Row> = c.exec(
+            "SELECT attempt, gpu_id, slot_index, instance_id, CAST(started_at AS CHAR), \
+             CAST(ended_at AS CHAR), outcome, error FROM task_attempts WHERE task_id = ? \
+             ORDER BY attempt",
+            (task_id,),
+        )?;
+        Ok(rows
+            .into_iter()
+            .map(|mut r| AttemptRecord {
+                attempt: r.take::<Option<u32>, _>(0).flatten().unwrap_or(0),
+                gpu_id: r.take::<Option<String>, _>(1).flatten(),
+                slot_index: r.take::<Option<u32>, _>(2).flatten(),
+                instance_id: r.take::<Option<String>, _>(3).flatten(),
+                started_at: r.take::<Option<String>, _>(4).flatten(),
+                ended_at: r.take::<Option<String>, _>(5).flatten(),
+                outcome: r.take::<Option<String>, _>(6).flatten().unwrap_or_default(),
+                error: r.take::<Option<String>, _>(7).flatten(),
+            })
+            .collect())
+    }
+
+    /// The latest failed tasks: `(task_id, type, error, finished_at)`.
+    pub fn recent_failures(&self, limit: usize) -> Result<Vec<Failure>, StoreError> {
+        let mut c = self.conn()?;
+        type Row = (String, Option<String>, Option<String>, Option<String>);
+        let rows: Vec<Row> = c.exec(
+            "SELECT task_id, type, error, CAST(finished_at AS CHAR) FROM tasks \
+             WHERE state = 'failed' ORDER BY finished_at DESC LIMIT ?",
+            (limit as u64,),
+        )?;
+        Ok(rows
+            .into_iter()
+            .map(|(task_id, kind, error, finished_at)| Failure {
+                task_id,
+                kind,
+                error,
+                finished_at,
+            })
+            .collect())
+    }
+
+    /// Ids of tasks in `state` that ended within the last `since`.
+    pub fn terminal_since(&self, state: State, since: Duration) -> Result<Vec<String>, StoreError> {
+        let mut c = self.conn()?;
+        Ok(c.exec(
+            "SELECT task_id FROM tasks WHERE state = ? \
+             AND finished_at >= NOW(3) - INTERVAL ? MICROSECOND ORDER BY finished_at",
+            (state.as_str(), since.as_micros() as u64),
+        )?)
+    }
+
+    /// Makes a terminal task `pending` again for a fresh set of attempts (its history stays), held
+    /// by nobody, and returns its queue and message for the caller to push. `None`: unknown, or not
+    /// terminal (a pending task nobody holds is returned too, so a requeue cut short can be re-run).
+    pub fn requeue(&self, task_id: &str) -> Result<Option<(String, String)>, StoreError> {
+        let mut c = self.conn()?;
+        let mut tx = c.start_transaction(TxOpts::default())?;
+        tx.exec_drop(
+            "UPDATE tasks SET state = 'pending', attempt_base = attempts, requeues = requeues + 1, \
+             error = NULL, finished_at = NULL, deadline = NULL, not_before = NULL, \
+             instance_id = NULL WHERE task_id = ? \
+             AND (state IN ('finished', 'failed') OR (state = 'pending' AND instance_id IS NULL))",
+            (task_id,),
+        )?;
+        if tx.affected_rows() == 0 {
+            tx.rollback()?;
+            return Ok(None);
+        }
+        let row: Option<(Option<String>, Option<String>)> = tx.exec_first(
+            "SELECT queue, payload FROM tasks WHERE task_id = ?",
+            (task_id,),
+        )?;
+        tx.commit()?;
+        Ok(row.and_then(|(q, p)| Some((q?, p?))))
+    }
+
     /// Records that this instance is alive.
     pub fn heartbeat(&self) -> Result<(), StoreError> {
         let mut c = self.conn()?;
@@ -663,6 +820,49 @@ impl Store {
         )?;
         Ok(())
     }
+}
+
+/// A task row for `qsysd task` and `/tasks/<id>`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TaskRecord {
+    pub task_id: String,
+    pub queue: Option<String>,
+    pub state: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub gpu_id: Option<String>,
+    pub slot_index: Option<u32>,
+    pub attempts: u32,
+    pub error: Option<String>,
+    pub payload: Option<String>,
+    pub created_at: Option<String>,
+    pub dispatched_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub instance_id: Option<String>,
+    pub requeues: u32,
+}
+
+/// One row of `task_attempts`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AttemptRecord {
+    pub attempt: u32,
+    pub gpu_id: Option<String>,
+    pub slot_index: Option<u32>,
+    pub instance_id: Option<String>,
+    pub started_at: Option<String>,
+    pub ended_at: Option<String>,
+    pub outcome: String,
+    pub error: Option<String>,
+}
+
+/// A failed task, for the dashboard and `qsysd status`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Failure {
+    pub task_id: String,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub error: Option<String>,
+    pub finished_at: Option<String>,
 }
 
 /// `task_id, queue, payload, attempts, wait in µs, gpu_id`.
@@ -735,7 +935,35 @@ fn migrate_locked(c: &mut PooledConn) -> Result<u32, StoreError> {
     if current < 2 {
         migrate_v2(c)?;
     }
+    if current < 3 {
+        migrate_v3(c)?;
+    }
     Ok(SCHEMA_VERSION)
+}
+
+/// Operations: persisted drains, and requeues that keep the attempt history.
+fn migrate_v3(c: &mut PooledConn) -> Result<(), StoreError> {
+    for (name, ddl) in [
+        ("attempt_base", "INT NOT NULL DEFAULT 0"),
+        ("requeues", "INT NOT NULL DEFAULT 0"),
+    ] {
+        if !column_exists(c, "tasks", name)? {
+            c.query_drop(format!("ALTER TABLE tasks ADD COLUMN {name} {ddl}"))?;
+        }
+    }
+    if !index_exists(c, "tasks", "idx_tasks_state_finished")? {
+        c.query_drop("CREATE INDEX idx_tasks_state_finished ON tasks (state, finished_at)")?;
+    }
+    c.query_drop(
+        "CREATE TABLE IF NOT EXISTS gpu_state (
+            gpu_id VARCHAR(64) NOT NULL PRIMARY KEY,
+            drained TINYINT NOT NULL DEFAULT 0,
+            updated_at DATETIME(3) NOT NULL,
+            updated_by VARCHAR(64) NULL
+        ) ENGINE=InnoDB",
+    )?;
+    c.query_drop("INSERT INTO qsys_schema (version) VALUES (3)")?;
+    Ok(())
 }
 
 /// Retries, attempt history and instance heartbeats.

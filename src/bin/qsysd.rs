@@ -1,21 +1,56 @@
-//! `qsysd`: parses arguments, loads the config and hands over to [`qsys::daemon`].
+//! `qsysd`: parses arguments, loads the config and hands over to [`qsys::daemon`] (no subcommand)
+//! or to [`qsys::ops`] (the operator's commands).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use qsys::config::{self, Config};
+use qsys::ops;
 
 /// Task-queue daemon: Redis queues to GPU slots and handlers, state in MySQL.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
     /// Configuration file.
-    #[arg(long, default_value = config::DEFAULT_PATH)]
+    #[arg(long, global = true, default_value = config::DEFAULT_PATH)]
     config: PathBuf,
     /// Validate the configuration, print a summary and exit (0 valid, 2 invalid).
     #[arg(long)]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// GPUs and slots, queues and task counts of the running daemon.
+    Status {
+        /// The admin API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take a GPU out: it finishes what it runs and takes nothing new (persisted, fleet-wide).
+    Drain { gpu: String },
+    /// Put a drained GPU back.
+    Undrain { gpu: String },
+    /// Send terminal tasks back to their queue with a fresh set of attempts.
+    Requeue {
+        /// Task ids.
+        task_ids: Vec<String>,
+        /// With --since: every task in this state ("failed" or "finished").
+        #[arg(long, requires = "since")]
+        state: Option<String>,
+        /// With --state: that ended within this long, e.g. "1h".
+        #[arg(long, requires = "state")]
+        since: Option<String>,
+    },
+    /// One task's row and every attempt.
+    Task {
+        task_id: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -32,20 +67,110 @@ fn main() -> ExitCode {
         println!("config ok: {}", args.config.display());
         return ExitCode::SUCCESS;
     }
-    qsys::logging::init(config.daemon.log_target, config.daemon.log_level);
-    match run(config, args.config) {
+    let result = match args.command {
+        None => {
+            qsys::logging::init(config.daemon.log_target, config.daemon.log_level);
+            let r = run(config, args.config);
+            if let Err(e) = &r {
+                log::error!("{e:#}");
+            }
+            return if r.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+        Some(cmd) => command(&config, cmd),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            log::error!("{e:#}");
-            ExitCode::FAILURE
+            eprintln!("qsysd: {e:#}");
+            match e.downcast_ref::<UsageError>() {
+                Some(_) => ExitCode::from(2),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }
+
+/// Bad arguments to a subcommand (exit 2, like clap's own).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
 
 fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let mut daemon = qsys::daemon::Daemon::start(config)?;
     daemon.reload_from(path);
     qsys::daemon::spawn_signal_thread(daemon.stopper())?;
     daemon.wait()?;
+    Ok(())
+}
+
+fn command(config: &Config, cmd: Command) -> anyhow::Result<()> {
+    match cmd {
+        Command::Status { json } => {
+            let doc = ops::fetch_status(config)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                print!("{}", ops::status_table(&doc));
+            }
+        }
+        Command::Drain { gpu } => {
+            ops::set_drained(config, &gpu, true)?;
+            println!("{gpu} drained: it finishes what it runs and takes nothing new");
+        }
+        Command::Undrain { gpu } => {
+            ops::set_drained(config, &gpu, false)?;
+            println!("{gpu} undrained");
+        }
+        Command::Requeue {
+            mut task_ids,
+            state,
+            since,
+        } => {
+            let store = ops::store(config)?;
+            if let (Some(state), Some(since)) = (state, since) {
+                let state = match qsys::store::State::parse(&state) {
+                    Some(s) if s.is_terminal() => s,
+                    _ => {
+                        return Err(UsageError(format!(
+                            "--state {state:?}: expected failed or finished"
+                        ))
+                        .into())
+                    }
+                };
+                let since = config::parse_duration(&since)
+                    .map_err(|e| UsageError(format!("--since {since:?}: {e}")))?;
+                task_ids.extend(store.terminal_since(state, since)?);
+            }
+            if task_ids.is_empty() {
+                return Err(UsageError("no task ids given (or --state and --since)".into()).into());
+            }
+            let client = redis::Client::open(config.redis.url.as_str())?;
+            let mut refused = 0;
+            for id in &task_ids {
+                if ops::requeue(&store, &client, id)? {
+                    println!("{id}");
+                } else {
+                    refused += 1;
+                    eprintln!("qsysd: {id}: unknown or not terminal; not requeued");
+                }
+            }
+            if refused > 0 {
+                anyhow::bail!("{refused} of {} tasks not requeued", task_ids.len());
+            }
+        }
+        Command::Task { task_id, json } => {
+            let (task, attempts) = ops::task(&ops::store(config)?, &task_id)?;
+            if json {
+                let doc = serde_json::json!({ "task": task, "attempts": attempts });
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                print!("{}", ops::task_report(&task, &attempts));
+            }
+        }
+    }
     Ok(())
 }

@@ -106,6 +106,9 @@ url = "{mysql}"
 listen = "127.0.0.1:0"
 secret = "{SECRET}"
 
+[admin]
+listen = "127.0.0.1:0"
+
 [daemon]
 instance_id = "test"
 shutdown_grace = "10s"
