@@ -226,8 +226,8 @@ mod tests {
             "problems": {}
         });
         let t = status_table(&doc);
-        assert!(t.contains("g0           up             1/4"), "{t}");
-        assert!(t.contains("g1           drained        0/4"), "{t}");
+        assert!(t.contains("g0           up              1/4"), "{t}");
+        assert!(t.contains("g1           drained         0/4"), "{t}");
         assert!(t.contains("g1: connection failed"));
         assert!(t.contains("task_queue_1") && t.contains("7"));
         assert!(t.contains("finished") && !t.contains("PROBLEMS"));
