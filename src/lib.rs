@@ -21,6 +21,7 @@ pub mod callback;
 pub mod config;
 pub mod daemon;
 pub mod dispatch;
+pub mod events;
 pub mod fakegpu;
 pub mod handlers;
 pub mod http;
