@@ -220,7 +220,7 @@ impl<'r> Batch<'r> {
             self.problem(
                 place,
                 format!(
-                    "unrecognised event (fields: {}): expected a task {{\"type\", \"data\"}}, a batch \
+                    "unrecognised shape (fields: {}): expected a task {{\"type\", \"data\"}}, a batch \
                      {{\"tasks\": [...]}}, an API Gateway proxy event (body), an SQS event (Records) \
                      or an EventBridge event (detail)",
                     field_list(&obj)
@@ -777,11 +777,11 @@ mod tests {
         for (v, want) in [
             (
                 serde_json::json!({}),
-                "event: unrecognised event (fields: none)",
+                "event: unrecognised shape (fields: none)",
             ),
             (
                 serde_json::json!({"key1": "value1"}),
-                "unrecognised event (fields: key1)",
+                "unrecognised shape (fields: key1)",
             ),
             (
                 serde_json::json!([task("a", "1")]),
@@ -798,7 +798,7 @@ mod tests {
             ),
             (
                 serde_json::json!({"body": "{\"hello\": 1}"}),
-                "body: unrecognised event (fields: hello)",
+                "body: unrecognised shape (fields: hello)",
             ),
             (
                 serde_json::json!({"detail": {"foo": 1}}),

@@ -111,14 +111,16 @@ impl Pusher {
                 kind: kind.clone(),
             });
         }
-        let mut pipe = redis::pipe();
-        pipe.atomic();
+        // One transaction, sent a chunk at a time so that only one chunk is ever copied into a
+        // command. Redis applies nothing before EXEC, and drops the transaction if the connection
+        // dies first; a chunk it refuses (out of memory) makes EXEC refuse the whole.
+        redis::cmd("MULTI").query::<()>(conn)?;
         for (q, jsons) in &queues {
             for chunk in jsons.chunks(CHUNK) {
-                pipe.cmd("RPUSH").arg(*q).arg(chunk).ignore();
+                redis::cmd("RPUSH").arg(*q).arg(chunk).query::<()>(conn)?;
             }
         }
-        pipe.query::<()>(conn)?;
+        redis::cmd("EXEC").query::<()>(conn)?;
         Ok(())
     }
 }
