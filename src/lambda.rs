@@ -156,7 +156,7 @@ fn error_body(e: &PushError) -> String {
     let kind = match e {
         PushError::Invalid(_) | PushError::Read { .. } => "InvalidEvent",
         PushError::Config(_) => "ConfigError",
-        PushError::Redis(_) | PushError::NotAList { .. } => "RedisError",
+        PushError::Redis(_) | PushError::NotAList { .. } | PushError::Partial(_) => "RedisError",
         PushError::Wait(_) => "MysqlError",
     };
     json!({"errorType": kind, "errorMessage": e.to_string(), "stackTrace": []}).to_string()

@@ -36,6 +36,10 @@ pub enum PushError {
     Redis(#[from] redis::RedisError),
     #[error("redis: queue {queue:?} holds a {kind}, not a list; nothing was pushed")]
     NotAList { queue: String, kind: String },
+    #[error(
+        "redis: a push inside the transaction failed ({0}); part of the batch may have landed"
+    )]
+    Partial(String),
     #[error("{0}")]
     Wait(#[from] WaitError),
 }
@@ -45,7 +49,10 @@ impl PushError {
     pub fn exit_code(&self) -> u8 {
         match self {
             PushError::Config(_) | PushError::Invalid(_) | PushError::Read { .. } => 2,
-            PushError::Redis(_) | PushError::NotAList { .. } | PushError::Wait(_) => 1,
+            PushError::Redis(_)
+            | PushError::NotAList { .. }
+            | PushError::Partial(_)
+            | PushError::Wait(_) => 1,
         }
     }
 }
@@ -120,8 +127,16 @@ impl Pusher {
                 redis::cmd("RPUSH").arg(*q).arg(chunk).query::<()>(conn)?;
             }
         }
-        redis::cmd("EXEC").query::<()>(conn)?;
-        Ok(())
+        // Errors inside EXEC's reply do not roll the others back; the type check above makes
+        // them all but impossible, but if one comes the caller must not be told "nothing pushed".
+        let replies: Vec<redis::Value> = redis::cmd("EXEC").query(conn)?;
+        match replies.into_iter().find_map(|r| match r {
+            redis::Value::ServerError(e) => Some(e),
+            _ => None,
+        }) {
+            Some(e) => Err(PushError::Partial(e.to_string())),
+            None => Ok(()),
+        }
     }
 }
 
