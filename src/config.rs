@@ -434,6 +434,7 @@ impl ProducerConfig {
                 ))
             }
             Some(q) => q.clone(),
+            // redis_config refuses an empty list.
             None => redis.queues[0].clone(),
         };
         Ok(ProducerConfig {
