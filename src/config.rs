@@ -9,7 +9,7 @@
 //! duration or a URL is only known to be good after we have looked at it. Keeping the raw layer private
 //! means nothing downstream can ever see an unvalidated value.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -315,8 +315,18 @@ pub const ENV_KEYS: &[&str] = &[
 /// The seed's variables as currently set in this process. Empty values count as unset, as a `.env`
 /// line `REDIS_PASSWORD=` meant "no password" in the seed.
 pub fn process_env() -> Env {
-    ENV_KEYS
-        .iter()
+    env_of(ENV_KEYS)
+}
+
+/// The variables a producer reads: the seed's, plus `QUEUE_NAME`, the seed producer's queue.
+pub fn producer_env() -> Env {
+    let mut env = env_of(&["QUEUE_NAME"]);
+    env.extend(process_env());
+    env
+}
+
+fn env_of(keys: &[&str]) -> Env {
+    keys.iter()
         .filter_map(|k| {
             std::env::var(k)
                 .ok()
@@ -393,32 +403,6 @@ impl Config {
         self.gpus.iter().map(|g| g.slots).sum()
     }
 
-    /// Only the `[redis]` table of a config file, with the seed's `REDIS_*` and `TASK_QUEUES`
-    /// variables applied: what a producer needs. Other tables are not read, so a producer does not
-    /// need the daemon's secrets.
-    pub fn load_redis(path: &Path, env: &Env) -> Result<RedisConfig, ConfigError> {
-        #[derive(Deserialize)]
-        struct RedisOnly {
-            #[serde(default)]
-            redis: RawRedis,
-        }
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let parse_err = |e: toml::de::Error| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string().trim_end().to_string(),
-        };
-        let only: RedisOnly = toml::from_str(&text).map_err(parse_err)?;
-        redis_config(&only.redis, env)
-    }
-
-    /// The Redis settings a producer uses when there is no config file.
-    pub fn default_redis(env: &Env) -> Result<RedisConfig, ConfigError> {
-        redis_config(&RawRedis::default(), env)
-    }
-
     /// A short human summary for `qsysd --check-config`. Never prints a secret.
     pub fn summary(&self) -> String {
         use std::fmt::Write;
@@ -461,6 +445,79 @@ impl Config {
         }
         let _ = writeln!(s, "callback: listen {}", self.callback.listen);
         s
+    }
+}
+
+/// What a producer (`qsys-push`) reads of a config: `[redis]`, the names in `[types]`, and `[mysql]`
+/// only when asked (for `--wait`). Other tables are not read and `[mysql]`'s password file only on
+/// demand, so a producer needs none of the daemon's secrets.
+#[derive(Debug)]
+pub struct ProducerConfig {
+    pub redis: RedisConfig,
+    /// Where a task that names no queue goes: `QUEUE_NAME`, else the first of the queues.
+    pub default_queue: String,
+    /// The task types of the file's `[types]` table. `None` (no file, or no table) accepts any
+    /// type: a producer without the daemon's config cannot know them.
+    pub types: Option<BTreeSet<String>>,
+    mysql: RawMysql,
+    env: Env,
+}
+
+impl ProducerConfig {
+    /// Reads `path`, else [`DEFAULT_PATH`] when it exists, else only `env` and the defaults.
+    pub fn load(path: Option<&Path>, env: &Env) -> Result<ProducerConfig, ConfigError> {
+        // Lenient at the top (the daemon's tables are skipped), strict inside what is read.
+        #[derive(Default, Deserialize)]
+        struct ProducerOnly {
+            #[serde(default)]
+            redis: RawRedis,
+            #[serde(default)]
+            mysql: RawMysql,
+            types: Option<toml::Table>,
+        }
+        let default = Path::new(DEFAULT_PATH);
+        let path = path.or_else(|| default.exists().then_some(default));
+        let raw: ProducerOnly = match path {
+            None => ProducerOnly::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message: e.to_string().trim_end().to_string(),
+                })?
+            }
+        };
+        let redis = redis_config(&raw.redis, env)?;
+        let default_queue = match env.get("QUEUE_NAME") {
+            Some(q) if q.chars().any(char::is_whitespace) => {
+                return Err(invalid(
+                    "QUEUE_NAME",
+                    q,
+                    "queue names must contain no white space",
+                ))
+            }
+            Some(q) => q.clone(),
+            // redis_config refuses an empty list.
+            None => redis.queues[0].clone(),
+        };
+        Ok(ProducerConfig {
+            redis,
+            default_queue,
+            types: raw.types.map(|t| t.keys().cloned().collect()),
+            mysql: raw.mysql,
+            env: env.clone(),
+        })
+    }
+
+    /// The `[mysql]` settings with the seed's `DB_*` variables applied, as the daemon builds them.
+    pub fn mysql(&self) -> Result<MysqlConfig, ConfigError> {
+        Ok(MysqlConfig {
+            url: mysql_url(&self.mysql, &self.env)?,
+            tls: self.mysql.tls.unwrap_or(false),
+        })
     }
 }
 
@@ -1246,6 +1303,51 @@ mod tests {
             .expect_err("bad port")
             .to_string();
         assert!(e.contains("REDIS_PORT") && e.contains("sixty"), "{e}");
+    }
+
+    #[test]
+    fn a_producer_reads_redis_types_and_mysql_on_demand_only() {
+        let dir = std::env::temp_dir().join(format!("qsys-prod-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let f = dir.join("qsysd.toml");
+        // The daemon's tables, even unreadable secrets and unknown keys, are none of its business.
+        let text = "[redis]\nqueues = [\"hi\", \"lo\"]\n[mysql]\nurl = \"mysql://u@db:3306/qs\"\n\
+                    password_file = \"/nonexistent/pw\"\n[callback]\nsecret_file = \"/nonexistent/s\"\n\
+                    [gpu]\nwhatever = 1\n[types.send_email]\nhandler = \"exec\"\n[types.cleanup]\n";
+        std::fs::write(&f, text).expect("write");
+        let env: Env = [("REDIS_HOST", "r.internal"), ("DB_USER", "app")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let c = ProducerConfig::load(Some(&f), &env).expect("producer config");
+        assert_eq!(c.redis.url, "redis://r.internal:6379/0");
+        assert_eq!(c.default_queue, "hi");
+        let types: Vec<&str> = c.types.iter().flatten().map(String::as_str).collect();
+        assert_eq!(types, ["cleanup", "send_email"]);
+        let e = c.mysql().expect_err("password file unreadable").to_string();
+        assert!(e.contains("mysql.password_file"), "{e}");
+
+        std::fs::write(&f, "[mysql]\nurl = \"mysql://u@db:3306/qs\"\n").expect("write");
+        let mut env = env;
+        env.insert("QUEUE_NAME".into(), "seed_queue".into());
+        env.insert("DB_PASSWORD".into(), "pw".into());
+        let c = ProducerConfig::load(Some(&f), &env).expect("producer config");
+        assert_eq!(c.default_queue, "seed_queue");
+        assert_eq!(c.types, None, "no [types] table: any type");
+        assert_eq!(c.mysql().expect("mysql").url, "mysql://app:pw@db:3306/qs");
+
+        std::fs::write(&f, "[redis]\nqueue = \"x\"\n").expect("write");
+        let e = ProducerConfig::load(Some(&f), &Env::new())
+            .expect_err("unknown key")
+            .to_string();
+        assert!(e.contains("queue"), "{e}");
+        let bad: Env = [("QUEUE_NAME".to_string(), "a b".to_string())].into();
+        std::fs::write(&f, "").expect("write");
+        let e = ProducerConfig::load(Some(&f), &bad)
+            .expect_err("bad queue")
+            .to_string();
+        assert!(e.contains("QUEUE_NAME") && e.contains("a b"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -1,70 +1,79 @@
-//! `qsys-push`: pushes a task onto a qsysd queue in the seed producer's format and prints its id.
+//! `qsys-push`: pushes tasks onto qsysd queues in the seed producer's format and prints their ids;
+//! with `AWS_LAMBDA_RUNTIME_API` set, runs as the Lambda producer instead ([`qsys::lambda`]).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
-use qsys::config::{self, Config};
-use qsys::push::{self, PushError};
+use qsys::config;
+use qsys::push::{self, Input, Request};
 
-/// Push a task onto a qsysd queue (RPUSH, the seed producer's format). Prints the task id.
+/// Push tasks onto qsysd queues (RPUSH, the seed producer's format) and print their ids.
+///
+/// Tasks come from --type/--data, or from a JSON event or NDJSON (one task a line) on stdin or in
+/// --file: a task {"type","data"}, a batch {"tasks":[...]}, an API Gateway proxy event, an SQS
+/// event or an EventBridge event. Everything is checked first; a batch is pushed whole or not at
+/// all. Exit status: 0 pushed (and, with --wait, all finished), 1 Redis or MySQL failed or a
+/// waited-for task failed or the wait timed out, 2 bad input or config (nothing pushed).
 #[derive(Parser)]
 #[command(version)]
 struct Args {
     /// Task type, e.g. start_transcribe, send_email, generate_report, cleanup.
-    #[arg(long = "type", value_name = "TYPE")]
-    kind: String,
-    /// The task's data, a JSON object.
-    #[arg(long, default_value = "{}")]
-    data: String,
+    #[arg(long = "type", value_name = "TYPE", conflicts_with = "file")]
+    kind: Option<String>,
+    /// The task's data, a JSON object [default: {}].
+    #[arg(long, value_name = "JSON", requires = "kind")]
+    data: Option<String>,
     /// Task id (default: data.task_id, else a new UUIDv4).
-    #[arg(long)]
+    #[arg(long, requires = "kind")]
     task_id: Option<String>,
-    /// Queue (default: the first queue of the config).
+    /// Read a JSON event or NDJSON from this file ("-" for stdin; stdin is the default).
+    #[arg(long, value_name = "F")]
+    file: Option<PathBuf>,
+    /// Queue for tasks whose event names no queue_name (default: QUEUE_NAME, else the config's
+    /// first queue).
     #[arg(long)]
     queue: Option<String>,
-    /// qsysd config to read [redis] from; without it, the seed's REDIS_* variables and defaults.
+    /// qsysd config to read [redis], [types] and [mysql] from (default /etc/qsysd.toml if it
+    /// exists); the seed's REDIS_*, DB_*, TASK_QUEUES and QUEUE_NAME variables override it.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Print {"task_id","queue","type"} objects, one a line, instead of bare ids.
+    #[arg(long)]
+    json: bool,
+    /// Follow the tasks in MySQL until each is finished or failed.
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits at most, e.g. 90s, 30m.
+    #[arg(long, value_name = "D", requires = "wait", value_parser = config::parse_duration, default_value = "1h")]
+    timeout: Duration,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let env = config::process_env();
-    let path = args.config.clone().or_else(|| {
-        let default = PathBuf::from(config::DEFAULT_PATH);
-        default.exists().then_some(default)
-    });
-    let redis = match path {
-        Some(p) => Config::load_redis(&p, &env),
-        None => Config::default_redis(&env),
-    };
-    let redis = match redis {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("qsys-push: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let msg = match push::build(&args.kind, &args.data, args.task_id.as_deref()) {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("qsys-push: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let queue = args.queue.unwrap_or_else(|| redis.queues[0].clone());
-    let result = redis::Client::open(redis.url.as_str())
-        .map_err(PushError::from)
-        .and_then(|c| push::push(&c, &queue, std::slice::from_ref(&msg)));
-    match result {
-        Ok(()) => {
-            println!("{}", msg.task_id);
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("qsys-push: {e}");
-            ExitCode::FAILURE
-        }
+    let env = config::producer_env();
+    if let Some(api) = std::env::var("AWS_LAMBDA_RUNTIME_API")
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
+        return ExitCode::from(qsys::lambda::run(&api, args.config.as_deref(), &env));
     }
+    let input = match (args.kind, args.file) {
+        (Some(kind), _) => Input::Args {
+            kind,
+            data: args.data.unwrap_or_else(|| "{}".into()),
+            task_id: args.task_id,
+        },
+        (None, Some(f)) if f.as_os_str() != "-" => Input::File(f),
+        (None, _) => Input::Stdin,
+    };
+    let request = Request {
+        input,
+        config: args.config,
+        queue: args.queue,
+        json: args.json,
+        wait: args.wait.then_some(args.timeout),
+    };
+    ExitCode::from(push::cli(&request, &env))
 }
