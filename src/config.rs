@@ -142,6 +142,8 @@ pub enum Handler {
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
     pub instance_id: String,
+    /// An instance whose heartbeat is older than this is dead: others recover its tasks.
+    pub instance_timeout: Duration,
     pub shutdown_grace: Duration,
     pub handler_threads: usize,
     pub dispatch_threads: usize,
@@ -285,6 +287,7 @@ struct RawType {
 #[serde(deny_unknown_fields)]
 struct RawDaemon {
     instance_id: Option<String>,
+    instance_timeout: Option<String>,
     shutdown_grace: Option<String>,
     handler_threads: Option<usize>,
     dispatch_threads: Option<usize>,
@@ -698,6 +701,13 @@ fn positive(key: &str, v: usize) -> Result<usize, ConfigError> {
     Ok(v)
 }
 
+/// The Redis Cluster hash tag of a key: the text between the first `{` and the next `}`, if any.
+fn hash_tag(key: &str) -> Option<&str> {
+    let open = key.find('{')?;
+    let len = key[open + 1..].find('}')?;
+    (len > 0).then(|| &key[open + 1..open + 1 + len])
+}
+
 fn redis_config(raw: &RawRedis, env: &Env) -> Result<RedisConfig, ConfigError> {
     let queues = match env.get("TASK_QUEUES") {
         Some(q) => q
@@ -737,6 +747,19 @@ fn redis_config(raw: &RawRedis, env: &Env) -> Result<RedisConfig, ConfigError> {
             &key_prefix,
             "must be non-empty and contain no white space",
         ));
+    }
+    // Redis Cluster: the priority script touches every queue and in-hand list at once, so they must
+    // share the prefix's hash tag (one slot).
+    if let Some(tag) = hash_tag(&key_prefix) {
+        for (i, q) in queues.iter().enumerate() {
+            if hash_tag(q) != Some(tag) {
+                return Err(invalid(
+                    format!("{queues_key}[{i}]"),
+                    q,
+                    format!("redis.key_prefix has the hash tag {{{tag}}}: every queue name must carry it too (Redis Cluster keeps them in one slot)"),
+                ));
+            }
+        }
     }
     let redis = RedisConfig {
         key_prefix,
@@ -1062,6 +1085,11 @@ fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
     let log_target_s = rd.log_target.as_deref().unwrap_or("auto");
     let daemon = DaemonConfig {
         instance_id,
+        instance_timeout: duration(
+            "daemon.instance_timeout",
+            rd.instance_timeout.as_ref(),
+            "10s",
+        )?,
         shutdown_grace: duration("daemon.shutdown_grace", rd.shutdown_grace.as_ref(), "30s")?,
         handler_threads: positive("daemon.handler_threads", rd.handler_threads.unwrap_or(4))?,
         // A dispatch thread per slot keeps a slow endpoint from holding up the others; callers
@@ -1205,6 +1233,24 @@ mod tests {
         );
         let e = err(&MINIMAL.replace("0123456789abcdef", "short"));
         assert!(e.contains("callback.secret") && !e.contains("short"), "{e}");
+    }
+
+    #[test]
+    fn cluster_hash_tags_must_agree() {
+        assert_eq!(hash_tag("{qsys}:inhand"), Some("qsys"));
+        assert_eq!(hash_tag("plain"), None);
+        assert_eq!(hash_tag("{}x"), None);
+        let ok = format!(
+            "[redis]\nkey_prefix = \"{{q}}\"\nqueues = [\"{{q}}:a\", \"{{q}}:b\"]\n{MINIMAL}"
+        );
+        assert!(load(&ok).is_ok());
+        let e = err(&format!(
+            "[redis]\nkey_prefix = \"{{q}}\"\nqueues = [\"{{q}}:a\", \"b\"]\n{MINIMAL}"
+        ));
+        assert!(
+            e.contains("redis.queues[1]") && e.contains("hash tag"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -103,7 +103,10 @@ fn spawn(
 
 /// Threads that must be gone before the callback and admin servers close.
 fn is_worker(name: &str) -> bool {
-    !matches!(name, "qsys-callback" | "qsys-maintenance" | "qsys-admin")
+    !matches!(
+        name,
+        "qsys-callback" | "qsys-maintenance" | "qsys-admin" | "qsys-slotpub" | "qsys-slotsub"
+    )
 }
 
 impl Daemon {
@@ -182,6 +185,7 @@ impl Daemon {
             callback:% = callback_addr, admin:% = admin_addr; "qsysd starting");
 
         let (events_tx, events_rx) = unbounded();
+        let (slot_tx, slot_rx) = unbounded();
         let shared = Arc::new(Shared {
             signer: Signer::new(c.callback.secret.clone(), public_url),
             slots: Mutex::new(matrix),
@@ -195,6 +199,7 @@ impl Daemon {
             progress: Mutex::new(Default::default()),
             queue_depths: Mutex::new(Vec::new()),
             metrics: Default::default(),
+            slot_events: slot_tx,
         });
         let cfg = shared.config();
 
@@ -246,6 +251,14 @@ impl Daemon {
         let s = Arc::clone(&shared);
         spawn(&mut threads, &done_tx, "qsys-callback".into(), move || {
             crate::callback::serve(s, server)
+        })?;
+        let (s, cl) = (Arc::clone(&shared), client.clone());
+        spawn(&mut threads, &done_tx, "qsys-slotpub".into(), move || {
+            crate::slotsync::run_publisher(s, cl, slot_rx)
+        })?;
+        let (s, cl) = (Arc::clone(&shared), client.clone());
+        spawn(&mut threads, &done_tx, "qsys-slotsub".into(), move || {
+            crate::slotsync::run_subscriber(s, cl)
         })?;
         let (s, cl) = (Arc::clone(&shared), client.clone());
         spawn(&mut threads, &done_tx, "qsys-admin".into(), move || {

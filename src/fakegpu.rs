@@ -82,6 +82,9 @@ pub struct Stats {
     pub seen: Mutex<HashMap<String, u32>>,
     /// The latest request body per task id.
     pub bodies: Mutex<HashMap<String, Value>>,
+    /// Tasks running now, fleet-wide, and how often a task arrived while already running.
+    running_tasks: Mutex<std::collections::HashSet<String>>,
+    overlaps: AtomicUsize,
     /// Callback replies by HTTP status (0: transport error).
     pub callback_replies: Mutex<HashMap<u16, u32>>,
 }
@@ -99,6 +102,29 @@ impl Stats {
     pub fn seen(&self) -> HashMap<String, u32> {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
+    /// How often a task was dispatched while the fleet was still running it.
+    pub fn overlaps(&self) -> usize {
+        self.overlaps.load(Ordering::SeqCst)
+    }
+
+    fn start_running(&self, task_id: &str) {
+        let fresh = self
+            .running_tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(task_id.to_string());
+        if !fresh {
+            self.overlaps.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn stop_running(&self, task_id: &str) {
+        self.running_tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(task_id);
+    }
+
     pub fn body(&self, task_id: &str) -> Option<Value> {
         self.bodies
             .lock()
@@ -314,6 +340,7 @@ fn serve_gpu(inner: Arc<Inner>, i: usize, server: Server, due: Sender<(Instant, 
                 .push(req);
             continue;
         }
+        inner.stats.start_running(&task_id);
         let now_running = stats.running.fetch_add(1, Ordering::SeqCst) + 1;
         bump_max(&stats.max_running, now_running);
         let (lo, hi) = cfg.delay;
@@ -342,6 +369,7 @@ fn serve_gpu(inner: Arc<Inner>, i: usize, server: Server, due: Sender<(Instant, 
                 std::thread::spawn(move || {
                     std::thread::sleep(delay);
                     inner.stats.gpus[i].running.fetch_sub(1, Ordering::SeqCst);
+                    inner.stats.stop_running(&work.task_id);
                     respond(
                         req,
                         code,
@@ -368,6 +396,7 @@ fn run_timer(inner: &Inner, due: Receiver<(Instant, Due)>, callbacks: Sender<Due
             inner.stats.gpus[d.gpu]
                 .running
                 .fetch_sub(1, Ordering::SeqCst);
+            inner.stats.stop_running(&d.task_id);
             if !d.lost && !inner.vanished[d.gpu].load(Ordering::SeqCst) {
                 let _ = callbacks.send(d);
             }

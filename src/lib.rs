@@ -15,6 +15,7 @@
 //! | `qsys-callback`   | [`callback`]    | `tiny_http`, [`shared::Shared::end_attempt`]    |
 //! | `qsys-maintenance`| [`maintenance`] | leases, GPU health probes, heartbeat, drains    |
 //! | `qsys-admin`      | [`admin`]       | `/metrics`, `/status`, `/tasks/<id>`, actions   |
+//! | `qsys-slotpub/sub`| [`slotsync`]    | slot claims and frees between instances (Redis) |
 //! | main              | [`daemon`]      | joins every thread                              |
 
 pub mod admin;
@@ -41,5 +42,6 @@ pub mod scheduler;
 pub mod shared;
 pub mod shutdown;
 pub mod slots;
+pub mod slotsync;
 pub mod store;
 pub mod token;

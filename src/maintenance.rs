@@ -8,6 +8,11 @@
 //!   answer below 500 readmits it with one slot, anything else ejects it again for longer.
 //! - Heartbeat: this instance's row in `instances`, and whether MySQL answers at all (`/healthz`).
 //! - Queue depths: one pipelined `LLEN` per second, for `STATUS=` and `/status`.
+//! - Failover: an instance silent for `daemon.instance_timeout` is dead. Its in-hand lists go back
+//!   to the head of their queues, its `pending` tasks go back to Redis, and its attempts' leases are
+//!   expired here on schedule (callbacks for them apply wherever they land).
+//! - Slot resync: every few seconds the slot mirror is compared with MySQL, the authority, in case
+//!   a slot event between instances was lost.
 //! - Drains: the GPUs an operator drained (`gpu_state` in MySQL, set by `qsysd drain` from any
 //!   host), applied to the slot matrix within a second.
 //!
@@ -22,6 +27,11 @@ use crate::store::Ending;
 
 /// How often the loop runs.
 const TICK: Duration = Duration::from_millis(250);
+/// How often the slot mirror is checked against MySQL and dead instances are looked for.
+const RESYNC: Duration = Duration::from_secs(2);
+/// A claim this young may not be committed yet: resync leaves it alone.
+const CLAIM_GRACE: Duration = Duration::from_secs(2);
+
 /// How long one health probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -29,6 +39,7 @@ pub fn run(shared: Arc<Shared>, client: redis::Client) {
     let agent = crate::http::agent();
     let mut last_beat: Option<Instant> = None;
     let mut redis: Option<redis::Connection> = None;
+    let mut last_sync: Option<Instant> = None;
     while !shared.stop.sleep(TICK) {
         shared.tick("qsys-maintenance");
         if last_beat.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
@@ -43,6 +54,11 @@ pub fn run(shared: Arc<Shared>, client: redis::Client) {
                 }
             }
             expire_leases(&shared);
+            if last_sync.is_none_or(|t| t.elapsed() >= RESYNC) {
+                last_sync = Some(Instant::now());
+                recover_dead(&shared, &client);
+                resync_slots(&shared);
+            }
             match shared.store.drained() {
                 Ok(d) => shared.slots().set_drained(&d),
                 Err(e) => log::warn!(error:% = e; "cannot read drained gpus"),
@@ -78,8 +94,49 @@ fn measure_queues(shared: &Shared, client: &redis::Client, conn: &mut Option<red
     }
 }
 
+fn resync_slots(shared: &Shared) {
+    match shared.store.held_slots() {
+        Ok(held) => {
+            let held = held
+                .into_iter()
+                .map(|h| ((h.gpu_id, h.slot_index), (h.task_id, h.attempt)))
+                .collect();
+            let changed = shared.slots().resync(&held, CLAIM_GRACE);
+            if changed > 0 {
+                log::info!(cells = changed; "slot mirror corrected from mysql");
+                shared.wake_scheduler();
+            }
+        }
+        Err(e) => log::warn!(error:% = e; "cannot resync slots"),
+    }
+}
+
+/// Gives a dead instance's tasks back to the fleet: its in-hand lists and its `pending` tasks go
+/// back to the head of their queues.
+fn recover_dead(shared: &Shared, client: &redis::Client) {
+    let config = shared.config();
+    let dead = match shared.store.dead_instances(config.daemon.instance_timeout) {
+        Ok(d) => d,
+        Err(e) => {
+            log::warn!(error:% = e; "cannot look for dead instances");
+            return;
+        }
+    };
+    for instance in dead {
+        let moved = crate::queue::recover_instance(shared, client, &config, &instance);
+        match moved {
+            Ok(0) => {}
+            Ok(n) => log::warn!(instance = instance.as_str(), tasks = n;
+                "instance stopped heartbeating: its tasks went back to their queues"),
+            Err(e) => log::warn!(instance = instance.as_str(), error:% = e;
+                "cannot recover a dead instance's tasks"),
+        }
+    }
+}
+
 fn expire_leases(shared: &Shared) {
-    let expired = match shared.store.expired(100) {
+    let dead_after = shared.config().daemon.instance_timeout;
+    let expired = match shared.store.expired(100, dead_after) {
         Ok(e) => e,
         Err(e) => {
             log::warn!(error:% = e; "cannot look for expired leases");

@@ -39,13 +39,10 @@ end
 return false
 "#;
 
-/// This instance's in-hand list for one queue: one per queue, so a recovered element still knows
+/// An instance's in-hand list for one queue: one per queue, so a recovered element still knows
 /// where it came from.
-pub fn in_hand_key(config: &crate::config::Config, queue: &str) -> String {
-    format!(
-        "{}:inhand:{}:{queue}",
-        config.redis.key_prefix, config.daemon.instance_id
-    )
+pub fn in_hand_key(config: &crate::config::Config, instance: &str, queue: &str) -> String {
+    format!("{}:inhand:{instance}:{queue}", config.redis.key_prefix)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +79,48 @@ pub fn hand_back(client: &Client, store: &Store, tasks: &[Task]) -> Result<(), S
     pipe.query::<()>(&mut conn).map_err(|e| e.to_string())?;
     let ids: Vec<String> = tasks.iter().map(|t| t.msg.task_id.clone()).collect();
     store.release_pending(&ids).map_err(|e| e.to_string())
+}
+
+/// Moves what a dead instance held back to the head of its queues: first its in-hand lists (in
+/// order), then its `pending` tasks. Returns how many tasks moved.
+pub fn recover_instance(
+    shared: &Shared,
+    client: &Client,
+    config: &crate::config::Config,
+    dead: &str,
+) -> Result<usize, String> {
+    let mut conn = connect(client, Duration::from_secs(1)).map_err(|e| e.to_string())?;
+    let mut moved = 0;
+    for queue in &config.redis.queues {
+        let key = in_hand_key(config, dead, queue);
+        // Tail of the in-hand list to the head of the queue keeps the original order.
+        loop {
+            let v: Option<Vec<u8>> = redis::cmd("LMOVE")
+                .arg(&key)
+                .arg(queue)
+                .arg("RIGHT")
+                .arg("LEFT")
+                .query(&mut conn)
+                .map_err(|e| e.to_string())?;
+            if v.is_none() {
+                break;
+            }
+            moved += 1;
+        }
+    }
+    let pending = shared
+        .store
+        .release_instance_pending(dead)
+        .map_err(|e| e.to_string())?;
+    if !pending.is_empty() {
+        let mut pipe = redis::pipe();
+        for (_, queue, payload) in pending.iter().rev() {
+            pipe.cmd("LPUSH").arg(queue).arg(payload).ignore();
+        }
+        pipe.query::<()>(&mut conn).map_err(|e| e.to_string())?;
+        moved += pending.len();
+    }
+    Ok(moved)
 }
 
 /// What recording one taken element came to.
@@ -139,7 +178,8 @@ impl Poller {
         // Queues, timeouts and key names are fixed for the daemon's life (a reload keeps them).
         let config = self.shared.config();
         let queues = &config.redis.queues;
-        let in_hand: Vec<String> = queues.iter().map(|q| in_hand_key(&config, q)).collect();
+        let me = &config.daemon.instance_id;
+        let in_hand: Vec<String> = queues.iter().map(|q| in_hand_key(&config, me, q)).collect();
         let block = if queues.len() == 1 {
             config.redis.pop_timeout.as_secs_f64()
         } else {

@@ -265,6 +265,8 @@ impl Scheduler {
             );
             match claim {
                 Ok(Claim::Claimed) => {
+                    self.shared
+                        .announce(true, &ep.id, at.slot, &task.msg.task_id, attempt);
                     log::info!(task_id = task.msg.task_id.as_str(), gpu = ep.id.as_str(),
                         slot = at.slot, attempt, queue = task.queue.as_str(); "slot claimed");
                     let job = GpuJob {

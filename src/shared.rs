@@ -89,6 +89,8 @@ pub struct Shared {
     /// Length of each queue in Redis, as last measured by the maintenance thread.
     pub queue_depths: Mutex<Vec<(String, u64)>>,
     pub metrics: crate::metrics::Metrics,
+    /// This instance's slot claims and frees, for the other instances (`qsys-slotpub`).
+    pub slot_events: Sender<crate::slotsync::SlotEvent>,
 }
 
 impl Shared {
@@ -107,6 +109,19 @@ impl Shared {
     /// the thread die), so a poisoned lock is still usable for an orderly stop.
     pub fn slots(&self) -> MutexGuard<'_, SlotMatrix> {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Tells the other instances that this one claimed (or freed) a slot.
+    pub fn announce(&self, claimed: bool, gpu: &str, slot: usize, task_id: &str, attempt: u32) {
+        // The publisher is gone only during shutdown; the others resync from MySQL anyway.
+        let _ = self.slot_events.send(crate::slotsync::SlotEvent {
+            instance: self.config().daemon.instance_id.clone(),
+            claimed,
+            gpu: gpu.to_string(),
+            slot,
+            task_id: task_id.to_string(),
+            attempt,
+        });
     }
 
     pub fn wake_scheduler(&self) {
@@ -151,6 +166,7 @@ impl Shared {
         }
         if let Some((gpu, index)) = slot {
             self.slots().release(gpu, *index, task_id);
+            self.announce(false, gpu, *index, task_id, attempt);
         }
         let gpu = slot.as_ref().map(|(g, _)| g.as_str()).unwrap_or("");
         let error = match ending {

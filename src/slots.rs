@@ -255,6 +255,39 @@ impl SlotMatrix {
         Some(SlotRef { gpu: g, slot })
     }
 
+    /// Makes the mirror agree with MySQL's held slots (`(gpu, slot) -> (task, attempt)`): cells
+    /// MySQL says are held are marked so; cells it says are free are freed, unless their holder was
+    /// set within `grace` (a claim of ours not yet committed). Returns how many cells changed.
+    pub fn resync(
+        &mut self,
+        held: &std::collections::HashMap<(String, usize), (String, u32)>,
+        grace: Duration,
+    ) -> usize {
+        let mut changed = 0;
+        for g in &mut self.gpus {
+            for (i, cell) in g.cells.iter_mut().enumerate() {
+                match (held.get(&(g.endpoint.id.clone(), i)), cell.as_ref()) {
+                    (Some((task, _)), Some(h)) if &h.task_id == task => {}
+                    (Some((task, attempt)), _) => {
+                        *cell = Some(Holder {
+                            task_id: task.clone(),
+                            attempt: *attempt,
+                            since: Instant::now(),
+                        });
+                        changed += 1;
+                    }
+                    (None, Some(h)) if h.since.elapsed() > grace => {
+                        *cell = None;
+                        changed += 1;
+                    }
+                    (None, _) => {}
+                }
+            }
+            g.trim();
+        }
+        changed
+    }
+
     /// Marks exactly the GPUs in `drained` as drained (what MySQL's `gpu_state` says).
     pub fn set_drained(&mut self, drained: &[String]) {
         for g in &mut self.gpus {
@@ -702,6 +735,31 @@ mod tests {
         assert_eq!(m.pick().map(|s| s.gpu), Some(0));
         let v = m.view();
         assert!(!v[0].drained);
+    }
+
+    #[test]
+    fn resync_follows_mysql_but_spares_fresh_claims() {
+        let mut m = matrix(&[("g0", 2)]);
+        let fresh = SlotRef { gpu: 0, slot: 1 };
+        m.occupy(fresh, holder("mine-in-flight"));
+        let held =
+            std::collections::HashMap::from([(("g0".to_string(), 0), ("theirs".to_string(), 2))]);
+        assert_eq!(m.resync(&held, Duration::from_secs(2)), 1);
+        let v = m.view();
+        assert_eq!(
+            v[0].cells[0].as_ref().map(|h| h.task_id.as_str()),
+            Some("theirs")
+        );
+        assert!(
+            v[0].cells[1].is_some(),
+            "a claim younger than the grace is kept"
+        );
+        assert_eq!(
+            m.resync(&held, Duration::ZERO),
+            1,
+            "an old one MySQL does not know is freed"
+        );
+        assert!(m.view()[0].cells[1].is_none());
     }
 
     #[test]

@@ -539,8 +539,13 @@ impl Store {
         let used = attempt.saturating_sub(base);
         let next = if ending.retryable() && used < max.unwrap_or(default_max) {
             tx.exec_drop(
-                "UPDATE tasks SET state = 'pending', error = :err, deadline = NULL,                  not_before = NOW(3) + INTERVAL :after MICROSECOND WHERE task_id = :id",
-                params! { "err" => error, "after" => retry_after.as_micros() as u64, "id" => task_id },
+                // Whoever ends the attempt schedules the retry (a lease may be expired by an
+                // instance other than the one that dispatched).
+                "UPDATE tasks SET state = 'pending', error = :err, deadline = NULL, \
+                 instance_id = :inst, not_before = NOW(3) + INTERVAL :after MICROSECOND \
+                 WHERE task_id = :id",
+                params! { "err" => error, "after" => retry_after.as_micros() as u64,
+                "inst" => &self.instance, "id" => task_id },
             )?;
             Next::Retry { after: retry_after }
         } else {
@@ -581,13 +586,19 @@ impl Store {
         })
     }
 
-    /// This instance's attempts whose lease deadline has passed, oldest first.
-    pub fn expired(&self, limit: usize) -> Result<Vec<Expired>, StoreError> {
+    /// Attempts whose lease deadline has passed, oldest first: this instance's, and those of
+    /// instances silent for longer than `dead_after`.
+    pub fn expired(&self, limit: usize, dead_after: Duration) -> Result<Vec<Expired>, StoreError> {
         let mut c = self.conn()?;
+        // Ours, and those of instances whose heartbeat stopped: a live instance expires its own.
         let rows: Vec<(String, u32, Option<String>)> = c.exec(
-            "SELECT task_id, attempts, gpu_id FROM tasks WHERE state = 'processing' \
-             AND deadline < NOW(3) AND instance_id = ? ORDER BY deadline LIMIT ?",
-            (&self.instance, limit as u64),
+            "SELECT task_id, attempts, gpu_id FROM tasks t WHERE state = 'processing' \
+             AND deadline < NOW(3) AND (instance_id = :me OR instance_id IS NULL OR NOT EXISTS \
+             (SELECT 1 FROM instances i WHERE i.instance_id = t.instance_id \
+              AND i.heartbeat_at > NOW(3) - INTERVAL :dead MICROSECOND)) \
+             ORDER BY deadline LIMIT :limit",
+            params! { "me" => &self.instance, "dead" => dead_after.as_micros() as u64,
+            "limit" => limit as u64 },
         )?;
         Ok(rows
             .into_iter()
@@ -808,6 +819,41 @@ impl Store {
         )?;
         tx.commit()?;
         Ok(row.and_then(|(q, p)| Some((q?, p?))))
+    }
+
+    /// Other instances whose heartbeat is older than `dead_after`.
+    pub fn dead_instances(&self, dead_after: Duration) -> Result<Vec<String>, StoreError> {
+        let mut c = self.conn()?;
+        Ok(c.exec(
+            "SELECT instance_id FROM instances WHERE instance_id <> ? \
+             AND heartbeat_at < NOW(3) - INTERVAL ? MICROSECOND",
+            (&self.instance, dead_after.as_micros() as u64),
+        )?)
+    }
+
+    /// Takes the `pending` tasks a dead instance held: they become held by nobody, and their
+    /// queue and message are returned (oldest first) for the caller to push back. Conditional on
+    /// the holder, so two instances recovering the same one cannot both take a task.
+    pub fn release_instance_pending(
+        &self,
+        dead: &str,
+    ) -> Result<Vec<(String, String, String)>, StoreError> {
+        let mut c = self.conn()?;
+        let mut tx = c.start_transaction(TxOpts::default())?;
+        let rows: Vec<(String, Option<String>, Option<String>)> = tx.exec(
+            "SELECT task_id, queue, payload FROM tasks WHERE state = 'pending' \
+             AND instance_id = ? ORDER BY created_at, task_id FOR UPDATE",
+            (dead,),
+        )?;
+        tx.exec_drop(
+            "UPDATE tasks SET instance_id = NULL WHERE state = 'pending' AND instance_id = ?",
+            (dead,),
+        )?;
+        tx.commit()?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, q, p)| Some((id, q?, p?)))
+            .collect())
     }
 
     /// Records that this instance is alive.

@@ -98,6 +98,7 @@ impl TestEnv {
 [redis]
 url = "{redis}"
 queues = ["{q1}", "{q2}"]
+key_prefix = "{prefix}"
 
 [mysql]
 url = "{mysql}"
@@ -116,6 +117,7 @@ shutdown_grace = "10s"
             redis = self.redis_url,
             q1 = self.queue("q1"),
             q2 = self.queue("q2"),
+            prefix = self.prefix.trim_end_matches(':'),
             mysql = self.mysql_url(),
         );
         s.push_str(extra);

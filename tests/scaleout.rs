@@ -1,0 +1,218 @@
+//! Several qsysd instances on one Redis and one MySQL: fleet-wide slots, callbacks that land on
+//! any instance, freed slots seen everywhere within 100 ms, and failover when one is killed.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, stop, transcriptions, wait_for, TestEnv, SECRET};
+use qsys::config::Secret;
+use qsys::fakegpu::{Fleet, FleetConfig};
+use qsys::token::Signer;
+
+/// Config of instance `i` of `n`: its own callback port, and a public callback URL that points at
+/// the NEXT instance, so every callback lands on the wrong instance on purpose.
+fn instance_config(env: &TestEnv, urls: &[String], ports: &[u16], i: usize, extra: &str) -> String {
+    let next = ports[(i + 1) % ports.len()];
+    env.config_toml(urls, extra)
+        .replace(
+            "[callback]\nlisten = \"127.0.0.1:0\"",
+            &format!(
+                "[callback]\nlisten = \"127.0.0.1:{}\"\npublic_url = \"http://127.0.0.1:{next}/callback\"",
+                ports[i]
+            ),
+        )
+        .replace("instance_id = \"test\"", &format!("instance_id = \"inst-{i}\""))
+}
+
+#[test]
+fn three_instances_share_the_fleet_and_callbacks_land_anywhere() {
+    let env = TestEnv::new("scale3");
+    let fleet = Fleet::start(FleetConfig::default()).expect("fleet");
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let daemons: Vec<_> = (0..3)
+        .map(|i| env.start(&instance_config(&env, fleet.urls(), &ports, i, "")))
+        .collect();
+    env.push_raw("q1", &transcriptions("s3", 1000));
+    assert!(
+        wait_for(Duration::from_secs(120), || env.count("state = 'finished'")
+            == 1000),
+        "{:?}",
+        env.states()
+    );
+    let stats = fleet.stats();
+    for g in 0..4 {
+        assert!(
+            stats.max_running(g) <= 4,
+            "gpu {g} ran {}",
+            stats.max_running(g)
+        );
+    }
+    assert_eq!(stats.overlaps(), 0, "a task ran twice at once");
+    assert!(stats.seen().values().all(|&n| n == 1), "a task ran twice");
+    let by_instance: Vec<(String, u64)> = env.query(
+        "SELECT instance_id, COUNT(*) FROM task_attempts GROUP BY instance_id ORDER BY instance_id",
+    );
+    // Every instance dispatched, and every instance applied callbacks meant for another.
+    assert_eq!(by_instance.len(), 3, "{by_instance:?}");
+    for d in &daemons {
+        assert!(d.shared().metrics.callbacks.get("applied") > 0);
+    }
+    let held: Vec<u64> = env.query("SELECT COUNT(*) FROM gpu_slots WHERE task_id IS NOT NULL");
+    assert_eq!(held[0], 0);
+    for d in daemons {
+        assert_eq!(
+            d.shared().slots().busy(),
+            0,
+            "every mirror saw every slot freed"
+        );
+        stop(d);
+    }
+}
+
+#[test]
+fn a_freed_slot_reaches_the_other_instance_within_100ms() {
+    let env = TestEnv::new("slotsync");
+    // One slot, and the GPU never calls back: this test delivers the callback itself.
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 1,
+        lose_rate: 1.0,
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let extra = "[gpu]\nslots = 1\n";
+    let a = env.start(
+        &env.config_toml(fleet.urls(), extra)
+            .replace("\"test\"", "\"inst-a\""),
+    );
+    let b = env.start(
+        &env.config_toml(fleet.urls(), extra)
+            .replace("\"test\"", "\"inst-b\""),
+    );
+    env.push_raw("q1", &transcriptions("one", 1));
+    assert!(wait_for(Duration::from_secs(20), || {
+        fleet.stats().body("one-0").is_some()
+    }));
+    // Both mirrors show the slot busy (one claimed it, the other heard of it).
+    assert!(wait_for(Duration::from_secs(2), || {
+        a.shared().slots().busy() == 1 && b.shared().slots().busy() == 1
+    }));
+    let claimer_is_a: Vec<String> =
+        env.query("SELECT instance_id FROM gpu_slots WHERE task_id = 'one-0'");
+    let (claimer, other) = if claimer_is_a[0] == "inst-a" {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    // The callback goes to the instance that did not dispatch.
+    let signer = Signer::new(Secret::new(SECRET), "http://unused/callback");
+    let url = signer.callback_url("one-0", 1);
+    let target = format!(
+        "http://{}{}",
+        other.callback_addr(),
+        &url[url.find("/callback").expect("path")..]
+    );
+    let reply = qsys::http::post_json(
+        &qsys::http::agent(),
+        &target,
+        None,
+        r#"{"task_id":"one-0","status":"finished"}"#,
+        Duration::from_secs(2),
+        Duration::from_secs(5),
+    )
+    .expect("callback");
+    let applied = Instant::now();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(wait_for(Duration::from_secs(2), || claimer
+        .shared()
+        .slots()
+        .busy()
+        == 0));
+    let took = applied.elapsed();
+    assert!(
+        took < Duration::from_millis(100),
+        "the claimer learned of the free slot after {took:?}"
+    );
+    eprintln!("freed slot seen by the other instance after {took:?}");
+    stop(a);
+    stop(b);
+}
+
+fn spawn(config: &Path, log: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_qsysd"))
+        .args(["--config", config.to_str().expect("utf8")])
+        .env_clear()
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log"))
+        .spawn()
+        .expect("spawn qsysd")
+}
+
+#[test]
+fn a_killed_instance_is_recovered_by_the_others() {
+    let env = TestEnv::new("failover");
+    let fleet = Fleet::start(FleetConfig {
+        delay: (Duration::from_millis(20), Duration::from_millis(60)),
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let extra = "[gpu]\ntask_timeout = \"3s\"\n[retry]\nmax_attempts = 10\nbackoff = \"50ms\"\n";
+    let mut children = Vec::new();
+    for i in 0..3 {
+        // Each instance's callbacks come to itself here: a dead instance's port then loses the
+        // callbacks of its own attempts only, which its leases bring back.
+        let own = [ports[i]];
+        let text = instance_config(&env, fleet.urls(), &own, 0, extra)
+            .replace(
+                "instance_id = \"inst-0\"",
+                &format!("instance_id = \"inst-{i}\""),
+            )
+            .replace("[daemon]", "[daemon]\ninstance_timeout = \"2s\"");
+        let cfg = env.dir.join(format!("qsysd-{i}.toml"));
+        std::fs::write(&cfg, text).expect("config");
+        let log = env.dir.join(format!("qsysd-{i}.log"));
+        children.push((spawn(&cfg, &log), log));
+    }
+    for (_, log) in &children {
+        assert!(common::wait_log(
+            log,
+            "qsysd starting",
+            Duration::from_secs(20)
+        ));
+    }
+    env.push_raw("q1", &transcriptions("fo", 1000));
+    assert!(wait_for(Duration::from_secs(30), || env
+        .count("state = 'finished'")
+        >= 200));
+    // kill -9 one instance mid-run.
+    let (mut victim, _) = children.remove(1);
+    victim.kill().expect("kill -9");
+    victim.wait().expect("reap");
+    let killed_at = env.count("state = 'finished'");
+    assert!(
+        wait_for(Duration::from_secs(120), || env.count("state = 'finished'")
+            == 1000),
+        "{:?} (killed at {killed_at} finished)",
+        env.states()
+    );
+    let stats = fleet.stats();
+    for g in 0..4 {
+        assert!(
+            stats.max_running(g) <= 4,
+            "gpu {g} ran {}",
+            stats.max_running(g)
+        );
+    }
+    assert_eq!(stats.overlaps(), 0, "a task ran twice at once");
+    let held: Vec<u64> = env.query("SELECT COUNT(*) FROM gpu_slots WHERE task_id IS NOT NULL");
+    assert_eq!(held[0], 0, "the dead instance's slots were freed");
+    assert_eq!(env.llen("q1"), 0);
+    for (mut c, _) in children {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let _ = c.wait();
+    }
+}
