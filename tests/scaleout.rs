@@ -158,13 +158,12 @@ fn a_killed_instance_is_recovered_by_the_others() {
         ..FleetConfig::default()
     })
     .expect("fleet");
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let extra = "[gpu]\ntask_timeout = \"3s\"\n[retry]\nmax_attempts = 10\nbackoff = \"50ms\"\n";
     let mut children = Vec::new();
     for i in 0..3 {
         // Each instance's callbacks come to itself here: a dead instance's port then loses the
         // callbacks of its own attempts only, which its leases bring back.
-        let own = [ports[i]];
+        let own = [free_port()];
         let text = instance_config(&env, fleet.urls(), &own, 0, extra)
             .replace(
                 "instance_id = \"inst-0\"",
