@@ -6,7 +6,8 @@
 //! through [`Shared::finish`], whose typed result maps onto the reply codes of design §5: 200 applied,
 //! 200 with `"duplicate": true` for a repeat, 404 unknown task, 409 stale attempt or terminal conflict,
 //! 400 malformed, 413 too large, 405 wrong method, 503 when MySQL cannot be reached (the GPU should
-//! retry). Requests are handled inline: each is one short transaction.
+//! retry). A few threads (`qsys-callback-N`) share the listener; each request is one short
+//! transaction, and concurrent ones share a log flush.
 
 use std::io::Read;
 use std::sync::Arc;
@@ -208,8 +209,9 @@ fn route(shared: &Shared, mut req: Request) {
     reply(req, status, &body);
 }
 
-/// Serves until the stop reaches its closing stage.
-pub fn serve(shared: Arc<Shared>, server: Server) {
+/// Serves until the stop reaches its closing stage. Several threads serve one listener, so the
+/// short transactions of concurrent callbacks commit together.
+pub fn serve(shared: Arc<Shared>, server: Arc<Server>) {
     while !shared.stop.is_closing() {
         shared.tick("qsys-callback");
         match server.recv_timeout(Duration::from_millis(200)) {

@@ -101,12 +101,16 @@ fn spawn(
     Ok(())
 }
 
+/// Threads serving the callback listener.
+const CALLBACK_THREADS: usize = 4;
+
 /// Threads that must be gone before the callback and admin servers close.
 fn is_worker(name: &str) -> bool {
-    !matches!(
-        name,
-        "qsys-callback" | "qsys-maintenance" | "qsys-admin" | "qsys-slotpub" | "qsys-slotsub"
-    )
+    !name.starts_with("qsys-callback")
+        && !matches!(
+            name,
+            "qsys-maintenance" | "qsys-admin" | "qsys-slotpub" | "qsys-slotsub"
+        )
 }
 
 impl Daemon {
@@ -248,10 +252,16 @@ impl Daemon {
         spawn(&mut threads, &done_tx, "qsys-poller".into(), move || {
             poller.run()
         })?;
-        let s = Arc::clone(&shared);
-        spawn(&mut threads, &done_tx, "qsys-callback".into(), move || {
-            crate::callback::serve(s, server)
-        })?;
+        let server = Arc::new(server);
+        for i in 0..CALLBACK_THREADS {
+            let (s, srv) = (Arc::clone(&shared), Arc::clone(&server));
+            spawn(
+                &mut threads,
+                &done_tx,
+                format!("qsys-callback-{i}"),
+                move || crate::callback::serve(s, srv),
+            )?;
+        }
         let (s, cl) = (Arc::clone(&shared), client.clone());
         spawn(&mut threads, &done_tx, "qsys-slotpub".into(), move || {
             crate::slotsync::run_publisher(s, cl, slot_rx)

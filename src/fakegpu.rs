@@ -82,6 +82,8 @@ pub struct Stats {
     pub seen: Mutex<HashMap<String, u32>>,
     /// The latest request body per task id.
     pub bodies: Mutex<HashMap<String, Value>>,
+    /// When the latest request for each task id arrived (the benchmark's latency).
+    received_at: Mutex<HashMap<String, Instant>>,
     /// Tasks running now, fleet-wide, and how often a task arrived while already running.
     running_tasks: Mutex<std::collections::HashSet<String>>,
     overlaps: AtomicUsize,
@@ -102,6 +104,13 @@ impl Stats {
     pub fn seen(&self) -> HashMap<String, u32> {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
+    pub fn received_at(&self) -> HashMap<String, Instant> {
+        self.received_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// How often a task was dispatched while the fleet was still running it.
     pub fn overlaps(&self) -> usize {
         self.overlaps.load(Ordering::SeqCst)
@@ -326,6 +335,12 @@ fn serve_gpu(inner: Arc<Inner>, i: usize, server: Server, due: Sender<(Instant, 
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(task_id.clone(), body);
+        inner
+            .stats
+            .received_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(task_id.clone(), Instant::now());
 
         let mut rng = rand::thread_rng();
         if rng.gen_bool(cfg.fail_rate.clamp(0.0, 1.0)) {

@@ -14,8 +14,9 @@
 //! are looked at again.
 //!
 //! Backpressure: the channel holds one task and the scheduler stops receiving once it holds a few
-//! that it cannot place, so when every slot is busy this thread blocks on the send with one task in
-//! hand, and everything else stays in Redis. If MySQL fails after a move, the element goes back to the
+//! that it cannot place, so when every slot is busy this thread blocks on the send with at most one
+//! batch ([`TAKE_BATCH`]) in hand, and everything else stays in Redis. A batch is recorded in one
+//! MySQL transaction: one log flush for up to 16 tasks. If MySQL fails after a move, the element goes back to the
 //! head of its queue; at a stop, a task in hand goes back to its queue ([`hand_back`]).
 
 use std::time::Duration;
@@ -26,15 +27,26 @@ use redis::{Client, Connection};
 use crate::backoff::Backoff;
 use crate::message;
 use crate::shared::{Shared, Task};
-use crate::store::{Accepted, Store};
+use crate::store::{Accepted, NewTask, Store};
 
-/// Moves the head of the first non-empty queue to that queue's in-hand list. KEYS: the n queues in
-/// priority order, then their n in-hand lists. Returns the queue's position (1-based) and the element.
+/// How many elements one move takes at most: one MySQL transaction records them together. Also
+/// bounds what the poller holds beyond the scheduler's hand.
+pub const TAKE_BATCH: usize = 16;
+
+/// Moves up to ARGV[1] elements from the head of the first non-empty queue to that queue's in-hand
+/// list. KEYS: the n queues in priority order, then their n in-hand lists. Returns the queue's
+/// position (1-based) and the elements in order.
 const TAKE_SCRIPT: &str = r#"
 local n = #KEYS / 2
+local max = tonumber(ARGV[1])
 for i = 1, n do
-  local v = redis.call('LMOVE', KEYS[i], KEYS[n + i], 'LEFT', 'RIGHT')
-  if v then return {i, v} end
+  local out = {}
+  for j = 1, max do
+    local v = redis.call('LMOVE', KEYS[i], KEYS[n + i], 'LEFT', 'RIGHT')
+    if not v then break end
+    out[j] = v
+  end
+  if #out > 0 then return {i, out} end
 end
 return false
 "#;
@@ -123,43 +135,56 @@ pub fn recover_instance(
     Ok(moved)
 }
 
-/// What recording one taken element came to.
-enum Taken {
-    /// Recorded and ready to schedule.
-    Task(Task),
-    /// Recorded as failed, or a duplicate: nothing to schedule.
-    Settled,
-}
-
-/// Records one element taken from `queue` in MySQL (parse, then insert or take over).
-fn record(store: &Store, queue: &str, raw: &[u8]) -> Result<Taken, crate::store::StoreError> {
-    let msg = match message::parse(raw, || uuid::Uuid::new_v4().to_string()) {
-        Ok(m) => m,
-        Err(bad) => {
-            let id = store.record_malformed(bad.task_id.as_deref(), queue, raw, &bad.reason)?;
-            log::warn!(task_id = id.as_str(), queue, reason = bad.reason.as_str();
-                "malformed queue message recorded as failed");
-            return Ok(Taken::Settled);
+/// Records elements taken from `queue` in MySQL: malformed ones as `failed`, the others in one
+/// transaction (insert, or take over a pending row). Returns the tasks to schedule, in order.
+fn record(
+    store: &Store,
+    queue: &str,
+    raws: &[Vec<u8>],
+) -> Result<Vec<Task>, crate::store::StoreError> {
+    let mut msgs = Vec::with_capacity(raws.len());
+    for raw in raws {
+        match message::parse(raw, || uuid::Uuid::new_v4().to_string()) {
+            Ok(m) => msgs.push(m),
+            Err(bad) => {
+                let id = store.record_malformed(bad.task_id.as_deref(), queue, raw, &bad.reason)?;
+                log::warn!(task_id = id.as_str(), queue, reason = bad.reason.as_str();
+                    "malformed queue message recorded as failed");
+            }
         }
+    }
+    let payloads: Vec<String> = msgs.iter().map(|m| m.to_json()).collect();
+    let rows: Vec<NewTask<'_>> = msgs
+        .iter()
+        .zip(&payloads)
+        .map(|(m, payload)| NewTask {
+            task_id: &m.task_id,
+            kind: &m.kind,
+            payload,
+            max_attempts: m.max_attempts,
+            timeout_s: m.timeout_s,
+        })
+        .collect();
+    let accepted = if rows.is_empty() {
+        Vec::new()
+    } else {
+        store.accept(queue, &rows)?
     };
-    let attempts = match store.accept(
-        &msg.task_id,
-        queue,
-        &msg.kind,
-        &msg.to_json(),
-        msg.max_attempts,
-        msg.timeout_s,
-    )? {
-        Accepted::New => 0,
-        Accepted::Resumed { attempts } => attempts,
-        Accepted::Exists { state } => {
-            log::warn!(task_id = msg.task_id.as_str(), queue, state = state.as_str();
-                "task id already known and not pending here: duplicate dropped");
-            return Ok(Taken::Settled);
-        }
-    };
-    log::debug!(task_id = msg.task_id.as_str(), queue, kind = msg.kind.as_str(); "task taken");
-    Ok(Taken::Task(Task::new(msg, queue, attempts)))
+    let mut tasks = Vec::with_capacity(msgs.len());
+    for (msg, a) in msgs.into_iter().zip(accepted) {
+        let attempts = match a {
+            Accepted::New => 0,
+            Accepted::Resumed { attempts } => attempts,
+            Accepted::Exists { state } => {
+                log::warn!(task_id = msg.task_id.as_str(), queue, state = state.as_str();
+                    "task id already known and not pending here: duplicate dropped");
+                continue;
+            }
+        };
+        log::debug!(task_id = msg.task_id.as_str(), queue, kind = msg.kind.as_str(); "task taken");
+        tasks.push(Task::new(msg, queue, attempts));
+    }
+    Ok(tasks)
 }
 
 pub struct Poller {
@@ -215,9 +240,10 @@ impl Poller {
             let taken = script
                 .key(queues)
                 .key(&in_hand)
-                .invoke::<Option<(usize, Vec<u8>)>>(c)
+                .arg(TAKE_BATCH)
+                .invoke::<Option<(usize, Vec<Vec<u8>>)>>(c)
                 .and_then(|got| match got {
-                    Some((i, raw)) => Ok(Some((i.saturating_sub(1).min(queues.len() - 1), raw))),
+                    Some((i, raws)) => Ok(Some((i.saturating_sub(1).min(queues.len() - 1), raws))),
                     None => redis::cmd("BLMOVE")
                         .arg(&queues[0])
                         .arg(&in_hand[0])
@@ -225,13 +251,13 @@ impl Poller {
                         .arg("RIGHT")
                         .arg(block)
                         .query::<Option<Vec<u8>>>(c)
-                        .map(|v| v.map(|raw| (0, raw))),
+                        .map(|v| v.map(|raw| (0, vec![raw]))),
                 });
             match taken {
                 Ok(None) => backoff.reset(),
-                Ok(Some((i, raw))) => {
+                Ok(Some((i, raws))) => {
                     backoff.reset();
-                    if let Err(wait) = self.take(c, &in_hand[i], &queues[i], raw, &mut backoff) {
+                    if let Err(wait) = self.take(c, &in_hand[i], &queues[i], raws, &mut backoff) {
                         self.shared.stop.sleep(wait);
                     }
                 }
@@ -260,8 +286,8 @@ impl Poller {
                 log::info!(queue = queue.as_str(), count = items.len();
                     "recovering tasks left in the in-hand list");
             }
-            for raw in items {
-                if let Err(wait) = self.take(c, key, queue, raw, backoff) {
+            for chunk in items.chunks(TAKE_BATCH) {
+                if let Err(wait) = self.take(c, key, queue, chunk.to_vec(), backoff) {
                     self.shared.stop.sleep(wait);
                 }
             }
@@ -277,66 +303,70 @@ impl Poller {
         self.shared.stop.sleep(wait);
     }
 
-    /// Records one moved element, clears it from the in-hand list and hands it on. `Err(wait)` asks
-    /// the caller to back off.
+    /// Records moved elements, clears them from the in-hand list and hands them on, in order.
+    /// `Err(wait)` asks the caller to back off.
     fn take(
         &self,
         conn: &mut Connection,
         in_hand: &str,
         queue: &str,
-        raw: Vec<u8>,
+        raws: Vec<Vec<u8>>,
         backoff: &mut Backoff,
     ) -> Result<(), Duration> {
-        let taken = match record(&self.shared.store, queue, &raw) {
+        let tasks = match record(&self.shared.store, queue, &raws) {
             Ok(t) => t,
             Err(e) => {
-                // Back to the head of its queue, in one step, and wait for MySQL.
+                // Back to the head of their queue, in order, in one step; then wait for MySQL.
                 let wait = backoff.next_delay();
-                let moved: Result<(), _> = redis::pipe()
-                    .atomic()
-                    .cmd("LREM")
-                    .arg(in_hand)
-                    .arg(1)
-                    .arg(&raw)
-                    .ignore()
-                    .cmd("LPUSH")
-                    .arg(queue)
-                    .arg(&raw)
-                    .ignore()
-                    .query(conn);
+                let mut pipe = redis::pipe();
+                pipe.atomic();
+                for raw in &raws {
+                    pipe.cmd("LREM").arg(in_hand).arg(1).arg(raw).ignore();
+                }
+                for raw in raws.iter().rev() {
+                    pipe.cmd("LPUSH").arg(queue).arg(raw).ignore();
+                }
+                let moved: Result<(), _> = pipe.query(conn);
                 self.shared.set_problem("mysql", Some(e.to_string()));
                 self.shared.metrics.errors.inc("mysql");
                 match moved {
-                    Ok(()) => log::warn!(queue, error:% = e, retry_in:? = wait;
-                        "mysql unavailable: task returned to its queue"),
+                    Ok(()) => log::warn!(queue, count = raws.len(), error:% = e, retry_in:? = wait;
+                        "mysql unavailable: tasks returned to their queue"),
                     Err(re) => log::warn!(queue, error:% = e, redis_error:% = re;
-                        "mysql unavailable; task stays in the in-hand list until restart"),
+                        "mysql unavailable; tasks stay in the in-hand list until reconnect"),
                 }
                 return Err(wait);
             }
         };
-        let removed: Result<(), _> = redis::cmd("LREM").arg(in_hand).arg(1).arg(&raw).query(conn);
-        if let Err(e) = removed {
-            // Recorded already: a leftover copy is dropped as a duplicate at the next start.
+        let mut pipe = redis::pipe();
+        for raw in &raws {
+            pipe.cmd("LREM").arg(in_hand).arg(1).arg(raw).ignore();
+        }
+        if let Err(e) = pipe.query::<()>(conn) {
+            // Recorded already: a leftover copy is dropped as a duplicate when taken again.
             log::warn!(queue, error:% = e; "could not clear the in-hand list");
         }
-        let Taken::Task(mut task) = taken else {
-            return Ok(());
-        };
-        loop {
-            // Blocked on a full fleet is waiting, not being stuck.
-            self.shared.tick("qsys-poller");
-            match self.tx.send_timeout(task, Duration::from_millis(200)) {
-                Ok(()) => return Ok(()),
-                Err(SendTimeoutError::Timeout(t)) if !self.shared.stop.is_stopping() => task = t,
-                Err(SendTimeoutError::Timeout(t) | SendTimeoutError::Disconnected(t)) => {
-                    if let Err(e) = hand_back(&self.client, &self.shared.store, &[t]) {
-                        log::error!(error:% = e;
-                            "could not return a task to redis at stop; it resumes at next start");
+        let mut tasks = tasks.into_iter();
+        while let Some(mut task) = tasks.next() {
+            loop {
+                // Blocked on a full fleet is waiting, not being stuck.
+                self.shared.tick("qsys-poller");
+                match self.tx.send_timeout(task, Duration::from_millis(200)) {
+                    Ok(()) => break,
+                    Err(SendTimeoutError::Timeout(t)) if !self.shared.stop.is_stopping() => {
+                        task = t
                     }
-                    return Ok(());
+                    Err(SendTimeoutError::Timeout(t) | SendTimeoutError::Disconnected(t)) => {
+                        let back: Vec<Task> = std::iter::once(t).chain(tasks).collect();
+                        if let Err(e) = hand_back(&self.client, &self.shared.store, &back) {
+                            log::error!(error:% = e;
+                                "could not return tasks to redis at stop; they resume at next start");
+                        }
+                        return Ok(());
+                    }
                 }
             }
         }
+        Ok(())
     }
 }

@@ -1,8 +1,9 @@
 //! The scheduler thread (`qsys-scheduler`): decides where each task runs.
 //!
 //! It receives tasks from the poller's bounded channel and keeps at most `prefetch` of them in hand.
-//! A GPU task gets the least-loaded GPU's free slot ([`crate::slots`]), claimed in MySQL in the same
-//! transaction that moves the task to `processing`, and goes to the dispatch pool. Other types go to
+//! A GPU task gets the least-loaded GPU's free slot ([`crate::slots`]), reserved in memory, and goes
+//! to the dispatch pool, whose worker claims the slot in MySQL (in the same transaction that moves
+//! the task to `processing`) before it calls the GPU; a refused claim comes back here. Other types go to
 //! the handler pool through a rendezvous channel: only an idle worker takes one, so nothing queues
 //! invisibly. An unknown type fails at once. When nothing can be placed it stops receiving, which
 //! blocks the poller, which leaves tasks in Redis (promise 6).
@@ -22,19 +23,21 @@ use crossbeam_channel::{never, select, Receiver, Sender, TrySendError};
 use crate::config::{Completion, Endpoint, Handler};
 use crate::shared::{Event, Shared, Task};
 use crate::slots::Holder;
-use crate::store::Claim;
 
 /// How many tasks the scheduler holds beyond what it has placed.
 pub const PREFETCH: usize = 8;
 
-/// A GPU attempt, handed to a dispatch worker with its slot already claimed.
+/// A GPU attempt, handed to a dispatch worker with its slot reserved in memory; the worker claims it
+/// in MySQL.
 #[derive(Debug)]
 pub struct GpuJob {
     pub task: Task,
     pub attempt: u32,
-    /// The GPU's settings as they were when the slot was claimed.
+    /// The GPU's settings as they were when the slot was reserved.
     pub endpoint: Arc<Endpoint>,
     pub slot: usize,
+    /// The attempt's lease, from the task or the endpoint.
+    pub lease: Duration,
 }
 
 /// What became of one attempt to place a task.
@@ -129,9 +132,18 @@ impl Scheduler {
     }
 
     fn on_event(&mut self, event: Event) {
-        if let Event::Retry { task_id, after } = event {
-            self.delayed
-                .push(Reverse((Instant::now() + after, task_id)));
+        match event {
+            Event::Wake => {}
+            Event::Retry { task_id, after } => {
+                self.delayed
+                    .push(Reverse((Instant::now() + after, task_id)));
+            }
+            Event::Unplaced { task, db_trouble } => {
+                if db_trouble {
+                    self.retry_at = Some(Instant::now() + Duration::from_secs(1));
+                }
+                self.pending.push_front(*task);
+            }
         }
     }
 
@@ -229,85 +241,48 @@ impl Scheduler {
 
     fn place_gpu(&mut self, task: Task) -> Placed {
         let attempt = task.attempts + 1;
-        loop {
-            let (at, ep) = {
-                let mut m = self.shared.slots();
-                let Some(at) = m.pick_avoiding(task.avoid_gpu.as_deref()) else {
-                    return Placed::Wait(task);
-                };
-                m.occupy(
-                    at,
-                    Holder {
-                        task_id: task.msg.task_id.clone(),
-                        attempt,
-                        since: Instant::now(),
-                    },
-                );
-                (at, Arc::clone(m.endpoint(at.gpu)))
+        let (at, ep) = {
+            let mut m = self.shared.slots();
+            let Some(at) = m.pick_avoiding(task.avoid_gpu.as_deref()) else {
+                return Placed::Wait(task);
             };
-            let timeout = task
-                .msg
-                .timeout_s
-                .map(Duration::from_secs)
-                .unwrap_or(ep.task_timeout);
-            // In response mode the call itself may run for the whole timeout: give the lease the
-            // request timeout on top so the call's own verdict comes first.
-            let lease = match ep.completion {
-                Completion::Callback => timeout,
-                Completion::Response => timeout + ep.request_timeout,
-            };
-            let claim = self.shared.store.claim_gpu_attempt(
-                &task.msg.task_id,
-                task.attempts,
-                &ep.id,
-                at.slot,
-                lease,
+            m.occupy(
+                at,
+                Holder {
+                    task_id: task.msg.task_id.clone(),
+                    attempt,
+                    since: Instant::now(),
+                },
             );
-            match claim {
-                Ok(Claim::Claimed) => {
-                    self.shared
-                        .announce(true, &ep.id, at.slot, &task.msg.task_id, attempt);
-                    log::info!(task_id = task.msg.task_id.as_str(), gpu = ep.id.as_str(),
-                        slot = at.slot, attempt, queue = task.queue.as_str(); "slot claimed");
-                    let job = GpuJob {
-                        task,
-                        attempt,
-                        endpoint: ep,
-                        slot: at.slot,
-                    };
-                    // The channel holds one job per slot, so this never blocks; it fails only
-                    // if every dispatch worker is gone, which the supervisor is already handling.
-                    if let Err(e) = self.gpu_jobs.send(job) {
-                        log::error!(task_id = e.0.task.msg.task_id.as_str();
-                            "dispatch pool gone; task stays processing until its lease ends");
-                    }
-                    return Placed::Done;
-                }
-                Ok(Claim::SlotTaken { holder, attempt }) => {
-                    // MySQL knows a holder the matrix did not: mirror it and pick again.
-                    log::warn!(gpu = ep.id.as_str(), slot = at.slot, holder = holder.as_str();
-                        "slot held in mysql but free in memory; mirrored");
-                    self.shared.slots().occupy(
-                        at,
-                        Holder {
-                            task_id: holder,
-                            attempt,
-                            since: Instant::now(),
-                        },
-                    );
-                }
-                Ok(Claim::NotPending) => {
-                    self.shared.slots().vacate(at);
-                    log::info!(task_id = task.msg.task_id.as_str();
-                        "task no longer pending (moved elsewhere); dropped from hand");
-                    return Placed::Done;
-                }
-                Err(e) => {
-                    self.shared.slots().vacate(at);
-                    return self.db_trouble(task, &e);
-                }
-            }
+            (at, Arc::clone(m.endpoint(at.gpu)))
+        };
+        let timeout = task
+            .msg
+            .timeout_s
+            .map(Duration::from_secs)
+            .unwrap_or(ep.task_timeout);
+        // In response mode the call itself may run for the whole timeout: give the lease the
+        // request timeout on top so the call's own verdict comes first.
+        let lease = match ep.completion {
+            Completion::Callback => timeout,
+            Completion::Response => timeout + ep.request_timeout,
+        };
+        // The worker claims the slot in MySQL (many claims commit in parallel that way); the
+        // in-memory reservation keeps this instance from picking the slot twice.
+        let job = GpuJob {
+            task,
+            attempt,
+            endpoint: ep,
+            slot: at.slot,
+            lease,
+        };
+        // The channel is unbounded (jobs never outnumber reserved slots); it fails only if every
+        // dispatch worker is gone, which the supervisor is already handling.
+        if let Err(e) = self.gpu_jobs.send(job) {
+            log::error!(task_id = e.0.task.msg.task_id.as_str();
+                "dispatch pool gone; task stays pending until the next start");
         }
+        Placed::Done
     }
 
     /// At a stop: everything still in hand, and whatever the poller sent meanwhile, goes back to

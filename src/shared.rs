@@ -62,12 +62,15 @@ impl Task {
 }
 
 /// What the scheduler is told by other threads.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Event {
     /// Something may have become possible (a slot or a worker freed).
     Wake,
     /// A task is `pending` again and may run once `after` has passed.
     Retry { task_id: String, after: Duration },
+    /// A dispatch worker could not claim the slot reserved for this task (another instance holds
+    /// it, or MySQL failed): place it again.
+    Unplaced { task: Box<Task>, db_trouble: bool },
 }
 
 pub struct Shared {

@@ -172,6 +172,16 @@ pub enum Finish {
     Unknown,
 }
 
+/// A task to record, as taken from a queue.
+#[derive(Debug, Clone, Copy)]
+pub struct NewTask<'a> {
+    pub task_id: &'a str,
+    pub kind: &'a str,
+    pub payload: &'a str,
+    pub max_attempts: Option<u32>,
+    pub timeout_s: Option<u64>,
+}
+
 /// A `pending` task as stored: enough to schedule it again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredTask {
@@ -340,45 +350,55 @@ impl Store {
             .collect())
     }
 
-    /// Records a task taken from `queue`. `payload` is the message in the seed's format.
-    pub fn accept(
-        &self,
-        task_id: &str,
-        queue: &str,
-        kind: &str,
-        payload: &str,
-        max_attempts: Option<u32>,
-        timeout_s: Option<u64>,
-    ) -> Result<Accepted, StoreError> {
+    /// Records tasks taken from `queue`, all in one transaction (one log flush for the batch).
+    /// Each is `(task_id, kind, payload, max_attempts, timeout_s)`, `payload` the message in the
+    /// seed's format. A pending row nobody holds (handed back to Redis at a stop) or that this
+    /// instance holds (a copy left in Redis by a crash) is taken over; any other existing row makes
+    /// the copy a duplicate.
+    pub fn accept(&self, queue: &str, tasks: &[NewTask<'_>]) -> Result<Vec<Accepted>, StoreError> {
         let mut c = self.conn()?;
-        c.exec_drop(
-            "INSERT INTO tasks (task_id, queue, state, type, payload, attempts, max_attempts, \
-             timeout_s, instance_id, created_at) \
-             VALUES (:id, :queue, 'pending', :kind, :payload, 0, :max, :timeout, :inst, NOW(3)) \
-             ON DUPLICATE KEY UPDATE task_id = task_id",
-            params! {
-                "id" => task_id, queue, kind, payload, "max" => max_attempts,
-                "timeout" => timeout_s, "inst" => &self.instance,
-            },
-        )?;
-        if c.affected_rows() == 1 {
-            return Ok(Accepted::New);
+        let mut tx = c.start_transaction(TxOpts::default())?;
+        let mut out = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            tx.exec_drop(
+                "INSERT INTO tasks (task_id, queue, state, type, payload, attempts, max_attempts, \
+                 timeout_s, instance_id, created_at) \
+                 VALUES (:id, :queue, 'pending', :kind, :payload, 0, :max, :timeout, :inst, NOW(3)) \
+                 ON DUPLICATE KEY UPDATE task_id = task_id",
+                params! {
+                    "id" => t.task_id, queue, "kind" => t.kind, "payload" => t.payload,
+                    "max" => t.max_attempts, "timeout" => t.timeout_s, "inst" => &self.instance,
+                },
+            )?;
+            if tx.affected_rows() == 1 {
+                out.push(Accepted::New);
+                continue;
+            }
+            tx.exec_drop(
+                "UPDATE tasks SET instance_id = :inst, updated_at = NOW(3) WHERE task_id = :id \
+                 AND state = 'pending' AND (instance_id IS NULL OR instance_id = :inst)",
+                params! { "inst" => &self.instance, "id" => t.task_id },
+            )?;
+            let took = tx.affected_rows() == 1;
+            // The seed's table allowed a NULL state; such a row is not ours to resume.
+            let row: Option<(Option<String>, u32)> = tx.exec_first(
+                "SELECT state, attempts FROM tasks WHERE task_id = ?",
+                (t.task_id,),
+            )?;
+            out.push(match row {
+                Some((Some(state), attempts)) if state == "pending" && took => {
+                    Accepted::Resumed { attempts }
+                }
+                Some((state, _)) => Accepted::Exists {
+                    state: state.unwrap_or_else(|| "NULL".into()),
+                },
+                None => Accepted::Exists {
+                    state: "deleted".into(),
+                },
+            });
         }
-        // The seed's table allowed a NULL state; such a row is not ours to resume.
-        let row: Option<(Option<String>, u32)> = c.exec_first(
-            "SELECT state, attempts FROM tasks WHERE task_id = ?",
-            (task_id,),
-        )?;
-        Ok(match row {
-            Some((Some(state), attempts)) if state == "pending" => Accepted::Resumed { attempts },
-            Some((state, _)) => Accepted::Exists {
-                state: state.unwrap_or_else(|| "NULL".into()),
-            },
-            // Deleted between the two statements: treat as a duplicate and let the next copy in.
-            None => Accepted::Exists {
-                state: "deleted".into(),
-            },
-        })
+        tx.commit()?;
+        Ok(out)
     }
 
     /// Records a queue element that could not be parsed as `failed`, keeping the raw text for

@@ -45,7 +45,13 @@ fn assert_all_settled(env: &TestEnv, fleet: &Fleet, tag: &str, limit: Duration) 
     let done = wait_for(limit, || {
         env.count(&format!("task_id LIKE '{tag}-%' AND state = 'finished'")) == N as u64
     });
-    assert!(done, "not all finished: {:?}", env.states());
+    if !done {
+        let stuck: Vec<(String, String, Option<String>, u32, Option<String>)> = env.query(
+            "SELECT task_id, state, instance_id, attempts, error FROM tasks \
+             WHERE state <> 'finished' LIMIT 20",
+        );
+        panic!("not all finished: {:?}\n{stuck:#?}", env.states());
+    }
     let rows = env.count(&format!("task_id LIKE '{tag}-%'"));
     assert_eq!(rows, N as u64, "none missing, none invented");
     let seen = fleet.stats().seen();

@@ -20,6 +20,23 @@ const SEED_DDL: &[&str] = &[
     "CREATE INDEX idx_tasks_type ON tasks(type)",
 ];
 
+fn new_task(id: &str) -> qsys::store::NewTask<'_> {
+    qsys::store::NewTask {
+        task_id: id,
+        kind: "start_transcribe",
+        payload: "{}",
+        max_attempts: None,
+        timeout_s: None,
+    }
+}
+
+fn accept(store: &Store, id: &str) -> qsys::store::Accepted {
+    store
+        .accept("q", &[new_task(id)])
+        .expect("accept")
+        .remove(0)
+}
+
 fn columns(env: &TestEnv) -> Vec<String> {
     env.query(&format!(
         "SELECT column_name FROM information_schema.columns \
@@ -99,18 +116,14 @@ fn seed_table_is_migrated_in_place_and_keeps_its_rows() {
     );
     assert_eq!(busy, [("g3".to_string(), 1)]);
     // A task id the seed left in a terminal state is never reset by a new copy.
-    let accepted = store
-        .accept("old-1", "q", "start_transcribe", "{}", None, None)
-        .expect("accept");
+    let accepted = accept(&store, "old-1");
     assert_eq!(
         accepted,
         qsys::store::Accepted::Exists {
             state: "finished".into()
         }
     );
-    let accepted = store
-        .accept("old-3", "q", "start_transcribe", "{}", None, None)
-        .expect("accept");
+    let accepted = accept(&store, "old-3");
     assert_eq!(
         accepted,
         qsys::store::Accepted::Exists {
@@ -145,9 +158,7 @@ fn a_slot_is_claimed_once() {
     store.migrate().expect("migrate");
     store.ensure_slots(&[("g0".into(), 1)]).expect("slots");
     for id in ["a", "b"] {
-        store
-            .accept(id, "q", "start_transcribe", "{}", None, None)
-            .expect("accept");
+        store.accept("q", &[new_task(id)]).expect("accept");
     }
     let lease = std::time::Duration::from_secs(60);
     use qsys::store::Claim;

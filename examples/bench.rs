@@ -1,0 +1,412 @@
+//! The end-to-end benchmark (`bash scripts/bench.sh`): the release `qsysd` as a child process
+//! against the local Redis and MariaDB, the fake GPU fleet in this process with instant completion,
+//! and `qsys-push` for the producer side. Prints one line per measure and, with `--record FILE`,
+//! appends a dated section with the machine and settings to that file (BENCHMARKS.md).
+//!
+//! Measures:
+//! - throughput: N tasks pushed at once, first push to last `finished` row (MySQL timestamps);
+//! - push -> dispatch latency p50/p99: tasks pushed one by one at a steady rate below capacity, from
+//!   the push to the fake GPU receiving the request;
+//! - slot gap p50/p99 under saturation: a slot's attempt ending to the next attempt starting on it
+//!   (from `task_attempts`, millisecond timestamps);
+//! - qsysd peak RSS and CPU seconds per 1,000 tasks (from /proc);
+//! - RSS with 100,000 tasks waiting in Redis;
+//! - start to `READY=1`;
+//! - `qsys-push` rate from NDJSON.
+
+use std::io::Write;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use mysql::prelude::Queryable;
+use qsys::fakegpu::{Fleet, FleetConfig};
+
+#[derive(Parser)]
+struct Args {
+    /// Tasks in the throughput run.
+    #[arg(long, default_value_t = 20_000)]
+    tasks: usize,
+    #[arg(long, default_value_t = 16)]
+    gpus: usize,
+    #[arg(long, default_value_t = 4)]
+    slots: usize,
+    /// qsysd instances sharing the run (scale-out throughput).
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
+    /// Skip the slower measures (latency at a steady rate, 100k backlog RSS, push rate).
+    #[arg(long)]
+    quick: bool,
+    /// Append the results to this Markdown file.
+    #[arg(long)]
+    record: Option<PathBuf>,
+}
+
+const DB: &str = "qsys_bench";
+const MYSQL: &str = "mysql://root@127.0.0.1:3306";
+
+fn bin(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/release")
+        .join(name)
+}
+
+fn mysql() -> anyhow::Result<mysql::Conn> {
+    Ok(mysql::Conn::new(mysql::Opts::from_url(MYSQL)?)?)
+}
+
+fn redis() -> anyhow::Result<redis::Connection> {
+    let c = redis::Client::open("redis://127.0.0.1:6379/0")?
+        .get_connection_with_timeout(Duration::from_secs(3))?;
+    c.set_read_timeout(Some(Duration::from_secs(60)))?;
+    Ok(c)
+}
+
+fn reset(queue: &str) -> anyhow::Result<()> {
+    mysql()?.query_drop(format!("DROP DATABASE IF EXISTS {DB}"))?;
+    let mut r = redis()?;
+    let keys: Vec<String> = redis::cmd("KEYS").arg("bench:*").query(&mut r)?;
+    if !keys.is_empty() {
+        redis::cmd("DEL").arg(keys).query::<()>(&mut r)?;
+    }
+    redis::cmd("DEL").arg(queue).query::<()>(&mut r)?;
+    Ok(())
+}
+
+fn config(dir: &Path, urls: &[String], slots: usize, instance: usize) -> anyhow::Result<PathBuf> {
+    let mut s = format!(
+        r#"[redis]
+queues = ["bench:q"]
+key_prefix = "bench"
+[mysql]
+url = "{MYSQL}/{DB}"
+[callback]
+listen = "127.0.0.1:0"
+secret = "bench-secret-0123456789"
+[admin]
+listen = "127.0.0.1:0"
+[gpu]
+slots = {slots}
+[daemon]
+instance_id = "bench-{instance}"
+log_level = "warn"
+log_target = "stderr"
+"#
+    );
+    for (i, u) in urls.iter().enumerate() {
+        s.push_str(&format!(
+            "[[gpu.endpoints]]\nid = \"g{i}\"\nurl = \"{u}\"\n"
+        ));
+    }
+    let p = dir.join(format!("qsysd-{instance}.toml"));
+    std::fs::write(&p, s)?;
+    Ok(p)
+}
+
+/// A qsysd child with a notify socket, started and waited for until READY=1.
+struct Qsysd {
+    child: Child,
+    ready_after: Duration,
+}
+
+impl Qsysd {
+    fn start(config: &Path, dir: &Path, n: usize) -> anyhow::Result<Qsysd> {
+        let sock_path = dir.join(format!("notify-{n}.sock"));
+        let _ = std::fs::remove_file(&sock_path);
+        let sock = UnixDatagram::bind(&sock_path)?;
+        sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let t0 = Instant::now();
+        let child = Command::new(bin("qsysd"))
+            .arg("--config")
+            .arg(config)
+            .env_clear()
+            .env("NOTIFY_SOCKET", &sock_path)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join(format!("qsysd-{n}.log")))?)
+            .spawn()?;
+        let mut buf = [0u8; 512];
+        loop {
+            if let Ok(k) = sock.recv(&mut buf) {
+                if String::from_utf8_lossy(&buf[..k]).contains("READY=1") {
+                    return Ok(Qsysd {
+                        child,
+                        ready_after: t0.elapsed(),
+                    });
+                }
+            }
+            if t0.elapsed() > Duration::from_secs(20) {
+                bail!("qsysd not ready after 20 s; see {}", dir.display());
+            }
+        }
+    }
+
+    /// (peak RSS in KiB, CPU seconds) from /proc.
+    fn usage(&self) -> anyhow::Result<(u64, f64)> {
+        let pid = self.child.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let hwm = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .context("VmHWM")?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        // utime and stime are fields 14 and 15 of stat(5); after the ')' they are 12 and 13.
+        let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+        // SAFETY: sysconf has no memory effects.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        Ok((hwm, ticks as f64 / hz))
+    }
+
+    fn stop(mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn push_ndjson(lines: &[String]) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    let mut child = Command::new(bin("qsys-push"))
+        .args(["--file", "-", "--queue", "bench:q"])
+        .env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()?;
+    {
+        let mut stdin = child.stdin.take().context("stdin")?;
+        for l in lines {
+            writeln!(stdin, "{l}")?;
+        }
+    }
+    if !child.wait()?.success() {
+        bail!("qsys-push failed");
+    }
+    Ok(t0.elapsed())
+}
+
+fn task_line(i: usize, tag: &str) -> String {
+    format!(
+        r#"{{"type":"start_transcribe","data":{{"s3_key":"rec/{i}.wav","task_id":"{tag}-{i}"}}}}"#
+    )
+}
+
+fn finished(c: &mut mysql::Conn) -> anyhow::Result<u64> {
+    Ok(c.query_first::<u64, _>(format!(
+        "SELECT COUNT(*) FROM {DB}.tasks WHERE state = 'finished'"
+    ))?
+    .unwrap_or(0))
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let dir = std::env::temp_dir().join("qsys-bench");
+    std::fs::create_dir_all(&dir)?;
+    reset("bench:q")?;
+    let fleet = Fleet::start(FleetConfig {
+        gpus: a.gpus,
+        delay: (Duration::ZERO, Duration::ZERO),
+        ..FleetConfig::default()
+    })?;
+    let mut results: Vec<(String, String)> = Vec::new();
+    let mut say = |k: &str, v: String| {
+        println!("{k:<44} {v}");
+        results.push((k.to_string(), v));
+    };
+
+    // Throughput, CPU, RSS, slot gap.
+    let mut daemons = Vec::new();
+    for i in 0..a.instances {
+        let cfg = config(&dir, fleet.urls(), a.slots, i)?;
+        daemons.push(Qsysd::start(&cfg, &dir, i)?);
+    }
+    say(
+        "start to READY=1 (ms)",
+        format!("{:.0}", daemons[0].ready_after.as_secs_f64() * 1e3),
+    );
+    let lines: Vec<String> = (0..a.tasks).map(|i| task_line(i, "t")).collect();
+    let cpu0: f64 = daemons
+        .iter()
+        .map(|d| d.usage().map(|u| u.1).unwrap_or(0.0))
+        .sum();
+    let t0 = Instant::now();
+    let push_took = push_ndjson(&lines)?;
+    let mut c = mysql()?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while finished(&mut c)? < a.tasks as u64 {
+        if Instant::now() > deadline {
+            bail!("throughput run did not finish in 600 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let wall = t0.elapsed();
+    // First push to last finished row, by the database's clock.
+    let span: f64 = c
+        .query_first::<f64, _>(format!(
+            "SELECT TIMESTAMPDIFF(MICROSECOND, MIN(created_at), MAX(finished_at)) / 1e6 FROM {DB}.tasks"
+        ))?
+        .unwrap_or(f64::NAN);
+    let (mut rss, mut cpu) = (0, 0.0);
+    for d in &daemons {
+        let (r, c) = d.usage()?;
+        rss = rss.max(r);
+        cpu += c;
+    }
+    say(
+        &format!(
+            "throughput, {} tasks, {}x{} slots, {} instance(s) (tasks/s)",
+            a.tasks, a.gpus, a.slots, a.instances
+        ),
+        format!(
+            "{:.0} (wall {:.2} s incl. push {:.2} s; first take to last finish {:.2} s)",
+            a.tasks as f64 / wall.as_secs_f64(),
+            wall.as_secs_f64(),
+            push_took.as_secs_f64(),
+            span
+        ),
+    );
+    say(
+        "qsysd CPU seconds per 1,000 tasks",
+        format!("{:.3}", (cpu - cpu0) / a.tasks as f64 * 1000.0),
+    );
+    say(
+        "qsysd peak RSS during the run (MiB)",
+        format!("{:.1}", rss as f64 / 1024.0),
+    );
+    let mut gaps: Vec<f64> = c.query(format!(
+        "SELECT TIMESTAMPDIFF(MICROSECOND, prev_end, started_at) / 1000 FROM ( \
+           SELECT started_at, LAG(ended_at) OVER (PARTITION BY gpu_id, slot_index ORDER BY started_at) AS prev_end \
+           FROM {DB}.task_attempts) g WHERE prev_end IS NOT NULL"
+    ))?;
+    gaps.sort_by(f64::total_cmp);
+    say(
+        "slot freed -> next dispatch, saturated (ms p50 / p99)",
+        format!(
+            "{:.1} / {:.1}  ({} gaps, ms resolution)",
+            percentile(&gaps, 0.5),
+            percentile(&gaps, 0.99),
+            gaps.len()
+        ),
+    );
+    for d in daemons {
+        d.stop();
+    }
+
+    if !a.quick {
+        // Latency at a steady rate below capacity: one push every 2 ms for 5 s.
+        reset("bench:q")?;
+        let cfg = config(&dir, fleet.urls(), a.slots, 0)?;
+        let d = Qsysd::start(&cfg, &dir, 0)?;
+        let client = redis::Client::open("redis://127.0.0.1:6379/0")?;
+        let mut r = client.get_connection_with_timeout(Duration::from_secs(3))?;
+        let n = 2500;
+        let mut pushed = Vec::with_capacity(n);
+        let start = Instant::now();
+        for i in 0..n {
+            let due = start + Duration::from_millis(2 * i as u64);
+            if let Some(w) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(w);
+            }
+            pushed.push(Instant::now());
+            redis::cmd("RPUSH")
+                .arg("bench:q")
+                .arg(task_line(i, "lat"))
+                .query::<()>(&mut r)?;
+        }
+        let mut c = mysql()?;
+        while finished(&mut c)? < n as u64 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let received = fleet.stats().received_at();
+        let mut lat: Vec<f64> = (0..n)
+            .filter_map(|i| {
+                let at = received.get(&format!("lat-{i}"))?;
+                Some(at.saturating_duration_since(pushed[i]).as_secs_f64() * 1e3)
+            })
+            .collect();
+        lat.sort_by(f64::total_cmp);
+        say(
+            "push -> dispatch at 500 tasks/s (ms p50 / p99)",
+            format!(
+                "{:.2} / {:.2}",
+                percentile(&lat, 0.5),
+                percentile(&lat, 0.99)
+            ),
+        );
+        d.stop();
+
+        // RSS with 100,000 tasks waiting: every slot busy for good (the fleet never answers).
+        reset("bench:q")?;
+        let hung = Fleet::start(FleetConfig {
+            gpus: a.gpus,
+            hang_rate: 1.0,
+            ..FleetConfig::default()
+        })?;
+        let cfg = config(&dir, hung.urls(), a.slots, 0)?;
+        let d = Qsysd::start(&cfg, &dir, 0)?;
+        let backlog: Vec<String> = (0..100_000).map(|i| task_line(i, "w")).collect();
+        let took = push_ndjson(&backlog)?;
+        say(
+            "qsys-push, 100,000 tasks as NDJSON (tasks/s)",
+            format!("{:.0}", 100_000.0 / took.as_secs_f64()),
+        );
+        std::thread::sleep(Duration::from_secs(5));
+        let waiting: u64 = redis::cmd("LLEN").arg("bench:q").query(&mut redis()?)?;
+        let (rss, _) = d.usage()?;
+        say(
+            "qsysd RSS with 100,000 tasks waiting (MiB)",
+            format!("{:.1} ({waiting} still in Redis)", rss as f64 / 1024.0),
+        );
+        d.stop();
+        hung.stop();
+    }
+    fleet.stop();
+
+    if let Some(path) = a.record {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        let cpus = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+            })
+            .unwrap_or_default();
+        let flush: Option<String> =
+            mysql()?.query_first("SELECT @@innodb_flush_log_at_trx_commit")?;
+        writeln!(f, "\n### Run of {}\n", chrono_like_now())?;
+        writeln!(f, "Machine: {} cores of {cpus}; MariaDB innodb_flush_log_at_trx_commit={}; settings: {} tasks, {} GPUs x {} slots, {} instance(s), instant completion.\n", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), flush.unwrap_or_default(), a.tasks, a.gpus, a.slots, a.instances)?;
+        writeln!(f, "| measure | result |\n|---|---|")?;
+        for (k, v) in &results {
+            writeln!(f, "| {k} | {v} |")?;
+        }
+    }
+    Ok(())
+}
+
+/// The current UTC time as `YYYY-MM-DD HH:MM`, from `date` (no time crate needed for one line).
+fn chrono_like_now() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
