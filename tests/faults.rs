@@ -46,7 +46,8 @@ fn assert_all_settled(env: &TestEnv, fleet: &Fleet, tag: &str, limit: Duration) 
         env.count(&format!("task_id LIKE '{tag}-%' AND state = 'finished'")) == N as u64
     });
     if !done {
-        let stuck: Vec<(String, String, Option<String>, u32, Option<String>)> = env.query(
+        type Row = (String, String, Option<String>, u32, Option<String>);
+        let stuck: Vec<Row> = env.query(
             "SELECT task_id, state, instance_id, attempts, error FROM tasks \
              WHERE state <> 'finished' LIMIT 20",
         );
