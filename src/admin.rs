@@ -13,9 +13,9 @@
 //!
 //! With `admin.token` set, every request but `/healthz` needs `Authorization: Bearer <token>`;
 //! `GET /` also takes it as `?token=` (a browser cannot send a header when it opens a page), and
-//! without it answers with a small login form. Because browsers now talk to this listener, a
-//! request whose `Origin` is not this listener is refused (a page elsewhere must not drain a GPU),
-//! and so is a tokenless listener reached by a name that is not loopback (DNS rebinding).
+//! without it answers with a small login form. Without a token (loopback only), a browser request
+//! from another site's page (`Origin`) or through a name that is not loopback (DNS rebinding) is
+//! refused.
 //! Requests are served one at a time: each is a few short queries.
 
 use std::collections::BTreeMap;
@@ -62,17 +62,23 @@ fn authorized(shared: &Shared, req: &Request, query_token: Option<&str>) -> bool
         || query_token.is_some_and(|got| same_secret(got.as_bytes(), token.expose().as_bytes()))
 }
 
-/// Why a browser request must be refused, if it must. Clients other than browsers send no `Origin`
-/// and are unaffected.
+/// Why a browser request must be refused, if it must. Only a listener without a token needs this:
+/// a page elsewhere cannot add the bearer header to its requests, but without a token it could
+/// drain a GPU (cross-site POST) or, through a name of its own that resolves to loopback (DNS
+/// rebinding), read task data. Clients other than browsers send no `Origin` and are unaffected.
 fn foreign(shared: &Shared, req: &Request) -> Option<&'static str> {
+    if shared.config().admin.token.is_some() {
+        return None;
+    }
     let host = header(req, "Host").unwrap_or("");
     if let Some(origin) = header(req, "Origin") {
-        if origin != format!("http://{host}") {
+        let origin_host = origin.split_once("://").map_or("", |(_, h)| h);
+        if origin_host != host {
             return Some("cross-origin request refused");
         }
     }
     // A tokenless listener is loopback (the config insists), so only loopback names reach it
-    // honestly; another name resolving here is a rebinding attack reading task data.
+    // honestly.
     let name = match host.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or(""),
         None => host.split(':').next().unwrap_or(""),
@@ -81,8 +87,8 @@ fn foreign(shared: &Shared, req: &Request) -> Option<&'static str> {
         || name
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback());
-    if shared.config().admin.token.is_none() && !host.is_empty() && !loopback {
-        return Some("host name refused (use the address itself, or set admin.token)");
+    if !host.is_empty() && !loopback {
+        return Some("host name refused (use a loopback address, or set admin.token)");
     }
     None
 }
