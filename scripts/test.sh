@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The test command (README, CI): makes sure Redis and MariaDB run (installing them if missing),
-# checks formatting and lints, builds and tests the Debian package (scripts/test-deb.sh; needs
-# root), and runs every unit and integration test against the real servers. Fails loudly if a
-# service cannot be reached; nothing is skipped.
+# installs promtool and headless Chromium for the tests, checks formatting and lints, builds and
+# tests the Debian package (scripts/test-deb.sh; needs root), and runs every unit and integration
+# test against the real servers. Fails loudly if a service cannot be reached; nothing is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/services.sh
@@ -10,6 +10,11 @@ bash scripts/services.sh
 if ! command -v promtool >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+# Headless Chromium and chromedriver drive the dashboard (tests/dashboard.rs).
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
 fi
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings

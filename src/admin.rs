@@ -7,10 +7,15 @@
 //! - `GET /status`: GPUs and their slots, queues, counts by state, recent failures (JSON; what
 //!   `qsysd status` and the dashboard show);
 //! - `GET /tasks/<id>`: one task and its attempts;
+//! - `GET /`: the dashboard, one static page (`src/dashboard.html`) that polls `/status`;
 //! - `POST /gpus/<id>/drain`, `POST /gpus/<id>/undrain`, `POST /tasks/<id>/requeue`: the operator's
 //!   actions, each logged.
 //!
-//! With `admin.token` set, every request but `/healthz` needs `Authorization: Bearer <token>`.
+//! With `admin.token` set, every request but `/healthz` needs `Authorization: Bearer <token>`;
+//! `GET /` also takes it as `?token=` (a browser cannot send a header when it opens a page), and
+//! without it answers with a small login form. Without a token (loopback only), a browser request
+//! from another site's page (`Origin`) or through a name that is not loopback (DNS rebinding) is
+//! refused.
 //! Requests are served one at a time: each is a few short queries.
 
 use std::collections::BTreeMap;
@@ -29,24 +34,110 @@ use crate::slots::Health;
 /// How many failures `/status` lists.
 const RECENT_FAILURES: usize = 20;
 
-fn authorized(shared: &Shared, req: &Request) -> bool {
+/// The dashboard, built into the binary: plain HTML, CSS and JavaScript, no build chain.
+const DASHBOARD: &str = include_str!("dashboard.html");
+/// What `GET /` answers without a valid token: a form that asks for one.
+const LOGIN: &str = include_str!("dashboard-login.html");
+
+/// Constant time: the comparison must not leak how much of the token matched.
+fn same_secret(got: &[u8], want: &[u8]) -> bool {
+    got.len() == want.len() && got.iter().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+fn header<'a>(req: &'a Request, name: &'static str) -> Option<&'a str> {
+    req.headers()
+        .iter()
+        .find(|h| h.field.equiv(name))
+        .map(|h| h.value.as_str())
+}
+
+/// Whether the request carries the admin token (or none is configured). `query_token`: the page's
+/// `?token=`, accepted for `GET /` only.
+fn authorized(shared: &Shared, req: &Request, query_token: Option<&str>) -> bool {
     let Some(token) = shared.config().admin.token.clone() else {
         return true;
     };
     let want = format!("Bearer {}", token.expose());
-    req.headers()
-        .iter()
-        .find(|h| h.field.equiv("Authorization"))
-        .is_some_and(|h| {
-            let got = h.value.as_str().as_bytes();
-            // Constant time: the comparison must not leak how much of the token matched.
-            got.len() == want.len()
-                && got
-                    .iter()
-                    .zip(want.as_bytes())
-                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                    == 0
-        })
+    header(req, "Authorization").is_some_and(|got| same_secret(got.as_bytes(), want.as_bytes()))
+        || query_token.is_some_and(|got| same_secret(got.as_bytes(), token.expose().as_bytes()))
+}
+
+/// Why a browser request must be refused, if it must. Only a listener without a token needs this:
+/// a page elsewhere cannot add the bearer header to its requests, but without a token it could
+/// drain a GPU (cross-site POST) or, through a name of its own that resolves to loopback (DNS
+/// rebinding), read task data. Clients other than browsers send no `Origin` and are unaffected.
+fn foreign(shared: &Shared, req: &Request) -> Option<&'static str> {
+    if shared.config().admin.token.is_some() {
+        return None;
+    }
+    let host = header(req, "Host").unwrap_or("");
+    if let Some(origin) = header(req, "Origin") {
+        let origin_host = origin.split_once("://").map_or("", |(_, h)| h);
+        if origin_host != host {
+            return Some("cross-origin request refused");
+        }
+    }
+    // A tokenless listener is loopback (the config insists), so only loopback names reach it
+    // honestly.
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.split(':').next().unwrap_or(""),
+    };
+    let loopback = name == "localhost"
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !host.is_empty() && !loopback {
+        return Some("host name refused (use a loopback address, or set admin.token)");
+    }
+    None
+}
+
+/// One path segment with its `%XX` escapes decoded (task ids may hold anything).
+fn decode_segment(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b[i], hex) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Serves a built-in page. The headers keep it from being framed (a hidden drain button), from
+/// leaking a `?token=` through `Referer`, and from running anything but its own inline script.
+fn page(req: Request, status: u16, html: &'static str) {
+    let headers = [
+        ("Content-Type", "text/html; charset=utf-8"),
+        (
+            "Content-Security-Policy",
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             connect-src 'self'; img-src 'self' data:; form-action 'self'; base-uri 'none'; \
+             frame-ancestors 'none'",
+        ),
+        ("X-Frame-Options", "DENY"),
+        ("X-Content-Type-Options", "nosniff"),
+        ("Referrer-Policy", "no-referrer"),
+        ("Cache-Control", "no-store"),
+    ];
+    let mut resp = Response::from_string(html).with_status_code(status);
+    for (k, v) in headers {
+        resp.add_header(Header::from_bytes(k, v).expect("static header is valid"));
+    }
+    let _ = req.respond(resp);
 }
 
 fn health_name(h: Health) -> &'static str {
@@ -216,16 +307,42 @@ fn drain(shared: &Shared, gpu: &str, drained: bool) -> (u16, Value) {
 
 fn route(shared: &Shared, client: &redis::Client, mut req: Request) {
     let url = req.url().to_string();
-    let path = url.split('?').next().unwrap_or("").to_string();
-    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (path, query) = url.split_once('?').unwrap_or((&url, ""));
+    let segments: Vec<String> = path
+        .trim_matches('/')
+        .split('/')
+        .map(decode_segment)
+        .collect();
+    let parts: Vec<&str> = segments.iter().map(String::as_str).collect();
     let method = req.method().clone();
-    if path != "/healthz" && !authorized(shared, &req) {
+    if path == "/healthz" {
+        let (status, body) = if method == Method::Get {
+            health(shared)
+        } else {
+            (405, json!({ "error": "method not allowed" }))
+        };
+        return reply(req, status, &body);
+    }
+    if let Some(why) = foreign(shared, &req) {
+        log::warn!(reason = why; "admin request refused");
+        return reply(req, 403, &json!({ "error": why }));
+    }
+    if method == Method::Get && path == "/" {
+        let token = url::form_urlencoded::parse(query.as_bytes())
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v.into_owned());
+        return if authorized(shared, &req, token.as_deref()) {
+            page(req, 200, DASHBOARD)
+        } else {
+            page(req, 401, LOGIN)
+        };
+    }
+    if !authorized(shared, &req, None) {
         return reply(req, 401, &json!({ "error": "admin token required" }));
     }
     // Actions carry no body worth reading; drain it so the connection stays usable.
     let _ = crate::callback::read_body(&mut req, 4096);
     let (status, body) = match (&method, parts.as_slice()) {
-        (Method::Get, ["healthz"]) => health(shared),
         (Method::Get, ["metrics"]) => {
             let text = metrics(shared);
             let header = Header::from_bytes("Content-Type", "text/plain; version=0.0.4")
@@ -254,7 +371,7 @@ fn route(shared: &Shared, client: &redis::Client, mut req: Request) {
                 Err(e) => (503, json!({ "error": e.to_string() })),
             }
         }
-        (_, ["healthz" | "metrics" | "status"])
+        (_, ["" | "metrics" | "status"])
         | (_, ["tasks", _])
         | (_, ["gpus", _, "drain" | "undrain"])
         | (_, ["tasks", _, "requeue"]) => (405, json!({ "error": "method not allowed" })),
@@ -277,4 +394,18 @@ pub fn serve(shared: Arc<Shared>, server: Server, client: redis::Client) {
         }
     }
     log::debug!("admin server stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_segment;
+
+    #[test]
+    fn path_segments_are_percent_decoded() {
+        assert_eq!(decode_segment("rep%3Cb%3E1%3C%2Fb%3E"), "rep<b>1</b>");
+        assert_eq!(decode_segment("a%20b%C3%A9"), "a bé");
+        // Malformed escapes stay as they are.
+        assert_eq!(decode_segment("100%"), "100%");
+        assert_eq!(decode_segment("%zz%4"), "%zz%4");
+    }
 }
