@@ -23,7 +23,7 @@ use std::fmt;
 use base64::Engine as _;
 use serde_json::{Map, Value};
 
-use crate::message::{MAX_TASK_ID, MAX_TYPE};
+use crate::message::{kind_of, MAX_TASK_ID, MAX_TYPE};
 
 /// Problems reported by name; past this many only a count is kept.
 const MAX_PROBLEMS: usize = 20;
@@ -526,17 +526,6 @@ fn field_list(obj: &Map<String, Value>) -> String {
         .map(String::as_str)
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-fn kind_of(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// A task id as the daemon's parser accepts it, but a string only: the id is echoed back and

@@ -59,7 +59,8 @@ fn id_from(v: &Value) -> Result<Option<String>, String> {
     Ok(Some(id))
 }
 
-fn kind_of(v: &Value) -> &'static str {
+/// "a string", "an object", ...: what a JSON value is, for error messages.
+pub fn kind_of(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

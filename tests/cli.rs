@@ -4,7 +4,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{transcriptions, wait_for, TestEnv};
@@ -136,7 +136,7 @@ fn sigterm_finishes_calls_in_flight_and_exits_zero() {
         &env.config_toml(fleet.urls(), extra),
     );
     let log = env.dir.join("qsysd.log");
-    let mut child = spawn_qsysd(&p, &log, &[]);
+    let mut child = common::spawn_qsysd(&p, &log, &[]);
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         wait_for(Duration::from_secs(20), || log_text()
@@ -213,18 +213,6 @@ fn qsys_push_writes_the_seed_format() {
     assert_eq!(env.llen("q1"), 1);
 }
 
-/// Starts qsysd on `config` with `envs`, stderr to `log`.
-fn spawn_qsysd(config: &Path, log: &Path, envs: &[(&str, String)]) -> std::process::Child {
-    Command::new(QSYSD)
-        .args(["--config", config.to_str().expect("utf8")])
-        .env_clear()
-        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).expect("log"))
-        .spawn()
-        .expect("spawn qsysd")
-}
-
 fn wait_exit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
     let t0 = Instant::now();
     loop {
@@ -253,7 +241,7 @@ fn second_signal_exits_at_once() {
         .replace("shutdown_grace = \"10s\"", "shutdown_grace = \"5m\"");
     let p = write(&env.dir, "qsysd.toml", &text);
     let log = env.dir.join("qsysd.log");
-    let mut child = spawn_qsysd(&p, &log, &[]);
+    let mut child = common::spawn_qsysd(&p, &log, &[]);
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     assert!(wait_for(Duration::from_secs(20), || log_text()
         .contains("qsysd starting")));
@@ -290,7 +278,7 @@ fn systemd_notifications() {
     sock.set_read_timeout(Some(Duration::from_millis(200)))
         .expect("timeout");
     let log = env.dir.join("qsysd.log");
-    let mut child = spawn_qsysd(
+    let mut child = common::spawn_qsysd(
         &p,
         &log,
         &[

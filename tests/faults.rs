@@ -8,8 +8,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{transcriptions, wait_for, OwnServer, TestEnv, SECRET};
@@ -87,22 +85,6 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     }
 }
 
-fn spawn_qsysd(config: &Path, log: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_qsysd"))
-        .args(["--config", config.to_str().expect("utf8")])
-        .env_clear()
-        .stdout(Stdio::null())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(log)
-                .expect("log"),
-        )
-        .spawn()
-        .expect("spawn qsysd")
-}
-
 #[test]
 fn kill_9_five_times_loses_nothing() {
     let env = TestEnv::new("kill9");
@@ -114,7 +96,7 @@ fn kill_9_five_times_loses_nothing() {
     let cfg = env.dir.join("qsysd.toml");
     std::fs::write(&cfg, env.config_toml(fleet.urls(), FAULT_CONFIG)).expect("config");
     let log = env.dir.join("qsysd.log");
-    let mut child = spawn_qsysd(&cfg, &log);
+    let mut child = common::spawn_qsysd(&cfg, &log, &[]);
     assert!(common::wait_log(
         &log,
         "qsysd starting",
@@ -133,7 +115,7 @@ fn kill_9_five_times_loses_nothing() {
         std::thread::sleep(Duration::from_millis(rng_state % 300));
         child.kill().expect("kill -9");
         child.wait().expect("reap");
-        child = spawn_qsysd(&cfg, &log);
+        child = common::spawn_qsysd(&cfg, &log, &[]);
     }
     let unfinished_at_last_kill = N as u64 - env.count("state = 'finished'");
     assert_all_settled(&env, &fleet, "k9", Duration::from_secs(120));

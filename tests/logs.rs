@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -12,16 +11,6 @@ use mysql::prelude::Queryable;
 use qsys::config::Secret;
 use qsys::fakegpu::{Fleet, FleetConfig};
 use qsys::token::Signer;
-
-fn spawn(config: &Path, log: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_qsysd"))
-        .args(["--config", config.to_str().expect("utf8")])
-        .env_clear()
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).expect("log"))
-        .spawn()
-        .expect("spawn qsysd")
-}
 
 fn sigterm(child: &mut Child) {
     // SAFETY: signalling our own child.
@@ -91,7 +80,7 @@ fn no_secret_in_any_log_line() {
     let cfg = env.dir.join("qsysd.toml");
     std::fs::write(&cfg, &text).expect("config");
     let log = env.dir.join("qsysd.log");
-    let mut child = spawn(&cfg, &log);
+    let mut child = common::spawn_qsysd(&cfg, &log, &[]);
     assert!(
         wait_log(&log, "qsysd starting", Duration::from_secs(20)),
         "{}",
@@ -195,7 +184,7 @@ fn journald_fields_trace_one_task() {
     let cfg = env.dir.join("qsysd.toml");
     std::fs::write(&cfg, text).expect("config");
     let log = env.dir.join("qsysd.log");
-    let mut child = spawn(&cfg, &log);
+    let mut child = common::spawn_qsysd(&cfg, &log, &[]);
     let id = format!("journal-{}", std::process::id());
     // Started once its slot table exists (it logs nothing to stderr).
     assert!(wait_for(Duration::from_secs(20), || env.schema_ready()));

@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{free_port, stop, transcriptions, wait_for, TestEnv, SECRET};
@@ -140,16 +138,6 @@ fn a_freed_slot_reaches_the_other_instance_within_100ms() {
     stop(b);
 }
 
-fn spawn(config: &Path, log: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_qsysd"))
-        .args(["--config", config.to_str().expect("utf8")])
-        .env_clear()
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).expect("log"))
-        .spawn()
-        .expect("spawn qsysd")
-}
-
 #[test]
 fn a_killed_instance_is_recovered_by_the_others() {
     let env = TestEnv::new("failover");
@@ -173,7 +161,7 @@ fn a_killed_instance_is_recovered_by_the_others() {
         let cfg = env.dir.join(format!("qsysd-{i}.toml"));
         std::fs::write(&cfg, text).expect("config");
         let log = env.dir.join(format!("qsysd-{i}.log"));
-        children.push((spawn(&cfg, &log), log));
+        children.push((common::spawn_qsysd(&cfg, &log, &[]), log));
     }
     for (_, log) in &children {
         assert!(common::wait_log(

@@ -262,6 +262,26 @@ pub fn wait_log(path: &Path, needle: &str, timeout: Duration) -> bool {
     })
 }
 
+/// Starts the `qsysd` binary on `config` with only `envs` in its environment, stderr appended to
+/// `log` (a restarted daemon keeps one log).
+pub fn spawn_qsysd(config: &Path, log: &Path, envs: &[(&str, String)]) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_qsysd"))
+        .arg("--config")
+        .arg(config)
+        .env_clear()
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(std::process::Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .expect("log"),
+        )
+        .spawn()
+        .expect("spawn qsysd")
+}
+
 /// Stops a daemon and waits for it, failing the test if a thread died.
 pub fn stop(d: Daemon) {
     d.stop();
