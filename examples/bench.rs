@@ -37,6 +37,9 @@ struct Args {
     /// qsysd instances sharing the run (scale-out throughput).
     #[arg(long, default_value_t = 1)]
     instances: usize,
+    /// Dispatch threads per instance (qsysd's default is one per slot, at most 64).
+    #[arg(long, default_value_t = 64)]
+    dispatch_threads: usize,
     /// Skip the slower measures (latency at a steady rate, 100k backlog RSS, push rate).
     #[arg(long)]
     quick: bool,
@@ -76,7 +79,13 @@ fn reset(queue: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn config(dir: &Path, urls: &[String], slots: usize, instance: usize) -> anyhow::Result<PathBuf> {
+fn config(
+    dir: &Path,
+    urls: &[String],
+    slots: usize,
+    instance: usize,
+    threads: usize,
+) -> anyhow::Result<PathBuf> {
     let mut s = format!(
         r#"[redis]
 queues = ["bench:q"]
@@ -94,6 +103,7 @@ slots = {slots}
 instance_id = "bench-{instance}"
 log_level = "warn"
 log_target = "stderr"
+dispatch_threads = {threads}
 "#
     );
     for (i, u) in urls.iter().enumerate() {
@@ -232,7 +242,7 @@ fn main() -> anyhow::Result<()> {
     // Throughput, CPU, RSS, slot gap.
     let mut daemons = Vec::new();
     for i in 0..a.instances {
-        let cfg = config(&dir, fleet.urls(), a.slots, i)?;
+        let cfg = config(&dir, fleet.urls(), a.slots, i, a.dispatch_threads)?;
         daemons.push(Qsysd::start(&cfg, &dir, i)?);
     }
     say(
@@ -310,7 +320,7 @@ fn main() -> anyhow::Result<()> {
     if !a.quick {
         // Latency at a steady rate below capacity: one push every 2 ms for 5 s.
         reset("bench:q")?;
-        let cfg = config(&dir, fleet.urls(), a.slots, 0)?;
+        let cfg = config(&dir, fleet.urls(), a.slots, 0, a.dispatch_threads)?;
         let d = Qsysd::start(&cfg, &dir, 0)?;
         let client = redis::Client::open("redis://127.0.0.1:6379/0")?;
         let mut r = client.get_connection_with_timeout(Duration::from_secs(3))?;
@@ -357,7 +367,7 @@ fn main() -> anyhow::Result<()> {
             hang_rate: 1.0,
             ..FleetConfig::default()
         })?;
-        let cfg = config(&dir, hung.urls(), a.slots, 0)?;
+        let cfg = config(&dir, hung.urls(), a.slots, 0, a.dispatch_threads)?;
         let d = Qsysd::start(&cfg, &dir, 0)?;
         let backlog: Vec<String> = (0..100_000).map(|i| task_line(i, "w")).collect();
         let took = push_ndjson(&backlog)?;
