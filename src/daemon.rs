@@ -101,6 +101,9 @@ fn spawn(
     Ok(())
 }
 
+/// Without a systemd watchdog, how long a loop may go without progress before it is reported.
+const STALL_LIMIT: Duration = Duration::from_secs(60);
+
 /// Threads serving the callback listener.
 const CALLBACK_THREADS: usize = 4;
 
@@ -379,7 +382,7 @@ impl Daemon {
                 last_ping = Some(Instant::now());
                 // A loop that has not gone round for a whole watchdog period is stuck: let
                 // systemd's watchdog restart us.
-                let stalled = shared.stalled(every * 2);
+                let stalled = shared.stalled(watchdog.map_or(STALL_LIMIT, |w| w * 2));
                 if !stalled.is_empty() {
                     log::error!(threads:? = stalled; "threads made no progress; watchdog not fed");
                 } else if watchdog.is_some() && failure.is_none() {
