@@ -87,6 +87,7 @@ pub struct Stats {
     /// Tasks running now, fleet-wide, and how often a task arrived while already running.
     running_tasks: Mutex<std::collections::HashSet<String>>,
     overlaps: AtomicUsize,
+    overlapped: Mutex<Vec<String>>,
     /// Callback replies by HTTP status (0: transport error).
     pub callback_replies: Mutex<HashMap<u16, u32>>,
 }
@@ -116,6 +117,14 @@ impl Stats {
         self.overlaps.load(Ordering::SeqCst)
     }
 
+    /// The task ids that arrived while already running.
+    pub fn overlapped(&self) -> Vec<String> {
+        self.overlapped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     fn start_running(&self, task_id: &str) {
         let fresh = self
             .running_tasks
@@ -124,6 +133,10 @@ impl Stats {
             .insert(task_id.to_string());
         if !fresh {
             self.overlaps.fetch_add(1, Ordering::SeqCst);
+            self.overlapped
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(task_id.to_string());
         }
     }
 
