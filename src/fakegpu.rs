@@ -302,7 +302,9 @@ fn serve_gpu(inner: Arc<Inner>, i: usize, server: Server, due: Sender<(Instant, 
         let mut req = match server.recv_timeout(Duration::from_millis(50)) {
             Ok(Some(r)) => r,
             Ok(None) => continue,
-            Err(_) => return,
+            // An accept error concerns one connection; the GPU keeps serving the others (returning
+            // here would leave requests on open keep-alive connections unanswered).
+            Err(_) => continue,
         };
         if let Some(want) = &cfg.token {
             let auth = req

@@ -272,7 +272,12 @@ fn systemd_notifications() {
         ..FleetConfig::default()
     })
     .expect("fleet");
-    let p = write(&env.dir, "qsysd.toml", &env.config_toml(fleet.urls(), ""));
+    // A dispatch that hangs is retried after 2 s, not the default 30 s.
+    let p = write(
+        &env.dir,
+        "qsysd.toml",
+        &env.config_toml(fleet.urls(), "[gpu]\nrequest_timeout = \"2s\"\n"),
+    );
     let sock_path = env.dir.join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).expect("bind notify socket");
     sock.set_read_timeout(Some(Duration::from_millis(200)))
@@ -327,7 +332,7 @@ fn systemd_notifications() {
         "a bad reload must not stop qsysd"
     );
     // SIGHUP with a good file that adds a slot per GPU.
-    let bigger = env.config_toml(fleet.urls(), "[gpu]\nslots = 5\n");
+    let bigger = env.config_toml(fleet.urls(), "[gpu]\nslots = 5\nrequest_timeout = \"2s\"\n");
     std::fs::write(&p, bigger).expect("config");
     unsafe { libc::kill(pid, libc::SIGHUP) };
     read_until("RELOADING=1", Duration::from_secs(5));
@@ -339,9 +344,17 @@ fn systemd_notifications() {
         Duration::from_secs(5)
     ));
     env.push_raw("q1", &transcriptions("afterhup", 20));
-    assert!(wait_for(Duration::from_secs(30), || env
-        .count("state = 'finished'")
-        == 20));
+    assert!(
+        wait_for(Duration::from_secs(30), || env.count("state = 'finished'")
+            == 20),
+        "{:?} in redis {} replies {:?} received {} running {}\n{}",
+        env.states(),
+        env.llen("q1"),
+        fleet.stats().callback_replies(),
+        fleet.stats().received(0) + fleet.stats().received(1),
+        fleet.stats().running(0) + fleet.stats().running(1),
+        log_text()
+    );
     unsafe { libc::kill(pid, libc::SIGTERM) };
     read_until("STOPPING=1", Duration::from_secs(5));
     assert_eq!(
