@@ -734,31 +734,21 @@ impl Store {
              instance_id, requeues FROM tasks WHERE task_id = ?",
             (task_id,),
         )?;
-        let Some(mut r) = row else {
-            return Ok(None);
-        };
-        let mut text = |i: usize| -> Option<String> { r.take::<Option<String>, _>(i).flatten() };
-        let record = TaskRecord {
-            task_id: text(0).unwrap_or_default(),
-            queue: text(1),
-            state: text(2),
-            kind: text(3),
-            gpu_id: text(4),
-            slot_index: None,
-            attempts: 0,
-            error: text(7),
-            payload: text(8),
-            created_at: text(9),
-            dispatched_at: text(10),
-            finished_at: text(11),
-            instance_id: text(12),
-            requeues: 0,
-        };
-        Ok(Some(TaskRecord {
-            slot_index: r.take::<Option<u32>, _>(5).flatten(),
-            attempts: r.take::<Option<u32>, _>(6).flatten().unwrap_or(0),
-            requeues: r.take::<Option<u32>, _>(13).flatten().unwrap_or(0),
-            ..record
+        Ok(row.map(|mut r| TaskRecord {
+            task_id: col(&mut r, 0).unwrap_or_default(),
+            queue: col(&mut r, 1),
+            state: col(&mut r, 2),
+            kind: col(&mut r, 3),
+            gpu_id: col(&mut r, 4),
+            slot_index: col(&mut r, 5),
+            attempts: col(&mut r, 6).unwrap_or(0),
+            error: col(&mut r, 7),
+            payload: col(&mut r, 8),
+            created_at: col(&mut r, 9),
+            dispatched_at: col(&mut r, 10),
+            finished_at: col(&mut r, 11),
+            instance_id: col(&mut r, 12),
+            requeues: col(&mut r, 13).unwrap_or(0),
         }))
     }
 
@@ -774,14 +764,14 @@ impl Store {
         Ok(rows
             .into_iter()
             .map(|mut r| AttemptRecord {
-                attempt: r.take::<Option<u32>, _>(0).flatten().unwrap_or(0),
-                gpu_id: r.take::<Option<String>, _>(1).flatten(),
-                slot_index: r.take::<Option<u32>, _>(2).flatten(),
-                instance_id: r.take::<Option<String>, _>(3).flatten(),
-                started_at: r.take::<Option<String>, _>(4).flatten(),
-                ended_at: r.take::<Option<String>, _>(5).flatten(),
-                outcome: r.take::<Option<String>, _>(6).flatten().unwrap_or_default(),
-                error: r.take::<Option<String>, _>(7).flatten(),
+                attempt: col(&mut r, 0).unwrap_or(0),
+                gpu_id: col(&mut r, 1),
+                slot_index: col(&mut r, 2),
+                instance_id: col(&mut r, 3),
+                started_at: col(&mut r, 4),
+                ended_at: col(&mut r, 5),
+                outcome: col(&mut r, 6).unwrap_or_default(),
+                error: col(&mut r, 7),
             })
             .collect())
     }
@@ -886,6 +876,11 @@ impl Store {
         )?;
         Ok(())
     }
+}
+
+/// Column `i` of a row, `None` when NULL.
+fn col<T: mysql::prelude::FromValue>(r: &mut mysql::Row, i: usize) -> Option<T> {
+    r.take::<Option<T>, _>(i).flatten()
 }
 
 /// A task row for `qsysd task` and `/tasks/<id>`.

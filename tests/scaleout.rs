@@ -25,6 +25,15 @@ fn instance_config(env: &TestEnv, urls: &[String], ports: &[u16], i: usize, extr
         .replace("instance_id = \"test\"", &format!("instance_id = \"inst-{i}\""))
 }
 
+/// No GPU ran more than its 4 slots, and no task ran twice at once (below).
+fn assert_fleet_respected(env: &TestEnv, fleet: &Fleet) {
+    for g in 0..4 {
+        let max = fleet.stats().max_running(g);
+        assert!(max <= 4, "gpu {g} ran {max}");
+    }
+    assert_no_task_ran_twice_at_once(env, fleet);
+}
+
 /// qsysd never has two live attempts of one task: in its own records no two attempts of a task
 /// overlap in time. The GPUs may still see a task twice at once, but only after qsysd gave up on an
 /// attempt (a dispatch that timed out under load may still run on the GPU: at-least-once), so every
@@ -65,15 +74,7 @@ fn three_instances_share_the_fleet_and_callbacks_land_anywhere() {
         "{:?}",
         env.states()
     );
-    let stats = fleet.stats();
-    for g in 0..4 {
-        assert!(
-            stats.max_running(g) <= 4,
-            "gpu {g} ran {}",
-            stats.max_running(g)
-        );
-    }
-    assert_no_task_ran_twice_at_once(&env, &fleet);
+    assert_fleet_respected(&env, &fleet);
     let by_instance: Vec<(String, u64)> = env.query(
         "SELECT instance_id, COUNT(*) FROM task_attempts GROUP BY instance_id ORDER BY instance_id",
     );
@@ -209,15 +210,7 @@ fn a_killed_instance_is_recovered_by_the_others() {
         "{:?} (killed at {killed_at} finished)",
         env.states()
     );
-    let stats = fleet.stats();
-    for g in 0..4 {
-        assert!(
-            stats.max_running(g) <= 4,
-            "gpu {g} ran {}",
-            stats.max_running(g)
-        );
-    }
-    assert_no_task_ran_twice_at_once(&env, &fleet);
+    assert_fleet_respected(&env, &fleet);
     let held: Vec<u64> = env.query("SELECT COUNT(*) FROM gpu_slots WHERE task_id IS NOT NULL");
     assert_eq!(held[0], 0, "the dead instance's slots were freed");
     assert_eq!(env.llen("q1"), 0);
