@@ -40,6 +40,9 @@ struct Args {
     /// Dispatch threads per instance (qsysd's default is one per slot, at most 64).
     #[arg(long, default_value_t = 64)]
     dispatch_threads: usize,
+    /// Callbacks the fake fleet makes at once (its caller threads).
+    #[arg(long, default_value_t = 32)]
+    fleet_callers: usize,
     /// Skip the slower measures (latency at a steady rate, 100k backlog RSS, push rate).
     #[arg(long)]
     quick: bool,
@@ -231,6 +234,7 @@ fn main() -> anyhow::Result<()> {
     let fleet = Fleet::start(FleetConfig {
         gpus: a.gpus,
         delay: (Duration::ZERO, Duration::ZERO),
+        callers: a.fleet_callers,
         ..FleetConfig::default()
     })?;
     let mut results: Vec<(String, String)> = Vec::new();

@@ -38,6 +38,9 @@ struct Args {
     /// Stop after this many seconds (default: run until a signal).
     #[arg(long = "for")]
     run_for: Option<u64>,
+    /// Callbacks made at once (the fleet's caller threads).
+    #[arg(long, default_value_t = 16)]
+    callers: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -65,6 +68,7 @@ fn main() -> anyhow::Result<()> {
         duplicate_callbacks: false,
         token: a.token,
         base_port: a.base_port,
+        callers: a.callers,
     })?;
     for url in fleet.urls() {
         println!("{url}");

@@ -2,22 +2,24 @@
 //! and `GET /healthz`.
 //!
 //! A callback must carry the per-attempt token that qsysd put in the `callback_url` it sent
-//! ([`crate::token`]); without it the answer is 401 and nothing changes. A valid one ends the attempt
-//! through [`Shared::finish`], whose typed result maps onto the reply codes of design §5: 200 applied,
-//! 200 with `"duplicate": true` for a repeat, 404 unknown task, 409 stale attempt or terminal conflict,
-//! 400 malformed, 413 too large, 405 wrong method, 503 when MySQL cannot be reached (the GPU should
-//! retry). A few threads (`qsys-callback-N`) share the listener; each request is one short
-//! transaction, and concurrent ones share a log flush.
+//! ([`crate::token`]); without it the answer is 401 and nothing changes. A few threads
+//! (`qsys-callback-N`) share the listener, parse and verify; a valid callback goes with its open
+//! request to the writer ([`run_writer`]), which ends the attempts of every callback waiting in one
+//! transaction through [`Shared::end_attempts`] and then answers each by its typed result, mapped
+//! onto the reply codes of design §5: 200 applied, 200 with `"duplicate": true` for a repeat, 404
+//! unknown task, 409 stale attempt or terminal conflict, 400 malformed, 413 too large, 405 wrong
+//! method, 503 when MySQL cannot be reached (the GPU should retry).
 
 use std::io::Read;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use serde_json::{json, Value};
 use tiny_http::{Header, Method, Request, Response, Server};
 
 use crate::shared::Shared;
-use crate::store::{Ending, Finish, State};
+use crate::store::{Ending, Finish, State, StoreError};
 
 /// A parsed, not yet authenticated callback body.
 #[derive(Debug, PartialEq, Eq)]
@@ -66,48 +68,60 @@ fn credentials(url: &str) -> (Option<u32>, Option<String>) {
     (attempt, token)
 }
 
-/// Decides a callback: (HTTP status, JSON reply). `url` is the request target with its query.
-pub fn handle_callback(shared: &Shared, url: &str, body: &[u8]) -> (u16, Value) {
-    let (status, reply, result) = decide_callback(shared, url, body);
-    shared.metrics.callbacks.inc(result);
-    (status, reply)
+/// A callback whose token checked out, waiting for the writer with its open request.
+pub struct Verified {
+    req: Request,
+    report: Report,
+    attempt: u32,
 }
 
-/// The callback's reply and its `result` label for `qsys_callbacks_total`.
-fn decide_callback(shared: &Shared, url: &str, body: &[u8]) -> (u16, Value, &'static str) {
-    let report = match parse_report(body) {
-        Ok(r) => r,
-        Err(e) => return (400, json!({ "error": e }), "malformed"),
-    };
+impl Verified {
+    fn ending(&self) -> Ending<'_> {
+        // A GPU that reports `failed` has judged the task itself: final, not retried.
+        match self.report.status {
+            State::Finished => Ending::Finished,
+            _ => Ending::Failed {
+                error: self
+                    .report
+                    .error
+                    .as_deref()
+                    .unwrap_or("reported failed by the gpu"),
+                retryable: false,
+            },
+        }
+    }
+}
+
+/// A callback's HTTP status, JSON reply, and `result` label for `qsys_callbacks_total`.
+type Answer = (u16, Value, &'static str);
+
+/// Parses a callback and checks its token; `url` is the request target with its query. `Err`: the
+/// refusal to send.
+pub fn verify(shared: &Shared, url: &str, body: &[u8]) -> Result<(Report, u32), Answer> {
+    let report = parse_report(body).map_err(|e| (400, json!({ "error": e }), "malformed"))?;
     let (attempt, token) = credentials(url);
     let (Some(attempt), Some(token)) = (attempt, token) else {
-        return (
+        return Err((
             401,
             json!({ "error": "missing callback token" }),
             "unauthorized",
-        );
+        ));
     };
     if !shared.signer.verify(&report.task_id, attempt, &token) {
         log::warn!(task_id = report.task_id.as_str(), attempt; "callback with an invalid token refused");
-        return (
+        return Err((
             401,
             json!({ "error": "invalid callback token" }),
             "unauthorized",
-        );
+        ));
     }
+    Ok((report, attempt))
+}
+
+/// The answer to a verified callback, given what ending its attempt did (design §5 reply codes).
+fn answer(report: &Report, attempt: u32, result: Result<&Finish, &StoreError>) -> Answer {
     let task_id = report.task_id.as_str();
-    // A GPU that reports `failed` has judged the task itself: final, not retried.
-    let ending = match report.status {
-        State::Finished => Ending::Finished,
-        _ => Ending::Failed {
-            error: report
-                .error
-                .as_deref()
-                .unwrap_or("reported failed by the gpu"),
-            retryable: false,
-        },
-    };
-    match shared.end_attempt(task_id, attempt, ending, "callback") {
+    match result {
         Ok(Finish::Applied { .. }) => (
             200,
             json!({ "task_id": task_id, "state": report.status.as_str() }),
@@ -137,7 +151,6 @@ fn decide_callback(shared: &Shared, url: &str, body: &[u8]) -> (u16, Value, &'st
         ),
         Err(e) => {
             log::error!(task_id, error:% = e; "callback could not be recorded");
-            shared.metrics.errors.inc("mysql");
             (
                 503,
                 json!({ "error": "database unavailable, retry later" }),
@@ -145,6 +158,44 @@ fn decide_callback(shared: &Shared, url: &str, body: &[u8]) -> (u16, Value, &'st
             )
         }
     }
+}
+
+/// Most callbacks one writer transaction takes.
+const WRITE_BATCH: usize = 256;
+
+/// The callback writer (`qsys-callback-writer`): ends every verified callback waiting, up to
+/// [`WRITE_BATCH`], in one MySQL transaction, and only then answers each (a 200 means recorded).
+/// One commit for many callbacks is what lets completions keep up with a busy fleet: one transaction
+/// per callback made MariaDB's CPU the ceiling (BENCHMARKS.md). Runs until every callback thread is
+/// gone, so nothing received is left unanswered.
+pub fn run_writer(shared: Arc<Shared>, verified: Receiver<Verified>) {
+    loop {
+        shared.tick("qsys-callback-writer");
+        let first = match verified.recv_timeout(Duration::from_millis(200)) {
+            Ok(v) => v,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let batch: Vec<Verified> = std::iter::once(first)
+            .chain(verified.try_iter().take(WRITE_BATCH - 1))
+            .collect();
+        let ends: Vec<(&str, u32, Ending<'_>)> = batch
+            .iter()
+            .map(|v| (v.report.task_id.as_str(), v.attempt, v.ending()))
+            .collect();
+        let result = shared.end_attempts(&ends, "callback");
+        if result.is_err() {
+            shared.metrics.errors.inc("mysql");
+        }
+        drop(ends);
+        for (i, v) in batch.into_iter().enumerate() {
+            let (status, body, label) =
+                answer(&v.report, v.attempt, result.as_ref().map(|out| &out[i]));
+            shared.metrics.callbacks.inc(label);
+            reply(v.req, status, &body);
+        }
+    }
+    log::debug!("callback writer stopped");
 }
 
 /// 200 when MySQL answers now and no other dependency is known to fail; otherwise 503 with what is
@@ -188,18 +239,35 @@ pub fn read_body(req: &mut Request, max: usize) -> Option<Vec<u8>> {
     (body.len() <= max).then_some(body)
 }
 
-fn route(shared: &Shared, mut req: Request) {
+fn route(shared: &Shared, mut req: Request, writer: &Sender<Verified>) {
     let url = req.url().to_string();
     let path = url.split('?').next().unwrap_or("");
     let (status, body) = match (path, req.method()) {
         ("/callback", Method::Post) => {
             let max = shared.config().callback.max_body;
-            match read_body(&mut req, max) {
-                Some(b) => handle_callback(shared, &url, &b),
-                None => (
-                    413,
-                    json!({ "error": format!("body larger than {max} bytes") }),
-                ),
+            let Some(b) = read_body(&mut req, max) else {
+                shared.metrics.callbacks.inc("too_large");
+                let body = json!({ "error": format!("body larger than {max} bytes") });
+                return reply(req, 413, &body);
+            };
+            match verify(shared, &url, &b) {
+                // The writer answers once the ending is committed.
+                Ok((report, attempt)) => {
+                    let v = Verified {
+                        req,
+                        report,
+                        attempt,
+                    };
+                    if let Err(e) = writer.send(v) {
+                        let body = json!({ "error": "shutting down, retry later" });
+                        reply(e.0.req, 503, &body);
+                    }
+                    return;
+                }
+                Err((status, body, label)) => {
+                    shared.metrics.callbacks.inc(label);
+                    (status, body)
+                }
             }
         }
         ("/healthz", Method::Get) => health(shared),
@@ -211,11 +279,11 @@ fn route(shared: &Shared, mut req: Request) {
 
 /// Serves until the stop reaches its closing stage. Several threads serve one listener, so the
 /// short transactions of concurrent callbacks commit together.
-pub fn serve(shared: Arc<Shared>, server: Arc<Server>) {
+pub fn serve(shared: Arc<Shared>, server: Arc<Server>, writer: Sender<Verified>) {
     while !shared.stop.is_closing() {
         shared.tick("qsys-callback");
         match server.recv_timeout(Duration::from_millis(200)) {
-            Ok(Some(req)) => route(&shared, req),
+            Ok(Some(req)) => route(&shared, req, &writer),
             Ok(None) => {}
             Err(e) => {
                 log::error!(error:% = e; "callback listener failed");

@@ -212,7 +212,8 @@ impl Daemon {
 
         let (done_tx, done_rx) = unbounded();
         let mut threads = Vec::new();
-        let (task_tx, task_rx) = bounded(1);
+        // A rendezvous: the poller hands over a batch only when the scheduler has room for it.
+        let (task_tx, task_rx) = bounded(0);
         // Jobs never outnumber claimed slots; unbounded because a reload may add slots.
         let (gpu_tx, gpu_rx) = unbounded();
         let (handler_tx, handler_rx) = bounded(0);
@@ -256,15 +257,30 @@ impl Daemon {
             poller.run()
         })?;
         let server = Arc::new(server);
+        // Bounded: when MySQL is slow the callback threads wait here, and the fleet's callers
+        // wait on their open requests, rather than the backlog growing in memory.
+        let (verified_tx, verified_rx) = bounded(1024);
         for i in 0..CALLBACK_THREADS {
-            let (s, srv) = (Arc::clone(&shared), Arc::clone(&server));
+            let (s, srv, w) = (
+                Arc::clone(&shared),
+                Arc::clone(&server),
+                verified_tx.clone(),
+            );
             spawn(
                 &mut threads,
                 &done_tx,
                 format!("qsys-callback-{i}"),
-                move || crate::callback::serve(s, srv),
+                move || crate::callback::serve(s, srv, w),
             )?;
         }
+        drop(verified_tx);
+        let s = Arc::clone(&shared);
+        spawn(
+            &mut threads,
+            &done_tx,
+            "qsys-callback-writer".into(),
+            move || crate::callback::run_writer(s, verified_rx),
+        )?;
         let (s, cl) = (Arc::clone(&shared), client.clone());
         spawn(&mut threads, &done_tx, "qsys-slotpub".into(), move || {
             crate::slotsync::run_publisher(s, cl, slot_rx)

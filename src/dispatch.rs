@@ -1,6 +1,5 @@
-//! The dispatch pool (`qsys-dispatch-N`): bounded threads that claim a reserved slot in MySQL and
-//! make the blocking HTTP call to the GPU endpoint. Claims made here, by many threads, commit in
-//! parallel instead of one after another on the scheduler.
+//! The dispatch pool (`qsys-dispatch-N`): bounded threads that make the blocking HTTP call to the
+//! GPU endpoint for a slot the scheduler has already claimed in MySQL.
 //!
 //! Request (design §5): `POST <endpoint url>`, JSON body = the task's `data` plus `task_id` and a
 //! per-attempt signed `callback_url`, `Authorization: Bearer` when configured. In `callback` mode a
@@ -22,9 +21,9 @@ use serde_json::Value;
 use crate::config::{Completion, Endpoint};
 use crate::http::{self, Reply};
 use crate::scheduler::GpuJob;
-use crate::shared::{Event, Shared};
-use crate::slots::{HealthChange, Holder};
-use crate::store::{Claim, Ending};
+use crate::shared::Shared;
+use crate::slots::HealthChange;
+use crate::store::Ending;
 
 /// The JSON body sent to a GPU endpoint: `data` (which always holds `task_id`, see
 /// [`crate::message::parse`]) plus the callback URL.
@@ -82,73 +81,8 @@ pub fn endpoint_error(ep: &Endpoint, result: &Result<Reply, String>) -> Option<S
     }
 }
 
-/// Claims the job's reserved slot in MySQL. False: not claimed (the slot or the task went
-/// elsewhere, or MySQL failed); the reservation is undone and the task handed back if it should be.
-fn claim(shared: &Shared, job: &GpuJob) -> bool {
-    let ep = &job.endpoint;
-    let task = &job.task;
-    let task_id = task.msg.task_id.as_str();
-    let claim = shared
-        .store
-        .claim_gpu_attempt(task_id, task.attempts, &ep.id, job.slot, job.lease);
-    let unplaced = |db_trouble| {
-        let _ = shared.events.send(Event::Unplaced {
-            task: Box::new(task.clone()),
-            db_trouble,
-        });
-    };
-    match claim {
-        Ok(Claim::Claimed) => {
-            shared.announce(true, &ep.id, job.slot, task_id, job.attempt);
-            log::info!(task_id, gpu = ep.id.as_str(), slot = job.slot, attempt = job.attempt,
-                queue = task.queue.as_str(); "slot claimed");
-            return true;
-        }
-        Ok(Claim::SlotTaken { holder, attempt }) => {
-            // MySQL knows a holder the mirror did not: mirror it; the task is placed again.
-            log::warn!(gpu = ep.id.as_str(), slot = job.slot, holder = holder.as_str();
-                "slot held in mysql but free in memory; mirrored");
-            let mut m = shared.slots();
-            if let Some(at) = m.find(&ep.id, job.slot) {
-                m.occupy(
-                    at,
-                    Holder {
-                        task_id: holder,
-                        attempt,
-                        since: Instant::now(),
-                    },
-                );
-            }
-            drop(m);
-            unplaced(false);
-        }
-        Ok(Claim::NotPending) => {
-            release(shared, job);
-            log::info!(task_id; "task no longer pending (moved elsewhere); dropped from hand");
-        }
-        Err(e) => {
-            release(shared, job);
-            shared.metrics.errors.inc("mysql");
-            log::warn!(task_id, error:% = e; "mysql error claiming a slot; will retry");
-            unplaced(true);
-        }
-    }
-    shared.wake_scheduler();
-    false
-}
-
-/// Undoes the in-memory reservation of a job whose claim did not happen.
-fn release(shared: &Shared, job: &GpuJob) {
-    shared
-        .slots()
-        .release(&job.endpoint.id, job.slot, &job.task.msg.task_id);
-}
-
 pub fn run_worker(shared: Arc<Shared>, jobs: Receiver<GpuJob>, agent: ureq::Agent) {
     while let Ok(job) = jobs.recv() {
-        if !claim(&shared, &job) {
-            continue;
-        }
         let ep = &job.endpoint;
         let task_id = job.task.msg.task_id.as_str();
         let body = request_body(&job, &shared.signer.callback_url(task_id, job.attempt));

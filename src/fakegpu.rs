@@ -46,6 +46,9 @@ pub struct FleetConfig {
     pub token: Option<String>,
     /// First port; GPU i listens on `base_port + i`. 0: any free port.
     pub base_port: u16,
+    /// Threads making callbacks: how many the fleet has in flight at once (a real fleet calls
+    /// back from every GPU independently).
+    pub callers: usize,
 }
 
 impl Default for FleetConfig {
@@ -61,6 +64,7 @@ impl Default for FleetConfig {
             duplicate_callbacks: false,
             token: None,
             base_port: 0,
+            callers: 4,
         }
     }
 }
@@ -242,7 +246,7 @@ impl Fleet {
                 .name("fake-timer".into())
                 .spawn(move || run_timer(&timer_inner, due_rx, cb_tx))?,
         );
-        for i in 0..4 {
+        for i in 0..inner.config.callers.max(1) {
             let (inner, rx) = (Arc::clone(&inner), cb_rx.clone());
             threads.push(
                 std::thread::Builder::new()

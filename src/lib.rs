@@ -8,11 +8,12 @@
 //! | thread            | module          | talks through                                  |
 //! |-------------------|-----------------|------------------------------------------------|
 //! | `qsys-signal`     | [`daemon`]      | [`shutdown::Shutdown`]                         |
-//! | `qsys-poller`     | [`queue`]       | Redis → MySQL → bounded channel → scheduler    |
-//! | `qsys-scheduler`  | [`scheduler`]   | slot matrix ([`slots`]), MySQL, worker channels |
+//! | `qsys-poller`     | [`queue`]       | Redis → MySQL (a batch per transaction) → scheduler |
+//! | `qsys-scheduler`  | [`scheduler`]   | slot matrix ([`slots`]), MySQL (a round's claims per transaction), worker channels |
 //! | `qsys-dispatch-N` | [`dispatch`]    | GPU endpoints over HTTP, [`shared::Shared::end_attempt`] |
 //! | `qsys-handler-N`  | [`handlers`]    | exec / HTTP handlers, [`shared::Shared::end_attempt`] |
-//! | `qsys-callback`   | [`callback`]    | `tiny_http`, [`shared::Shared::end_attempt`]    |
+//! | `qsys-callback-N` | [`callback`]    | `tiny_http`: parse and verify, then the writer  |
+//! | `qsys-callback-writer` | [`callback`] | [`shared::Shared::end_attempts`], every waiting callback per transaction |
 //! | `qsys-maintenance`| [`maintenance`] | leases, GPU health probes, heartbeat, drains    |
 //! | `qsys-admin`      | [`admin`]       | `/metrics`, `/status`, `/tasks/<id>`, actions   |
 //! | `qsys-slotpub/sub`| [`slotsync`]    | slot claims and frees between instances (Redis) |

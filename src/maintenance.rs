@@ -40,31 +40,36 @@ pub fn run(shared: Arc<Shared>, client: redis::Client) {
     let mut last_beat: Option<Instant> = None;
     let mut redis: Option<redis::Connection> = None;
     let mut last_sync: Option<Instant> = None;
-    while !shared.stop.sleep(TICK) {
+    // Work first, then wait: queue depths and the heartbeat are there from the start.
+    loop {
         shared.tick("qsys-maintenance");
         if last_beat.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             last_beat = Some(Instant::now());
             measure_queues(&shared, &client, &mut redis);
             match shared.store.heartbeat() {
-                Ok(()) => shared.set_problem("mysql", None),
+                Ok(()) => {
+                    shared.set_problem("mysql", None);
+                    expire_leases(&shared);
+                    if last_sync.is_none_or(|t| t.elapsed() >= RESYNC) {
+                        last_sync = Some(Instant::now());
+                        recover_dead(&shared, &client);
+                        resync_slots(&shared);
+                    }
+                    match shared.store.drained() {
+                        Ok(d) => shared.slots().set_drained(&d),
+                        Err(e) => log::warn!(error:% = e; "cannot read drained gpus"),
+                    }
+                }
                 Err(e) => {
                     log::warn!(error:% = e; "mysql unavailable");
                     shared.set_problem("mysql", Some(e.to_string()));
-                    continue;
                 }
-            }
-            expire_leases(&shared);
-            if last_sync.is_none_or(|t| t.elapsed() >= RESYNC) {
-                last_sync = Some(Instant::now());
-                recover_dead(&shared, &client);
-                resync_slots(&shared);
-            }
-            match shared.store.drained() {
-                Ok(d) => shared.slots().set_drained(&d),
-                Err(e) => log::warn!(error:% = e; "cannot read drained gpus"),
             }
         }
         probe_due(&shared, &agent);
+        if shared.stop.sleep(TICK) {
+            break;
+        }
     }
     log::debug!("maintenance stopped");
 }

@@ -13,9 +13,9 @@
 //! poller blocks on the first queue; with several queues that wait is 100 ms, after which the others
 //! are looked at again.
 //!
-//! Backpressure: the channel holds one task and the scheduler stops receiving once it holds a few
-//! that it cannot place, so when every slot is busy this thread blocks on the send with at most one
-//! batch ([`TAKE_BATCH`]) in hand, and everything else stays in Redis. A batch is recorded in one
+//! Backpressure: a batch goes over a rendezvous channel, and the scheduler stops receiving once it
+//! holds [`crate::scheduler::PREFETCH`] tasks it cannot place, so when every slot is busy this thread
+//! blocks on the send with one batch ([`TAKE_BATCH`]) in hand, and everything else stays in Redis. A batch is recorded in one
 //! MySQL transaction: one log flush for up to 16 tasks. If MySQL fails after a move, the element goes back to the
 //! head of its queue; at a stop, a task in hand goes back to its queue ([`hand_back`]).
 
@@ -190,11 +190,11 @@ fn record(
 pub struct Poller {
     shared: std::sync::Arc<Shared>,
     client: Client,
-    tx: Sender<Task>,
+    tx: Sender<Vec<Task>>,
 }
 
 impl Poller {
-    pub fn new(shared: std::sync::Arc<Shared>, client: Client, tx: Sender<Task>) -> Poller {
+    pub fn new(shared: std::sync::Arc<Shared>, client: Client, tx: Sender<Vec<Task>>) -> Poller {
         Poller { shared, client, tx }
     }
 
@@ -346,24 +346,24 @@ impl Poller {
             // Recorded already: a leftover copy is dropped as a duplicate when taken again.
             log::warn!(queue, error:% = e; "could not clear the in-hand list");
         }
-        let mut tasks = tasks.into_iter();
-        while let Some(mut task) = tasks.next() {
-            loop {
-                // Blocked on a full fleet is waiting, not being stuck.
-                self.shared.tick("qsys-poller");
-                match self.tx.send_timeout(task, Duration::from_millis(200)) {
-                    Ok(()) => break,
-                    Err(SendTimeoutError::Timeout(t)) if !self.shared.stop.is_stopping() => {
-                        task = t
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        // One batch per send: the scheduler takes a whole batch at once, so it can place (and
+        // claim) many tasks per round instead of waiting on this thread for each.
+        let mut batch = tasks;
+        loop {
+            // Blocked on a full fleet is waiting, not being stuck.
+            self.shared.tick("qsys-poller");
+            match self.tx.send_timeout(batch, Duration::from_millis(200)) {
+                Ok(()) => break,
+                Err(SendTimeoutError::Timeout(b)) if !self.shared.stop.is_stopping() => batch = b,
+                Err(SendTimeoutError::Timeout(back) | SendTimeoutError::Disconnected(back)) => {
+                    if let Err(e) = hand_back(&self.client, &self.shared.store, &back) {
+                        log::error!(error:% = e;
+                            "could not return tasks to redis at stop; they resume at next start");
                     }
-                    Err(SendTimeoutError::Timeout(t) | SendTimeoutError::Disconnected(t)) => {
-                        let back: Vec<Task> = std::iter::once(t).chain(tasks).collect();
-                        if let Err(e) = hand_back(&self.client, &self.shared.store, &back) {
-                            log::error!(error:% = e;
-                                "could not return tasks to redis at stop; they resume at next start");
-                        }
-                        return Ok(());
-                    }
+                    return Ok(());
                 }
             }
         }

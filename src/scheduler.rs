@@ -1,9 +1,11 @@
 //! The scheduler thread (`qsys-scheduler`): decides where each task runs.
 //!
-//! It receives tasks from the poller's bounded channel and keeps at most `prefetch` of them in hand.
-//! A GPU task gets the least-loaded GPU's free slot ([`crate::slots`]), reserved in memory, and goes
-//! to the dispatch pool, whose worker claims the slot in MySQL (in the same transaction that moves
-//! the task to `processing`) before it calls the GPU; a refused claim comes back here. Other types go to
+//! It receives batches of tasks from the poller and keeps fewer than [`PREFETCH`] in hand before it
+//! takes another. Each round it places every task it can: a GPU task gets the least-loaded GPU's
+//! free slot ([`crate::slots`]), reserved in memory, and all the slots reserved in the round are
+//! claimed in MySQL in one transaction (with the move of each task to `processing`) before the jobs
+//! go to the dispatch pool. One commit per round, not per task, is what keeps the scheduler ahead of
+//! a busy fleet (BENCHMARKS.md); a claim MySQL refuses comes back into the hand. Other types go to
 //! the handler pool through a rendezvous channel: only an idle worker takes one, so nothing queues
 //! invisibly. An unknown type fails at once. When nothing can be placed it stops receiving, which
 //! blocks the poller, which leaves tasks in Redis (promise 6).
@@ -23,9 +25,11 @@ use crossbeam_channel::{never, select, Receiver, Sender, TrySendError};
 use crate::config::{Completion, Endpoint, Handler};
 use crate::shared::{Event, Shared, Task};
 use crate::slots::Holder;
+use crate::store::{Claim, ClaimRequest};
 
-/// How many tasks the scheduler holds beyond what it has placed.
-pub const PREFETCH: usize = 8;
+/// Below this many unplaced tasks the scheduler takes another batch from the poller. Large enough
+/// that the slots freed during one claim transaction all find a task in the next round.
+pub const PREFETCH: usize = 32;
 
 /// A GPU attempt, handed to a dispatch worker with its slot reserved in memory; the worker claims it
 /// in MySQL.
@@ -49,7 +53,7 @@ enum Placed {
 
 pub struct Scheduler {
     shared: Arc<Shared>,
-    tasks: Receiver<Task>,
+    tasks: Receiver<Vec<Task>>,
     events: Receiver<Event>,
     gpu_jobs: Sender<GpuJob>,
     handler_jobs: Sender<Task>,
@@ -64,7 +68,7 @@ pub struct Scheduler {
 impl Scheduler {
     pub fn new(
         shared: Arc<Shared>,
-        tasks: Receiver<Task>,
+        tasks: Receiver<Vec<Task>>,
         events: Receiver<Event>,
         gpu_jobs: Sender<GpuJob>,
         handler_jobs: Sender<Task>,
@@ -138,12 +142,6 @@ impl Scheduler {
                 self.delayed
                     .push(Reverse((Instant::now() + after, task_id)));
             }
-            Event::Unplaced { task, db_trouble } => {
-                if db_trouble {
-                    self.retry_at = Some(Instant::now() + Duration::from_secs(1));
-                }
-                self.pending.push_front(*task);
-            }
         }
     }
 
@@ -167,7 +165,7 @@ impl Scheduler {
                 .min(Duration::from_millis(250));
             select! {
                 recv(rx) -> t => match t {
-                    Ok(t) => self.pending.push_back(t),
+                    Ok(t) => self.pending.extend(t),
                     // The supervisor notices the poller's end; stop listening to it.
                     Err(_) => poller_gone = true,
                 },
@@ -177,6 +175,17 @@ impl Scheduler {
                     }
                 },
                 default(next_due) => {},
+            }
+            // Take in everything else already waiting, so the next round places (and claims in
+            // one transaction) all that became possible meanwhile, not one task per commit.
+            while let Ok(e) = self.events.try_recv() {
+                self.on_event(e);
+            }
+            while self.pending.len() < PREFETCH && !poller_gone {
+                match self.tasks.try_recv() {
+                    Ok(t) => self.pending.extend(t),
+                    Err(_) => break,
+                }
             }
         }
         self.hand_back();
@@ -191,17 +200,29 @@ impl Scheduler {
         }
         self.retry_at = None;
         let (mut gpu_full, mut workers_busy) = (false, false);
+        let mut jobs = Vec::new();
         for _ in 0..self.pending.len() {
             let task = self.pending.pop_front().expect("len checked");
             let handler = self.shared.config().types.get(&task.msg.kind).cloned();
             let placed = match handler {
                 None => self.fail_unknown(task),
                 Some(Handler::Gpu) if gpu_full => Placed::Wait(task),
-                Some(Handler::Gpu) => {
-                    let p = self.place_gpu(task);
-                    gpu_full = matches!(p, Placed::Wait(_));
-                    p
-                }
+                Some(Handler::Gpu) => match self.reserve(&task) {
+                    Some((endpoint, slot, lease)) => {
+                        jobs.push(GpuJob {
+                            attempt: task.attempts + 1,
+                            task,
+                            endpoint,
+                            slot,
+                            lease,
+                        });
+                        Placed::Done
+                    }
+                    None => {
+                        gpu_full = true;
+                        Placed::Wait(task)
+                    }
+                },
                 Some(_) if workers_busy => Placed::Wait(task),
                 Some(_) => match self.handler_jobs.try_send(task) {
                     Ok(()) => Placed::Done,
@@ -218,6 +239,7 @@ impl Scheduler {
                 break;
             }
         }
+        self.claim(jobs);
     }
 
     fn fail_unknown(&mut self, task: Task) -> Placed {
@@ -239,18 +261,17 @@ impl Scheduler {
         Placed::Wait(task)
     }
 
-    fn place_gpu(&mut self, task: Task) -> Placed {
-        let attempt = task.attempts + 1;
+    /// Reserves the least-loaded free slot in memory for `task`'s next attempt: the GPU, the slot
+    /// and the attempt's lease. `None`: no slot is free.
+    fn reserve(&self, task: &Task) -> Option<(Arc<Endpoint>, usize, Duration)> {
         let (at, ep) = {
             let mut m = self.shared.slots();
-            let Some(at) = m.pick_avoiding(task.avoid_gpu.as_deref()) else {
-                return Placed::Wait(task);
-            };
+            let at = m.pick_avoiding(task.avoid_gpu.as_deref())?;
             m.occupy(
                 at,
                 Holder {
                     task_id: task.msg.task_id.clone(),
-                    attempt,
+                    attempt: task.attempts + 1,
                     since: Instant::now(),
                 },
             );
@@ -267,22 +288,92 @@ impl Scheduler {
             Completion::Callback => timeout,
             Completion::Response => timeout + ep.request_timeout,
         };
-        // The worker claims the slot in MySQL (many claims commit in parallel that way); the
-        // in-memory reservation keeps this instance from picking the slot twice.
-        let job = GpuJob {
-            task,
-            attempt,
-            endpoint: ep,
-            slot: at.slot,
-            lease,
-        };
-        // The channel is unbounded (jobs never outnumber reserved slots); it fails only if every
-        // dispatch worker is gone, which the supervisor is already handling.
-        if let Err(e) = self.gpu_jobs.send(job) {
-            log::error!(task_id = e.0.task.msg.task_id.as_str();
-                "dispatch pool gone; task stays pending until the next start");
+        Some((ep, at.slot, lease))
+    }
+
+    /// Claims the slots reserved this round in one MySQL transaction and hands each claimed job to
+    /// the dispatch pool. A slot MySQL says is held (another instance took it) is mirrored and its
+    /// task placed again; on a MySQL error every reservation is undone and placement pauses.
+    fn claim(&mut self, jobs: Vec<GpuJob>) {
+        if jobs.is_empty() {
+            return;
         }
-        Placed::Done
+        let reqs: Vec<ClaimRequest<'_>> = jobs
+            .iter()
+            .map(|j| ClaimRequest {
+                task_id: &j.task.msg.task_id,
+                attempts: j.task.attempts,
+                gpu_id: &j.endpoint.id,
+                slot: j.slot,
+                lease: j.lease,
+            })
+            .collect();
+        let claims = self.shared.store.claim_gpu_attempts(&reqs);
+        drop(reqs);
+        let claims = match claims {
+            Ok(c) => c,
+            Err(e) => {
+                self.shared.metrics.errors.inc("mysql");
+                log::warn!(count = jobs.len(), error:% = e; "mysql error claiming slots; will retry");
+                for job in jobs.into_iter().rev() {
+                    self.release(&job);
+                    self.pending.push_front(job.task);
+                }
+                self.retry_at = Some(Instant::now() + Duration::from_secs(1));
+                return;
+            }
+        };
+        let mut again = Vec::new();
+        for (job, claim) in jobs.into_iter().zip(claims) {
+            let ep = &job.endpoint;
+            let task_id = job.task.msg.task_id.as_str();
+            match claim {
+                Claim::Claimed => {
+                    self.shared
+                        .announce(true, &ep.id, job.slot, task_id, job.attempt);
+                    log::info!(task_id, gpu = ep.id.as_str(), slot = job.slot,
+                        attempt = job.attempt, queue = job.task.queue.as_str(); "slot claimed");
+                    // Unbounded (jobs never outnumber claimed slots); it fails only if every
+                    // dispatch worker is gone, which the supervisor is already handling.
+                    if let Err(e) = self.gpu_jobs.send(job) {
+                        log::error!(task_id = e.0.task.msg.task_id.as_str();
+                            "dispatch pool gone; task stays processing until its lease ends");
+                    }
+                }
+                Claim::SlotTaken { holder, attempt } => {
+                    // MySQL knows a holder the mirror did not: mirror it; the task is placed again.
+                    log::warn!(gpu = ep.id.as_str(), slot = job.slot, holder = holder.as_str();
+                        "slot held in mysql but free in memory; mirrored");
+                    let mut m = self.shared.slots();
+                    if let Some(at) = m.find(&ep.id, job.slot) {
+                        m.occupy(
+                            at,
+                            Holder {
+                                task_id: holder,
+                                attempt,
+                                since: Instant::now(),
+                            },
+                        );
+                    }
+                    drop(m);
+                    again.push(job.task);
+                }
+                Claim::NotPending => {
+                    self.release(&job);
+                    log::info!(task_id; "task no longer pending (moved elsewhere); dropped from hand");
+                }
+            }
+        }
+        for task in again.into_iter().rev() {
+            self.pending.push_front(task);
+        }
+    }
+
+    /// Undoes the in-memory reservation of a job whose claim did not happen.
+    fn release(&self, job: &GpuJob) {
+        self.shared
+            .slots()
+            .release(&job.endpoint.id, job.slot, &job.task.msg.task_id);
     }
 
     /// At a stop: everything still in hand, and whatever the poller sent meanwhile, goes back to
@@ -295,7 +386,7 @@ impl Scheduler {
             .tasks
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
         {
-            self.pending.push_back(t);
+            self.pending.extend(t);
         }
         let back: Vec<Task> = self.pending.drain(..).collect();
         if back.is_empty() {

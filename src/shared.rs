@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::message::Message;
 use crate::shutdown::Shutdown;
 use crate::slots::SlotMatrix;
-use crate::store::{Ending, Finish, Next, Store, StoreError, StoredTask};
+use crate::store::{EndRequest, Ending, Finish, Next, Store, StoreError, StoredTask};
 use crate::token::Signer;
 
 /// A task in memory, between the poller and a worker.
@@ -68,9 +68,6 @@ pub enum Event {
     Wake,
     /// A task is `pending` again and may run once `after` has passed.
     Retry { task_id: String, after: Duration },
-    /// A dispatch worker could not claim the slot reserved for this task (another instance holds
-    /// it, or MySQL failed): place it again.
-    Unplaced { task: Box<Task>, db_trouble: bool },
 }
 
 pub struct Shared {
@@ -140,15 +137,47 @@ impl Shared {
         ending: Ending<'_>,
         source: &str,
     ) -> Result<Finish, StoreError> {
+        let mut out = self.end_attempts(&[(task_id, attempt, ending)], source)?;
+        Ok(out.pop().expect("one finish per attempt"))
+    }
+
+    /// Ends each `(task_id, attempt, ending)` in one MySQL transaction, then frees their slots in
+    /// memory and tells the scheduler; the results come in the order given.
+    pub fn end_attempts(
+        &self,
+        ends: &[(&str, u32, Ending<'_>)],
+        source: &str,
+    ) -> Result<Vec<Finish>, StoreError> {
         let r = self.config().retry;
-        let mut delay = Backoff::new(r.backoff, r.backoff_max);
-        let after = delay.delay_for(attempt.saturating_sub(1));
-        let out = self
-            .store
-            .end_attempt(task_id, attempt, ending, r.max_attempts, after)?;
-        let Finish::Applied { slot, next, age } = &out else {
+        let reqs: Vec<EndRequest<'_>> = ends
+            .iter()
+            .map(|&(task_id, attempt, ending)| EndRequest {
+                task_id,
+                attempt,
+                ending,
+                retry_after: Backoff::new(r.backoff, r.backoff_max)
+                    .delay_for(attempt.saturating_sub(1)),
+            })
+            .collect();
+        let out = self.store.end_attempts(&reqs, r.max_attempts)?;
+        for (req, finish) in reqs.iter().zip(&out) {
+            self.ended(req, finish, source);
+        }
+        self.wake_scheduler();
+        Ok(out)
+    }
+
+    /// What follows an ending in memory: metrics, the slot, the log, a retry for the scheduler.
+    fn ended(&self, req: &EndRequest<'_>, out: &Finish, source: &str) {
+        let EndRequest {
+            task_id,
+            attempt,
+            ending,
+            ..
+        } = *req;
+        let Finish::Applied { slot, next, age } = out else {
             log::info!(task_id, attempt, source, outcome:? = out; "completion not applied");
-            return Ok(out);
+            return;
         };
         self.metrics.attempts.inc(match ending {
             Ending::Finished => "finished",
@@ -190,8 +219,6 @@ impl Shared {
                 });
             }
         }
-        self.wake_scheduler();
-        Ok(out)
     }
 
     /// [`Shared::end_attempt`] that keeps trying through a MySQL outage (with backoff, up to

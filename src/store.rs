@@ -2,15 +2,18 @@
 //!
 //! Every thread that changes a task's state calls into this module through a shared [`Store`] (a
 //! `mysql::Pool` is thread-safe): the poller inserts rows, the scheduler claims slots, dispatch and
-//! handler workers and the callback server finish attempts. Each state change is one short
-//! transaction whose `WHERE` clause states what it expects (the state, the attempt number, an empty
-//! slot), so two threads, or two instances, can never both win: the loser sees zero affected rows and
-//! is told why through a typed result rather than an error.
+//! handler workers and the callback server finish attempts. The busy paths (recording, claiming,
+//! ending) take a batch and apply it in one short transaction with few statements, because per-commit
+//! and per-statement costs, not rows, are what limit MySQL (BENCHMARKS.md). Each change either states
+//! what it expects in its `WHERE` clause (the state, the attempt number, an empty slot) or locks the
+//! rows and checks them first, so two threads, or two instances, can never both win: the loser is told
+//! why through a typed result rather than an error.
 //!
 //! The schema is created at start and migrated in place, including a table made by the seed README's
 //! DDL. Migrations only use statements every MySQL-protocol server understands (no `ADD COLUMN IF NOT
 //! EXISTS`, a MariaDB extension): they look at `information_schema` first, so each step is idempotent.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use mysql::prelude::Queryable;
@@ -213,17 +216,79 @@ pub struct HeldSlot {
     pub attempt: u32,
 }
 
-/// `state, attempts, gpu_id, slot_index, max_attempts, attempt_base, age in µs` of a task, as
-/// `end_attempt` reads it.
-type AttemptRow = (
-    Option<String>,
-    u32,
-    Option<String>,
-    Option<u32>,
-    Option<u32>,
-    u32,
-    Option<i64>,
-);
+/// A GPU attempt to start, for [`Store::claim_gpu_attempts`].
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimRequest<'a> {
+    pub task_id: &'a str,
+    /// Attempts the task has used: it must still be `pending` at this count.
+    pub attempts: u32,
+    pub gpu_id: &'a str,
+    pub slot: usize,
+    /// The attempt's lease, from now.
+    pub lease: Duration,
+}
+
+/// An attempt to end, for [`Store::end_attempts`].
+#[derive(Debug, Clone, Copy)]
+pub struct EndRequest<'a> {
+    pub task_id: &'a str,
+    pub attempt: u32,
+    pub ending: Ending<'a>,
+    /// The wait before a retry, should the ending lead to one.
+    pub retry_after: Duration,
+}
+
+/// A task row as an ending reads it.
+#[derive(Debug, Clone)]
+pub struct EndRow {
+    /// `NULL` for a seed-era row without a state.
+    pub state: String,
+    pub attempts: u32,
+    pub gpu: Option<String>,
+    pub slot: Option<u32>,
+    pub max_attempts: Option<u32>,
+    pub attempt_base: u32,
+    /// Since the task was first taken.
+    pub age_us: Option<i64>,
+    /// Passed back unchanged into `task_attempts.started_at`.
+    pub dispatched_at: mysql::Value,
+}
+
+/// What ending `req` does to a task in `row`: the task's next state, or why nothing changes. Pure,
+/// so the rules are unit-tested without a server.
+pub fn judge_ending(row: &EndRow, req: &EndRequest<'_>, default_max: u32) -> Result<Next, Finish> {
+    let ending = req.ending;
+    match State::parse(&row.state) {
+        _ if row.attempts != req.attempt => {
+            return Err(Finish::Stale {
+                current: row.attempts,
+            })
+        }
+        Some(State::Processing) => {}
+        Some(s) if s == ending.terminal() && !matches!(ending, Ending::Expired { .. }) => {
+            return Err(Finish::Duplicate)
+        }
+        _ => {
+            return Err(Finish::Conflict {
+                state: row.state.clone(),
+            })
+        }
+    }
+    // After a requeue, attempts count again from `attempt_base`.
+    let used = req.attempt.saturating_sub(row.attempt_base);
+    if ending.retryable() && used < row.max_attempts.unwrap_or(default_max) {
+        Ok(Next::Retry {
+            after: req.retry_after,
+        })
+    } else {
+        Ok(Next::Done(ending.terminal()))
+    }
+}
+
+/// `n` copies of `one`, comma-separated: the placeholders of an `IN` list or a multi-row `VALUES`.
+fn placeholders(n: usize, one: &str) -> String {
+    vec![one; n].join(", ")
+}
 
 /// A shared handle on the database; cheap to clone.
 #[derive(Clone)]
@@ -435,8 +500,7 @@ impl Store {
         ))
     }
 
-    /// Moves a `pending` task at `attempts` to `processing` as attempt `attempts + 1` on a GPU slot,
-    /// claiming the slot row in the same transaction.
+    /// Moves one `pending` task to `processing` on a GPU slot: [`Store::claim_gpu_attempts`] for one.
     pub fn claim_gpu_attempt(
         &self,
         task_id: &str,
@@ -445,46 +509,138 @@ impl Store {
         slot: usize,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
+        let req = ClaimRequest {
+            task_id,
+            attempts,
+            gpu_id,
+            slot,
+            lease,
+        };
+        let mut out = self.claim_gpu_attempts(&[req])?;
+        Ok(out.pop().expect("one claim per request"))
+    }
+
+    /// Moves each `pending` task at `attempts` to `processing` as attempt `attempts + 1` on its GPU
+    /// slot, claiming the slot row, all in one transaction: one log flush and five statements for
+    /// the whole batch (the wall of issue 8 is per-commit and per-statement cost, not rows). Both
+    /// kinds of row are locked first, so each verdict is exact; a task is claimed only with its slot.
+    pub fn claim_gpu_attempts(&self, reqs: &[ClaimRequest<'_>]) -> Result<Vec<Claim>, StoreError> {
+        if reqs.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut c = self.conn()?;
         let mut tx = c.start_transaction(TxOpts::default())?;
-        let attempt = attempts + 1;
-        tx.exec_drop(
-            "UPDATE gpu_slots SET task_id = :id, attempt = :attempt, instance_id = :inst, \
-             claimed_at = NOW(3) WHERE gpu_id = :gpu AND slot_index = :slot AND task_id IS NULL",
-            params! { "id" => task_id, attempt, "inst" => &self.instance, "gpu" => gpu_id, slot },
-        )?;
-        if tx.affected_rows() == 0 {
-            let holder: Option<(Option<String>, Option<u32>)> = tx.exec_first(
-                "SELECT task_id, attempt FROM gpu_slots WHERE gpu_id = ? AND slot_index = ?",
-                (gpu_id, slot),
-            )?;
-            tx.rollback()?;
-            return match holder {
-                Some((Some(holder), attempt)) => Ok(Claim::SlotTaken {
-                    holder,
-                    attempt: attempt.unwrap_or(0),
-                }),
-                _ => Err(StoreError::Schema(format!(
-                    "slot row {gpu_id}/{slot} is missing from gpu_slots"
-                ))),
-            };
+        let mut slots: HashMap<(String, u32), Option<(String, u32)>> = HashMap::new();
+        let sql = format!(
+            "SELECT gpu_id, slot_index, task_id, attempt FROM gpu_slots \
+             WHERE (gpu_id, slot_index) IN ({}) FOR UPDATE",
+            placeholders(reqs.len(), "(?, ?)")
+        );
+        let params: Vec<mysql::Value> = reqs
+            .iter()
+            .flat_map(|r| [r.gpu_id.into(), (r.slot as u32).into()])
+            .collect();
+        for mut row in tx.exec::<mysql::Row, _, _>(sql, params)? {
+            let key = (
+                col(&mut row, 0).unwrap_or_default(),
+                col(&mut row, 1).unwrap_or(0),
+            );
+            let holder = col::<String>(&mut row, 2).map(|t| (t, col(&mut row, 3).unwrap_or(0)));
+            slots.insert(key, holder);
         }
-        tx.exec_drop(
-            "UPDATE tasks SET state = 'processing', attempts = :attempt, gpu_id = :gpu, \
-             slot_index = :slot, dispatched_at = NOW(3), \
-             deadline = NOW(3) + INTERVAL :lease MICROSECOND, instance_id = :inst \
-             WHERE task_id = :id AND state = 'pending' AND attempts = :attempts",
-            params! {
-                attempt, "gpu" => gpu_id, slot, "lease" => lease.as_micros() as u64,
-                "inst" => &self.instance, "id" => task_id, attempts,
-            },
-        )?;
-        if tx.affected_rows() == 0 {
-            tx.rollback()?;
-            return Ok(Claim::NotPending);
+        let ids: Vec<&str> = reqs.iter().map(|r| r.task_id).collect();
+        let sql = format!(
+            "SELECT task_id, state, attempts FROM tasks WHERE task_id IN ({}) FOR UPDATE",
+            placeholders(ids.len(), "?")
+        );
+        let mut tasks: HashMap<String, (Option<String>, u32)> = tx
+            .exec::<(String, Option<String>, u32), _, _>(sql, &ids)?
+            .into_iter()
+            .map(|(id, state, attempts)| (id, (state, attempts)))
+            .collect();
+        let mut out = Vec::with_capacity(reqs.len());
+        let mut claimed = Vec::new();
+        for r in reqs {
+            let holder = slots
+                .get_mut(&(r.gpu_id.to_string(), r.slot as u32))
+                .ok_or_else(|| {
+                    StoreError::Schema(format!(
+                        "slot row {}/{} is missing from gpu_slots",
+                        r.gpu_id, r.slot
+                    ))
+                })?;
+            let task = tasks.get_mut(r.task_id);
+            let verdict = match (&holder, task) {
+                (Some((task_id, attempt)), _) => Claim::SlotTaken {
+                    holder: task_id.clone(),
+                    attempt: *attempt,
+                },
+                (None, Some((state, attempts)))
+                    if state.as_deref() == Some("pending") && *attempts == r.attempts =>
+                {
+                    // A repeat of the slot or the task later in the batch sees this claim.
+                    *holder = Some((r.task_id.to_string(), r.attempts + 1));
+                    *state = Some("processing".into());
+                    claimed.push(r);
+                    Claim::Claimed
+                }
+                (None, _) => Claim::NotPending,
+            };
+            out.push(verdict);
+        }
+        if !claimed.is_empty() {
+            let sql = format!(
+                "INSERT INTO gpu_slots (gpu_id, slot_index, task_id, attempt, instance_id, \
+                 claimed_at) VALUES {} ON DUPLICATE KEY UPDATE task_id = VALUES(task_id), \
+                 attempt = VALUES(attempt), instance_id = VALUES(instance_id), \
+                 claimed_at = VALUES(claimed_at)",
+                placeholders(claimed.len(), "(?, ?, ?, ?, ?, NOW(3))")
+            );
+            let params: Vec<mysql::Value> = claimed
+                .iter()
+                .flat_map(|r| {
+                    [
+                        r.gpu_id.into(),
+                        (r.slot as u32).into(),
+                        r.task_id.into(),
+                        (r.attempts + 1).into(),
+                        self.instance.as_str().into(),
+                    ]
+                })
+                .collect();
+            tx.exec_drop(sql, params)?;
+            // Per-task values by CASE; every row was checked `pending` at `attempts` under lock.
+            let cases = vec!["WHEN ? THEN ?"; claimed.len()].join(" ");
+            let sql = format!(
+                "UPDATE tasks SET state = 'processing', attempts = attempts + 1, \
+                 gpu_id = CASE task_id {cases} END, slot_index = CASE task_id {cases} END, \
+                 dispatched_at = NOW(3), \
+                 deadline = NOW(3) + INTERVAL (CASE task_id {cases} END) MICROSECOND, \
+                 instance_id = ? WHERE task_id IN ({})",
+                placeholders(claimed.len(), "?")
+            );
+            let mut params: Vec<mysql::Value> = Vec::with_capacity(claimed.len() * 7 + 1);
+            params.extend(
+                claimed
+                    .iter()
+                    .flat_map(|r| [r.task_id.into(), r.gpu_id.into()]),
+            );
+            params.extend(
+                claimed
+                    .iter()
+                    .flat_map(|r| [r.task_id.into(), (r.slot as u32).into()]),
+            );
+            params.extend(
+                claimed
+                    .iter()
+                    .flat_map(|r| [r.task_id.into(), (r.lease.as_micros() as u64).into()]),
+            );
+            params.push(self.instance.as_str().into());
+            params.extend(claimed.iter().map(|r| r.task_id.into()));
+            tx.exec_drop(sql, params)?;
         }
         tx.commit()?;
-        Ok(Claim::Claimed)
+        Ok(out)
     }
 
     /// Moves a `pending` task to `processing` for a handler (no slot). False if it was not pending at
@@ -519,91 +675,140 @@ impl Store {
         Ok(c.affected_rows() == 1)
     }
 
-    /// Ends attempt `attempt` of `task_id`: the task becomes terminal, or `pending` again after
-    /// `retry_after` when the ending is retryable and attempts are left (`max_attempts` of the task,
-    /// else `default_max`). Frees the slot row and records the attempt in `task_attempts`.
-    pub fn end_attempt(
+    /// Ends one attempt: [`Store::end_attempts`] for one.
+    pub fn end_attempt(&self, req: EndRequest<'_>, default_max: u32) -> Result<Finish, StoreError> {
+        let mut out = self.end_attempts(&[req], default_max)?;
+        Ok(out.pop().expect("one finish per request"))
+    }
+
+    /// Ends each attempt of `reqs` (see [`EndRequest`]), all in one transaction: the task becomes
+    /// terminal, or `pending` again after `retry_after` when the ending is retryable and attempts are
+    /// left (`max_attempts` of the task, else `default_max`); its slot row is freed and the attempt
+    /// recorded in `task_attempts`. The rows are locked and read first, the verdicts made in memory
+    /// ([`judge_ending`]), then applied by multi-row statements. A request repeated within the batch
+    /// sees the earlier one's effect (a duplicate callback is a `Duplicate`, as it would be later).
+    pub fn end_attempts(
         &self,
-        task_id: &str,
-        attempt: u32,
-        ending: Ending<'_>,
+        reqs: &[EndRequest<'_>],
         default_max: u32,
-        retry_after: Duration,
-    ) -> Result<Finish, StoreError> {
+    ) -> Result<Vec<Finish>, StoreError> {
+        if reqs.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut c = self.conn()?;
         let mut tx = c.start_transaction(TxOpts::default())?;
-        let row: Option<AttemptRow> = tx.exec_first(
-            "SELECT state, attempts, gpu_id, slot_index, max_attempts, attempt_base, \
-             TIMESTAMPDIFF(MICROSECOND, created_at, NOW(3)) FROM tasks WHERE task_id = ? FOR UPDATE",
-            (task_id,),
-        )?;
-        let Some((state, current, gpu, slot, max, base, age)) = row else {
-            tx.rollback()?;
-            return Ok(Finish::Unknown);
-        };
-        let state = state.unwrap_or_else(|| "NULL".into());
-        let verdict = match State::parse(&state) {
-            _ if current != attempt => Some(Finish::Stale { current }),
-            Some(State::Processing) => None,
-            Some(s) if s == ending.terminal() && !matches!(ending, Ending::Expired { .. }) => {
-                Some(Finish::Duplicate)
-            }
-            _ => Some(Finish::Conflict { state }),
-        };
-        if let Some(v) = verdict {
-            tx.rollback()?;
-            return Ok(v);
+        let ids: Vec<&str> = reqs.iter().map(|r| r.task_id).collect();
+        let sql = format!(
+            "SELECT task_id, state, attempts, gpu_id, slot_index, max_attempts, attempt_base, \
+             TIMESTAMPDIFF(MICROSECOND, created_at, NOW(3)), dispatched_at FROM tasks \
+             WHERE task_id IN ({}) FOR UPDATE",
+            placeholders(ids.len(), "?")
+        );
+        let mut rows: HashMap<String, EndRow> = HashMap::new();
+        for mut r in tx.exec::<mysql::Row, _, _>(sql, &ids)? {
+            let id: String = col(&mut r, 0).unwrap_or_default();
+            let row = EndRow {
+                state: col(&mut r, 1).unwrap_or_else(|| "NULL".into()),
+                attempts: col(&mut r, 2).unwrap_or(0),
+                gpu: col(&mut r, 3),
+                slot: col(&mut r, 4),
+                max_attempts: col(&mut r, 5),
+                attempt_base: col(&mut r, 6).unwrap_or(0),
+                age_us: col(&mut r, 7),
+                dispatched_at: r.take(8).unwrap_or(mysql::Value::NULL),
+            };
+            rows.insert(id, row);
         }
-        let error = ending.error().map(|e| truncate(e, MAX_ERROR));
-        // After a requeue, attempts count again from `attempt_base`.
-        let used = attempt.saturating_sub(base);
-        let next = if ending.retryable() && used < max.unwrap_or(default_max) {
-            tx.exec_drop(
-                // Whoever ends the attempt schedules the retry (a lease may be expired by an
-                // instance other than the one that dispatched).
-                "UPDATE tasks SET state = 'pending', error = :err, deadline = NULL, \
-                 instance_id = :inst, not_before = NOW(3) + INTERVAL :after MICROSECOND \
-                 WHERE task_id = :id",
-                params! { "err" => error, "after" => retry_after.as_micros() as u64,
-                "inst" => &self.instance, "id" => task_id },
-            )?;
-            Next::Retry { after: retry_after }
-        } else {
-            let done = ending.terminal();
-            tx.exec_drop(
-                "UPDATE tasks SET state = ?, error = ?, finished_at = NOW(3), deadline = NULL \
-                 WHERE task_id = ?",
-                (done.as_str(), error, task_id),
-            )?;
-            Next::Done(done)
-        };
-        tx.exec_drop(
-            "INSERT INTO task_attempts (task_id, attempt, gpu_id, slot_index, instance_id, \
-             started_at, ended_at, outcome, error) \
-             SELECT task_id, attempts, gpu_id, slot_index, :inst, dispatched_at, NOW(3), :outcome, \
-             :err FROM tasks WHERE task_id = :id \
-             ON DUPLICATE KEY UPDATE ended_at = VALUES(ended_at), outcome = VALUES(outcome), \
-             error = VALUES(error)",
-            params! { "inst" => &self.instance, "outcome" => ending.outcome(), "err" => error,
-            "id" => task_id },
-        )?;
-        let slot = match (gpu, slot) {
-            (Some(g), Some(s)) => {
-                tx.exec_drop(
-                    "UPDATE gpu_slots SET task_id = NULL, attempt = NULL, instance_id = NULL, \
-                     claimed_at = NULL WHERE gpu_id = ? AND slot_index = ? AND task_id = ?",
-                    (&g, s, task_id),
-                )?;
-                Some((g, s as usize))
+        let mut out = Vec::with_capacity(reqs.len());
+        let mut finished: Vec<&str> = Vec::new();
+        let mut history: Vec<mysql::Value> = Vec::new();
+        let mut freed: Vec<mysql::Value> = Vec::new();
+        for r in reqs {
+            let Some(row) = rows.get_mut(r.task_id) else {
+                out.push(Finish::Unknown);
+                continue;
+            };
+            let next = match judge_ending(row, r, default_max) {
+                Ok(next) => next,
+                Err(verdict) => {
+                    out.push(verdict);
+                    continue;
+                }
+            };
+            let error = r.ending.error().map(|e| truncate(e, MAX_ERROR));
+            match next {
+                Next::Retry { after } => tx.exec_drop(
+                    // Whoever ends the attempt schedules the retry (a lease may be expired by an
+                    // instance other than the one that dispatched).
+                    "UPDATE tasks SET state = 'pending', error = :err, deadline = NULL, \
+                     instance_id = :inst, not_before = NOW(3) + INTERVAL :after MICROSECOND \
+                     WHERE task_id = :id",
+                    params! { "err" => error, "after" => after.as_micros() as u64,
+                    "inst" => &self.instance, "id" => r.task_id },
+                )?,
+                // The common case, gathered into one statement below.
+                Next::Done(State::Finished) if error.is_none() => finished.push(r.task_id),
+                Next::Done(done) => tx.exec_drop(
+                    "UPDATE tasks SET state = ?, error = ?, finished_at = NOW(3), deadline = NULL \
+                     WHERE task_id = ?",
+                    (done.as_str(), error, r.task_id),
+                )?,
             }
-            _ => None,
-        };
+            history.extend([
+                r.task_id.into(),
+                row.attempts.into(),
+                row.gpu.clone().into(),
+                row.slot.into(),
+                self.instance.as_str().into(),
+                row.dispatched_at.clone(),
+                r.ending.outcome().into(),
+                error.into(),
+            ]);
+            let slot = match (&row.gpu, row.slot) {
+                (Some(g), Some(s)) => {
+                    freed.extend([g.as_str().into(), s.into(), r.task_id.into()]);
+                    Some((g.clone(), s as usize))
+                }
+                _ => None,
+            };
+            row.state = match next {
+                Next::Retry { .. } => State::Pending.as_str().into(),
+                Next::Done(done) => done.as_str().into(),
+            };
+            out.push(Finish::Applied {
+                slot,
+                next,
+                age: row.age_us.map(|us| Duration::from_micros(us.max(0) as u64)),
+            });
+        }
+        if !finished.is_empty() {
+            let sql = format!(
+                "UPDATE tasks SET state = 'finished', error = NULL, finished_at = NOW(3), \
+                 deadline = NULL WHERE task_id IN ({})",
+                placeholders(finished.len(), "?")
+            );
+            tx.exec_drop(sql, &finished)?;
+        }
+        if !history.is_empty() {
+            let sql = format!(
+                "INSERT INTO task_attempts (task_id, attempt, gpu_id, slot_index, instance_id, \
+                 started_at, ended_at, outcome, error) VALUES {} \
+                 ON DUPLICATE KEY UPDATE ended_at = VALUES(ended_at), outcome = VALUES(outcome), \
+                 error = VALUES(error)",
+                placeholders(history.len() / 8, "(?, ?, ?, ?, ?, ?, NOW(3), ?, ?)")
+            );
+            tx.exec_drop(sql, history)?;
+        }
+        if !freed.is_empty() {
+            let sql = format!(
+                "UPDATE gpu_slots SET task_id = NULL, attempt = NULL, instance_id = NULL, \
+                 claimed_at = NULL WHERE (gpu_id, slot_index, task_id) IN ({})",
+                placeholders(freed.len() / 3, "(?, ?, ?)")
+            );
+            tx.exec_drop(sql, freed)?;
+        }
         tx.commit()?;
-        Ok(Finish::Applied {
-            slot,
-            next,
-            age: age.map(|us| Duration::from_micros(us.max(0) as u64)),
-        })
+        Ok(out)
     }
 
     /// Attempts whose lease deadline has passed, oldest first: this instance's, and those of
@@ -1124,5 +1329,103 @@ mod tests {
         }
         assert_eq!(State::parse("done"), None);
         assert!(State::Failed.is_terminal() && !State::Processing.is_terminal());
+    }
+
+    fn row(state: &str, attempts: u32, max: Option<u32>, base: u32) -> EndRow {
+        EndRow {
+            state: state.into(),
+            attempts,
+            gpu: Some("g0".into()),
+            slot: Some(1),
+            max_attempts: max,
+            attempt_base: base,
+            age_us: Some(5),
+            dispatched_at: mysql::Value::NULL,
+        }
+    }
+
+    fn req(attempt: u32, ending: Ending<'_>) -> EndRequest<'_> {
+        EndRequest {
+            task_id: "t",
+            attempt,
+            ending,
+            retry_after: Duration::from_secs(2),
+        }
+    }
+
+    #[test]
+    fn endings_by_state_attempt_and_budget() {
+        let oops = Ending::Failed {
+            error: "oops",
+            retryable: true,
+        };
+        let final_fail = Ending::Failed {
+            error: "bad",
+            retryable: false,
+        };
+        let expired = Ending::Expired { error: "lease" };
+        let retry = Ok(Next::Retry {
+            after: Duration::from_secs(2),
+        });
+        // A running attempt: finished, retried while the budget lasts, then failed for good.
+        let running = row("processing", 2, None, 0);
+        assert_eq!(
+            judge_ending(&running, &req(2, Ending::Finished), 3),
+            Ok(Next::Done(State::Finished))
+        );
+        assert_eq!(judge_ending(&running, &req(2, oops), 3), retry);
+        assert_eq!(judge_ending(&running, &req(2, expired), 3), retry);
+        assert_eq!(
+            judge_ending(&running, &req(2, oops), 2),
+            Ok(Next::Done(State::Failed))
+        );
+        assert_eq!(
+            judge_ending(&running, &req(2, final_fail), 9),
+            Ok(Next::Done(State::Failed))
+        );
+        // The task's own max_attempts wins over the default; a requeue restarts the count.
+        let own = row("processing", 2, Some(2), 0);
+        assert_eq!(
+            judge_ending(&own, &req(2, oops), 9),
+            Ok(Next::Done(State::Failed))
+        );
+        let requeued = row("processing", 5, Some(2), 4);
+        assert_eq!(judge_ending(&requeued, &req(5, oops), 9), retry);
+        // Not applied: another attempt, a repeat, a conflicting state.
+        assert_eq!(
+            judge_ending(&running, &req(1, Ending::Finished), 3),
+            Err(Finish::Stale { current: 2 })
+        );
+        let done = row("finished", 2, None, 0);
+        assert_eq!(
+            judge_ending(&done, &req(2, Ending::Finished), 3),
+            Err(Finish::Duplicate)
+        );
+        assert_eq!(
+            judge_ending(&done, &req(2, final_fail), 3),
+            Err(Finish::Conflict {
+                state: "finished".into()
+            })
+        );
+        // A lease never "duplicates" a finished task, and a pending one awaits no result.
+        assert!(matches!(
+            judge_ending(&row("failed", 2, None, 0), &req(2, expired), 3),
+            Err(Finish::Conflict { .. })
+        ));
+        assert!(matches!(
+            judge_ending(&row("pending", 2, None, 0), &req(2, Ending::Finished), 3),
+            Err(Finish::Conflict { .. })
+        ));
+        assert!(matches!(
+            judge_ending(&row("NULL", 2, None, 0), &req(2, Ending::Finished), 3),
+            Err(Finish::Conflict { .. })
+        ));
+    }
+
+    #[test]
+    fn placeholder_lists() {
+        assert_eq!(placeholders(3, "?"), "?, ?, ?");
+        assert_eq!(placeholders(2, "(?, ?)"), "(?, ?), (?, ?)");
+        assert_eq!(placeholders(1, "?"), "?");
     }
 }

@@ -251,9 +251,9 @@ fn full_fleet_leaves_tasks_in_redis_and_a_stop_hands_back_the_rest() {
     std::thread::sleep(Duration::from_millis(1500));
     let in_redis = env.llen("q1");
     let in_mysql = env.count("1 = 1") as usize;
-    // What qsysd holds: 2 running, the scheduler's prefetch, one in the channel, one batch at the
-    // poller.
-    let hand = qsys::scheduler::PREFETCH + 1 + qsys::queue::TAKE_BATCH;
+    // What qsysd holds: 2 running, the scheduler's prefetch (it takes a whole batch while below
+    // it), and one batch at the poller, waiting to hand it over.
+    let hand = qsys::scheduler::PREFETCH + 2 * qsys::queue::TAKE_BATCH;
     assert!(in_redis >= 100 - 2 - hand, "only {in_redis} left in redis");
     assert_eq!(in_redis + in_mysql, 100, "every taken task is recorded");
     stop(daemon);

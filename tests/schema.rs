@@ -192,3 +192,177 @@ fn a_slot_is_claimed_once() {
     assert_eq!(held.len(), 1);
     assert_eq!((held[0].task_id.as_str(), held[0].attempt), ("a", 1));
 }
+
+/// Batches behave like their requests applied one by one: each claim or ending gets its own
+/// verdict, a repeat within the batch sees the earlier one, and nothing half-applies.
+#[test]
+fn batched_claims_and_endings_give_one_verdict_each() {
+    use qsys::store::{Claim, ClaimRequest, EndRequest, Ending, Finish, Next, State};
+    let env = TestEnv::new("batch");
+    let store = Store::connect(&env.mysql_url(), false, "test", 4).expect("connect");
+    store.migrate().expect("migrate");
+    store
+        .ensure_slots(&[("g0".into(), 2), ("g1".into(), 2)])
+        .expect("slots");
+    let ids = ["a", "b", "c", "d", "e"];
+    let tasks: Vec<_> = ids.iter().map(|id| new_task(id)).collect();
+    store.accept("q", &tasks).expect("accept");
+    let lease = std::time::Duration::from_secs(60);
+    let claim = |task_id, attempts, gpu_id, slot| ClaimRequest {
+        task_id,
+        attempts,
+        gpu_id,
+        slot,
+        lease,
+    };
+    assert_eq!(
+        store
+            .claim_gpu_attempt("e", 0, "g1", 1, lease)
+            .expect("claim"),
+        Claim::Claimed
+    );
+    let got = store
+        .claim_gpu_attempts(&[
+            claim("a", 0, "g0", 0),
+            claim("b", 0, "g0", 0), // same slot as "a", later in the batch
+            claim("c", 3, "g0", 1), // wrong attempt count
+            claim("d", 0, "g1", 1), // held by "e"
+            claim("d", 0, "g1", 0),
+        ])
+        .expect("claims");
+    assert_eq!(
+        got,
+        [
+            Claim::Claimed,
+            Claim::SlotTaken {
+                holder: "a".into(),
+                attempt: 1
+            },
+            Claim::NotPending,
+            Claim::SlotTaken {
+                holder: "e".into(),
+                attempt: 1
+            },
+            Claim::Claimed,
+        ]
+    );
+    type Row = (String, String, u32, Option<String>, Option<u32>);
+    let rows: Vec<Row> = env
+        .query("SELECT task_id, state, attempts, gpu_id, slot_index FROM tasks ORDER BY task_id");
+    let shown: Vec<_> = rows
+        .iter()
+        .map(|(id, st, n, g, s)| format!("{id} {st} {n} {g:?} {s:?}"))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            "a processing 1 Some(\"g0\") Some(0)",
+            "b pending 0 None None",
+            "c pending 0 None None",
+            "d processing 1 Some(\"g1\") Some(0)",
+            "e processing 1 Some(\"g1\") Some(1)",
+        ]
+    );
+    let deadlines: Vec<u64> = env.query(
+        "SELECT COUNT(*) FROM tasks WHERE state = 'processing' AND deadline > NOW(3) + INTERVAL 50 SECOND",
+    );
+    assert_eq!(deadlines[0], 3, "each claim has its lease");
+
+    let end = |task_id, attempt, ending| EndRequest {
+        task_id,
+        attempt,
+        ending,
+        retry_after: std::time::Duration::from_millis(10),
+    };
+    let flaky = Ending::Failed {
+        error: "gpu said 503",
+        retryable: true,
+    };
+    let got = store
+        .end_attempts(
+            &[
+                end("a", 1, Ending::Finished),
+                end("a", 1, Ending::Finished), // the same callback twice in one batch
+                end("d", 1, flaky),
+                end("e", 2, Ending::Finished), // a stale attempt
+                end("zz", 1, Ending::Finished),
+                end("b", 0, Ending::Finished), // never dispatched
+            ],
+            3,
+        )
+        .expect("ends");
+    // Ages depend on the clock; every applied ending has one.
+    let got: Vec<Finish> = got
+        .into_iter()
+        .map(|f| match f {
+            Finish::Applied { slot, next, age } => {
+                assert!(age.is_some());
+                Finish::Applied {
+                    slot,
+                    next,
+                    age: None,
+                }
+            }
+            other => other,
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            Finish::Applied {
+                slot: Some(("g0".into(), 0)),
+                next: Next::Done(State::Finished),
+                age: None,
+            },
+            Finish::Duplicate,
+            Finish::Applied {
+                slot: Some(("g1".into(), 0)),
+                next: Next::Retry {
+                    after: std::time::Duration::from_millis(10)
+                },
+                age: None,
+            },
+            Finish::Stale { current: 1 },
+            Finish::Unknown,
+            Finish::Conflict {
+                state: "pending".into()
+            },
+        ]
+    );
+    let rows: Vec<(String, String, Option<String>)> =
+        env.query("SELECT task_id, state, error FROM tasks WHERE task_id IN ('a', 'd')");
+    assert_eq!(
+        rows,
+        [
+            ("a".to_string(), "finished".to_string(), None),
+            (
+                "d".to_string(),
+                "pending".to_string(),
+                Some("gpu said 503".to_string())
+            ),
+        ]
+    );
+    let history: Vec<(String, u32, Option<String>, String)> =
+        env.query("SELECT task_id, attempt, gpu_id, outcome FROM task_attempts ORDER BY task_id");
+    assert_eq!(
+        history,
+        [
+            (
+                "a".to_string(),
+                1,
+                Some("g0".to_string()),
+                "finished".to_string()
+            ),
+            (
+                "d".to_string(),
+                1,
+                Some("g1".to_string()),
+                "failed".to_string()
+            ),
+        ]
+    );
+    // Only "e" still holds a slot.
+    let held = store.held_slots().expect("held");
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].task_id, "e");
+}
