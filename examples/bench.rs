@@ -178,8 +178,11 @@ impl Qsysd {
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         Ok((hwm, ticks as f64 / hz))
     }
+}
 
-    fn stop(mut self) {
+/// A benchmark that fails part-way must not leave a qsysd running against the bench database.
+impl Drop for Qsysd {
+    fn drop(&mut self) {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
@@ -217,6 +220,31 @@ fn task_line(i: usize, tag: &str) -> String {
     format!(
         r#"{{"type":"start_transcribe","data":{{"s3_key":"rec/{i}.wav","task_id":"{tag}-{i}"}}}}"#
     )
+}
+
+/// Waits until `n` tasks are finished. A run that stops moving for 30 s fails with what the fleet
+/// saw, rather than waiting out the leases.
+fn wait_finished(c: &mut mysql::Conn, n: usize, fleet: &Fleet) -> anyhow::Result<()> {
+    let (mut last, mut moved) = (0, Instant::now());
+    loop {
+        let done = finished(c)?;
+        if done >= n as u64 {
+            return Ok(());
+        }
+        if done != last {
+            (last, moved) = (done, Instant::now());
+        } else if moved.elapsed() > Duration::from_secs(30) {
+            let processing: Vec<String> = c.query(format!(
+                "SELECT task_id FROM {DB}.tasks WHERE state = 'processing' LIMIT 20"
+            ))?;
+            bail!(
+                "stuck at {done} of {n} finished for 30 s; processing: {processing:?}; \
+                 fleet callback replies by status: {:?}",
+                fleet.stats().callback_replies()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn finished(c: &mut mysql::Conn) -> anyhow::Result<u64> {
@@ -261,13 +289,7 @@ fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     let push_took = push_ndjson(&lines)?;
     let mut c = mysql()?;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while finished(&mut c)? < a.tasks as u64 {
-        if Instant::now() > deadline {
-            bail!("throughput run did not finish in 600 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_finished(&mut c, a.tasks, &fleet)?;
     let wall = t0.elapsed();
     // First push to last finished row, by the database's clock.
     let span: f64 = c
@@ -318,7 +340,7 @@ fn main() -> anyhow::Result<()> {
         ),
     );
     for d in daemons {
-        d.stop();
+        drop(d);
     }
 
     if !a.quick {
@@ -342,10 +364,7 @@ fn main() -> anyhow::Result<()> {
                 .arg(task_line(i, "lat"))
                 .query::<()>(&mut r)?;
         }
-        let mut c = mysql()?;
-        while finished(&mut c)? < n as u64 {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_finished(&mut mysql()?, n, &fleet)?;
         let received = fleet.stats().received_at();
         let mut lat: Vec<f64> = (0..n)
             .filter_map(|i| {
@@ -362,7 +381,7 @@ fn main() -> anyhow::Result<()> {
                 percentile(&lat, 0.99)
             ),
         );
-        d.stop();
+        drop(d);
 
         // RSS with 100,000 tasks waiting: every slot busy for good (the fleet never answers).
         reset("bench:q")?;
@@ -386,7 +405,7 @@ fn main() -> anyhow::Result<()> {
             "qsysd RSS with 100,000 tasks waiting (MiB)",
             format!("{:.1} ({waiting} still in Redis)", rss as f64 / 1024.0),
         );
-        d.stop();
+        drop(d);
         hung.stop();
     }
     fleet.stop();

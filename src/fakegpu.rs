@@ -4,7 +4,8 @@
 //! against it.
 //!
 //! It knows nothing of qsysd's internals: it reads `task_id` and `callback_url` from the request body
-//! and later POSTs `{"task_id", "status"}` to that URL, so what it counts (tasks seen, most tasks
+//! and later POSTs `{"task_id", "status"}` to that URL (again, up to four times, after no answer
+//! or a 5xx, as a GPU should), so what it counts (tasks seen, most tasks
 //! running at once per GPU) is an independent check of the daemon.
 //!
 //! Threads: one `fake-gpu-N` per GPU serving its port, one `fake-timer` that fires due completions,
@@ -270,7 +271,8 @@ impl Fleet {
         &self.inner.stats
     }
 
-    /// GPU `i` vanishes: its port closes and its pending callbacks are never sent.
+    /// GPU `i` vanishes: every request to it, on new or kept-alive connections, gets a bare 503
+    /// that closes the connection, and its pending callbacks are never sent.
     pub fn vanish(&self, i: usize) {
         self.inner.vanished[i].store(true, Ordering::SeqCst);
     }
@@ -302,7 +304,7 @@ impl Drop for Fleet {
 fn serve_gpu(inner: Arc<Inner>, i: usize, server: Server, due: Sender<(Instant, Due)>) {
     let cfg = inner.config.clone();
     let stats = &inner.stats.gpus[i];
-    while !inner.stopping.load(Ordering::SeqCst) && !inner.vanished[i].load(Ordering::SeqCst) {
+    while !inner.stopping.load(Ordering::SeqCst) {
         let mut req = match server.recv_timeout(Duration::from_millis(50)) {
             Ok(Some(r)) => r,
             Ok(None) => continue,
@@ -310,6 +312,14 @@ fn serve_gpu(inner: Arc<Inner>, i: usize, server: Server, due: Sender<(Instant, 
             // here would leave requests on open keep-alive connections unanswered).
             Err(_) => continue,
         };
+        if inner.vanished[i].load(Ordering::SeqCst) {
+            // Gone: tiny_http cannot reset a connection, and dropping the server would leave
+            // requests on kept-alive connections hanging; the nearest is a bare 503 that closes it.
+            let close = tiny_http::Header::from_bytes("Connection", "close")
+                .expect("static header is valid");
+            let _ = req.respond(Response::empty(503).with_header(close));
+            continue;
+        }
         if let Some(want) = &cfg.token {
             let auth = req
                 .headers()
@@ -456,6 +466,9 @@ fn run_timer(inner: &Inner, due: Receiver<(Instant, Due)>, callbacks: Sender<Due
     }
 }
 
+/// How often a callback is sent before the fleet gives up on it (the lease then settles the task).
+const CALLBACK_TRIES: u32 = 4;
+
 fn send_callbacks(inner: &Inner, rx: Receiver<Due>) {
     let agent = crate::http::agent();
     while let Ok(d) = rx.recv() {
@@ -473,23 +486,30 @@ fn send_callbacks(inner: &Inner, rx: Receiver<Due>) {
             1
         };
         for _ in 0..times {
-            let code = crate::http::post_json(
-                &agent,
-                &d.callback_url,
-                None,
-                &body,
-                Duration::from_secs(2),
-                Duration::from_secs(10),
-            )
-            .map(|r| r.status)
-            .unwrap_or(0);
-            *inner
-                .stats
-                .callback_replies
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .entry(code)
-                .or_insert(0) += 1;
+            // Like a real GPU (design §5), a callback that got no answer or a 5xx is sent again.
+            for retry in 0..CALLBACK_TRIES {
+                let code = crate::http::post_json(
+                    &agent,
+                    &d.callback_url,
+                    None,
+                    &body,
+                    Duration::from_secs(2),
+                    Duration::from_secs(2),
+                )
+                .map(|r| r.status)
+                .unwrap_or(0);
+                *inner
+                    .stats
+                    .callback_replies
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(code)
+                    .or_insert(0) += 1;
+                if (1..500).contains(&code) || inner.stopping.load(Ordering::SeqCst) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100 << retry));
+            }
         }
     }
 }

@@ -416,45 +416,69 @@ impl Store {
     }
 
     /// Records tasks taken from `queue`, all in one transaction (one log flush for the batch).
-    /// Each is `(task_id, kind, payload, max_attempts, timeout_s)`, `payload` the message in the
-    /// seed's format. A pending row nobody holds (handed back to Redis at a stop) or that this
-    /// instance holds (a copy left in Redis by a crash) is taken over; any other existing row makes
-    /// the copy a duplicate.
+    /// `payload` is the message in the seed's format. A pending row nobody holds (handed back to
+    /// Redis at a stop) or that this instance holds (a copy left in Redis by a crash) is taken
+    /// over; any other existing row makes the copy a duplicate.
+    ///
+    /// The usual batch is all new ids: one multi-row insert whose affected-row count proves it.
+    /// Otherwise each row is looked at in turn; a row this very insert created is then pending and
+    /// held here, so it comes back as `Resumed { attempts: 0 }`, which means the same as `New`.
     pub fn accept(&self, queue: &str, tasks: &[NewTask<'_>]) -> Result<Vec<Accepted>, StoreError> {
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut c = self.conn()?;
         let mut tx = c.start_transaction(TxOpts::default())?;
+        let sql = format!(
+            "INSERT INTO tasks (task_id, queue, state, type, payload, attempts, max_attempts, \
+             timeout_s, instance_id, created_at) VALUES {} \
+             ON DUPLICATE KEY UPDATE task_id = task_id",
+            placeholders(tasks.len(), "(?, ?, 'pending', ?, ?, 0, ?, ?, ?, NOW(3))")
+        );
+        let params: Vec<mysql::Value> = tasks
+            .iter()
+            .flat_map(|t| {
+                [
+                    t.task_id.into(),
+                    queue.into(),
+                    t.kind.into(),
+                    t.payload.into(),
+                    t.max_attempts.into(),
+                    t.timeout_s.into(),
+                    self.instance.as_str().into(),
+                ]
+            })
+            .collect();
+        tx.exec_drop(sql, params)?;
+        // An existing row is left unchanged by the no-op update and counts 0.
+        if tx.affected_rows() == tasks.len() as u64 {
+            tx.commit()?;
+            return Ok(tasks.iter().map(|_| Accepted::New).collect());
+        }
         let mut out = Vec::with_capacity(tasks.len());
         for t in tasks {
-            tx.exec_drop(
-                "INSERT INTO tasks (task_id, queue, state, type, payload, attempts, max_attempts, \
-                 timeout_s, instance_id, created_at) \
-                 VALUES (:id, :queue, 'pending', :kind, :payload, 0, :max, :timeout, :inst, NOW(3)) \
-                 ON DUPLICATE KEY UPDATE task_id = task_id",
-                params! {
-                    "id" => t.task_id, queue, "kind" => t.kind, "payload" => t.payload,
-                    "max" => t.max_attempts, "timeout" => t.timeout_s, "inst" => &self.instance,
-                },
-            )?;
-            if tx.affected_rows() == 1 {
-                out.push(Accepted::New);
-                continue;
-            }
-            tx.exec_drop(
-                "UPDATE tasks SET instance_id = :inst, updated_at = NOW(3) WHERE task_id = :id \
-                 AND state = 'pending' AND (instance_id IS NULL OR instance_id = :inst)",
-                params! { "inst" => &self.instance, "id" => t.task_id },
-            )?;
-            let took = tx.affected_rows() == 1;
-            // The seed's table allowed a NULL state; such a row is not ours to resume.
-            let row: Option<(Option<String>, u32)> = tx.exec_first(
-                "SELECT state, attempts FROM tasks WHERE task_id = ?",
+            // Read under lock and decide here: an UPDATE's affected count cannot tell a row it
+            // matched but left unchanged (this insert's own row, same millisecond) from no row.
+            let row: Option<(Option<String>, u32, Option<String>)> = tx.exec_first(
+                "SELECT state, attempts, instance_id FROM tasks WHERE task_id = ? FOR UPDATE",
                 (t.task_id,),
             )?;
             out.push(match row {
-                Some((Some(state), attempts)) if state == "pending" && took => {
+                // The seed's table allowed a NULL state; such a row is not ours to resume.
+                Some((Some(state), attempts, holder))
+                    if state == "pending"
+                        && holder.as_deref().is_none_or(|h| h == self.instance) =>
+                {
+                    if holder.is_none() {
+                        tx.exec_drop(
+                            "UPDATE tasks SET instance_id = ?, updated_at = NOW(3) \
+                             WHERE task_id = ?",
+                            (&self.instance, t.task_id),
+                        )?;
+                    }
                     Accepted::Resumed { attempts }
                 }
-                Some((state, _)) => Accepted::Exists {
+                Some((state, _, _)) => Accepted::Exists {
                     state: state.unwrap_or_else(|| "NULL".into()),
                 },
                 None => Accepted::Exists {
@@ -524,16 +548,29 @@ impl Store {
     /// slot, claiming the slot row, all in one transaction: one log flush and five statements for
     /// the whole batch (the wall of issue 8 is per-commit and per-statement cost, not rows). Both
     /// kinds of row are locked first, so each verdict is exact; a task is claimed only with its slot.
+    /// Lock order, here and in [`Store::end_attempts`]: task rows, then slot rows, each by primary
+    /// key (forced: on a small table the optimizer would scan, and lock, every row), so a claim and
+    /// an ending cannot deadlock.
     pub fn claim_gpu_attempts(&self, reqs: &[ClaimRequest<'_>]) -> Result<Vec<Claim>, StoreError> {
         if reqs.is_empty() {
             return Ok(Vec::new());
         }
         let mut c = self.conn()?;
         let mut tx = c.start_transaction(TxOpts::default())?;
+        let ids: Vec<&str> = reqs.iter().map(|r| r.task_id).collect();
+        let sql = format!(
+            "SELECT task_id, state, attempts FROM tasks FORCE INDEX (PRIMARY) WHERE task_id IN ({}) FOR UPDATE",
+            placeholders(ids.len(), "?")
+        );
+        let mut tasks: HashMap<String, (Option<String>, u32)> = tx
+            .exec::<(String, Option<String>, u32), _, _>(sql, &ids)?
+            .into_iter()
+            .map(|(id, state, attempts)| (id, (state, attempts)))
+            .collect();
         let mut slots: HashMap<(String, u32), Option<(String, u32)>> = HashMap::new();
         let sql = format!(
             "SELECT gpu_id, slot_index, task_id, attempt FROM gpu_slots \
-             WHERE (gpu_id, slot_index) IN ({}) FOR UPDATE",
+             FORCE INDEX (PRIMARY) WHERE (gpu_id, slot_index) IN ({}) FOR UPDATE",
             placeholders(reqs.len(), "(?, ?)")
         );
         let params: Vec<mysql::Value> = reqs
@@ -548,16 +585,6 @@ impl Store {
             let holder = col::<String>(&mut row, 2).map(|t| (t, col(&mut row, 3).unwrap_or(0)));
             slots.insert(key, holder);
         }
-        let ids: Vec<&str> = reqs.iter().map(|r| r.task_id).collect();
-        let sql = format!(
-            "SELECT task_id, state, attempts FROM tasks WHERE task_id IN ({}) FOR UPDATE",
-            placeholders(ids.len(), "?")
-        );
-        let mut tasks: HashMap<String, (Option<String>, u32)> = tx
-            .exec::<(String, Option<String>, u32), _, _>(sql, &ids)?
-            .into_iter()
-            .map(|(id, state, attempts)| (id, (state, attempts)))
-            .collect();
         let mut out = Vec::with_capacity(reqs.len());
         let mut claimed = Vec::new();
         for r in reqs {
@@ -612,7 +639,8 @@ impl Store {
             // Per-task values by CASE; every row was checked `pending` at `attempts` under lock.
             let cases = vec!["WHEN ? THEN ?"; claimed.len()].join(" ");
             let sql = format!(
-                "UPDATE tasks SET state = 'processing', attempts = attempts + 1, \
+                "UPDATE tasks FORCE INDEX (PRIMARY) SET state = 'processing', \
+                 attempts = attempts + 1, \
                  gpu_id = CASE task_id {cases} END, slot_index = CASE task_id {cases} END, \
                  dispatched_at = NOW(3), \
                  deadline = NOW(3) + INTERVAL (CASE task_id {cases} END) MICROSECOND, \
@@ -701,7 +729,7 @@ impl Store {
         let sql = format!(
             "SELECT task_id, state, attempts, gpu_id, slot_index, max_attempts, attempt_base, \
              TIMESTAMPDIFF(MICROSECOND, created_at, NOW(3)), dispatched_at FROM tasks \
-             WHERE task_id IN ({}) FOR UPDATE",
+             FORCE INDEX (PRIMARY) WHERE task_id IN ({}) FOR UPDATE",
             placeholders(ids.len(), "?")
         );
         let mut rows: HashMap<String, EndRow> = HashMap::new();
@@ -783,8 +811,8 @@ impl Store {
         }
         if !finished.is_empty() {
             let sql = format!(
-                "UPDATE tasks SET state = 'finished', error = NULL, finished_at = NOW(3), \
-                 deadline = NULL WHERE task_id IN ({})",
+                "UPDATE tasks FORCE INDEX (PRIMARY) SET state = 'finished', error = NULL, \
+                 finished_at = NOW(3), deadline = NULL WHERE task_id IN ({})",
                 placeholders(finished.len(), "?")
             );
             tx.exec_drop(sql, &finished)?;
@@ -801,8 +829,8 @@ impl Store {
         }
         if !freed.is_empty() {
             let sql = format!(
-                "UPDATE gpu_slots SET task_id = NULL, attempt = NULL, instance_id = NULL, \
-                 claimed_at = NULL WHERE (gpu_id, slot_index, task_id) IN ({})",
+                "UPDATE gpu_slots FORCE INDEX (PRIMARY) SET task_id = NULL, attempt = NULL, \
+                 instance_id = NULL, claimed_at = NULL WHERE (gpu_id, slot_index, task_id) IN ({})",
                 placeholders(freed.len() / 3, "(?, ?, ?)")
             );
             tx.exec_drop(sql, freed)?;

@@ -415,7 +415,11 @@ command = ["/bin/sh", "-c", "echo 'render failed: <img src=x onerror=alert(1)> &
         wait_for(Duration::from_secs(60), || env
             .count("task_id LIKE 't-%' AND state = 'finished'")
             == 120),
-        "the backlog finishes"
+        "the backlog finishes; unfinished: {:?}",
+        env.query::<(String, String, u32, Option<String>, Option<String>)>(
+            "SELECT task_id, state, attempts, gpu_id, error FROM tasks \
+             WHERE task_id LIKE 't-%' AND state <> 'finished'"
+        )
     );
 
     // A reload reaches the login page (a browser sends no header when it opens a page), which

@@ -206,7 +206,27 @@ fn batched_claims_and_endings_give_one_verdict_each() {
         .expect("slots");
     let ids = ["a", "b", "c", "d", "e"];
     let tasks: Vec<_> = ids.iter().map(|id| new_task(id)).collect();
-    store.accept("q", &tasks).expect("accept");
+    use qsys::store::Accepted;
+    assert!(store
+        .accept("q", &tasks)
+        .expect("accept")
+        .iter()
+        .all(|a| *a == Accepted::New));
+    // A batch with a known id is looked at row by row: "a" is pending here (a copy left in Redis
+    // by a crash) and is taken over; "x" is new, which the slow path reports as resumed at 0.
+    let again = store
+        .accept("q", &[new_task("a"), new_task("x")])
+        .expect("accept again");
+    assert_eq!(
+        again,
+        [
+            Accepted::Resumed { attempts: 0 },
+            Accepted::Resumed { attempts: 0 }
+        ]
+    );
+    let n: Vec<u64> = env.query("SELECT COUNT(*) FROM tasks");
+    assert_eq!(n[0], 6);
+    env.query::<u64>("DELETE FROM tasks WHERE task_id = 'x'");
     let lease = std::time::Duration::from_secs(60);
     let claim = |task_id, attempts, gpu_id, slot| ClaimRequest {
         task_id,
