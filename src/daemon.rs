@@ -124,7 +124,11 @@ impl Daemon {
             &c.mysql.url,
             c.mysql.tls,
             &c.daemon.instance_id,
-            c.daemon.dispatch_threads + c.daemon.handler_threads + 4,
+            // Handler workers hold a connection per task; the poller, scheduler, callback writer,
+            // maintenance and admin threads one each; dispatch workers only to record a failure or
+            // a response-mode result, briefly. Few connections keep the server's prepared
+            // statements (each connection caches its own) well under its limit.
+            c.daemon.handler_threads + 16,
         )?;
         let version = store.migrate()?;
         let gpus: Vec<(String, usize)> = c.gpus.iter().map(|g| (g.id.clone(), g.slots)).collect();

@@ -5,7 +5,7 @@
 //! poll. MySQL stays the authority: a lost event costs at most a refused claim (which mirrors the
 //! real holder) until the maintenance thread's periodic resync.
 //!
-//! Threads: `qsys-slotpub` publishes this instance's events (batched into one pipeline), and
+//! Threads: `qsys-slotpub` publishes this instance's events (all those waiting in one message), and
 //! `qsys-slotsub` applies the others'. Both reconnect with backoff and end with the stop.
 
 use std::sync::Arc;
@@ -32,6 +32,21 @@ pub struct SlotEvent {
 /// The deployment's slot channel.
 pub fn channel(config: &crate::config::Config) -> String {
     format!("{}:slots", config.redis.key_prefix)
+}
+
+/// A published message: a batch of events, or one event (as instances before batching sent them,
+/// so a rolling upgrade keeps working).
+pub fn parse(payload: &[u8]) -> Result<Vec<SlotEvent>, serde_json::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Message {
+        Batch(Vec<SlotEvent>),
+        One(SlotEvent),
+    }
+    Ok(match serde_json::from_slice(payload)? {
+        Message::Batch(b) => b,
+        Message::One(e) => vec![e],
+    })
 }
 
 /// Applies another instance's event to this instance's mirror. True if anything changed.
@@ -67,11 +82,14 @@ pub fn run_publisher(shared: Arc<Shared>, client: redis::Client, events: Receive
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => return,
         };
+        // Everything waiting goes out as one message: one PUBLISH, and one parse per subscriber,
+        // for a whole claim round or callback batch.
+        let batch: Vec<SlotEvent> = std::iter::once(first)
+            .chain(events.try_iter().take(999))
+            .collect();
+        let text = serde_json::to_string(&batch).expect("slot events always serialize");
         let mut pipe = redis::pipe();
-        for e in std::iter::once(first).chain(events.try_iter().take(999)) {
-            let text = serde_json::to_string(&e).expect("a slot event always serializes");
-            pipe.cmd("PUBLISH").arg(&channel).arg(text).ignore();
-        }
+        pipe.cmd("PUBLISH").arg(&channel).arg(text).ignore();
         let c = match conn.as_mut() {
             Some(c) => c,
             None => match crate::queue::connect(&client, Duration::from_secs(1)) {
@@ -126,11 +144,15 @@ pub fn run_subscriber(shared: Arc<Shared>, client: redis::Client) {
             }
             match sub.get_message() {
                 Ok(msg) => {
-                    let Ok(e) = serde_json::from_slice::<SlotEvent>(msg.get_payload_bytes()) else {
+                    let Ok(batch) = parse(msg.get_payload_bytes()) else {
                         log::warn!("unreadable slot event ignored");
                         continue;
                     };
-                    if e.instance != me && apply(&shared, &e) && !e.claimed {
+                    let mut freed = false;
+                    for e in batch.iter().filter(|e| e.instance != me) {
+                        freed |= apply(&shared, e) && !e.claimed;
+                    }
+                    if freed {
                         shared.wake_scheduler();
                     }
                 }
@@ -141,5 +163,28 @@ pub fn run_subscriber(shared: Arc<Shared>, client: redis::Client) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_and_single_events_parse() {
+        let e = SlotEvent {
+            instance: "a".into(),
+            claimed: true,
+            gpu: "g0".into(),
+            slot: 2,
+            task_id: "t".into(),
+            attempt: 1,
+        };
+        let one = serde_json::to_vec(&e).expect("json");
+        let many = serde_json::to_vec(&[e.clone(), e.clone()]).expect("json");
+        assert_eq!(parse(&one).expect("one"), std::slice::from_ref(&e));
+        assert_eq!(parse(&many).expect("many"), [e.clone(), e]);
+        assert!(parse(b"{\"claimed\": true}").is_err());
+        assert!(parse(b"[]").expect("empty").is_empty());
     }
 }

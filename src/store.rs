@@ -290,6 +290,17 @@ fn placeholders(n: usize, one: &str) -> String {
     vec![one; n].join(", ")
 }
 
+/// `rows` grown to the next power of two by repeating the last. Every batch statement here means
+/// the same with a row repeated (an `IN` list, an `ON DUPLICATE KEY` insert of identical rows), and
+/// padding leaves each statement a handful of shapes that the prepared-statement cache keeps: with
+/// one shape per batch size nearly every execution was also a prepare.
+fn padded<T: Clone>(mut rows: Vec<T>) -> Vec<T> {
+    if let Some(last) = rows.last().cloned() {
+        rows.resize(rows.len().next_power_of_two(), last);
+    }
+    rows
+}
+
 /// A shared handle on the database; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -308,6 +319,10 @@ pub fn truncate(s: &str, max: usize) -> &str {
     }
     &s[..end]
 }
+
+/// Prepared statements kept per connection. The server's limit (`max_prepared_stmt_count`,
+/// 16,382 by default) is shared by every connection of every instance.
+const STMT_CACHE: usize = 128;
 
 /// Longest error text kept per task.
 const MAX_ERROR: usize = 4000;
@@ -333,7 +348,10 @@ impl Store {
             .write_timeout(Some(Duration::from_secs(30)))
             // A lock wait must end well before the read timeout so it surfaces as an error we
             // can retry, not as a dead socket.
-            .init(vec!["SET SESSION innodb_lock_wait_timeout = 10"]);
+            .init(vec!["SET SESSION innodb_lock_wait_timeout = 10"])
+            // Room for every statement shape (batches are padded, see `padded`), so a busy
+            // connection prepares each once.
+            .stmt_cache_size(Some(STMT_CACHE));
         if tls {
             builder = builder.ssl_opts(mysql::SslOpts::default());
         }
@@ -345,9 +363,13 @@ impl Store {
         let constraints =
             PoolConstraints::new(1, max_connections.max(2)).expect("min 1 is never above max >= 2");
         let pool = Pool::new(
-            builder
-                .db_name(Some(db))
-                .pool_opts(PoolOpts::default().with_constraints(constraints)),
+            builder.db_name(Some(db)).pool_opts(
+                PoolOpts::default()
+                    .with_constraints(constraints)
+                    // A reset on every return to the pool dropped the server's prepared
+                    // statements, so each statement cost a prepare round trip too.
+                    .with_reset_connection(false),
+            ),
         )?;
         Ok(Store {
             pool,
@@ -429,13 +451,15 @@ impl Store {
         }
         let mut c = self.conn()?;
         let mut tx = c.start_transaction(TxOpts::default())?;
+        // A repeated row is a duplicate key left unchanged: it counts 0 below.
+        let rows = padded(tasks.to_vec());
         let sql = format!(
             "INSERT INTO tasks (task_id, queue, state, type, payload, attempts, max_attempts, \
              timeout_s, instance_id, created_at) VALUES {} \
              ON DUPLICATE KEY UPDATE task_id = task_id",
-            placeholders(tasks.len(), "(?, ?, 'pending', ?, ?, 0, ?, ?, ?, NOW(3))")
+            placeholders(rows.len(), "(?, ?, 'pending', ?, ?, 0, ?, ?, ?, NOW(3))")
         );
-        let params: Vec<mysql::Value> = tasks
+        let params: Vec<mysql::Value> = rows
             .iter()
             .flat_map(|t| {
                 [
@@ -557,7 +581,7 @@ impl Store {
         }
         let mut c = self.conn()?;
         let mut tx = c.start_transaction(TxOpts::default())?;
-        let ids: Vec<&str> = reqs.iter().map(|r| r.task_id).collect();
+        let ids: Vec<&str> = padded(reqs.iter().map(|r| r.task_id).collect());
         let sql = format!(
             "SELECT task_id, state, attempts FROM tasks FORCE INDEX (PRIMARY) WHERE task_id IN ({}) FOR UPDATE",
             placeholders(ids.len(), "?")
@@ -568,12 +592,13 @@ impl Store {
             .map(|(id, state, attempts)| (id, (state, attempts)))
             .collect();
         let mut slots: HashMap<(String, u32), Option<(String, u32)>> = HashMap::new();
+        let locks = padded(reqs.to_vec());
         let sql = format!(
             "SELECT gpu_id, slot_index, task_id, attempt FROM gpu_slots \
              FORCE INDEX (PRIMARY) WHERE (gpu_id, slot_index) IN ({}) FOR UPDATE",
-            placeholders(reqs.len(), "(?, ?)")
+            placeholders(locks.len(), "(?, ?)")
         );
-        let params: Vec<mysql::Value> = reqs
+        let params: Vec<mysql::Value> = locks
             .iter()
             .flat_map(|r| [r.gpu_id.into(), (r.slot as u32).into()])
             .collect();
@@ -616,6 +641,7 @@ impl Store {
             out.push(verdict);
         }
         if !claimed.is_empty() {
+            let claimed = padded(claimed);
             let sql = format!(
                 "INSERT INTO gpu_slots (gpu_id, slot_index, task_id, attempt, instance_id, \
                  claimed_at) VALUES {} ON DUPLICATE KEY UPDATE task_id = VALUES(task_id), \
@@ -725,7 +751,7 @@ impl Store {
         }
         let mut c = self.conn()?;
         let mut tx = c.start_transaction(TxOpts::default())?;
-        let ids: Vec<&str> = reqs.iter().map(|r| r.task_id).collect();
+        let ids: Vec<&str> = padded(reqs.iter().map(|r| r.task_id).collect());
         let sql = format!(
             "SELECT task_id, state, attempts, gpu_id, slot_index, max_attempts, attempt_base, \
              TIMESTAMPDIFF(MICROSECOND, created_at, NOW(3)), dispatched_at FROM tasks \
@@ -749,8 +775,8 @@ impl Store {
         }
         let mut out = Vec::with_capacity(reqs.len());
         let mut finished: Vec<&str> = Vec::new();
-        let mut history: Vec<mysql::Value> = Vec::new();
-        let mut freed: Vec<mysql::Value> = Vec::new();
+        let mut history: Vec<[mysql::Value; 8]> = Vec::new();
+        let mut freed: Vec<[mysql::Value; 3]> = Vec::new();
         for r in reqs {
             let Some(row) = rows.get_mut(r.task_id) else {
                 out.push(Finish::Unknown);
@@ -782,7 +808,7 @@ impl Store {
                     (done.as_str(), error, r.task_id),
                 )?,
             }
-            history.extend([
+            history.push([
                 r.task_id.into(),
                 row.attempts.into(),
                 row.gpu.clone().into(),
@@ -794,7 +820,7 @@ impl Store {
             ]);
             let slot = match (&row.gpu, row.slot) {
                 (Some(g), Some(s)) => {
-                    freed.extend([g.as_str().into(), s.into(), r.task_id.into()]);
+                    freed.push([g.as_str().into(), s.into(), r.task_id.into()]);
                     Some((g.clone(), s as usize))
                 }
                 _ => None,
@@ -810,6 +836,7 @@ impl Store {
             });
         }
         if !finished.is_empty() {
+            let finished = padded(finished);
             let sql = format!(
                 "UPDATE tasks FORCE INDEX (PRIMARY) SET state = 'finished', error = NULL, \
                  finished_at = NOW(3), deadline = NULL WHERE task_id IN ({})",
@@ -818,22 +845,24 @@ impl Store {
             tx.exec_drop(sql, &finished)?;
         }
         if !history.is_empty() {
+            let history = padded(history);
             let sql = format!(
                 "INSERT INTO task_attempts (task_id, attempt, gpu_id, slot_index, instance_id, \
                  started_at, ended_at, outcome, error) VALUES {} \
                  ON DUPLICATE KEY UPDATE ended_at = VALUES(ended_at), outcome = VALUES(outcome), \
                  error = VALUES(error)",
-                placeholders(history.len() / 8, "(?, ?, ?, ?, ?, ?, NOW(3), ?, ?)")
+                placeholders(history.len(), "(?, ?, ?, ?, ?, ?, NOW(3), ?, ?)")
             );
-            tx.exec_drop(sql, history)?;
+            tx.exec_drop(sql, history.concat())?;
         }
         if !freed.is_empty() {
+            let freed = padded(freed);
             let sql = format!(
                 "UPDATE gpu_slots FORCE INDEX (PRIMARY) SET task_id = NULL, attempt = NULL, \
                  instance_id = NULL, claimed_at = NULL WHERE (gpu_id, slot_index, task_id) IN ({})",
-                placeholders(freed.len() / 3, "(?, ?, ?)")
+                placeholders(freed.len(), "(?, ?, ?)")
             );
-            tx.exec_drop(sql, freed)?;
+            tx.exec_drop(sql, freed.concat())?;
         }
         tx.commit()?;
         Ok(out)
@@ -1448,6 +1477,15 @@ mod tests {
             judge_ending(&row("NULL", 2, None, 0), &req(2, Ending::Finished), 3),
             Err(Finish::Conflict { .. })
         ));
+    }
+
+    #[test]
+    fn batches_pad_to_a_power_of_two() {
+        assert_eq!(padded(vec![1, 2, 3]), [1, 2, 3, 3]);
+        assert_eq!(padded(vec![1, 2, 3, 4]), [1, 2, 3, 4]);
+        assert_eq!(padded(vec![7]), [7]);
+        assert_eq!(padded((0..17).collect()).len(), 32);
+        assert!(padded(Vec::<u8>::new()).is_empty());
     }
 
     #[test]
