@@ -342,7 +342,8 @@ impl Scheduler {
                 }
                 Claim::SlotTaken { holder, attempt } => {
                     // MySQL knows a holder the mirror did not: mirror it; the task is placed again.
-                    log::warn!(gpu = ep.id.as_str(), slot = job.slot, holder = holder.as_str();
+                    // Routine with several instances: another one claimed it first.
+                    log::info!(gpu = ep.id.as_str(), slot = job.slot, holder = holder.as_str();
                         "slot held in mysql but free in memory; mirrored");
                     let mut m = self.shared.slots();
                     if let Some(at) = m.find(&ep.id, job.slot) {
