@@ -222,9 +222,9 @@ impl Daemon {
         let (gpu_tx, gpu_rx) = unbounded();
         let (handler_tx, handler_rx) = bounded(0);
 
-        let agent = crate::http::agent();
+        let agents = Arc::new(crate::http::Agents::default());
         for i in 0..cfg.daemon.dispatch_threads {
-            let (s, rx, a) = (Arc::clone(&shared), gpu_rx.clone(), agent.clone());
+            let (s, rx, a) = (Arc::clone(&shared), gpu_rx.clone(), Arc::clone(&agents));
             spawn(
                 &mut threads,
                 &done_tx,

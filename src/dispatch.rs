@@ -81,7 +81,7 @@ pub fn endpoint_error(ep: &Endpoint, result: &Result<Reply, String>) -> Option<S
     }
 }
 
-pub fn run_worker(shared: Arc<Shared>, jobs: Receiver<GpuJob>, agent: ureq::Agent) {
+pub fn run_worker(shared: Arc<Shared>, jobs: Receiver<GpuJob>, agents: Arc<http::Agents>) {
     while let Ok(job) = jobs.recv() {
         let ep = &job.endpoint;
         let task_id = job.task.msg.task_id.as_str();
@@ -97,7 +97,7 @@ pub fn run_worker(shared: Arc<Shared>, jobs: Receiver<GpuJob>, agent: ureq::Agen
         };
         let started = Instant::now();
         let result = http::post_json(
-            &agent,
+            &agents.get(&ep.id),
             &ep.url,
             ep.bearer_token.as_ref(),
             &body,

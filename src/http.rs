@@ -5,6 +5,8 @@
 //! fleet's callbacks. One `ureq::Agent` per pool, so connections to an endpoint are reused; HTTP
 //! error statuses come back as values, not errors, because the caller decides what a 500 means.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::config::Secret;
@@ -31,12 +33,25 @@ pub fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .max_idle_connections_per_host(64)
-        // ureq's default keeps 10 idle connections in all: with a 16-GPU fleet nearly every
-        // dispatch opened a new connection (and a resolver thread).
-        .max_idle_connections(1024)
+        // ureq's default keeps 10 idle connections in all: with a 16-GPU fleet behind one agent
+        // nearly every dispatch opened a new connection (and a resolver thread).
+        .max_idle_connections(256)
         .user_agent(concat!("qsysd/", env!("CARGO_PKG_VERSION")))
         .build()
         .into()
+}
+
+/// One agent per endpoint. ureq keeps an agent's idle connections in one list that every request
+/// scans for its host; with a whole fleet behind one agent that scan cost more than the request.
+#[derive(Default)]
+pub struct Agents(Mutex<HashMap<String, ureq::Agent>>);
+
+impl Agents {
+    /// The agent for endpoint `id`, made on first use (a reload may add endpoints).
+    pub fn get(&self, id: &str) -> ureq::Agent {
+        let mut agents = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        agents.entry(id.to_string()).or_insert_with(agent).clone()
+    }
 }
 
 /// POSTs `body` as JSON. `connect` bounds the connection, `total` the whole exchange.
