@@ -6,8 +6,12 @@
 //! error statuses come back as values, not errors, because the caller decides what a 500 means.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ureq::http::Uri;
+use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
+use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 
 use crate::config::Secret;
 
@@ -28,17 +32,65 @@ impl Reply {
     }
 }
 
+/// How long a host name's addresses are used before they are looked up again.
+const RESOLVE_TTL: Duration = Duration::from_secs(30);
+
+/// ureq's resolver with a short cache. ureq looks the host up before every request, pooled
+/// connection or not, and when the request has a timeout (ours always do) it runs each lookup on a
+/// new thread: a thread created and torn down per dispatch, which the profile showed as a good
+/// share of qsysd's CPU. A lookup still runs with the request's timeout, once per host per
+/// [`RESOLVE_TTL`], so a DNS change is seen within that.
+#[derive(Debug, Default)]
+struct CachingResolver {
+    inner: DefaultResolver,
+    cache: Mutex<HashMap<String, (Instant, ResolvedSocketAddrs)>>,
+}
+
+impl Resolver for CachingResolver {
+    fn resolve(
+        &self,
+        uri: &Uri,
+        config: &ureq::config::Config,
+        timeout: NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let key = uri
+            .authority()
+            .map(|a| a.as_str())
+            .unwrap_or("")
+            .to_string();
+        let now = Instant::now();
+        if let Some((at, addrs)) = self.cache().get(&key) {
+            if now.duration_since(*at) < RESOLVE_TTL {
+                return Ok(addrs.clone());
+            }
+        }
+        let addrs = self.inner.resolve(uri, config, timeout)?;
+        self.cache().insert(key, (now, addrs.clone()));
+        Ok(addrs)
+    }
+}
+
+impl CachingResolver {
+    fn cache(&self) -> MutexGuard<'_, HashMap<String, (Instant, ResolvedSocketAddrs)>> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// An agent whose statuses are values and whose idle connections are bounded.
 pub fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
+    let config = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .max_idle_connections_per_host(64)
         // ureq's default keeps 10 idle connections in all: with a 16-GPU fleet behind one agent
         // nearly every dispatch opened a new connection (and a resolver thread).
         .max_idle_connections(256)
         .user_agent(concat!("qsysd/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .into()
+        .build();
+    ureq::Agent::with_parts(
+        config,
+        DefaultConnector::default(),
+        CachingResolver::default(),
+    )
 }
 
 /// One agent per endpoint. ureq keeps an agent's idle connections in one list that every request
@@ -96,5 +148,25 @@ pub fn describe(e: &ureq::Error) -> String {
         ureq::Error::HostNotFound => "host not found".into(),
         ureq::Error::Io(io) => format!("i/o error: {io}"),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookups_are_cached_per_host() {
+        let r = CachingResolver::default();
+        let config = ureq::config::Config::default();
+        let uri: Uri = "http://127.0.0.1:8080/a".parse().expect("uri");
+        let addrs = r
+            .resolve(&uri, &config, NextTimeout::default())
+            .expect("resolve");
+        assert_eq!(addrs[0], "127.0.0.1:8080".parse().expect("addr"));
+        let other: Uri = "http://127.0.0.1:8080/b?c=d".parse().expect("uri");
+        r.resolve(&other, &config, NextTimeout::default())
+            .expect("resolve");
+        assert_eq!(r.cache().len(), 1, "one entry per host and port");
     }
 }
