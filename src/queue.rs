@@ -16,7 +16,7 @@
 //! Backpressure: a batch goes over a rendezvous channel, and the scheduler stops receiving once it
 //! holds [`crate::scheduler::PREFETCH`] tasks it cannot place, so when every slot is busy this thread
 //! blocks on the send with one batch ([`TAKE_BATCH`]) in hand, and everything else stays in Redis. A batch is recorded in one
-//! MySQL transaction: one log flush for up to 16 tasks. If MySQL fails after a move, the element goes back to the
+//! MySQL transaction: one log flush for up to 64 tasks. If MySQL fails after a move, the element goes back to the
 //! head of its queue; at a stop, a task in hand goes back to its queue ([`hand_back`]).
 
 use std::time::Duration;
@@ -30,8 +30,10 @@ use crate::shared::{Shared, Task};
 use crate::store::{Accepted, NewTask, Store};
 
 /// How many elements one move takes at most: one MySQL transaction records them together. Also
-/// bounds what the poller holds beyond the scheduler's hand.
-pub const TAKE_BATCH: usize = 16;
+/// bounds what the poller holds beyond the scheduler's hand. Each batch costs a fixed number of
+/// Redis and MySQL round trips, so this size set the ceiling of the whole pipeline: 16 gave about
+/// 3,600 tasks/s in the benchmark, 64 about 4,800 (BENCHMARKS.md).
+pub const TAKE_BATCH: usize = 64;
 
 /// Moves up to ARGV[1] elements from the head of the first non-empty queue to that queue's in-hand
 /// list. KEYS: the n queues in priority order, then their n in-hand lists. Returns the queue's

@@ -27,9 +27,10 @@ use crate::shared::{Event, Shared, Task};
 use crate::slots::Holder;
 use crate::store::{Claim, ClaimRequest};
 
-/// Below this many unplaced tasks the scheduler takes another batch from the poller. Large enough
-/// that the slots freed during one claim transaction all find a task in the next round.
-pub const PREFETCH: usize = 32;
+/// Below this many unplaced tasks the scheduler takes another batch (up to
+/// [`crate::queue::TAKE_BATCH`]) from the poller, so it holds at most `PREFETCH - 1 + TAKE_BATCH`:
+/// enough that the slots freed during one claim transaction all find a task in the next round.
+pub const PREFETCH: usize = 16;
 
 /// A GPU attempt, handed to a dispatch worker with its slot reserved in memory; the worker claims it
 /// in MySQL.
