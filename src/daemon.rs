@@ -211,6 +211,8 @@ impl Daemon {
             queue_depths: Mutex::new(Vec::new()),
             metrics: Default::default(),
             slot_events: slot_tx,
+            // Until the first check: publishing to nobody is harmless, staying silent is not.
+            peers: AtomicBool::new(true),
         });
         let cfg = shared.config();
 

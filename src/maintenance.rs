@@ -49,6 +49,7 @@ pub fn run(shared: Arc<Shared>, client: redis::Client) {
             match shared.store.heartbeat() {
                 Ok(()) => {
                     shared.set_problem("mysql", None);
+                    watch_peers(&shared);
                     expire_leases(&shared);
                     if last_sync.is_none_or(|t| t.elapsed() >= RESYNC) {
                         last_sync = Some(Instant::now());
@@ -118,6 +119,34 @@ fn resync_slots(shared: &Shared) {
 
 /// Gives a dead instance's tasks back to the fleet: its in-hand lists and its `pending` tasks go
 /// back to the head of their queues.
+/// Notes whether other instances are alive, so slot events are published only when they are.
+fn watch_peers(shared: &Shared) {
+    let dead_after = shared.config().daemon.instance_timeout;
+    match shared.store.live_peers(dead_after) {
+        Ok(n) => {
+            let before = shared
+                .peers
+                .swap(n > 0, std::sync::atomic::Ordering::Relaxed);
+            if !before && n > 0 {
+                // A newcomer built its mirror from MySQL a moment ago; claims made since then
+                // were not published: publish every slot held now.
+                log::info!(peers = n; "other instances are live: publishing slot events");
+                let view = shared.slots().view();
+                for gpu in view {
+                    for (slot, h) in gpu.cells.iter().enumerate() {
+                        if let Some(h) = h {
+                            shared.announce(true, &gpu.id, slot, &h.task_id, h.attempt);
+                        }
+                    }
+                }
+            } else if before && n == 0 {
+                log::info!("no other live instance: slot events paused");
+            }
+        }
+        Err(e) => log::warn!(error:% = e; "cannot count live instances"),
+    }
+}
+
 fn recover_dead(shared: &Shared, client: &redis::Client) {
     let config = shared.config();
     let dead = match shared.store.dead_instances(config.daemon.instance_timeout) {

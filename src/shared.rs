@@ -91,6 +91,9 @@ pub struct Shared {
     pub metrics: crate::metrics::Metrics,
     /// This instance's slot claims and frees, for the other instances (`qsys-slotpub`).
     pub slot_events: Sender<crate::slotsync::SlotEvent>,
+    /// Whether other instances are alive (checked every second by the maintenance thread). Alone,
+    /// an instance publishes no slot events: nobody would read them.
+    pub peers: AtomicBool,
 }
 
 impl Shared {
@@ -113,6 +116,11 @@ impl Shared {
 
     /// Tells the other instances that this one claimed (or freed) a slot.
     pub fn announce(&self, claimed: bool, gpu: &str, slot: usize, task_id: &str, attempt: u32) {
+        // An instance that starts meanwhile builds its mirror from MySQL and is noticed within a
+        // second, when every held slot is published again (`maintenance::watch_peers`).
+        if !self.peers.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         // The publisher is gone only during shutdown; the others resync from MySQL anyway.
         let _ = self.slot_events.send(crate::slotsync::SlotEvent {
             instance: self.config().daemon.instance_id.clone(),

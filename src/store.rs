@@ -1094,6 +1094,17 @@ impl Store {
     }
 
     /// Other instances whose heartbeat is older than `dead_after`.
+    /// How many other instances heartbeated within `dead_after`.
+    pub fn live_peers(&self, dead_after: Duration) -> Result<u64, StoreError> {
+        let mut c = self.conn()?;
+        let n: Option<u64> = c.exec_first(
+            "SELECT COUNT(*) FROM instances WHERE instance_id <> ? \
+             AND heartbeat_at >= NOW(3) - INTERVAL ? MICROSECOND",
+            (&self.instance, dead_after.as_micros() as u64),
+        )?;
+        Ok(n.unwrap_or(0))
+    }
+
     pub fn dead_instances(&self, dead_after: Duration) -> Result<Vec<String>, StoreError> {
         let mut c = self.conn()?;
         Ok(c.exec(

@@ -220,3 +220,66 @@ fn a_killed_instance_is_recovered_by_the_others() {
         let _ = c.wait();
     }
 }
+
+/// Alone, an instance publishes no slot events (nobody would read them); once a second instance
+/// is live it does, starting with every slot it holds.
+#[test]
+fn slot_events_flow_only_when_another_instance_listens() {
+    let env = TestEnv::new("peers");
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 2,
+        delay: (Duration::from_secs(2), Duration::from_secs(2)),
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let mut sub = env.redis_conn();
+    sub.set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let mut sub = sub.as_pubsub();
+    sub.subscribe(format!("{}slots", env.prefix))
+        .expect("subscribe");
+    let heard = |sub: &mut redis::PubSub<'_>, within: Duration| {
+        let until = Instant::now() + within;
+        let mut n = 0;
+        while Instant::now() < until {
+            if sub.get_message().is_ok() {
+                n += 1;
+            }
+        }
+        n
+    };
+    let config = |i: &str| {
+        env.config_toml(fleet.urls(), "")
+            .replace("\"test\"", &format!("\"{i}\""))
+    };
+    let a = env.start(&config("inst-a"));
+    // Let the first check of peers pass, then run tasks alone.
+    std::thread::sleep(Duration::from_millis(300));
+    env.push_raw("q1", &transcriptions("alone", 4));
+    assert_eq!(
+        heard(&mut sub, Duration::from_secs(2)),
+        0,
+        "events while alone"
+    );
+    assert_eq!(
+        env.count("task_id LIKE 'alone-%' AND state = 'finished'"),
+        4
+    );
+    // Tasks running on A when B appears: A publishes what it holds once it notices B.
+    env.push_raw("q1", &transcriptions("held", 8));
+    assert!(wait_for(Duration::from_secs(5), || a
+        .shared()
+        .slots()
+        .busy()
+        > 0));
+    let b = env.start(&config("inst-b"));
+    assert!(
+        heard(&mut sub, Duration::from_secs(3)) > 0,
+        "no events with a peer"
+    );
+    assert!(wait_for(Duration::from_secs(20), || env
+        .count("task_id LIKE 'held-%' AND state = 'finished'")
+        == 8));
+    stop(a);
+    stop(b);
+}
