@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::queue::Poller;
 use crate::scheduler::Scheduler;
 use crate::shared::Shared;
-use crate::slots::{Holder, SlotMatrix};
+use crate::slots::SlotMatrix;
 use crate::store::{Store, StoreError};
 use crate::token::Signer;
 
@@ -176,18 +176,15 @@ impl Daemon {
         // The slot matrix starts as MySQL says: attempts awaiting callbacks keep their slots.
         let mut matrix = SlotMatrix::new(&c.gpus);
         for held in store.held_slots()? {
-            match matrix.find(&held.gpu_id, held.slot_index) {
-                Some(at) => matrix.occupy(
-                    at,
-                    Holder {
-                        task_id: held.task_id,
-                        attempt: held.attempt,
-                        since: Instant::now(),
-                    },
-                ),
-                None => log::warn!(gpu = held.gpu_id.as_str(), slot = held.slot_index,
+            if !matrix.hold(
+                &held.gpu_id,
+                held.slot_index,
+                held.task_id.clone(),
+                held.attempt,
+            ) {
+                log::warn!(gpu = held.gpu_id.as_str(), slot = held.slot_index,
                     task_id = held.task_id.as_str();
-                    "held slot of an unconfigured gpu or slot; ignored"),
+                    "held slot of an unconfigured gpu or slot; ignored");
             }
         }
         matrix.set_drained(&store.drained()?);

@@ -346,18 +346,7 @@ impl Scheduler {
                     // Routine with several instances: another one claimed it first.
                     log::info!(gpu = ep.id.as_str(), slot = job.slot, holder = holder.as_str();
                         "slot held in mysql but free in memory; mirrored");
-                    let mut m = self.shared.slots();
-                    if let Some(at) = m.find(&ep.id, job.slot) {
-                        m.occupy(
-                            at,
-                            Holder {
-                                task_id: holder,
-                                attempt,
-                                since: Instant::now(),
-                            },
-                        );
-                    }
-                    drop(m);
+                    self.shared.slots().hold(&ep.id, job.slot, holder, attempt);
                     again.push(job.task);
                 }
                 Claim::NotPending => {

@@ -404,6 +404,23 @@ impl SlotMatrix {
         cells[at.slot] = Some(holder);
     }
 
+    /// Marks `gpu_id`/`slot` as held by `task_id` from now, as MySQL or another instance says.
+    /// False if this matrix has no such slot (an unconfigured GPU or slot).
+    pub fn hold(&mut self, gpu_id: &str, slot: usize, task_id: String, attempt: u32) -> bool {
+        let Some(at) = self.find(gpu_id, slot) else {
+            return false;
+        };
+        self.occupy(
+            at,
+            Holder {
+                task_id,
+                attempt,
+                since: Instant::now(),
+            },
+        );
+        true
+    }
+
     /// Frees `at` unconditionally (a claim that MySQL refused).
     pub fn vacate(&mut self, at: SlotRef) {
         let g = &mut self.gpus[at.gpu];

@@ -9,14 +9,13 @@
 //! `qsys-slotsub` applies the others'. Both reconnect with backoff and end with the stop.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use serde::{Deserialize, Serialize};
 
 use crate::backoff::Backoff;
 use crate::shared::Shared;
-use crate::slots::Holder;
 
 /// One claim or release, as published.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,19 +51,8 @@ pub fn parse(payload: &[u8]) -> Result<Vec<SlotEvent>, serde_json::Error> {
 /// Applies another instance's event to this instance's mirror. True if anything changed.
 pub fn apply(shared: &Shared, e: &SlotEvent) -> bool {
     let mut m = shared.slots();
-    let Some(at) = m.find(&e.gpu, e.slot) else {
-        return false;
-    };
     if e.claimed {
-        m.occupy(
-            at,
-            Holder {
-                task_id: e.task_id.clone(),
-                attempt: e.attempt,
-                since: Instant::now(),
-            },
-        );
-        true
+        m.hold(&e.gpu, e.slot, e.task_id.clone(), e.attempt)
     } else {
         m.release(&e.gpu, e.slot, &e.task_id)
     }

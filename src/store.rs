@@ -240,23 +240,23 @@ pub struct EndRequest<'a> {
 
 /// A task row as an ending reads it.
 #[derive(Debug, Clone)]
-pub struct EndRow {
+struct EndRow {
     /// `NULL` for a seed-era row without a state.
-    pub state: String,
-    pub attempts: u32,
-    pub gpu: Option<String>,
-    pub slot: Option<u32>,
-    pub max_attempts: Option<u32>,
-    pub attempt_base: u32,
+    state: String,
+    attempts: u32,
+    gpu: Option<String>,
+    slot: Option<u32>,
+    max_attempts: Option<u32>,
+    attempt_base: u32,
     /// Since the task was first taken.
-    pub age_us: Option<i64>,
+    age_us: Option<i64>,
     /// Passed back unchanged into `task_attempts.started_at`.
-    pub dispatched_at: mysql::Value,
+    dispatched_at: mysql::Value,
 }
 
 /// What ending `req` does to a task in `row`: the task's next state, or why nothing changes. Pure,
 /// so the rules are unit-tested without a server.
-pub fn judge_ending(row: &EndRow, req: &EndRequest<'_>, default_max: u32) -> Result<Next, Finish> {
+fn judge_ending(row: &EndRow, req: &EndRequest<'_>, default_max: u32) -> Result<Next, Finish> {
     let ending = req.ending;
     match State::parse(&row.state) {
         _ if row.attempts != req.attempt => {
@@ -548,26 +548,6 @@ impl Store {
         ))
     }
 
-    /// Moves one `pending` task to `processing` on a GPU slot: [`Store::claim_gpu_attempts`] for one.
-    pub fn claim_gpu_attempt(
-        &self,
-        task_id: &str,
-        attempts: u32,
-        gpu_id: &str,
-        slot: usize,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        let req = ClaimRequest {
-            task_id,
-            attempts,
-            gpu_id,
-            slot,
-            lease,
-        };
-        let mut out = self.claim_gpu_attempts(&[req])?;
-        Ok(out.pop().expect("one claim per request"))
-    }
-
     /// Moves each `pending` task at `attempts` to `processing` as attempt `attempts + 1` on its GPU
     /// slot, claiming the slot row, all in one transaction: one log flush and five statements for
     /// the whole batch (the wall of issue 8 is per-commit and per-statement cost, not rows). Both
@@ -727,12 +707,6 @@ impl Store {
             (truncate(error, MAX_ERROR), task_id),
         )?;
         Ok(c.affected_rows() == 1)
-    }
-
-    /// Ends one attempt: [`Store::end_attempts`] for one.
-    pub fn end_attempt(&self, req: EndRequest<'_>, default_max: u32) -> Result<Finish, StoreError> {
-        let mut out = self.end_attempts(&[req], default_max)?;
-        Ok(out.pop().expect("one finish per request"))
     }
 
     /// Ends each attempt of `reqs` (see [`EndRequest`]), all in one transaction: the task becomes

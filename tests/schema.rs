@@ -30,6 +30,24 @@ fn new_task(id: &str) -> qsys::store::NewTask<'_> {
     }
 }
 
+/// One claim, as the scheduler's batch of one.
+fn claim_one(
+    store: &Store,
+    task_id: &str,
+    attempts: u32,
+    gpu_id: &str,
+    slot: usize,
+) -> qsys::store::Claim {
+    let req = qsys::store::ClaimRequest {
+        task_id,
+        attempts,
+        gpu_id,
+        slot,
+        lease: std::time::Duration::from_secs(60),
+    };
+    store.claim_gpu_attempts(&[req]).expect("claim").remove(0)
+}
+
 fn accept(store: &Store, id: &str) -> qsys::store::Accepted {
     store
         .accept("q", &[new_task(id)])
@@ -160,18 +178,10 @@ fn a_slot_is_claimed_once() {
     for id in ["a", "b"] {
         store.accept("q", &[new_task(id)]).expect("accept");
     }
-    let lease = std::time::Duration::from_secs(60);
     use qsys::store::Claim;
+    assert_eq!(claim_one(&store, "a", 0, "g0", 0), Claim::Claimed);
     assert_eq!(
-        store
-            .claim_gpu_attempt("a", 0, "g0", 0, lease)
-            .expect("claim"),
-        Claim::Claimed
-    );
-    assert_eq!(
-        store
-            .claim_gpu_attempt("b", 0, "g0", 0, lease)
-            .expect("claim"),
+        claim_one(&store, "b", 0, "g0", 0),
         Claim::SlotTaken {
             holder: "a".into(),
             attempt: 1
@@ -182,12 +192,7 @@ fn a_slot_is_claimed_once() {
     assert_eq!(b, [("pending".to_string(), 0)]);
     // The same attempt cannot be claimed twice either.
     store.ensure_slots(&[("g0".into(), 2)]).expect("slots");
-    assert_eq!(
-        store
-            .claim_gpu_attempt("a", 0, "g0", 1, lease)
-            .expect("claim"),
-        Claim::NotPending
-    );
+    assert_eq!(claim_one(&store, "a", 0, "g0", 1), Claim::NotPending);
     let held = store.held_slots().expect("held");
     assert_eq!(held.len(), 1);
     assert_eq!((held[0].task_id.as_str(), held[0].attempt), ("a", 1));
@@ -235,12 +240,7 @@ fn batched_claims_and_endings_give_one_verdict_each() {
         slot,
         lease,
     };
-    assert_eq!(
-        store
-            .claim_gpu_attempt("e", 0, "g1", 1, lease)
-            .expect("claim"),
-        Claim::Claimed
-    );
+    assert_eq!(claim_one(&store, "e", 0, "g1", 1), Claim::Claimed);
     let got = store
         .claim_gpu_attempts(&[
             claim("a", 0, "g0", 0),
