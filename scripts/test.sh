@@ -21,8 +21,9 @@ cargo clippy --all-targets --locked -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 bash scripts/test-deb.sh 2>&1 | tee "$log"
-# Binaries and examples have no tests of their own; clippy above has built them.
-cargo test --lib --tests --locked 2>&1 | tee -a "$log"
+# Binaries and examples have no tests of their own; clippy above has built them. The workspace
+# holds the patched tiny_http (vendor/), whose own tests run too.
+cargo test --workspace --lib --tests --locked 2>&1 | tee -a "$log"
 # One closing line over every test binary and the package checks.
 awk '/^test result:/ { p += $4; f += $6 }
      /^test-deb: [0-9]+ passed/ { p += $2; f += $4 }

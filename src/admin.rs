@@ -305,7 +305,7 @@ fn drain(shared: &Shared, gpu: &str, drained: bool) -> (u16, Value) {
     }
 }
 
-fn route(shared: &Shared, client: &redis::Client, mut req: Request) {
+fn route(shared: &Shared, client: &redis::Client, req: Request) {
     let url = req.url().to_string();
     let (path, query) = url.split_once('?').unwrap_or((&url, ""));
     let segments: Vec<String> = path
@@ -340,8 +340,11 @@ fn route(shared: &Shared, client: &redis::Client, mut req: Request) {
     if !authorized(shared, &req, None) {
         return reply(req, 401, &json!({ "error": "admin token required" }));
     }
-    // Actions carry no body worth reading; drain it so the connection stays usable.
-    let _ = crate::callback::read_body(&mut req, 4096);
+    // Actions carry no body worth reading; the listener has read (or refused) it already.
+    if crate::listener::body_refused(&req, MAX_BODY) {
+        let body = json!({ "error": format!("body larger than {MAX_BODY} bytes") });
+        return reply(req, 413, &body);
+    }
     let (status, body) = match (&method, parts.as_slice()) {
         (Method::Get, ["metrics"]) => {
             let text = metrics(shared);
@@ -379,6 +382,9 @@ fn route(shared: &Shared, client: &redis::Client, mut req: Request) {
     };
     reply(req, status, &body);
 }
+
+/// Largest request body the admin listener reads: actions carry none worth reading.
+pub const MAX_BODY: usize = 4096;
 
 /// Serves until the stop reaches its closing stage.
 pub fn serve(shared: Arc<Shared>, server: Server, client: redis::Client) {

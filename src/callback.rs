@@ -226,9 +226,10 @@ pub fn reply(req: Request, status: u16, body: &Value) {
     let _ = req.respond(resp);
 }
 
-/// Reads the body, refusing more than `max` bytes. `None`: too large.
+/// Reads the body, refusing more than `max` bytes. `None`: too large. The listener has read it
+/// into memory already ([`crate::listener`]), so this never waits on the client.
 pub fn read_body(req: &mut Request, max: usize) -> Option<Vec<u8>> {
-    if req.body_length().is_some_and(|n| n > max) {
+    if crate::listener::body_refused(req, max) {
         return None;
     }
     let mut body = Vec::new();

@@ -694,6 +694,9 @@ fn completion(key: &str, v: &str) -> Result<Completion, ConfigError> {
     }
 }
 
+/// Largest `callback.max_body`.
+const MAX_CALLBACK_BODY: usize = 16 << 20;
+
 fn positive(key: &str, v: usize) -> Result<usize, ConfigError> {
     if v == 0 {
         return Err(invalid(key, v, "must be at least 1"));
@@ -835,7 +838,14 @@ fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
         listen,
         public_url,
         secret,
-        max_body: positive("callback.max_body", raw.callback.max_body.unwrap_or(65_536))?,
+        max_body: match raw.callback.max_body.unwrap_or(65_536) {
+            // Bodies are read into memory before they are judged; a callback is a few hundred
+            // bytes, so 16 MiB is room for any result an endpoint adds.
+            n if n > MAX_CALLBACK_BODY => {
+                return Err(invalid("callback.max_body", n, "must be at most 16777216"))
+            }
+            n => positive("callback.max_body", n)?,
+        },
     };
 
     let admin_s = raw.admin.listen.as_deref().unwrap_or("127.0.0.1:8001");

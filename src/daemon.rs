@@ -141,19 +141,24 @@ impl Daemon {
             redis::cmd("PING").query::<String>(&mut conn)?;
         }
 
+        crate::listener::raise_fd_limit();
         let server =
-            tiny_http::Server::http(c.callback.listen).map_err(|e| StartError::Listen {
-                addr: c.callback.listen,
-                reason: e.to_string(),
+            crate::listener::bind(c.callback.listen, c.callback.max_body).map_err(|e| {
+                StartError::Listen {
+                    addr: c.callback.listen,
+                    reason: e.to_string(),
+                }
             })?;
         let callback_addr = server
             .server_addr()
             .to_ip()
             .expect("an http server on an IP address has an IP address");
         let admin_server =
-            tiny_http::Server::http(c.admin.listen).map_err(|e| StartError::Listen {
-                addr: c.admin.listen,
-                reason: e.to_string(),
+            crate::listener::bind(c.admin.listen, crate::admin::MAX_BODY).map_err(|e| {
+                StartError::Listen {
+                    addr: c.admin.listen,
+                    reason: e.to_string(),
+                }
             })?;
         let admin_addr = admin_server
             .server_addr()

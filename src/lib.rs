@@ -31,6 +31,7 @@ pub mod follow;
 pub mod handlers;
 pub mod http;
 pub mod lambda;
+pub mod listener;
 pub mod logging;
 pub mod maintenance;
 pub mod message;
