@@ -149,6 +149,9 @@ pub struct DaemonConfig {
     pub dispatch_threads: usize,
     pub log_level: log::LevelFilter,
     pub log_target: crate::logging::Target,
+    /// Largest queue element taken as a task (default 1 MiB, at most 8 MiB); a larger one is
+    /// recorded `failed` and kept in the dead-letter list.
+    pub max_message_bytes: usize,
 }
 
 /// The admin listener: `/metrics`, `/status`, `/tasks/<id>`, the dashboard and its actions.
@@ -293,6 +296,7 @@ struct RawDaemon {
     dispatch_threads: Option<usize>,
     log_level: Option<String>,
     log_target: Option<String>,
+    max_message_bytes: Option<usize>,
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -375,15 +379,11 @@ impl Config {
             self.admin = old.admin.clone();
             kept.push("admin");
         }
-        if self.callback.listen != old.callback.listen
-            || self.callback.public_url != old.callback.public_url
-            || self.callback.secret != old.callback.secret
-        {
-            self.callback = CallbackConfig {
-                max_body: self.callback.max_body,
-                ..old.callback.clone()
-            };
-            kept.push("callback (listen, public_url, secret)");
+        // The listener reads bodies up to `max_body` before qsysd sees them, so it is fixed
+        // with the listener.
+        if self.callback != old.callback {
+            self.callback = old.callback.clone();
+            kept.push("callback (listen, public_url, secret, max_body)");
         }
         let d = &mut self.daemon;
         let o = &old.daemon;
@@ -1122,6 +1122,17 @@ fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
                 "expected auto, journal, stderr or syslog",
             )
         })?,
+        max_message_bytes: match rd.max_message_bytes.unwrap_or(1 << 20) {
+            // The payload column holds 16 MiB; half of it leaves room for what re-encoding adds.
+            n if !(1024..=8 << 20).contains(&n) => {
+                return Err(invalid(
+                    "daemon.max_message_bytes",
+                    n,
+                    "must be between 1024 and 8388608",
+                ))
+            }
+            n => n,
+        },
     };
 
     Ok(Config {

@@ -11,6 +11,11 @@ use serde_json::{Map, Value};
 pub const MAX_TASK_ID: usize = 255;
 /// Longest type name the `tasks.type` column holds.
 pub const MAX_TYPE: usize = 100;
+/// Most attempts a message may ask for.
+pub const MAX_ATTEMPTS: u64 = 1000;
+/// Longest lease a message may ask for (`timeout_s`): 30 days. The column is a signed 32-bit
+/// `INT`; a larger value made MySQL refuse the whole batch the element came in.
+pub const MAX_TIMEOUT_S: u64 = 30 * 24 * 3600;
 
 /// One task as taken from a queue.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,17 +76,16 @@ pub fn kind_of(v: &Value) -> &'static str {
     }
 }
 
-fn positive_int(obj: &Map<String, Value>, field: &str) -> Result<Option<u64>, String> {
+/// An optional whole number in `1..=max`.
+fn bounded_int(obj: &Map<String, Value>, field: &str, max: u64) -> Result<Option<u64>, String> {
+    let want = format!("{field} must be a whole number from 1 to {max}");
     match obj.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => match n.as_u64() {
-            Some(v) if v > 0 => Ok(Some(v)),
-            _ => Err(format!("{field} must be a positive whole number, got {n}")),
+            Some(v) if (1..=max).contains(&v) => Ok(Some(v)),
+            _ => Err(format!("{want}, got {n}")),
         },
-        Some(other) => Err(format!(
-            "{field} must be a positive whole number, got {}",
-            kind_of(other)
-        )),
+        Some(other) => Err(format!("{want}, got {}", kind_of(other))),
     }
 }
 
@@ -116,13 +120,16 @@ pub fn parse(raw: &[u8], new_id: impl FnOnce() -> String) -> Result<Message, Mal
         (Err(e), _) | (_, Err(e)) => return Err(malformed(None, e)),
     };
     let kind = match obj.get("type") {
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_TYPE => s.clone(),
         Some(Value::String(s)) if s.is_empty() => {
             return Err(malformed(id, "type must not be empty"))
         }
-        Some(Value::String(_)) => {
+        Some(Value::String(s)) if s.len() > MAX_TYPE => {
             return Err(malformed(id, format!("type longer than {MAX_TYPE} bytes")))
         }
+        Some(Value::String(s)) if s.chars().any(char::is_control) => {
+            return Err(malformed(id, "type contains control characters"))
+        }
+        Some(Value::String(s)) => s.clone(),
         Some(other) => {
             return Err(malformed(
                 id,
@@ -131,13 +138,11 @@ pub fn parse(raw: &[u8], new_id: impl FnOnce() -> String) -> Result<Message, Mal
         }
         None => return Err(malformed(id, "missing \"type\"")),
     };
-    let max_attempts = positive_int(&obj, "max_attempts")
-        .and_then(|v| match v {
-            Some(n) if n > 1000 => Err(format!("max_attempts must be at most 1000, got {n}")),
-            other => Ok(other.map(|n| n as u32)),
-        })
-        .map_err(|e| malformed(id.clone(), e))?;
-    let timeout_s = positive_int(&obj, "timeout_s").map_err(|e| malformed(id.clone(), e))?;
+    let max_attempts = bounded_int(&obj, "max_attempts", MAX_ATTEMPTS)
+        .map_err(|e| malformed(id.clone(), e))?
+        .map(|n| u32::try_from(n).expect("at most MAX_ATTEMPTS"));
+    let timeout_s =
+        bounded_int(&obj, "timeout_s", MAX_TIMEOUT_S).map_err(|e| malformed(id.clone(), e))?;
 
     let (task_id, id_assigned) = match id {
         Some(id) => (id, false),
@@ -220,6 +225,49 @@ mod tests {
         assert!(parse(br#"{"type":"x","max_attempts":0}"#, id).is_err());
         assert!(parse(br#"{"type":"x","timeout_s":"60"}"#, id).is_err());
         assert!(parse(br#"{"type":"x","max_attempts":1.5}"#, id).is_err());
+    }
+
+    /// Every numeric field at 0, 1, its maximum, maximum + 1, negative and far beyond any
+    /// column: only 1..=max is taken, so MySQL never sees a value it refuses.
+    #[test]
+    fn numeric_fields_at_their_boundaries() {
+        for (field, max) in [("max_attempts", MAX_ATTEMPTS), ("timeout_s", MAX_TIMEOUT_S)] {
+            for (v, ok) in [
+                ("0".to_string(), false),
+                ("1".to_string(), true),
+                (max.to_string(), true),
+                ((max + 1).to_string(), false),
+                ("-1".to_string(), false),
+                ("3000000000".to_string(), false),
+                ("18446744073709551616".to_string(), false),
+                ("1e300".to_string(), false),
+            ] {
+                let raw = format!(r#"{{"type":"x","{field}":{v}}}"#);
+                assert_eq!(parse(raw.as_bytes(), id).is_ok(), ok, "{field} = {v}");
+            }
+        }
+        // Lengths: at the limit is taken, one more byte is not.
+        for (len, ok) in [(MAX_TASK_ID, true), (MAX_TASK_ID + 1, false)] {
+            let raw = format!(
+                r#"{{"type":"x","task_id":"{}"}}"#,
+                "é".repeat(len / 2) + &"a".repeat(len % 2)
+            );
+            assert_eq!(
+                parse(raw.as_bytes(), id).is_ok(),
+                ok,
+                "task_id of {len} bytes"
+            );
+        }
+        for (len, ok) in [(MAX_TYPE, true), (MAX_TYPE + 1, false)] {
+            let raw = format!(r#"{{"type":"{}"}}"#, "t".repeat(len));
+            assert_eq!(parse(raw.as_bytes(), id).is_ok(), ok, "type of {len} bytes");
+        }
+        assert!(parse(
+            br#"{"type":"a
+b"}"#,
+            id
+        )
+        .is_err());
     }
 
     #[test]

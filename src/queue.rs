@@ -137,29 +137,89 @@ pub fn recover_instance(
     Ok(moved)
 }
 
-/// Records elements taken from `queue` in MySQL: malformed ones as `failed`, the others in one
-/// transaction (insert, or take over a pending row). Returns the tasks to schedule, in order.
-fn record(
-    store: &Store,
-    queue: &str,
-    raws: &[Vec<u8>],
-) -> Result<Vec<Task>, crate::store::StoreError> {
-    let mut msgs = Vec::with_capacity(raws.len());
-    for raw in raws {
-        match message::parse(raw, || uuid::Uuid::new_v4().to_string()) {
-            Ok(m) => msgs.push(m),
-            Err(bad) => {
-                let id = store.record_malformed(bad.task_id.as_deref(), queue, raw, &bad.reason)?;
-                log::warn!(task_id = id.as_str(), queue, reason = bad.reason.as_str();
-                    "malformed queue message recorded as failed");
+/// Where a malformed element is kept, whole, for inspection (the row in MySQL keeps its first
+/// 64 KiB and the reason). Capped at [`DEAD_LETTER_MAX`] elements, newest first.
+pub fn dead_letter_key(config: &crate::config::Config, queue: &str) -> String {
+    format!("{}:dead:{queue}", config.redis.key_prefix)
+}
+
+/// Elements a dead-letter list keeps.
+const DEAD_LETTER_MAX: isize = 10_000;
+
+/// One moved element: a task to record, or a refusal to record as `failed`.
+enum Parsed {
+    Task(message::Message),
+    Refused(message::Malformed),
+}
+
+/// Parses one element, refusing one over `max_bytes` unread.
+fn parse_element(raw: &[u8], max_bytes: usize) -> Parsed {
+    if raw.len() > max_bytes {
+        return Parsed::Refused(message::Malformed {
+            task_id: None,
+            reason: format!(
+                "message of {} bytes is larger than daemon.max_message_bytes ({max_bytes})",
+                raw.len()
+            ),
+        });
+    }
+    match message::parse(raw, || uuid::Uuid::new_v4().to_string()) {
+        Ok(m) => Parsed::Task(m),
+        Err(bad) => Parsed::Refused(bad),
+    }
+}
+
+/// What recording a batch left to do in Redis.
+struct Recorded {
+    /// The tasks to schedule, in order.
+    tasks: Vec<Task>,
+    /// Positions of elements recorded as `failed`: they go to the dead-letter list.
+    refused: Vec<usize>,
+    /// Positions of elements not recorded because MySQL failed: they go back to their queue.
+    unrecorded: Vec<usize>,
+    /// Why MySQL failed, when it did.
+    outage: Option<crate::store::StoreError>,
+}
+
+/// Records parsed elements of `queue`. Refused ones are recorded `failed` with the reason; the
+/// tasks go in one transaction. When MySQL refuses that transaction for one row's data (a value
+/// out of range, too long, ...), each task is recorded on its own and the one MySQL refuses is
+/// failed with MySQL's reason: a poison element never sends its batch back to Redis, where it
+/// would stop the queue. On an outage, what was not yet recorded is reported as such; what was
+/// recorded stays recorded, so a retried batch records nothing twice.
+fn record(store: &Store, queue: &str, raws: &[Vec<u8>], parsed: Vec<Parsed>) -> Recorded {
+    let mut out = Recorded {
+        tasks: Vec::new(),
+        refused: Vec::new(),
+        unrecorded: Vec::new(),
+        outage: None,
+    };
+    let mut msgs: Vec<(usize, message::Message)> = Vec::with_capacity(parsed.len());
+    for (i, p) in parsed.into_iter().enumerate() {
+        match p {
+            Parsed::Task(m) => msgs.push((i, m)),
+            Parsed::Refused(bad) if out.outage.is_none() => {
+                match refuse(store, queue, &raws[i], bad.task_id.as_deref(), &bad.reason) {
+                    Ok(()) => out.refused.push(i),
+                    Err(e) => {
+                        out.outage = Some(e);
+                        out.unrecorded.push(i);
+                    }
+                }
             }
+            Parsed::Refused(_) => out.unrecorded.push(i),
         }
     }
-    let payloads: Vec<String> = msgs.iter().map(|m| m.to_json()).collect();
+    if out.outage.is_some() {
+        out.unrecorded.extend(msgs.iter().map(|(i, _)| *i));
+        out.unrecorded.sort_unstable();
+        return out;
+    }
+    let payloads: Vec<String> = msgs.iter().map(|(_, m)| m.to_json()).collect();
     let rows: Vec<NewTask<'_>> = msgs
         .iter()
         .zip(&payloads)
-        .map(|(m, payload)| NewTask {
+        .map(|((_, m), payload)| NewTask {
             task_id: &m.task_id,
             kind: &m.kind,
             payload,
@@ -167,26 +227,92 @@ fn record(
             timeout_s: m.timeout_s,
         })
         .collect();
-    let accepted = if rows.is_empty() {
-        Vec::new()
-    } else {
-        store.accept(queue, &rows)?
+    let verdicts: Vec<Result<Accepted, crate::store::StoreError>> = match store.accept(queue, &rows)
+    {
+        Ok(all) => all.into_iter().map(Ok).collect(),
+        Err(e) if e.is_rejected_data() => {
+            log::warn!(queue, error:% = e; "mysql refused a batch's data: recording its tasks one by one");
+            let mut each = Vec::with_capacity(rows.len());
+            let mut down = false;
+            for row in &rows {
+                let verdict = if down {
+                    Err(crate::store::StoreError::Schema(
+                        "not tried after an outage".into(),
+                    ))
+                } else {
+                    store
+                        .accept(queue, std::slice::from_ref(row))
+                        .map(|mut a| a.remove(0))
+                };
+                down = verdict.as_ref().is_err_and(|e| !e.is_rejected_data());
+                each.push(verdict);
+            }
+            each
+        }
+        Err(e) => {
+            out.unrecorded.extend(msgs.iter().map(|(i, _)| *i));
+            out.outage = Some(e);
+            return out;
+        }
     };
-    let mut tasks = Vec::with_capacity(msgs.len());
-    for (msg, a) in msgs.into_iter().zip(accepted) {
-        let attempts = match a {
-            Accepted::New => 0,
-            Accepted::Resumed { attempts } => attempts,
-            Accepted::Exists { state } => {
+    drop(rows);
+    for ((i, msg), verdict) in msgs.into_iter().zip(verdicts) {
+        let attempts = match verdict {
+            Ok(Accepted::New) => 0,
+            Ok(Accepted::Resumed { attempts }) => attempts,
+            Ok(Accepted::Exists { state }) => {
                 log::warn!(task_id = msg.task_id.as_str(), queue, state = state.as_str();
                     "task id already known and not pending here: duplicate dropped");
                 continue;
             }
+            Err(e) if e.is_rejected_data() && out.outage.is_none() => {
+                let reason = format!("mysql refused the task: {e}");
+                match refuse(store, queue, &raws[i], Some(&msg.task_id), &reason) {
+                    Ok(()) => out.refused.push(i),
+                    Err(e) => {
+                        out.outage = Some(e);
+                        out.unrecorded.push(i);
+                    }
+                }
+                continue;
+            }
+            Err(e) => {
+                if out.outage.is_none() {
+                    out.outage = Some(e);
+                }
+                out.unrecorded.push(i);
+                continue;
+            }
         };
         log::debug!(task_id = msg.task_id.as_str(), queue, kind = msg.kind.as_str(); "task taken");
-        tasks.push(Task::new(msg, queue, attempts));
+        out.tasks.push(Task::new(msg, queue, attempts));
     }
-    Ok(tasks)
+    out
+}
+
+/// Records one refused element as `failed` with `reason`. `Err` only for an outage: a row that
+/// MySQL refuses even under a fresh id cannot be recorded at all, so the element is only kept in
+/// the dead-letter list, with an error in the log, rather than block its queue.
+fn refuse(
+    store: &Store,
+    queue: &str,
+    raw: &[u8],
+    task_id: Option<&str>,
+    reason: &str,
+) -> Result<(), crate::store::StoreError> {
+    match store.record_malformed(task_id, queue, raw, reason) {
+        Ok(id) => {
+            log::warn!(task_id = id.as_str(), queue, reason;
+                "malformed queue message recorded as failed");
+            Ok(())
+        }
+        Err(e) if e.is_rejected_data() => {
+            log::error!(queue, reason, error:% = e;
+                "malformed queue message could not be recorded; kept in the dead-letter list only");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 pub struct Poller {
@@ -312,42 +438,81 @@ impl Poller {
         conn: &mut Connection,
         in_hand: &str,
         queue: &str,
-        raws: Vec<Vec<u8>>,
+        mut raws: Vec<Vec<u8>>,
         backoff: &mut Backoff,
     ) -> Result<(), Duration> {
-        let tasks = match record(&self.shared.store, queue, &raws) {
-            Ok(t) => t,
-            Err(e) => {
-                // Back to the head of their queue, in order, in one step; then wait for MySQL.
-                let wait = backoff.next_delay();
-                let mut pipe = redis::pipe();
-                pipe.atomic();
-                for raw in &raws {
-                    pipe.cmd("LREM").arg(in_hand).arg(1).arg(raw).ignore();
+        let config = self.shared.config();
+        let parsed: Vec<Parsed> = raws
+            .iter()
+            .map(|raw| parse_element(raw, config.daemon.max_message_bytes))
+            .collect();
+        // An element without an id gets one now; the in-hand copy is swapped for the one that
+        // carries it before anything is recorded, so however often the element is taken again
+        // (after a crash, an outage, a stop) it is the same task.
+        let mut swap = redis::pipe();
+        swap.atomic();
+        let mut swapped = 0;
+        for (raw, p) in raws.iter_mut().zip(&parsed) {
+            if let Parsed::Task(m) = p {
+                if m.id_assigned {
+                    let with_id = m.to_json().into_bytes();
+                    swap.cmd("LREM").arg(in_hand).arg(1).arg(&*raw).ignore();
+                    swap.cmd("RPUSH").arg(in_hand).arg(&with_id).ignore();
+                    *raw = with_id;
+                    swapped += 1;
                 }
-                for raw in raws.iter().rev() {
-                    pipe.cmd("LPUSH").arg(queue).arg(raw).ignore();
-                }
-                let moved: Result<(), _> = pipe.query(conn);
-                self.shared.set_problem("mysql", Some(e.to_string()));
-                self.shared.metrics.errors.inc("mysql");
-                match moved {
-                    Ok(()) => log::warn!(queue, count = raws.len(), error:% = e, retry_in:? = wait;
-                        "mysql unavailable: tasks returned to their queue"),
-                    Err(re) => log::warn!(queue, error:% = e, redis_error:% = re;
-                        "mysql unavailable; tasks stay in the in-hand list until reconnect"),
-                }
-                return Err(wait);
             }
-        };
+        }
+        if swapped > 0 {
+            if let Err(e) = swap.query::<()>(conn) {
+                // Nothing is recorded yet: the in-hand list is taken again at reconnect.
+                log::warn!(queue, error:% = e; "could not give ids to id-less tasks; taken again at reconnect");
+                return Err(backoff.next_delay());
+            }
+        }
+        let recorded = record(&self.shared.store, queue, &raws, parsed);
+        // Off the in-hand list, in one step: recorded tasks for good, refused elements into the
+        // dead-letter list, unrecorded ones back to the head of their queue in order.
         let mut pipe = redis::pipe();
+        pipe.atomic();
         for raw in &raws {
             pipe.cmd("LREM").arg(in_hand).arg(1).arg(raw).ignore();
         }
-        if let Err(e) = pipe.query::<()>(conn) {
+        if !recorded.refused.is_empty() {
+            let dead = dead_letter_key(&config, queue);
+            for &i in &recorded.refused {
+                pipe.cmd("LPUSH").arg(&dead).arg(&raws[i]).ignore();
+            }
+            pipe.cmd("LTRIM")
+                .arg(&dead)
+                .arg(0)
+                .arg(DEAD_LETTER_MAX - 1)
+                .ignore();
+        }
+        for &i in recorded.unrecorded.iter().rev() {
+            pipe.cmd("LPUSH").arg(queue).arg(&raws[i]).ignore();
+        }
+        let cleared = pipe.query::<()>(conn);
+        if let Some(e) = &recorded.outage {
+            self.shared.set_problem("mysql", Some(e.to_string()));
+            self.shared.metrics.errors.inc("mysql");
+            let wait = backoff.next_delay();
+            match &cleared {
+                Ok(()) => {
+                    log::warn!(queue, count = recorded.unrecorded.len(), error:% = e, retry_in:? = wait;
+                    "mysql unavailable: tasks returned to their queue")
+                }
+                Err(re) => log::warn!(queue, error:% = e, redis_error:% = re;
+                    "mysql unavailable; tasks stay in the in-hand list until reconnect"),
+            }
+            if recorded.tasks.is_empty() {
+                return Err(wait);
+            }
+        } else if let Err(e) = &cleared {
             // Recorded already: a leftover copy is dropped as a duplicate when taken again.
             log::warn!(queue, error:% = e; "could not clear the in-hand list");
         }
+        let tasks = recorded.tasks;
         if tasks.is_empty() {
             return Ok(());
         }

@@ -20,7 +20,7 @@ use mysql::prelude::Queryable;
 use mysql::{params, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, PooledConn, TxOpts};
 
 /// The newest schema version this build knows.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// A task's state in the `tasks.state` column (design §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +64,32 @@ pub enum StoreError {
     Url(#[from] mysql::UrlError),
     #[error("mysql schema: {0}")]
     Schema(String),
+}
+
+/// MySQL error codes that refuse a statement's data rather than report an outage: the same
+/// statement fails again however often it is retried, so the row that carries the data is failed
+/// instead. Out of range (1264, 1690), too long (1406), truncated or wrong value (1265, 1292,
+/// 1366, 1367), not valid in the character set (1300), NULL into NOT NULL (1048), packet or row
+/// too large (1153, 1301, 1118), bad JSON (3140), a CHECK constraint (3819 MySQL, 4025 MariaDB).
+const DATA_ERRORS: &[u16] = &[
+    1048, 1118, 1153, 1264, 1265, 1292, 1300, 1301, 1366, 1367, 1406, 1690, 3140, 3819, 4025,
+];
+
+impl StoreError {
+    /// True when MySQL (or the driver, before sending) refused the data itself, not because it
+    /// is unreachable or busy: retrying the same rows cannot succeed.
+    pub fn is_rejected_data(&self) -> bool {
+        match self {
+            StoreError::Mysql(mysql::Error::MySqlError(e)) => DATA_ERRORS.contains(&e.code),
+            StoreError::Mysql(mysql::Error::DriverError(mysql::DriverError::PacketTooLarge)) => {
+                true
+            }
+            StoreError::Mysql(mysql::Error::CodecError(
+                mysql_common::proto::codec::error::PacketCodecError::PacketTooLarge,
+            )) => true,
+            _ => false,
+        }
+    }
 }
 
 /// What happened when a task taken from a queue was recorded.
@@ -320,6 +346,22 @@ pub fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// A malformed element as kept in `payload`: its text when it is UTF-8 (cut to [`MAX_RAW`]),
+/// else `base64:` and its bytes, so that nothing of it is lost to a lossy decoding.
+fn stored_raw(raw: &[u8]) -> String {
+    use base64::Engine;
+    match std::str::from_utf8(raw) {
+        Ok(text) => truncate(text, MAX_RAW).to_string(),
+        Err(_) => {
+            let cut = &raw[..raw.len().min(MAX_RAW / 4 * 3 - 6)];
+            format!(
+                "base64:{}",
+                base64::engine::general_purpose::STANDARD.encode(cut)
+            )
+        }
+    }
+}
+
 /// Prepared statements kept per connection. The server's limit (`max_prepared_stmt_count`,
 /// 16,382 by default) is shared by every connection of every instance.
 const STMT_CACHE: usize = 128;
@@ -524,28 +566,35 @@ impl Store {
         reason: &str,
     ) -> Result<String, StoreError> {
         let mut c = self.conn()?;
-        let text = String::from_utf8_lossy(raw);
+        let text = stored_raw(raw);
         let mut candidates: Vec<String> = task_id.map(str::to_string).into_iter().collect();
         candidates.push(uuid::Uuid::new_v4().to_string());
+        let mut refused = None;
         for id in candidates {
-            c.exec_drop(
+            let inserted = c.exec_drop(
                 "INSERT INTO tasks (task_id, queue, state, type, payload, error, attempts, \
                  instance_id, created_at, finished_at) \
                  VALUES (:id, :queue, 'failed', NULL, :raw, :err, 0, :inst, NOW(3), NOW(3)) \
                  ON DUPLICATE KEY UPDATE task_id = task_id",
                 params! {
-                    "id" => id.as_str(), queue, "raw" => truncate(&text, MAX_RAW),
+                    "id" => id.as_str(), queue, "raw" => text.as_str(),
                     "err" => truncate(&format!("malformed queue message: {reason}"), MAX_ERROR),
                     "inst" => &self.instance,
                 },
-            )?;
-            if c.affected_rows() == 1 {
-                return Ok(id);
+            );
+            match inserted.map_err(StoreError::from) {
+                Ok(()) if c.affected_rows() == 1 => return Ok(id),
+                // Taken: try the fresh id.
+                Ok(()) => {}
+                // The producer's id is what MySQL refuses (a constraint of the operator's, say):
+                // the row is kept under the fresh id.
+                Err(e) if e.is_rejected_data() => refused = Some(e),
+                Err(e) => return Err(e),
             }
         }
-        Err(StoreError::Schema(
-            "a fresh UUID collided with an existing task id".into(),
-        ))
+        Err(refused.unwrap_or_else(|| {
+            StoreError::Schema("a fresh UUID collided with an existing task id".into())
+        }))
     }
 
     /// Moves each `pending` task at `attempts` to `processing` as attempt `attempts + 1` on its GPU
@@ -1246,7 +1295,80 @@ fn migrate_locked(c: &mut PooledConn) -> Result<u32, StoreError> {
     if current < 3 {
         migrate_v3(c)?;
     }
+    if current < 4 {
+        migrate_v4(c)?;
+    }
     Ok(SCHEMA_VERSION)
+}
+
+/// The identity columns of every table, with their length: (table, column, length, nullable).
+const IDENTITY_COLUMNS: &[(&str, &str, u32, bool)] = &[
+    ("tasks", "task_id", 255, false),
+    ("tasks", "queue", 255, true),
+    ("tasks", "type", 100, true),
+    ("tasks", "gpu_id", 64, true),
+    ("tasks", "instance_id", 64, true),
+    ("task_attempts", "task_id", 255, false),
+    ("task_attempts", "gpu_id", 64, true),
+    ("task_attempts", "instance_id", 64, true),
+    ("gpu_slots", "gpu_id", 64, false),
+    ("gpu_slots", "task_id", 255, true),
+    ("gpu_slots", "instance_id", 64, true),
+    ("gpu_state", "gpu_id", 64, false),
+    ("gpu_state", "updated_by", 64, true),
+    ("instances", "instance_id", 64, false),
+];
+
+/// The collation under which two identities are equal only when their bytes are: binary and
+/// without padding (`utf8mb4_bin` is PAD SPACE: `'trail' = 'trail '`). MariaDB and MySQL 8 name it
+/// differently; a server with neither gets `VARBINARY` columns.
+fn exact_collation(c: &mut PooledConn) -> Result<Option<String>, StoreError> {
+    let found: Vec<String> = c.query(
+        "SELECT COLLATION_NAME FROM information_schema.COLLATIONS \
+         WHERE COLLATION_NAME IN ('utf8mb4_nopad_bin', 'utf8mb4_0900_bin') \
+         ORDER BY COLLATION_NAME DESC",
+    )?;
+    Ok(found.into_iter().next())
+}
+
+/// Exact identities (issue 13): task ids, GPU ids, queue, type and instance names compared as
+/// bytes, as qsysd's own code compares them. Under the default case-insensitive, PAD SPACE
+/// collations `Abc` after `abc` (or `trail ` after `trail`) was dropped as a duplicate and never
+/// ran. Text columns become utf8mb4, so any Unicode a producer sends is stored, whatever the
+/// server's or the seed table's default character set was.
+fn migrate_v4(c: &mut PooledConn) -> Result<(), StoreError> {
+    let exact = exact_collation(c)?;
+    let identity = |len: u32, nullable: bool| {
+        let ty = match &exact {
+            Some(collation) => format!("VARCHAR({len}) CHARACTER SET utf8mb4 COLLATE {collation}"),
+            None => format!("VARBINARY({len})"),
+        };
+        format!("{ty} {}", if nullable { "NULL" } else { "NOT NULL" })
+    };
+    let mut tables: Vec<&str> = IDENTITY_COLUMNS.iter().map(|(t, ..)| *t).collect();
+    tables.dedup();
+    for table in tables {
+        let mut changes: Vec<String> = IDENTITY_COLUMNS
+            .iter()
+            .filter(|(t, ..)| *t == table)
+            .map(|(_, col, len, nullable)| format!("MODIFY `{col}` {}", identity(*len, *nullable)))
+            .collect();
+        for (t, col, ddl) in [
+            ("tasks", "payload", "MEDIUMTEXT CHARACTER SET utf8mb4 NULL"),
+            ("tasks", "error", "TEXT CHARACTER SET utf8mb4 NULL"),
+            ("task_attempts", "error", "TEXT CHARACTER SET utf8mb4 NULL"),
+        ] {
+            if t == table {
+                changes.push(format!("MODIFY `{col}` {ddl}"));
+            }
+        }
+        c.query_drop(format!(
+            "ALTER TABLE `{table}` DEFAULT CHARACTER SET utf8mb4, {}",
+            changes.join(", ")
+        ))?;
+    }
+    c.query_drop("INSERT INTO qsys_schema (version) VALUES (4)")?;
+    Ok(())
 }
 
 /// Operations: persisted drains, and requeues that keep the attempt history.

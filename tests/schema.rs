@@ -386,3 +386,53 @@ fn batched_claims_and_endings_give_one_verdict_each() {
     assert_eq!(held.len(), 1);
     assert_eq!(held[0].task_id, "e");
 }
+
+/// Issue 13: on a table made by the seed DDL (here with the latin1, case-insensitive defaults a
+/// stock server may have), ids that differ in case or in trailing spaces are different tasks, and
+/// text outside latin1 (an emoji) is stored as sent.
+#[test]
+fn identities_are_exact_bytes_and_text_is_any_unicode() {
+    let env = TestEnv::new("exactid");
+    let mut root = mysql::Conn::new(
+        mysql::Opts::from_url(env.mysql_url().rsplit_once('/').expect("db").0).expect("url"),
+    )
+    .expect("mysql");
+    root.query_drop(format!(
+        "CREATE DATABASE `{}` CHARACTER SET latin1 COLLATE latin1_swedish_ci",
+        env.db
+    ))
+    .expect("create db");
+    let mut c = env.mysql();
+    for stmt in SEED_DDL {
+        c.query_drop(*stmt).expect("seed ddl");
+    }
+    c.query_drop("INSERT INTO tasks VALUES ('Seed', 'q', 'finished', 't', 'G0', 0)")
+        .expect("seed row");
+    let store = Store::connect(&env.mysql_url(), false, "test", 2).expect("connect");
+    store.migrate().expect("migrate");
+    for id in ["CaseID", "caseid", "trail", "trail ", "seed"] {
+        assert_eq!(
+            accept(&store, id),
+            qsys::store::Accepted::New,
+            "{id:?} is a task of its own"
+        );
+    }
+    let n: Vec<u64> = env.query("SELECT COUNT(*) FROM tasks");
+    assert_eq!(n, vec![6]);
+    let exact: Vec<String> = env.query("SELECT task_id FROM tasks WHERE task_id = 'trail'");
+    assert_eq!(exact, vec!["trail".to_string()]);
+    // Slots of GPUs whose ids differ only in case are separate rows.
+    store
+        .ensure_slots(&[("g0".into(), 1), ("G0".into(), 1)])
+        .expect("slots");
+    let slots: Vec<u64> = env.query("SELECT COUNT(*) FROM gpu_slots");
+    assert_eq!(slots, vec![2]);
+    let emoji = r#"{"type":"t","data":{"note":"🎙️ naïve"}}"#;
+    let row = qsys::store::NewTask {
+        payload: emoji,
+        ..new_task("unicode")
+    };
+    store.accept("q", &[row]).expect("accept unicode");
+    let stored: Vec<String> = env.query("SELECT payload FROM tasks WHERE task_id = 'unicode'");
+    assert_eq!(stored, vec![emoji.to_string()]);
+}

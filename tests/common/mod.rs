@@ -165,6 +165,16 @@ shutdown_grace = "10s"
             .expect("llen")
     }
 
+    /// Every element of the list at `key` (a full key, not a queue name).
+    pub fn lrange_key(&self, key: &str) -> Vec<String> {
+        redis::cmd("LRANGE")
+            .arg(key)
+            .arg(0)
+            .arg(-1)
+            .query(&mut self.redis_conn())
+            .expect("lrange")
+    }
+
     pub fn lrange(&self, queue: &str) -> Vec<String> {
         redis::cmd("LRANGE")
             .arg(self.queue(queue))
