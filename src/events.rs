@@ -23,7 +23,7 @@ use std::fmt;
 use base64::Engine as _;
 use serde_json::{Map, Value};
 
-use crate::message::{kind_of, MAX_TASK_ID, MAX_TYPE};
+use crate::message::{kind_of, MAX_ATTEMPTS, MAX_TASK_ID, MAX_TIMEOUT_S, MAX_TYPE};
 
 /// Problems reported by name; past this many only a count is kept.
 const MAX_PROBLEMS: usize = 20;
@@ -38,8 +38,6 @@ const TASK_FIELDS: &[&str] = &[
     "max_attempts",
     "timeout_s",
 ];
-/// `max_attempts` above this is refused, as the daemon's parser does.
-const MAX_ATTEMPTS: u64 = 1000;
 
 /// How tasks are checked and where they go.
 #[derive(Debug, Clone)]
@@ -383,6 +381,10 @@ impl<'r> Batch<'r> {
                 self.problem(&at(place, "type"), format!("longer than {MAX_TYPE} bytes"));
                 None
             }
+            Some(Value::String(s)) if s.chars().any(char::is_control) => {
+                self.problem(&at(place, "type"), "contains control characters");
+                None
+            }
             Some(Value::String(s)) => match &self.rules.types {
                 Some(known) if !known.contains(&s) => {
                     let known: Vec<&str> = known.iter().map(String::as_str).collect();
@@ -431,7 +433,8 @@ impl<'r> Batch<'r> {
             None => Some(queue.unwrap_or(&self.rules.default_queue).to_string()),
         };
         let mut extra = String::new();
-        for (field, max) in [("max_attempts", Some(MAX_ATTEMPTS)), ("timeout_s", None)] {
+        // The daemon's own ranges: what qsys-push lands, qsysd takes.
+        for (field, max) in [("max_attempts", MAX_ATTEMPTS), ("timeout_s", MAX_TIMEOUT_S)] {
             match positive(t.get(field), max) {
                 Ok(None) => {}
                 Ok(Some(n)) => extra.push_str(&format!(",\"{field}\":{n}")),
@@ -562,14 +565,11 @@ fn queue_name(v: &Value) -> Result<String, String> {
 }
 
 /// An optional whole number from 1 (to `max`).
-fn positive(v: Option<&Value>, max: Option<u64>) -> Result<Option<u64>, String> {
+fn positive(v: Option<&Value>, max: u64) -> Result<Option<u64>, String> {
     let Some(v) = v else { return Ok(None) };
     match v.as_u64() {
-        Some(n) if n >= 1 && max.is_none_or(|m| n <= m) => Ok(Some(n)),
-        _ => Err(match max {
-            Some(m) => format!("must be a whole number from 1 to {m}, got {v}"),
-            None => format!("must be a positive whole number, got {v}"),
-        }),
+        Some(n) if (1..=max).contains(&n) => Ok(Some(n)),
+        _ => Err(format!("must be a whole number from 1 to {max}, got {v}")),
     }
 }
 
@@ -855,7 +855,7 @@ mod tests {
             ),
             (
                 serde_json::json!({"type": "a", "data": {}, "timeout_s": "1m"}),
-                "timeout_s: must be a positive whole number",
+                "timeout_s: must be a whole number from 1 to 2592000",
             ),
             (
                 serde_json::json!({"type": "x".repeat(101), "data": {}}),

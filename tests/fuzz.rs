@@ -142,3 +142,190 @@ fn garbage_callbacks_change_nothing() {
     }
     stop(daemon);
 }
+
+/// A number for `max_attempts` / `timeout_s` near every edge a column or the parser has.
+fn edge_number() -> impl Strategy<Value = String> {
+    let edges = prop_oneof![
+        Just("0".to_string()),
+        Just("1".to_string()),
+        Just("-1".to_string()),
+        Just("1000".to_string()),
+        Just("1001".to_string()),
+        Just("2592000".to_string()),
+        Just("2592001".to_string()),
+        Just("2147483647".to_string()),
+        Just("2147483648".to_string()),
+        Just("4294967296".to_string()),
+        Just("18446744073709551615".to_string()),
+        Just("18446744073709551616".to_string()),
+        Just("1.5".to_string()),
+        Just("1e3".to_string()),
+        Just("\"5\"".to_string()),
+        Just("null".to_string()),
+        (1u64..5_000_000).prop_map(|n| n.to_string()),
+    ];
+    // Mostly ordinary, so that a case often passes the parser and reaches MySQL.
+    prop_oneof![3 => (1u64..1000).prop_map(|n| n.to_string()), 1 => edges]
+}
+
+/// Values the database would refuse: whatever the parser accepts, MySQL stores. Each case is a
+/// message with edge values in every numeric and length field, recorded for real.
+#[test]
+fn whatever_the_parser_accepts_mysql_stores() {
+    let env = TestEnv::new("fuzzdb");
+    let store = qsys::store::Store::connect(&env.mysql_url(), false, "fuzz", 2).expect("connect");
+    store.migrate().expect("migrate");
+    let strategy = (
+        edge_number(),
+        edge_number(),
+        prop_oneof![0usize..250, 250usize..300],
+        prop_oneof![1usize..90, 90usize..110],
+        prop_oneof![Just('a'), Just('é'), Just('🎙'), Just(' ')],
+    );
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let mut stored = 0;
+    for n in 0..300 {
+        let (attempts, timeout, id_len, type_len, ch) =
+            strategy.new_tree(&mut runner).expect("value").current();
+        let id: String = format!("{n}-{}", ch.to_string().repeat(id_len));
+        let kind: String = "t".repeat(type_len);
+        let raw = format!(
+            r#"{{"type":{},"max_attempts":{attempts},"timeout_s":{timeout},"data":{{"task_id":{},"note":"{ch}"}}}}"#,
+            serde_json::Value::String(kind),
+            serde_json::Value::String(id),
+        );
+        let Ok(m) = parse(raw.as_bytes(), || unreachable!("the id is given")) else {
+            continue;
+        };
+        let payload = m.to_json();
+        let row = qsys::store::NewTask {
+            task_id: &m.task_id,
+            kind: &m.kind,
+            payload: &payload,
+            max_attempts: m.max_attempts,
+            timeout_s: m.timeout_s,
+        };
+        store
+            .accept("q", &[row])
+            .unwrap_or_else(|e| panic!("parser accepted what mysql refuses: {raw}: {e}"));
+        stored += 1;
+    }
+    // The generator reaches both sides of the checks.
+    assert!(stored > 20 && stored < 290, "{stored} of 300 stored");
+}
+
+/// One generated request head: a method and target, then header lines that are often framing
+/// headers with hostile values, sometimes very long.
+fn hostile_head() -> impl Strategy<Value = Vec<u8>> {
+    let value = prop_oneof![
+        Just("-1".to_string()),
+        Just("18446744073709551615".to_string()),
+        Just("99999999999999999999999".to_string()),
+        Just("chunked".to_string()),
+        Just("gzip, chunked".to_string()),
+        Just("chunked, gzip".to_string()),
+        Just("100-continue".to_string()),
+        Just("close".to_string()),
+        Just(String::new()),
+        "[ -~]{0,40}",
+        (0usize..40_000).prop_map(|n| "v".repeat(n)),
+    ];
+    let name = prop_oneof![
+        Just("Content-Length".to_string()),
+        Just("Transfer-Encoding".to_string()),
+        Just("Expect".to_string()),
+        Just("Connection".to_string()),
+        Just("Host".to_string()),
+        "[A-Za-z-]{1,20}",
+        Just("Bad Header".to_string()),
+        Just(String::new()),
+    ];
+    (
+        prop_oneof![Just("POST"), Just("GET"), Just("PUT"), Just("BREW")],
+        prop_oneof![
+            Just("/callback".to_string()),
+            Just("/healthz".to_string()),
+            "/[ -~]{0,60}",
+        ],
+        prop_oneof![
+            Just("HTTP/1.1"),
+            Just("HTTP/1.0"),
+            Just("HTTP/2.0"),
+            Just("HTTP/9")
+        ],
+        proptest::collection::vec((name, value), 0..120),
+        "[ -~]{0,200}",
+    )
+        .prop_map(|(method, path, version, headers, body)| {
+            let mut raw = format!("{method} {path} {version}\r\n");
+            for (n, v) in headers {
+                raw.push_str(&format!("{n}: {v}\r\n"));
+            }
+            raw.push_str("\r\n");
+            raw.push_str(&body);
+            raw.into_bytes()
+        })
+}
+
+/// Generated heads against a running daemon's callback listener: each gets an answer or a closed
+/// connection in bounded time, and afterwards a genuine callback is still applied.
+#[test]
+fn garbage_heads_are_answered_and_change_nothing() {
+    use std::io::{Read, Write};
+    let env = TestEnv::new("fuzzhead");
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 1,
+        lose_rate: 1.0,
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let daemon = env.start(&env.config_toml(fleet.urls(), ""));
+    env.push_raw("q1", &transcriptions("fh", 1));
+    assert!(wait_for(Duration::from_secs(20), || {
+        env.count("state = 'processing'") == 1
+    }));
+    let addr = daemon.callback_addr();
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let strategy = hostile_head();
+    for _ in 0..200 {
+        let raw = strategy.new_tree(&mut runner).expect("value").current();
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(40)))
+            .expect("timeout");
+        let _ = s.write_all(&raw);
+        // Half-close: a request waiting for more body sees the end at once.
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut got = Vec::new();
+        let started = std::time::Instant::now();
+        let _ = s.read_to_end(&mut got);
+        assert!(
+            started.elapsed() < Duration::from_secs(35),
+            "no end for {:?}",
+            String::from_utf8_lossy(&raw[..raw.len().min(300)])
+        );
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            got.is_empty() || text.starts_with("HTTP/"),
+            "{text:?} for {:?}",
+            String::from_utf8_lossy(&raw[..raw.len().min(300)])
+        );
+    }
+    assert_eq!(env.count("state = 'processing'"), 1);
+    let signer = Signer::new(Secret::new(SECRET), "http://unused/callback");
+    let url = signer.callback_url("fh-0", 1);
+    let target = format!(
+        "http://{addr}{}",
+        &url[url.find("/callback").expect("path")..]
+    );
+    let r = qsys::http::post_json(
+        &qsys::http::agent(),
+        &target,
+        None,
+        r#"{"task_id":"fh-0","status":"finished"}"#,
+        Duration::from_secs(2),
+        Duration::from_secs(5),
+    )
+    .expect("answered");
+    assert_eq!(r.status, 200);
+    stop(daemon);
+}

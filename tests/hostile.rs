@@ -110,6 +110,12 @@ fn hostile_requests(path: &str) -> Vec<(&'static str, Vec<u8>, u16)> {
             414,
         ),
     ];
+    // Upstream answered this through a writer that waited for itself: the thread hung for good.
+    cases.push((
+        "an HTTP/2.0 request line",
+        format!("POST {path} HTTP/2.0\r\nHost: 127.0.0.1\r\n\r\n").into_bytes(),
+        505,
+    ));
     // A chunked body over the limit: refused without reading the rest.
     let mut chunked = head("Transfer-Encoding: chunked\r\n");
     for _ in 0..20 {

@@ -309,16 +309,16 @@ impl Iterator for ClientConnection {
             };
 
             // checking HTTP version
+            // qsysd patch: answered through the request's own writer, then closed. Upstream wrote
+            // the 505 through the next writer in sequence, which waits for this request's writer
+            // to be dropped, after the write: the connection's thread blocked for good.
             if *rq.http_version() > (1, 1) {
-                let writer = self.sink.next().unwrap();
                 let response = Response::from_string(
                     "This server only supports HTTP versions 1.0 and 1.1".to_owned(),
                 )
                 .with_status_code(StatusCode(505));
-                response
-                    .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                    .ok();
-                continue;
+                let _ = rq.respond(response);
+                return None;
             }
 
             // updating the status of the connection
