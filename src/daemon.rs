@@ -206,6 +206,7 @@ impl Daemon {
             stop: crate::shutdown::Shutdown::new(),
             events: events_tx,
             children: Mutex::new(Default::default()),
+            in_transit: Mutex::new(Default::default()),
             problems: Mutex::new(Default::default()),
             config: RwLock::new(Arc::new(config)),
             reload_requested: AtomicBool::new(false),

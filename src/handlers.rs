@@ -179,12 +179,19 @@ pub fn run_worker(shared: Arc<Shared>, jobs: Receiver<Task>) {
 
 fn run_one(shared: &Shared, agent: &ureq::Agent, task: &Task) {
     let task_id = task.msg.task_id.as_str();
-    // The scheduler only sends configured non-GPU types here.
+    crate::pause_point!(shared.store.instance(), "handler:received");
+    // The scheduler sends configured non-GPU types here; a reload may have changed the type
+    // since. Its row is still `pending` and held here: back to the scheduler, which places it
+    // under the configuration now in force.
     let config = shared.config();
     let handler = config.types.get(&task.msg.kind);
     let configured = match handler {
         Some(Handler::Exec { timeout, .. } | Handler::Http { timeout, .. }) => *timeout,
-        Some(Handler::Gpu) | None => return,
+        Some(Handler::Gpu) | None => {
+            log::info!(task_id; "task type changed by a reload; placed again");
+            shared.retry_later(task_id, Duration::ZERO);
+            return;
+        }
     };
     let timeout = task
         .msg
@@ -204,7 +211,10 @@ fn run_one(shared: &Shared, agent: &ureq::Agent, task: &Task) {
             return;
         }
         Err(e) => {
-            log::error!(task_id, error:% = e; "mysql error starting handler; task stays pending");
+            // The row is `pending` (or, if only the reply was lost, `processing` under a lease):
+            // the scheduler reads it again and places it, or finds it no longer pending.
+            log::error!(task_id, error:% = e; "mysql error starting handler; placed again in 1s");
+            shared.retry_later(task_id, Duration::from_secs(1));
             return;
         }
     }
@@ -216,7 +226,7 @@ fn run_one(shared: &Shared, agent: &ureq::Agent, task: &Task) {
         Some(Handler::Http {
             url, bearer_token, ..
         }) => run_http(agent, url, bearer_token.as_ref(), &input, timeout),
-        Some(Handler::Gpu) | None => return,
+        Some(Handler::Gpu) | None => unreachable!("the handler was matched above"),
     };
     if result.is_err() {
         shared.metrics.errors.inc("handler");

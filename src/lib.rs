@@ -19,6 +19,16 @@
 //! | `qsys-slotpub/sub`| [`slotsync`]    | slot claims and frees between instances (Redis) |
 //! | main              | [`daemon`]      | joins every thread                              |
 
+/// A named place where a test may pause this instance's thread: `pause_point!(instance, "name")`.
+/// Without the `test-utils` feature (every build but this crate's tests) it is nothing.
+#[macro_export]
+macro_rules! pause_point {
+    ($instance:expr, $point:expr) => {
+        #[cfg(feature = "test-utils")]
+        $crate::testing::reached($instance, $point);
+    };
+}
+
 pub mod admin;
 pub mod backoff;
 pub mod callback;
@@ -46,4 +56,6 @@ pub mod shutdown;
 pub mod slots;
 pub mod slotsync;
 pub mod store;
+#[cfg(feature = "test-utils")]
+pub mod testing;
 pub mod token;

@@ -74,14 +74,19 @@ pub fn connect(client: &Client, pop_timeout: Duration) -> Result<Connection, Que
     Ok(conn)
 }
 
-/// Puts tasks back at the head of their queues (earliest ends up first, so `LPUSH` in reverse) and
-/// gives up this instance's hold on their `pending` rows, so whoever pops them next takes them over.
-/// A crash between the two leaves a row still held and a copy in Redis: the copy is then dropped as a
-/// duplicate when its claim finds the task no longer pending.
+/// Gives up this instance's hold on tasks' `pending` rows, then puts the tasks back at the head of
+/// their queues (earliest ends up first, so `LPUSH` in reverse), so whoever pops them next takes
+/// them over. In this order a peer never pops a copy whose row this instance still holds (it would
+/// drop it as a duplicate, and the row would then be held by nobody and in no list). A crash or a
+/// Redis failure between the two leaves rows that nobody holds: any instance's scheduler adopts
+/// those ([`crate::scheduler`]'s sweep), so they run anyway.
 pub fn hand_back(client: &Client, store: &Store, tasks: &[Task]) -> Result<(), String> {
     if tasks.is_empty() {
         return Ok(());
     }
+    let ids: Vec<String> = tasks.iter().map(|t| t.msg.task_id.clone()).collect();
+    store.release_pending(&ids).map_err(|e| e.to_string())?;
+    crate::pause_point!(store.instance(), "hand-back:released");
     let mut conn = connect(client, Duration::from_secs(1)).map_err(|e| e.to_string())?;
     let mut pipe = redis::pipe();
     for t in tasks.iter().rev() {
@@ -90,9 +95,7 @@ pub fn hand_back(client: &Client, store: &Store, tasks: &[Task]) -> Result<(), S
             .arg(t.msg.to_json())
             .ignore();
     }
-    pipe.query::<()>(&mut conn).map_err(|e| e.to_string())?;
-    let ids: Vec<String> = tasks.iter().map(|t| t.msg.task_id.clone()).collect();
-    store.release_pending(&ids).map_err(|e| e.to_string())
+    pipe.query::<()>(&mut conn).map_err(|e| e.to_string())
 }
 
 /// Moves what a dead instance held back to the head of its queues: first its in-hand lists (in
@@ -315,6 +318,18 @@ fn refuse(
     }
 }
 
+/// Takes a batch's ids off [`Shared::in_transit`] once the batch is handed on or handed back.
+struct InTransit<'a>(&'a Shared, Vec<String>);
+
+impl Drop for InTransit<'_> {
+    fn drop(&mut self) {
+        let mut set = self.0.lock_in_transit();
+        for id in &self.1 {
+            set.remove(id);
+        }
+    }
+}
+
 pub struct Poller {
     shared: std::sync::Arc<Shared>,
     client: Client,
@@ -518,6 +533,11 @@ impl Poller {
         }
         // One batch per send: the scheduler takes a whole batch at once, so it can place (and
         // claim) many tasks per round instead of waiting on this thread for each.
+        let in_transit: Vec<String> = tasks.iter().map(|t| t.msg.task_id.clone()).collect();
+        self.shared
+            .lock_in_transit()
+            .extend(in_transit.iter().cloned());
+        let _clear = InTransit(&self.shared, in_transit);
         let mut batch = tasks;
         loop {
             // Blocked on a full fleet is waiting, not being stuck.

@@ -64,7 +64,18 @@ pub struct Scheduler {
     retry_at: Option<Instant>,
     /// Retries waiting for their backoff: (due, task id).
     delayed: BinaryHeap<Reverse<(Instant, String)>>,
+    /// When [`Scheduler::sweep`] last ran.
+    swept: Instant,
 }
+
+/// How often the scheduler looks for `pending` rows nobody is working on.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// A row nobody holds is adopted once it has been so for this long: a hand-back releases its rows
+/// a moment before it pushes them to Redis, where a peer takes them over the usual way.
+const ORPHAN_AFTER: Duration = Duration::from_secs(5);
+/// A row held here but in no thread's memory is taken again once untouched for this long: well
+/// past any path from the poller's record or the hand to a worker's start.
+const STALE_AFTER: Duration = Duration::from_secs(30);
 
 impl Scheduler {
     pub fn new(
@@ -85,6 +96,7 @@ impl Scheduler {
             pending: VecDeque::new(),
             retry_at: None,
             delayed: BinaryHeap::new(),
+            swept: Instant::now(),
         }
     }
 
@@ -105,6 +117,60 @@ impl Scheduler {
             }
         }
         Ok(n)
+    }
+
+    /// No `pending` row stays so for good (issue 14): adopts rows nobody holds (a stop whose
+    /// hand-back to Redis failed or crashed half-way, a dead instance's whose re-push failed), and
+    /// takes again this instance's rows that no thread holds (a path that gave up on a task, a
+    /// commit whose acknowledgement was lost). Bounded: at most a hand's worth per sweep, and only
+    /// while the hand has room; two indexed reads every [`SWEEP_EVERY`].
+    fn sweep(&mut self) {
+        if self.swept.elapsed() < SWEEP_EVERY || self.pending.len() >= PREFETCH {
+            return;
+        }
+        self.swept = Instant::now();
+        let room = PREFETCH * 4;
+        let store = &self.shared.store;
+        let mut found = match store.adopt_orphans(ORPHAN_AFTER, room) {
+            Ok(rows) => {
+                if !rows.is_empty() {
+                    log::warn!(count = rows.len(); "adopted pending tasks that no instance held");
+                }
+                rows
+            }
+            Err(e) => {
+                log::warn!(error:% = e; "mysql error looking for orphaned tasks");
+                return;
+            }
+        };
+        match store.stale_pending(STALE_AFTER, room) {
+            Ok(rows) => found.extend(rows),
+            Err(e) => log::warn!(error:% = e; "mysql error looking for stale tasks"),
+        }
+        if found.is_empty() {
+            return;
+        }
+        let mut held = self.shared.lock_in_transit().clone();
+        held.extend(self.pending.iter().map(|t| t.msg.task_id.clone()));
+        held.extend(self.delayed.iter().map(|Reverse((_, id))| id.clone()));
+        let mut taken = Vec::new();
+        for row in found {
+            if held.contains(row.task_id.as_str()) {
+                continue;
+            }
+            let (id, wait) = (row.task_id.clone(), row.wait);
+            match Task::from_stored(row) {
+                Ok(t) if wait.is_zero() => taken.push(t),
+                Ok(_) => self.delayed.push(Reverse((Instant::now() + wait, id))),
+                Err(e) => {
+                    log::error!(task_id = id.as_str(), error = e.as_str(); "cannot resume task")
+                }
+            }
+        }
+        if !taken.is_empty() {
+            log::warn!(count = taken.len(); "took up pending tasks that no thread held");
+            self.pending.extend(taken);
+        }
     }
 
     /// Moves retries whose backoff is over into the hand, reading each back from MySQL.
@@ -151,6 +217,7 @@ impl Scheduler {
         let mut poller_gone = false;
         while !self.shared.stop.is_stopping() {
             self.shared.tick("qsys-scheduler");
+            self.sweep();
             self.release_due();
             self.place_pending();
             let rx = if self.pending.len() < PREFETCH && !poller_gone {

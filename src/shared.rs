@@ -94,9 +94,26 @@ pub struct Shared {
     /// Whether other instances are alive (checked every second by the maintenance thread). Alone,
     /// an instance publishes no slot events: nobody would read them.
     pub peers: AtomicBool,
+    /// Ids of the tasks the poller has recorded and not yet handed to the scheduler: with the
+    /// scheduler's hand, what this instance holds in memory (the scheduler's sweep leaves these
+    /// rows alone).
+    pub in_transit: Mutex<HashSet<String>>,
 }
 
 impl Shared {
+    pub fn lock_in_transit(&self) -> MutexGuard<'_, HashSet<String>> {
+        self.in_transit.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks the scheduler to place `task_id` again once `after` has passed (its row is `pending`
+    /// and held here): how every path that gives up on a task hands it back.
+    pub fn retry_later(&self, task_id: &str, after: Duration) {
+        let _ = self.events.send(Event::Retry {
+            task_id: task_id.to_string(),
+            after,
+        });
+    }
+
     /// The configuration in force now. Callers hold the `Arc` for one piece of work, so a reload
     /// never changes settings under a task in flight.
     pub fn config(&self) -> Arc<Config> {
@@ -221,10 +238,7 @@ impl Shared {
             Next::Retry { after } => {
                 log::warn!(task_id, attempt, gpu, source, error, retry_in:? = after;
                     "attempt failed; will retry");
-                let _ = self.events.send(Event::Retry {
-                    task_id: task_id.to_string(),
-                    after: *after,
-                });
+                self.retry_later(task_id, *after);
             }
         }
     }

@@ -969,6 +969,65 @@ impl Store {
         Ok(row.map(Self::stored))
     }
 
+    /// Takes over `pending` rows that nobody has held for `older_than` (released at a stop whose
+    /// hand-back to Redis never happened, or a dead instance's whose re-push failed), up to
+    /// `limit`, oldest first, and returns them to be scheduled here. Rows are locked, so two
+    /// instances sweeping at once adopt each row once.
+    pub fn adopt_orphans(
+        &self,
+        older_than: Duration,
+        limit: usize,
+    ) -> Result<Vec<StoredTask>, StoreError> {
+        let mut c = self.conn()?;
+        let mut tx = c.start_transaction(TxOpts::default())?;
+        let rows: Vec<StoredRow> = tx.exec(
+            format!(
+                "{} WHERE state = 'pending' AND instance_id IS NULL \
+                 AND updated_at < NOW(3) - INTERVAL ? MICROSECOND \
+                 ORDER BY created_at, task_id LIMIT ? FOR UPDATE",
+                Self::STORED
+            ),
+            (older_than.as_micros() as u64, limit as u64),
+        )?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<mysql::Value> = rows.iter().map(|r| r.0.as_str().into()).collect();
+        let mut params = vec![mysql::Value::from(self.instance.as_str())];
+        params.extend(ids);
+        tx.exec_drop(
+            format!(
+                "UPDATE tasks SET instance_id = ? WHERE state = 'pending' AND instance_id IS NULL \
+                 AND task_id IN ({})",
+                placeholders(rows.len(), "?")
+            ),
+            params,
+        )?;
+        tx.commit()?;
+        Ok(rows.into_iter().map(Self::stored).collect())
+    }
+
+    /// This instance's `pending` rows untouched for `older_than`, up to `limit`, oldest first:
+    /// the scheduler's sweep takes those it does not hold (a path that gave up on a task, a commit
+    /// whose acknowledgement was lost) so no row stays `pending` for good.
+    pub fn stale_pending(
+        &self,
+        older_than: Duration,
+        limit: usize,
+    ) -> Result<Vec<StoredTask>, StoreError> {
+        let mut c = self.conn()?;
+        let rows: Vec<StoredRow> = c.exec(
+            format!(
+                "{} WHERE state = 'pending' AND instance_id = ? \
+                 AND updated_at < NOW(3) - INTERVAL ? MICROSECOND \
+                 ORDER BY created_at, task_id LIMIT ?",
+                Self::STORED
+            ),
+            (&self.instance, older_than.as_micros() as u64, limit as u64),
+        )?;
+        Ok(rows.into_iter().map(Self::stored).collect())
+    }
+
     /// Gives up this instance's hold on `pending` tasks that went back to Redis, so whoever pops
     /// them next takes them over.
     pub fn release_pending(&self, task_ids: &[String]) -> Result<(), StoreError> {

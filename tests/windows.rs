@@ -1,0 +1,170 @@
+//! Windows where a task could be lost or stuck (issue 14), each forced open on every run by a
+//! test-only pause point or a held row lock, never hit by chance.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::{stop, transcriptions, wait_for, TestEnv};
+use mysql::prelude::Queryable;
+use qsys::fakegpu::{Fleet, FleetConfig};
+use qsys::testing;
+
+fn as_instance(toml: &str, id: &str, grace: &str) -> String {
+    toml.replace("instance_id = \"test\"", &format!("instance_id = \"{id}\""))
+        .replace(
+            "shutdown_grace = \"10s\"",
+            &format!("shutdown_grace = \"{grace}\""),
+        )
+}
+
+/// A graceful stop while a peer is live, paused inside the hand-back: the stopping instance has
+/// released its `pending` rows and not yet pushed them to Redis. Left there (as a crash there
+/// would), the peer adopts the rows and runs them; let go, its late copies change nothing. In the
+/// old order (push, then release) the peer dropped the copy as a duplicate of a row still held,
+/// and the release then left a row nobody held and no list had: the task never ran.
+#[test]
+fn a_stop_paused_inside_its_hand_back_loses_nothing() {
+    let env = TestEnv::new("winstop");
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 1,
+        delay: (Duration::from_millis(1500), Duration::from_millis(1500)),
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let toml = env.config_toml(fleet.urls(), "[gpu]\nslots = 1\n");
+    let a = env.start(&as_instance(&toml, "win-a", "120s"));
+    env.push_raw("q1", &transcriptions("ws", 8));
+    // A holds one running and the rest in hand; only then does B start.
+    assert!(wait_for(Duration::from_secs(20), || {
+        env.count("state = 'processing'") == 1 && env.count("state = 'pending'") == 7
+    }));
+    let b = env.start(&as_instance(&toml, "win-b", "10s"));
+    testing::arm("win-a", "hand-back:released");
+    a.stop();
+    let stopping = std::thread::spawn(move || a.wait());
+    assert!(
+        testing::wait_reached("win-a", "hand-back:released", Duration::from_secs(30)),
+        "the stop never reached its hand-back"
+    );
+    // Inside the window: released, not in Redis, held by nobody.
+    let held_by_nobody = env.count("state = 'pending' AND instance_id IS NULL");
+    assert!(held_by_nobody >= 6, "{:?}", env.states());
+    assert_eq!(env.llen("q1"), 0);
+    // Left paused, as a crash here would leave them: the peer adopts them and runs them.
+    assert!(
+        wait_for(Duration::from_secs(60), || env.count("state = 'finished'")
+            >= 7),
+        "{:?}",
+        env.states()
+    );
+    testing::release("win-a", "hand-back:released");
+    stopping
+        .join()
+        .expect("stop thread")
+        .expect("instance a stopped cleanly");
+    // The late copies reach Redis and B; they are dropped, nothing runs twice.
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            env.count("state = 'finished'") == 8 && env.llen("q1") == 0
+        }),
+        "{:?}",
+        env.states()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let twice: HashMap<String, u32> = fleet
+        .stats()
+        .seen()
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .collect();
+    assert!(twice.is_empty(), "dispatched twice: {twice:?}");
+    assert_eq!(env.count("state = 'finished'"), 8);
+    stop(b);
+}
+
+const EXEC: &str = "[types.send_email]\nhandler = \"exec\"\ncommand = [\"/bin/true\"]\n";
+
+/// A handler worker whose start waits on a row lock past MySQL's lock wait timeout gives the task
+/// back to the scheduler, which runs it as soon as the lock is gone (before, it stayed `pending`
+/// until the next restart).
+#[test]
+fn a_handler_start_that_times_out_on_a_lock_runs_later() {
+    let env = TestEnv::new("winlock");
+    let toml = as_instance(&env.config_toml(&[], EXEC), "win-lock", "10s");
+    let daemon = env.start(&toml);
+    testing::arm("win-lock", "handler:received");
+    env.push_raw(
+        "q1",
+        &[r#"{"type":"send_email","data":{"task_id":"lk-0"}}"#.to_string()],
+    );
+    assert!(testing::wait_reached(
+        "win-lock",
+        "handler:received",
+        Duration::from_secs(20)
+    ));
+    let mut holder = env.mysql();
+    holder.query_drop("START TRANSACTION").expect("begin");
+    holder
+        .query_drop("SELECT * FROM tasks WHERE task_id = 'lk-0' FOR UPDATE")
+        .expect("lock");
+    testing::release("win-lock", "handler:received");
+    // The worker's start waits 10 s for the lock and fails; the lock is held a little longer.
+    std::thread::sleep(Duration::from_secs(12));
+    assert_eq!(env.count("task_id = 'lk-0' AND state = 'pending'"), 1);
+    holder.query_drop("ROLLBACK").expect("release");
+    let released = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(20), || env.count("state = 'finished'")
+            == 1),
+        "{:?}",
+        env.states()
+    );
+    // Given back by the worker, not found by the 30 s sweep.
+    assert!(released.elapsed() < Duration::from_secs(15));
+    stop(daemon);
+}
+
+/// A reload that moves a type from an exec handler to the GPUs while a worker has just taken one
+/// of its tasks: the worker gives it back and it runs on a GPU (before, the worker returned and
+/// the task stayed `pending`).
+#[test]
+fn a_reload_that_changes_a_handler_under_load_runs_every_task() {
+    let env = TestEnv::new("winreload");
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 1,
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let exec = "[types.job]\nhandler = \"exec\"\ncommand = [\"/bin/true\"]\n";
+    let gpu = "[types.job]\nhandler = \"gpu\"\n";
+    let daemon = env.start(&as_instance(
+        &env.config_toml(fleet.urls(), exec),
+        "win-rl",
+        "10s",
+    ));
+    testing::arm("win-rl", "handler:received");
+    let jobs: Vec<String> = (0..20)
+        .map(|i| format!(r#"{{"type":"job","data":{{"task_id":"rl-{i}"}}}}"#))
+        .collect();
+    env.push_raw("q1", &jobs);
+    assert!(testing::wait_reached(
+        "win-rl",
+        "handler:received",
+        Duration::from_secs(20)
+    ));
+    daemon.apply_config(env.config(&as_instance(
+        &env.config_toml(fleet.urls(), gpu),
+        "win-rl",
+        "10s",
+    )));
+    testing::release("win-rl", "handler:received");
+    assert!(
+        wait_for(Duration::from_secs(30), || env.count("state = 'finished'")
+            == 20),
+        "{:?}",
+        env.states()
+    );
+    stop(daemon);
+}
