@@ -146,6 +146,7 @@ pub struct DaemonConfig {
     pub instance_timeout: Duration,
     pub shutdown_grace: Duration,
     pub handler_threads: usize,
+    /// Dispatch threads for callback-mode GPUs; response-mode slots get one each on top.
     pub dispatch_threads: usize,
     pub log_level: log::LevelFilter,
     pub log_target: crate::logging::Target,
@@ -404,6 +405,19 @@ impl Config {
     /// Total GPU slots over every endpoint.
     pub fn total_slots(&self) -> usize {
         self.gpus.iter().map(|g| g.slots).sum()
+    }
+
+    /// Dispatch workers needed: `daemon.dispatch_threads` for callback-mode dispatches (each a
+    /// short request), plus one per response-mode slot, whose call lasts as long as the task. So
+    /// a claimed response-mode slot never waits for a thread while its lease runs.
+    pub fn dispatch_workers(&self) -> usize {
+        let response: usize = self
+            .gpus
+            .iter()
+            .filter(|g| g.completion == Completion::Response)
+            .map(|g| g.slots)
+            .sum();
+        self.daemon.dispatch_threads + response
     }
 
     /// A short human summary for `qsysd --check-config`. Never prints a secret.
@@ -1090,7 +1104,11 @@ fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
             "1 to 64 characters",
         ));
     }
-    let total_slots: usize = gpus.iter().map(|g| g.slots).sum();
+    let callback_slots: usize = gpus
+        .iter()
+        .filter(|g| g.completion == Completion::Callback)
+        .map(|g| g.slots)
+        .sum();
     let log_level_s = rd.log_level.as_deref().unwrap_or("info");
     let log_target_s = rd.log_target.as_deref().unwrap_or("auto");
     let daemon = DaemonConfig {
@@ -1102,11 +1120,11 @@ fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
         )?,
         shutdown_grace: duration("daemon.shutdown_grace", rd.shutdown_grace.as_ref(), "30s")?,
         handler_threads: positive("daemon.handler_threads", rd.handler_threads.unwrap_or(4))?,
-        // A dispatch thread per slot keeps a slow endpoint from holding up the others; callers
-        // with many slots and callback mode may choose fewer.
+        // For callback-mode dispatches: a thread per slot keeps a slow endpoint from holding up
+        // the others. Response-mode slots get a thread each on top (`Config::dispatch_workers`).
         dispatch_threads: positive(
             "daemon.dispatch_threads",
-            rd.dispatch_threads.unwrap_or(total_slots.clamp(1, 64)),
+            rd.dispatch_threads.unwrap_or(callback_slots.clamp(1, 64)),
         )?,
         log_level: log_level_s.parse().map_err(|_| {
             invalid(

@@ -24,6 +24,7 @@ use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 
 use crate::config::Config;
 use crate::queue::Poller;
+use crate::scheduler::GpuJob;
 use crate::scheduler::Scheduler;
 use crate::shared::Shared;
 use crate::slots::SlotMatrix;
@@ -75,6 +76,39 @@ pub struct Daemon {
     admin_addr: SocketAddr,
     done: Receiver<String>,
     threads: Vec<(String, JoinHandle<()>)>,
+    dispatch: Mutex<DispatchPool>,
+}
+
+/// The dispatch workers, which a reload may grow (never shrink: an idle worker costs nothing):
+/// every response-mode slot must have a thread of its own ([`Config::dispatch_workers`]).
+struct DispatchPool {
+    jobs: Receiver<GpuJob>,
+    agents: Arc<crate::http::Agents>,
+    done: Sender<String>,
+    count: usize,
+    /// Started since the supervisor last looked; it adopts them.
+    started: Vec<(String, JoinHandle<()>)>,
+}
+
+impl DispatchPool {
+    /// Starts workers until there are `want`.
+    fn grow_to(&mut self, shared: &Arc<Shared>, want: usize) -> Result<(), StartError> {
+        while self.count < want {
+            let (s, rx, a) = (
+                Arc::clone(shared),
+                self.jobs.clone(),
+                Arc::clone(&self.agents),
+            );
+            spawn(
+                &mut self.started,
+                &self.done,
+                format!("qsys-dispatch-{}", self.count),
+                move || crate::dispatch::run_worker(s, rx, a),
+            )?;
+            self.count += 1;
+        }
+        Ok(())
+    }
 }
 
 fn spawn(
@@ -227,16 +261,15 @@ impl Daemon {
         let (gpu_tx, gpu_rx) = unbounded();
         let (handler_tx, handler_rx) = bounded(0);
 
-        let agents = Arc::new(crate::http::Agents::default());
-        for i in 0..cfg.daemon.dispatch_threads {
-            let (s, rx, a) = (Arc::clone(&shared), gpu_rx.clone(), Arc::clone(&agents));
-            spawn(
-                &mut threads,
-                &done_tx,
-                format!("qsys-dispatch-{i}"),
-                move || crate::dispatch::run_worker(s, rx, a),
-            )?;
-        }
+        let mut dispatch = DispatchPool {
+            jobs: gpu_rx,
+            agents: Arc::new(crate::http::Agents::default()),
+            done: done_tx.clone(),
+            count: 0,
+            started: Vec::new(),
+        };
+        dispatch.grow_to(&shared, cfg.dispatch_workers())?;
+        threads.append(&mut dispatch.started);
         for i in 0..cfg.daemon.handler_threads {
             let (s, rx) = (Arc::clone(&shared), handler_rx.clone());
             spawn(
@@ -317,6 +350,7 @@ impl Daemon {
             admin_addr,
             done: done_rx,
             threads,
+            dispatch: Mutex::new(dispatch),
         };
         crate::notify::ready(&daemon.shared.status_line());
         Ok(daemon)
@@ -376,6 +410,13 @@ impl Daemon {
             log::error!(error:% = e; "reload refused: cannot create slot rows");
             return;
         }
+        {
+            let mut pool = self.dispatch.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = pool.grow_to(shared, new.dispatch_workers()) {
+                log::error!(error:% = e; "reload refused: cannot start dispatch workers");
+                return;
+            }
+        }
         shared.slots().reconfigure(&new.gpus);
         log::set_max_level(new.daemon.log_level);
         log::info!(gpus = new.gpus.len(), slots = new.total_slots(); "configuration reloaded");
@@ -389,16 +430,27 @@ impl Daemon {
     }
 
     /// Blocks until every thread has ended (or the grace period after a stop ran out).
-    pub fn wait(self) -> Result<(), RunError> {
+    pub fn wait(mut self) -> Result<(), RunError> {
         let shared = &self.shared;
         let grace = shared.config().daemon.shutdown_grace;
-        let mut live: BTreeSet<String> = self.threads.iter().map(|(n, _)| n.clone()).collect();
+        let mut threads = std::mem::take(&mut self.threads);
+        let mut live: BTreeSet<String> = threads.iter().map(|(n, _)| n.clone()).collect();
         let mut failure: Option<String> = None;
         let watchdog = crate::notify::watchdog_interval();
         let mut last_ping: Option<Instant> = None;
         while !live.is_empty() {
             if shared.reload_requested.swap(false, Ordering::SeqCst) && !shared.stop.is_stopping() {
                 self.reload();
+            }
+            for (name, handle) in self
+                .dispatch
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .started
+                .drain(..)
+            {
+                live.insert(name.clone());
+                threads.push((name, handle));
             }
             // The watchdog is fed only while every thread lives, so a dead thread that somehow
             // did not stop us still gets us restarted.
@@ -441,7 +493,7 @@ impl Daemon {
             }
         }
         shared.stop.close();
-        for (name, handle) in self.threads {
+        for (name, handle) in threads {
             if !live.contains(&name) {
                 let _ = handle.join();
             }

@@ -51,9 +51,14 @@ pub fn retryable_status(status: u16) -> bool {
     status >= 500 || status == 408 || status == 429
 }
 
-pub fn judge(ep: &Endpoint, result: &Result<Reply, String>) -> Verdict {
+/// The verdict on one dispatch. `maybe_delivered`: the request may have reached the endpoint
+/// before the error (a timeout after connecting). In callback mode the GPU may then be working on
+/// it, so the slot stays held until its callback or its lease: freeing it could put one task too
+/// many on that GPU (issue 14). In response mode the call's own end is the verdict.
+pub fn judge(ep: &Endpoint, result: &Result<Reply, String>, maybe_delivered: bool) -> Verdict {
     match (result, ep.completion) {
         (Ok(r), Completion::Callback) if r.is_success() => Verdict::AwaitCallback,
+        (Err(_), Completion::Callback) if maybe_delivered => Verdict::AwaitCallback,
         (Ok(r), Completion::Response) if r.is_success() => Verdict::Finished,
         (Ok(r), _) => Verdict::Failed {
             error: format!(
@@ -81,10 +86,28 @@ pub fn endpoint_error(ep: &Endpoint, result: &Result<Reply, String>) -> Option<S
     }
 }
 
+/// A job that waited longer than this for a worker has its lease restarted before it is sent.
+const LEASE_SLACK: Duration = Duration::from_secs(1);
+
 pub fn run_worker(shared: Arc<Shared>, jobs: Receiver<GpuJob>, agents: Arc<http::Agents>) {
     while let Ok(job) = jobs.recv() {
         let ep = &job.endpoint;
         let task_id = job.task.msg.task_id.as_str();
+        crate::pause_point!(shared.store.instance(), "dispatch:before-send");
+        // The lease counts from the send: one that ran out while the job waited was ended and
+        // retried elsewhere already, and sending now would run the task twice at once.
+        if job.claimed_at.elapsed() > LEASE_SLACK {
+            match shared.store.renew_lease(task_id, job.attempt, job.lease) {
+                Ok(true) => {}
+                Ok(false) => {
+                    log::warn!(task_id, gpu = ep.id.as_str(), attempt = job.attempt;
+                        "lease ended before the dispatch was sent; not sent");
+                    continue;
+                }
+                Err(e) => log::warn!(task_id, error:% = e;
+                    "mysql error renewing a lease; sent under the claim's lease"),
+            }
+        }
         let body = request_body(&job, &shared.signer.callback_url(task_id, job.attempt));
         let total = match ep.completion {
             Completion::Callback => ep.request_timeout,
@@ -96,15 +119,16 @@ pub fn run_worker(shared: Arc<Shared>, jobs: Receiver<GpuJob>, agents: Arc<http:
                 .unwrap_or(ep.task_timeout),
         };
         let started = Instant::now();
-        let result = http::post_json(
+        let sent = http::post_json(
             &agents.get(&ep.id),
             &ep.url,
             ep.bearer_token.as_ref(),
             &body,
             ep.request_timeout,
             total,
-        )
-        .map_err(|e| http::describe(&e));
+        );
+        let maybe_delivered = sent.as_ref().is_err_and(http::maybe_delivered);
+        let result = sent.map_err(|e| http::describe(&e));
         shared.metrics.dispatch_seconds.observe(started.elapsed());
         let policy = shared.config().health;
         let trouble = endpoint_error(ep, &result);
@@ -122,8 +146,13 @@ pub fn run_worker(shared: Arc<Shared>, jobs: Receiver<GpuJob>, agents: Arc<http:
                 "gpu ramping up"),
             HealthChange::None => {}
         }
-        let verdict = judge(ep, &result);
+        let verdict = judge(ep, &result, maybe_delivered);
         let ending = match &verdict {
+            Verdict::AwaitCallback if result.is_err() => {
+                log::warn!(task_id, gpu = ep.id.as_str(), attempt = job.attempt;
+                    "no answer to the dispatch; the gpu may be running it: slot held until its callback or lease");
+                continue;
+            }
             Verdict::AwaitCallback => {
                 log::debug!(task_id, gpu = ep.id.as_str(), attempt = job.attempt;
                     "dispatched; awaiting callback");
@@ -171,22 +200,47 @@ mod tests {
     fn verdicts_by_mode() {
         let cb = ep(Completion::Callback);
         let resp = ep(Completion::Response);
-        assert_eq!(judge(&cb, &reply(202)), Verdict::AwaitCallback);
-        assert_eq!(judge(&resp, &reply(200)), Verdict::Finished);
+        assert_eq!(judge(&cb, &reply(202), false), Verdict::AwaitCallback);
+        assert_eq!(judge(&resp, &reply(200), false), Verdict::Finished);
         assert_eq!(
-            judge(&cb, &reply(503)),
+            judge(&cb, &reply(503), false),
             Verdict::Failed {
                 error: "gpu g1 answered HTTP 503: busy".into(),
                 retryable: true
             }
         );
         assert_eq!(
-            judge(&resp, &Err("connection failed".into())),
+            judge(&resp, &Err("connection failed".into()), false),
             Verdict::Failed {
                 error: "gpu g1: connection failed".into(),
                 retryable: true
             }
         );
+    }
+
+    /// A timeout after the request may have arrived: in callback mode the GPU may be running it,
+    /// so the slot waits for the callback or the lease; in response mode the call has ended.
+    #[test]
+    fn an_answer_lost_after_sending_keeps_a_callback_slot() {
+        let timed_out = Err("timed out (Global)".to_string());
+        assert_eq!(
+            judge(&ep(Completion::Callback), &timed_out, true),
+            Verdict::AwaitCallback
+        );
+        assert!(matches!(
+            judge(&ep(Completion::Callback), &timed_out, false),
+            Verdict::Failed {
+                retryable: true,
+                ..
+            }
+        ));
+        assert!(matches!(
+            judge(&ep(Completion::Response), &timed_out, true),
+            Verdict::Failed {
+                retryable: true,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -199,7 +253,7 @@ mod tests {
         }
         let cb = ep(Completion::Callback);
         assert!(matches!(
-            judge(&cb, &reply(400)),
+            judge(&cb, &reply(400), false),
             Verdict::Failed {
                 retryable: false,
                 ..

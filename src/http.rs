@@ -139,6 +139,13 @@ pub fn post_json(
     })
 }
 
+/// True when the request may have reached the server before the error: a timeout once the
+/// connection was up. In callback mode the GPU may then be working on the task.
+pub fn maybe_delivered(e: &ureq::Error) -> bool {
+    matches!(e, ureq::Error::Timeout(t)
+        if !matches!(t, ureq::Timeout::Connect | ureq::Timeout::Resolve))
+}
+
 /// A short description of a transport error for logs and the task's `error` column. Never includes
 /// request headers, so a bearer token cannot leak through it.
 pub fn describe(e: &ureq::Error) -> String {
@@ -154,6 +161,20 @@ pub fn describe(e: &ureq::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_timeout_after_connecting_may_have_delivered() {
+        assert!(maybe_delivered(&ureq::Error::Timeout(
+            ureq::Timeout::Global
+        )));
+        assert!(maybe_delivered(&ureq::Error::Timeout(
+            ureq::Timeout::RecvResponse
+        )));
+        assert!(!maybe_delivered(&ureq::Error::Timeout(
+            ureq::Timeout::Connect
+        )));
+        assert!(!maybe_delivered(&ureq::Error::ConnectionFailed));
+    }
 
     #[test]
     fn lookups_are_cached_per_host() {

@@ -43,6 +43,8 @@ pub struct GpuJob {
     pub slot: usize,
     /// The attempt's lease, from the task or the endpoint.
     pub lease: Duration,
+    /// When MySQL committed the claim, and so started the lease.
+    pub claimed_at: Instant,
 }
 
 /// What became of one attempt to place a task.
@@ -283,6 +285,7 @@ impl Scheduler {
                             endpoint,
                             slot,
                             lease,
+                            claimed_at: Instant::now(),
                         });
                         Placed::Done
                     }
@@ -392,7 +395,9 @@ impl Scheduler {
             }
         };
         let mut again = Vec::new();
-        for (job, claim) in jobs.into_iter().zip(claims) {
+        let committed = Instant::now();
+        for (mut job, claim) in jobs.into_iter().zip(claims) {
+            job.claimed_at = committed;
             let ep = &job.endpoint;
             let task_id = job.task.msg.task_id.as_str();
             match claim {

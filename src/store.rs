@@ -747,6 +747,24 @@ impl Store {
         Ok(c.affected_rows() == 1)
     }
 
+    /// Restarts the lease of attempt `attempt` from now: a dispatch that waited for a worker
+    /// must not have its lease run out mid-call. False if the attempt is no longer the task's
+    /// running one (its lease ended while it waited: it must not be sent at all).
+    pub fn renew_lease(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut c = self.conn()?;
+        c.exec_drop(
+            "UPDATE tasks SET deadline = NOW(3) + INTERVAL ? MICROSECOND \
+             WHERE task_id = ? AND state = 'processing' AND attempts = ?",
+            (lease.as_micros() as u64, task_id, attempt),
+        )?;
+        Ok(c.affected_rows() == 1)
+    }
+
     /// Fails a task that never ran (unknown type). False if it was not pending.
     pub fn fail_pending(&self, task_id: &str, error: &str) -> Result<bool, StoreError> {
         let mut c = self.conn()?;
@@ -972,7 +990,8 @@ impl Store {
     /// Takes over `pending` rows that nobody has held for `older_than` (released at a stop whose
     /// hand-back to Redis never happened, or a dead instance's whose re-push failed), up to
     /// `limit`, oldest first, and returns them to be scheduled here. Rows are locked, so two
-    /// instances sweeping at once adopt each row once.
+    /// instances sweeping at once adopt each row once. Rows without a payload (written by the
+    /// seed's worker before qsysd) cannot run and are left as they are.
     pub fn adopt_orphans(
         &self,
         older_than: Duration,
@@ -982,7 +1001,7 @@ impl Store {
         let mut tx = c.start_transaction(TxOpts::default())?;
         let rows: Vec<StoredRow> = tx.exec(
             format!(
-                "{} WHERE state = 'pending' AND instance_id IS NULL \
+                "{} WHERE state = 'pending' AND instance_id IS NULL AND payload IS NOT NULL \
                  AND updated_at < NOW(3) - INTERVAL ? MICROSECOND \
                  ORDER BY created_at, task_id LIMIT ? FOR UPDATE",
                 Self::STORED

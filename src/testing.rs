@@ -24,7 +24,8 @@ fn with<T>(f: impl FnOnce(&mut HashMap<(String, &'static str), Point>) -> T) -> 
     f(guard.get_or_insert_with(HashMap::new))
 }
 
-/// Makes the next thread of `instance` that reaches `point` wait there until [`release`].
+/// Makes the next thread of `instance` that reaches `point` wait there until [`release`]; other
+/// threads that reach it meanwhile pass.
 pub fn arm(instance: &str, point: &'static str) {
     with(|m| {
         m.insert(
@@ -65,7 +66,8 @@ pub fn reached(instance: &str, point: &'static str) {
     let key = (instance.to_string(), point);
     let mut guard = POINTS.lock().unwrap_or_else(|e| e.into_inner());
     match guard.get_or_insert_with(HashMap::new).get_mut(&key) {
-        Some(p) if p.armed => p.reached = true,
+        // One thread per arming: others passing meanwhile go on.
+        Some(p) if p.armed && !p.reached => p.reached = true,
         _ => return,
     }
     CHANGED.notify_all();

@@ -168,3 +168,83 @@ fn a_reload_that_changes_a_handler_under_load_runs_every_task() {
     );
     stop(daemon);
 }
+
+/// More response-mode slots (80) than the old default of dispatch threads (64): every slot gets
+/// a thread, so every GPU runs its four at once, and none ever runs more.
+#[test]
+fn every_response_mode_slot_has_a_thread_and_no_gpu_runs_more() {
+    let env = TestEnv::new("winresp");
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 20,
+        completion: qsys::config::Completion::Response,
+        delay: (Duration::from_millis(1000), Duration::from_millis(1000)),
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let daemon = env.start(&as_instance(
+        &env.config_toml(fleet.urls(), "[gpu]\ncompletion = \"response\"\n"),
+        "win-resp",
+        "10s",
+    ));
+    env.push_raw("q1", &transcriptions("rs", 400));
+    assert!(
+        wait_for(Duration::from_secs(90), || env.count("state = 'finished'")
+            == 400),
+        "{:?}",
+        env.states()
+    );
+    let peaks: Vec<usize> = (0..20).map(|g| fleet.stats().max_running(g)).collect();
+    assert!(
+        peaks.iter().all(|&p| p <= 4),
+        "a gpu ran more than 4: {peaks:?}"
+    );
+    assert!(
+        peaks.iter().all(|&p| p == 4),
+        "slots waited for a thread: {peaks:?}"
+    );
+    stop(daemon);
+}
+
+/// A dispatch held back (paused) past its lease: the lease ends, the task is retried and runs
+/// elsewhere; the held dispatch, let go, is not sent. Before, it was sent anyway and the task
+/// ran twice at once (one slot more than the GPU has, counting the retry's).
+#[test]
+fn a_dispatch_that_waited_past_its_lease_is_not_sent() {
+    let env = TestEnv::new("winlease");
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 1,
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let daemon = env.start(&as_instance(
+        &env.config_toml(fleet.urls(), "[retry]\nbackoff = \"100ms\"\n"),
+        "win-lease",
+        "10s",
+    ));
+    testing::arm("win-lease", "dispatch:before-send");
+    env.push_raw(
+        "q1",
+        &[
+            r#"{"type":"start_transcribe","timeout_s":1,"max_attempts":3,"data":{"task_id":"ls-0"}}"#
+                .to_string(),
+        ],
+    );
+    assert!(testing::wait_reached(
+        "win-lease",
+        "dispatch:before-send",
+        Duration::from_secs(20)
+    ));
+    // Attempt 1's lease runs out; attempt 2 is claimed and sent by another worker.
+    assert!(
+        wait_for(Duration::from_secs(20), || env.count("state = 'finished'")
+            == 1),
+        "{:?}",
+        env.states()
+    );
+    testing::release("win-lease", "dispatch:before-send");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(fleet.stats().seen().get("ls-0"), Some(&1), "sent twice");
+    let attempts: Vec<u32> = env.query("SELECT attempts FROM tasks WHERE task_id = 'ls-0'");
+    assert_eq!(attempts, vec![2]);
+    stop(daemon);
+}
