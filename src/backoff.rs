@@ -42,12 +42,6 @@ impl Backoff {
         self.next_with(rand::random::<f64>())
     }
 
-    /// The delay after `n` earlier failures, without changing this backoff's own count.
-    pub fn delay_for(&mut self, n: u32) -> Duration {
-        self.failures = n;
-        self.next_delay()
-    }
-
     /// Call after a success: the next failure starts from `base` again.
     pub fn reset(&mut self) {
         self.failures = 0;
@@ -55,6 +49,26 @@ impl Backoff {
 
     pub fn failures(&self) -> u32 {
         self.failures
+    }
+}
+
+/// The wait before a task's next attempt: `base` doubled for each attempt the task has used since
+/// it was last queued (a requeue starts the count again), up to `max`, with `jitter` (in `[0, 1)`)
+/// drawn when the attempt ended. Counted from the same base as the attempt budget: counted from
+/// the absolute attempt number, a requeued task's first retry waited `base` x 2^n.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryDelay {
+    pub base: Duration,
+    pub max: Duration,
+    pub jitter: f64,
+}
+
+impl RetryDelay {
+    /// The delay after the `used`-th attempt since the task was queued (1 for the first).
+    pub fn after(&self, used: u32) -> Duration {
+        let mut b = Backoff::new(self.base, self.max);
+        b.failures = used.saturating_sub(1);
+        b.next_with(self.jitter)
     }
 }
 
@@ -71,6 +85,20 @@ mod tests {
         assert_eq!(b.next_with(0.0), Duration::from_millis(50));
         assert_eq!(b.next_with(0.5), Duration::from_millis(150));
         assert_eq!(b.failures(), 2);
+    }
+
+    #[test]
+    fn retry_delays_double_per_attempt_used() {
+        let d = RetryDelay {
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+            jitter: 1.0,
+        };
+        assert_eq!(d.after(1), Duration::from_secs(1));
+        assert_eq!(d.after(2), Duration::from_secs(2));
+        assert_eq!(d.after(3), Duration::from_secs(4));
+        assert_eq!(d.after(0), Duration::from_secs(1));
+        assert_eq!(d.after(40), Duration::from_secs(60));
     }
 
     #[test]

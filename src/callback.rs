@@ -202,6 +202,18 @@ pub fn run_writer(shared: Arc<Shared>, verified: Receiver<Verified>) {
 /// wrong, by dependency.
 pub fn health(shared: &Shared) -> (u16, Value) {
     let mut problems = shared.problems();
+    // A loop that stopped going round is as unhealthy as a lost dependency (README: operations).
+    let stalled = shared.stalled(crate::daemon::STALL_LIMIT);
+    if !stalled.is_empty() && !shared.stop.is_stopping() {
+        problems.insert(
+            "threads",
+            format!(
+                "no progress for over {}s: {}",
+                crate::daemon::STALL_LIMIT.as_secs(),
+                stalled.join(", ")
+            ),
+        );
+    }
     match shared.store.ping() {
         Ok(()) => {
             problems.remove("mysql");

@@ -136,7 +136,7 @@ fn spawn(
 }
 
 /// Without a systemd watchdog, how long a loop may go without progress before it is reported.
-const STALL_LIMIT: Duration = Duration::from_secs(60);
+pub(crate) const STALL_LIMIT: Duration = Duration::from_secs(60);
 
 /// Threads serving the callback listener.
 const CALLBACK_THREADS: usize = 4;
@@ -146,7 +146,7 @@ fn is_worker(name: &str) -> bool {
     !name.starts_with("qsys-callback")
         && !matches!(
             name,
-            "qsys-maintenance" | "qsys-admin" | "qsys-slotpub" | "qsys-slotsub"
+            "qsys-maintenance" | "qsys-heartbeat" | "qsys-admin" | "qsys-slotpub" | "qsys-slotsub"
         )
 }
 
@@ -342,6 +342,10 @@ impl Daemon {
             "qsys-maintenance".into(),
             move || crate::maintenance::run(s, client),
         )?;
+        let s = Arc::clone(&shared);
+        spawn(&mut threads, &done_tx, "qsys-heartbeat".into(), move || {
+            crate::maintenance::run_heartbeat(s)
+        })?;
 
         let daemon = Daemon {
             shared,

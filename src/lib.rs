@@ -14,7 +14,8 @@
 //! | `qsys-handler-N`  | [`handlers`]    | exec / HTTP handlers, [`shared::Shared::end_attempt`] |
 //! | `qsys-callback-N` | [`callback`]    | `tiny_http`: parse and verify, then the writer  |
 //! | `qsys-callback-writer` | [`callback`] | [`shared::Shared::end_attempts`], every waiting callback per transaction |
-//! | `qsys-maintenance`| [`maintenance`] | leases, GPU health probes, heartbeat, drains    |
+//! | `qsys-maintenance`| [`maintenance`] | leases, GPU health probes, failover, drains     |
+//! | `qsys-heartbeat`  | [`maintenance`] | this instance's heartbeat row, alone on its thread |
 //! | `qsys-admin`      | [`admin`]       | `/metrics`, `/status`, `/tasks/<id>`, actions   |
 //! | `qsys-slotpub/sub`| [`slotsync`]    | slot claims and frees between instances (Redis) |
 //! | main              | [`daemon`]      | joins every thread                              |

@@ -6,7 +6,7 @@
 //!   for it then gets 409.
 //! - Health probes: a GPU whose ejection cooldown is over gets a `GET` of its `health_url`; any
 //!   answer below 500 readmits it with one slot, anything else ejects it again for longer.
-//! - Heartbeat: this instance's row in `instances`, and whether MySQL answers at all (`/healthz`).
+//! - Heartbeat: on a thread of its own ([`run_heartbeat`]), so nothing here can delay it.
 //! - Queue depths: one pipelined `LLEN` per second, for `STATUS=` and `/status`.
 //! - Failover: an instance silent for `daemon.instance_timeout` is dead. Its in-hand lists go back
 //!   to the head of their queues, its `pending` tasks go back to Redis, and its attempts' leases are
@@ -46,9 +46,8 @@ pub fn run(shared: Arc<Shared>, client: redis::Client) {
         if last_beat.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             last_beat = Some(Instant::now());
             measure_queues(&shared, &client, &mut redis);
-            match shared.store.heartbeat() {
+            match shared.store.ping() {
                 Ok(()) => {
-                    shared.set_problem("mysql", None);
                     watch_peers(&shared);
                     expire_leases(&shared);
                     if last_sync.is_none_or(|t| t.elapsed() >= RESYNC) {
@@ -61,10 +60,8 @@ pub fn run(shared: Arc<Shared>, client: redis::Client) {
                         Err(e) => log::warn!(error:% = e; "cannot read drained gpus"),
                     }
                 }
-                Err(e) => {
-                    log::warn!(error:% = e; "mysql unavailable");
-                    shared.set_problem("mysql", Some(e.to_string()));
-                }
+                // The heartbeat thread reports it.
+                Err(_) => {}
             }
         }
         probe_due(&shared, &agent);
@@ -73,6 +70,30 @@ pub fn run(shared: Arc<Shared>, client: redis::Client) {
         }
     }
     log::debug!("maintenance stopped");
+}
+
+/// The heartbeat thread (`qsys-heartbeat`): this instance's row in `instances`, every second,
+/// and whether MySQL answers (`/healthz`). Alone on its thread: the maintenance loop also waits
+/// on Redis (up to 11 s), GPU probes and lease expiry, and a heartbeat late by
+/// `daemon.instance_timeout` makes peers recover a live instance's work.
+/// It beats until the stop's closing stage, not its start: during a graceful stop the calls in
+/// flight are still this instance's, and peers must not recover them.
+pub fn run_heartbeat(shared: Arc<Shared>) {
+    while !shared.stop.is_closing() {
+        shared.tick("qsys-heartbeat");
+        match shared.store.heartbeat() {
+            Ok(()) => shared.set_problem("mysql", None),
+            Err(e) => {
+                log::warn!(error:% = e; "mysql unavailable");
+                shared.set_problem("mysql", Some(e.to_string()));
+            }
+        }
+        let next = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < next && !shared.stop.is_closing() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    log::debug!("heartbeat stopped");
 }
 
 fn measure_queues(shared: &Shared, client: &redis::Client, conn: &mut Option<redis::Connection>) {

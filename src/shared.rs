@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 
-use crate::backoff::Backoff;
+use crate::backoff::{Backoff, RetryDelay};
 use crate::config::Config;
 use crate::message::Message;
 use crate::shutdown::Shutdown;
@@ -180,8 +180,11 @@ impl Shared {
                 task_id,
                 attempt,
                 ending,
-                retry_after: Backoff::new(r.backoff, r.backoff_max)
-                    .delay_for(attempt.saturating_sub(1)),
+                retry: RetryDelay {
+                    base: r.backoff,
+                    max: r.backoff_max,
+                    jitter: rand::random::<f64>(),
+                },
             })
             .collect();
         let out = self.store.end_attempts(&reqs, r.max_attempts)?;

@@ -321,7 +321,8 @@ impl SlotMatrix {
             .gpus
             .iter()
             .enumerate()
-            .any(|(i, g)| i != gpu && g.health == Health::Up && !g.retired);
+            // A drained GPU takes no new work, so it does not count as another one up.
+            .any(|(i, g)| i != gpu && g.health == Health::Up && !g.retired && !g.drained);
         let g = &mut self.gpus[gpu];
         if ok {
             g.failures = 0;
@@ -696,6 +697,20 @@ mod tests {
                 until: t0 + Duration::from_secs(10)
             }
         );
+        for _ in 0..10 {
+            assert_eq!(
+                m.record_dispatch("g1", Some("down"), t0, &POLICY),
+                HealthChange::None
+            );
+        }
+        assert_eq!(m.view()[1].health, Health::Up);
+    }
+
+    #[test]
+    fn the_last_undrained_gpu_up_is_never_ejected() {
+        let t0 = Instant::now();
+        let mut m = matrix(&[("g0", 1), ("g1", 1)]);
+        m.set_drained(&["g0".to_string()]);
         for _ in 0..10 {
             assert_eq!(
                 m.record_dispatch("g1", Some("down"), t0, &POLICY),

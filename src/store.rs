@@ -260,8 +260,9 @@ pub struct EndRequest<'a> {
     pub task_id: &'a str,
     pub attempt: u32,
     pub ending: Ending<'a>,
-    /// The wait before a retry, should the ending lead to one.
-    pub retry_after: Duration,
+    /// The wait before a retry, should the ending lead to one (by attempts used since the last
+    /// queueing, which only the row knows).
+    pub retry: crate::backoff::RetryDelay,
 }
 
 /// A task row as an ending reads it.
@@ -304,7 +305,7 @@ fn judge_ending(row: &EndRow, req: &EndRequest<'_>, default_max: u32) -> Result<
     let used = req.attempt.saturating_sub(row.attempt_base);
     if ending.retryable() && used < row.max_attempts.unwrap_or(default_max) {
         Ok(Next::Retry {
-            after: req.retry_after,
+            after: req.retry.after(used),
         })
     } else {
         Ok(Next::Done(ending.terminal()))
@@ -777,7 +778,7 @@ impl Store {
     }
 
     /// Ends each attempt of `reqs` (see [`EndRequest`]), all in one transaction: the task becomes
-    /// terminal, or `pending` again after `retry_after` when the ending is retryable and attempts are
+    /// terminal, or `pending` again after its `retry` delay when the ending is retryable and attempts are
     /// left (`max_attempts` of the task, else `default_max`); its slot row is freed and the attempt
     /// recorded in `task_attempts`. The rows are locked and read first, the verdicts made in memory
     /// ([`judge_ending`]), then applied by multi-row statements. A request repeated within the batch
@@ -1591,7 +1592,11 @@ mod tests {
             task_id: "t",
             attempt,
             ending,
-            retry_after: Duration::from_secs(2),
+            retry: crate::backoff::RetryDelay {
+                base: Duration::from_secs(2),
+                max: Duration::from_secs(60),
+                jitter: 1.0,
+            },
         }
     }
 
@@ -1606,8 +1611,9 @@ mod tests {
             retryable: false,
         };
         let expired = Ending::Expired { error: "lease" };
+        // The delay doubles per attempt used since the task was queued: the second waits 4 s.
         let retry = Ok(Next::Retry {
-            after: Duration::from_secs(2),
+            after: Duration::from_secs(4),
         });
         // A running attempt: finished, retried while the budget lasts, then failed for good.
         let running = row("processing", 2, None, 0);
@@ -1631,8 +1637,15 @@ mod tests {
             judge_ending(&own, &req(2, oops), 9),
             Ok(Next::Done(State::Failed))
         );
+        // ... and its first retry waits the base delay (counted from the absolute attempt it
+        // waited 2 s x 2^4).
         let requeued = row("processing", 5, Some(2), 4);
-        assert_eq!(judge_ending(&requeued, &req(5, oops), 9), retry);
+        assert_eq!(
+            judge_ending(&requeued, &req(5, oops), 9),
+            Ok(Next::Retry {
+                after: Duration::from_secs(2)
+            })
+        );
         // Not applied: another attempt, a repeat, a conflicting state.
         assert_eq!(
             judge_ending(&running, &req(1, Ending::Finished), 3),

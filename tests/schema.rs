@@ -292,7 +292,11 @@ fn batched_claims_and_endings_give_one_verdict_each() {
         task_id,
         attempt,
         ending,
-        retry_after: std::time::Duration::from_millis(10),
+        retry: qsys::backoff::RetryDelay {
+            base: std::time::Duration::from_millis(10),
+            max: std::time::Duration::from_millis(10),
+            jitter: 0.0,
+        },
     };
     let flaky = Ending::Failed {
         error: "gpu said 503",
