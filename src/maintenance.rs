@@ -40,28 +40,25 @@ pub fn run(shared: Arc<Shared>, client: redis::Client) {
     let mut last_beat: Option<Instant> = None;
     let mut redis: Option<redis::Connection> = None;
     let mut last_sync: Option<Instant> = None;
-    // Work first, then wait: queue depths and the heartbeat are there from the start.
+    // Work first, then wait: queue depths are there from the start.
     loop {
         shared.tick("qsys-maintenance");
         if last_beat.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             last_beat = Some(Instant::now());
             measure_queues(&shared, &client, &mut redis);
-            match shared.store.ping() {
-                Ok(()) => {
-                    watch_peers(&shared);
-                    expire_leases(&shared);
-                    if last_sync.is_none_or(|t| t.elapsed() >= RESYNC) {
-                        last_sync = Some(Instant::now());
-                        recover_dead(&shared, &client);
-                        resync_slots(&shared);
-                    }
-                    match shared.store.drained() {
-                        Ok(d) => shared.slots().set_drained(&d),
-                        Err(e) => log::warn!(error:% = e; "cannot read drained gpus"),
-                    }
+            // While MySQL does not answer (the heartbeat thread reports it) there is nothing to do.
+            if shared.store.ping().is_ok() {
+                watch_peers(&shared);
+                expire_leases(&shared);
+                if last_sync.is_none_or(|t| t.elapsed() >= RESYNC) {
+                    last_sync = Some(Instant::now());
+                    recover_dead(&shared, &client);
+                    resync_slots(&shared);
                 }
-                // The heartbeat thread reports it.
-                Err(_) => {}
+                match shared.store.drained() {
+                    Ok(d) => shared.slots().set_drained(&d),
+                    Err(e) => log::warn!(error:% = e; "cannot read drained gpus"),
+                }
             }
         }
         probe_due(&shared, &agent);
