@@ -701,6 +701,18 @@ fn positive(key: &str, v: usize) -> Result<usize, ConfigError> {
     Ok(v)
 }
 
+/// A GPU's slot count: at least 1, at most what the slot matrix accepts.
+fn slot_count(key: &str, v: usize) -> Result<usize, ConfigError> {
+    if v > crate::slots::MAX_SLOTS {
+        return Err(invalid(
+            key,
+            v,
+            format!("at most {} slots per gpu", crate::slots::MAX_SLOTS),
+        ));
+    }
+    positive(key, v)
+}
+
 /// The Redis Cluster hash tag of a key: the text between the first `{` and the next `}`, if any.
 fn hash_tag(key: &str) -> Option<&str> {
     let open = key.find('{')?;
@@ -872,7 +884,7 @@ fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
         ));
     }
     let endpoints = d.endpoints.take().unwrap_or_default();
-    let default_slots = positive("gpu.slots", d.slots.unwrap_or(4))?;
+    let default_slots = slot_count("gpu.slots", d.slots.unwrap_or(4))?;
     let default_completion = completion(
         "gpu.completion",
         d.completion.as_deref().unwrap_or("callback"),
@@ -948,7 +960,7 @@ fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
                 None => url.to_string(),
             },
             slots: match e.slots {
-                Some(n) => positive(&k("slots"), n)?,
+                Some(n) => slot_count(&k("slots"), n)?,
                 None => default_slots,
             },
             completion: match &e.completion {
@@ -1210,6 +1222,14 @@ mod tests {
             e.contains("gpu.endpoints[0].slots") && e.contains('0'),
             "{e}"
         );
+        let e = err(&MINIMAL.replace("id = \"g0\"", "id = \"g0\"\nslots = 1025"));
+        assert!(
+            e.contains("gpu.endpoints[0].slots") && e.contains("1025") && e.contains("1024"),
+            "{e}"
+        );
+        let e = err(&format!("[gpu]\nslots = 100000\n{MINIMAL}"));
+        assert!(e.contains("gpu.slots") && e.contains("100000"), "{e}");
+        assert!(load(&MINIMAL.replace("id = \"g0\"", "id = \"g0\"\nslots = 1024")).is_ok());
         let e = err(&MINIMAL.replace("http://127.0.0.1:9000/run", "ftp://x"));
         assert!(
             e.contains("gpu.endpoints[0].url") && e.contains("ftp://x"),
