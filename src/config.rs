@@ -130,6 +130,11 @@ pub enum Handler {
     Exec {
         command: Vec<String>,
         timeout: Duration,
+        /// Names of the daemon's environment variables the program also gets (`env`, default none).
+        /// Besides them it sees only `PATH`, `LANG`, `LC_ALL` and the `QSYS_*` variables qsysd
+        /// sets, so the daemon's secrets (`DB_PASSWORD`, `REDIS_PASSWORD`, `BEARER_TOKEN`, ...)
+        /// never reach it.
+        env: Vec<String>,
     },
     /// An HTTP POST of the task JSON: 2xx = finished.
     Http {
@@ -281,6 +286,7 @@ struct RawType {
     timeout: Option<String>,
     bearer_token: Option<String>,
     bearer_token_file: Option<PathBuf>,
+    env: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -701,6 +707,33 @@ fn positive(key: &str, v: usize) -> Result<usize, ConfigError> {
     Ok(v)
 }
 
+/// The names of an `exec` type's `env` list: environment variable names, each once, none of the
+/// `QSYS_*` names qsysd sets itself.
+fn env_names(key: &str, names: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    for (i, name) in names.iter().enumerate() {
+        let k = || format!("{key}[{i}]");
+        let well_formed = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !well_formed {
+            return Err(invalid(
+                k(),
+                name,
+                "expected an environment variable name: letters, digits and _, not starting with a digit",
+            ));
+        }
+        if name.starts_with("QSYS_") {
+            return Err(invalid(k(), name, "QSYS_* variables are set by qsysd"));
+        }
+        if names[..i].contains(name) {
+            return Err(invalid(k(), name, "listed twice"));
+        }
+    }
+    Ok(names)
+}
+
 /// A GPU's slot count: at least 1, at most what the slot matrix accepts.
 fn slot_count(key: &str, v: usize) -> Result<usize, ConfigError> {
     if v > crate::slots::MAX_SLOTS {
@@ -1020,6 +1053,7 @@ fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
                 refuse("timeout", t.timeout.is_some())?;
                 refuse("bearer_token", t.bearer_token.is_some())?;
                 refuse("bearer_token_file", t.bearer_token_file.is_some())?;
+                refuse("env", t.env.is_some())?;
                 Handler::Gpu
             }
             "exec" => {
@@ -1037,10 +1071,12 @@ fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
                 Handler::Exec {
                     command,
                     timeout: duration(&k("timeout"), t.timeout.as_ref(), "5m")?,
+                    env: env_names(&k("env"), t.env.clone().unwrap_or_default())?,
                 }
             }
             "http" => {
                 refuse("command", t.command.is_some())?;
+                refuse("env", t.env.is_some())?;
                 let url = t
                     .url
                     .as_deref()
@@ -1296,6 +1332,31 @@ mod tests {
             "{MINIMAL}\n[types.x]\nhandler = \"gpu\"\nurl = \"http://a/\"\n"
         ));
         assert!(e.contains("types.x.url"), "{e}");
+        let exec = |env: &str| {
+            format!("{MINIMAL}\n[types.x]\nhandler = \"exec\"\ncommand = [\"/bin/true\"]\n{env}")
+        };
+        let c =
+            load(&exec("env = [\"HTTPS_PROXY\", \"AWS_REGION\", \"_x1\"]\n")).expect("valid env");
+        assert!(
+            matches!(&c.types["x"], Handler::Exec { env, .. } if env == &["HTTPS_PROXY", "AWS_REGION", "_x1"])
+        );
+        let c = load(&exec("")).expect("no env");
+        assert!(matches!(&c.types["x"], Handler::Exec { env, .. } if env.is_empty()));
+        for (list, bad) in [
+            ("[\"A\", \"B=1\"]", "types.x.env[1] = \"B=1\""),
+            ("[\"\"]", "types.x.env[0] = \"\""),
+            ("[\"1A\"]", "types.x.env[0] = \"1A\""),
+            ("[\"A B\"]", "types.x.env[0] = \"A B\""),
+            ("[\"QSYS_TASK_ID\"]", "types.x.env[0] = \"QSYS_TASK_ID\""),
+            ("[\"A\", \"A\"]", "types.x.env[1] = \"A\""),
+        ] {
+            let e = err(&exec(&format!("env = {list}\n")));
+            assert!(e.starts_with(bad), "{e}");
+        }
+        let e = err(&format!(
+            "{MINIMAL}\n[types.x]\nhandler = \"http\"\nurl = \"http://a/\"\nenv = [\"A\"]\n"
+        ));
+        assert!(e.contains("types.x.env"), "{e}");
         let c = load(&format!(
             "{MINIMAL}\n[types.r]\nhandler = \"http\"\nurl = \"http://r:9/g\"\ntimeout = \"10s\"\n"
         ))

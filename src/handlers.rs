@@ -1,15 +1,18 @@
 //! The handler pool (`qsys-handler-N`): runs the task types that are not GPU work (email, reports,
 //! cleanup) through their configured handler, never taking a GPU slot.
 //!
-//! - `exec`: the program gets the task JSON on stdin and `QSYS_TASK_ID` / `QSYS_TASK_TYPE` in its
-//!   environment, runs in its own process group, and is killed with the whole group at its timeout.
-//!   Exit 0 = finished; otherwise the tail of its stderr becomes the task's error.
+//! - `exec`: the program gets the task JSON on stdin and `QSYS_TASK_ID` / `QSYS_TASK_TYPE` in an
+//!   environment of its own (`PATH`, `LANG`, `LC_ALL` and the type's `env` list of the daemon's, no
+//!   more: the daemon's secrets stay out), runs in its own process group, and is killed with the
+//!   whole group at its timeout. Exit 0 = finished; otherwise the tail of its stderr becomes the
+//!   task's error.
 //! - `http`: the task JSON is POSTed to the configured URL; 2xx = finished.
 //!
 //! Each worker takes a task from the scheduler's rendezvous channel, moves it to `processing`, runs
 //! it, records the end through [`Shared::finish`] and wakes the scheduler, which may then hand it the
 //! next one.
 
+use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, Stdio};
@@ -58,19 +61,54 @@ fn retryable(error: String) -> Failure {
     }
 }
 
+/// The `PATH` an `exec` program gets when the daemon has none.
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+/// The daemon's variables every `exec` program gets, when set.
+const KEPT_VARS: &[&str] = &["LANG", "LC_ALL"];
+
+/// The whole environment of an `exec` program: of the daemon's variables (as `lookup` finds them)
+/// only `PATH` (else [`DEFAULT_PATH`]), [`KEPT_VARS`] and the type's `pass` list, so no secret of
+/// the daemon's leaks to it by accident; then the `QSYS_*` variables of the task.
+fn child_env(
+    pass: &[String],
+    task_id: &str,
+    kind: &str,
+    lookup: impl Fn(&str) -> Option<OsString>,
+) -> Vec<(String, OsString)> {
+    let path = lookup("PATH")
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| DEFAULT_PATH.into());
+    let mut env = vec![("PATH".to_string(), path)];
+    for name in KEPT_VARS
+        .iter()
+        .copied()
+        .chain(pass.iter().map(String::as_str))
+    {
+        if let Some(v) = lookup(name) {
+            env.push((name.to_string(), v));
+        }
+    }
+    env.push(("QSYS_TASK_ID".into(), task_id.into()));
+    env.push(("QSYS_TASK_TYPE".into(), kind.into()));
+    env
+}
+
 /// Runs one `exec` handler to completion or timeout. A program that cannot be started fails for
 /// good (retrying will not install it); a crash, a non-zero exit or a timeout may pass.
 pub fn run_exec(
     shared: &Shared,
     command: &[String],
+    env: &[String],
     task: &Task,
     input: &str,
     timeout: Duration,
 ) -> Result<(), Failure> {
     let mut child = Command::new(&command[0])
         .args(&command[1..])
-        .env("QSYS_TASK_ID", &task.msg.task_id)
-        .env("QSYS_TASK_TYPE", &task.msg.kind)
+        .env_clear()
+        .envs(child_env(env, &task.msg.task_id, &task.msg.kind, |k| {
+            std::env::var_os(k)
+        }))
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -212,7 +250,9 @@ fn run_one(shared: &Shared, agent: &ureq::Agent, task: &Task) {
         "handler started");
     let input = task_json(task, attempt);
     let result = match handler {
-        Some(Handler::Exec { command, .. }) => run_exec(shared, command, task, &input, timeout),
+        Some(Handler::Exec { command, env, .. }) => {
+            run_exec(shared, command, env, task, &input, timeout)
+        }
         Some(Handler::Http {
             url, bearer_token, ..
         }) => run_http(agent, url, bearer_token.as_ref(), &input, timeout),
@@ -268,5 +308,43 @@ mod tests {
     fn tail_keeps_the_end() {
         assert_eq!(tail(b"  abc\n", 10), "abc");
         assert_eq!(tail(b"0123456789", 4), "6789");
+    }
+    #[test]
+    fn exec_environment_is_the_minimum_plus_what_the_type_lists() {
+        let daemon: std::collections::HashMap<&str, &str> = [
+            ("PATH", "/opt/bin:/usr/bin"),
+            ("LC_ALL", "C.UTF-8"),
+            ("HOME", "/root"),
+            ("DB_PASSWORD", "secret"),
+            ("REDIS_PASSWORD", "secret"),
+            ("BEARER_TOKEN", "secret"),
+            ("HTTPS_PROXY", "http://proxy:3128"),
+        ]
+        .into();
+        let lookup = |k: &str| daemon.get(k).map(OsString::from);
+        let pass = ["HTTPS_PROXY".to_string(), "AWS_REGION".to_string()];
+        let env = child_env(&pass, "t-1", "cleanup", lookup);
+        let names: Vec<(&str, &str)> = env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.to_str().expect("utf8")))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("PATH", "/opt/bin:/usr/bin"),
+                ("LC_ALL", "C.UTF-8"),
+                ("HTTPS_PROXY", "http://proxy:3128"),
+                ("QSYS_TASK_ID", "t-1"),
+                ("QSYS_TASK_TYPE", "cleanup"),
+            ]
+        );
+        // No PATH, or an empty one: the safe default.
+        for path in [None, Some("")] {
+            let env = child_env(&[], "t", "k", |k| {
+                (k == "PATH").then_some(path).flatten().map(OsString::from)
+            });
+            assert_eq!(env[0], ("PATH".to_string(), OsString::from(DEFAULT_PATH)));
+            assert_eq!(env.len(), 3);
+        }
     }
 }

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{transcriptions, wait_for, TestEnv};
-use qsys::config::{Completion, Config, Env};
+use qsys::config::{Completion, Config, Env, Handler};
 use qsys::fakegpu::{Fleet, FleetConfig};
 
 const QSYSD: &str = env!("CARGO_BIN_EXE_qsysd");
@@ -60,6 +60,15 @@ fn shipped_config_is_valid() {
     assert_eq!(
         c.gpus[0].bearer_token.as_ref().map(|s| s.expose()),
         Some("gpu-token")
+    );
+    // The commented env example of [types.send_email] is valid as it stands.
+    let with_env = text.replacen("# env = [", "env = [", 1);
+    let c = Config::from_toml(&with_env, Path::new("etc/qsysd.toml"), &Env::new())
+        .unwrap_or_else(|e| panic!("etc/qsysd.toml with its env line is invalid: {e}"));
+    assert!(
+        matches!(&c.types["send_email"], Handler::Exec { env, .. } if env == &["HTTPS_PROXY", "AWS_REGION"]),
+        "{:?}",
+        c.types["send_email"]
     );
     assert_eq!(c.redis.queues, ["task_queue_1", "task_queue_2"]);
     for t in [

@@ -180,3 +180,87 @@ fn handler_tasks_flow_while_every_gpu_slot_is_busy() {
     );
     stop(daemon);
 }
+
+/// Waits for a spawned daemon to be up (its schema exists from then on).
+fn started(log: &std::path::Path) {
+    assert!(
+        common::wait_log(log, "qsysd starting", Duration::from_secs(20)),
+        "{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+fn sigterm(child: &mut std::process::Child) -> std::process::ExitStatus {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().expect("wait for qsysd")
+}
+
+/// An `exec` program sees the daemon's PATH and LANG, the variables its type's `env` lists (those
+/// set), its QSYS_* variables, and nothing else: none of the daemon's secrets, set or empty.
+#[test]
+fn exec_programs_get_only_a_minimal_environment() {
+    let env = TestEnv::new("hexecenv");
+    let out = env.dir.join("environ");
+    let extra = format!(
+        "[types.showenv]\nhandler = \"exec\"\n\
+         command = ['/bin/sh', '-c', 'cat /proc/$$/environ > \"$0\"', '{}']\n\
+         env = [\"HANDLER_REGION\", \"HTTPS_PROXY\"]\n",
+        out.display()
+    );
+    let cfg = env.dir.join("qsysd.toml");
+    std::fs::write(&cfg, env.config_toml(&[], &extra)).expect("config");
+    let log = env.dir.join("qsysd.log");
+    let daemon_env = [
+        ("PATH", "/usr/bin:/bin"),
+        ("LANG", "C.UTF-8"),
+        ("HOME", "/root"),
+        ("BEARER_TOKEN", "bearer-secret"),
+        ("AWS_SECRET_ACCESS_KEY", "aws-secret"),
+        // Empty: the config ignores them, a child must not see them either.
+        ("DB_PASSWORD", ""),
+        ("REDIS_PASSWORD", ""),
+        ("HANDLER_REGION", "eu-west-2"),
+    ];
+    let envs: Vec<(&str, String)> = daemon_env
+        .iter()
+        .map(|(k, v)| (*k, v.to_string()))
+        .collect();
+    let mut child = common::spawn_qsysd(&cfg, &log, &envs);
+    started(&log);
+    env.push_raw(
+        "q1",
+        &[r#"{"type": "showenv", "data": {"task_id": "env-1"}}"#.into()],
+    );
+    let finished = wait_for(Duration::from_secs(30), || {
+        env.task("env-1").is_some_and(|t| t.0 == "finished")
+    });
+    assert!(sigterm(&mut child).success());
+    assert!(
+        finished,
+        "{:?}\n{}",
+        env.task("env-1"),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let seen: std::collections::BTreeMap<String, String> = std::fs::read(&out)
+        .expect("the program wrote its environment")
+        .split(|b| *b == 0)
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let kv = String::from_utf8_lossy(kv);
+            let (k, v) = kv.split_once('=').expect("NAME=value");
+            (k.to_string(), v.to_string())
+        })
+        .collect();
+    let expected: std::collections::BTreeMap<String, String> = [
+        ("PATH", "/usr/bin:/bin"),
+        ("LANG", "C.UTF-8"),
+        ("HANDLER_REGION", "eu-west-2"),
+        ("QSYS_TASK_ID", "env-1"),
+        ("QSYS_TASK_TYPE", "showenv"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(seen, expected);
+}
