@@ -11,7 +11,14 @@
 //! Library code only uses the `log` macros with key-values. Other crates' records are let through at
 //! `warn` and above only: their debug output is noise to an operator and could carry request
 //! headers. Installed once by the binary's `main`.
+//!
+//! What a record says is not trusted, whatever the target: a task id from a hostile callback or a
+//! peer's slot event goes into a message or a field. So every sink writes each message, key and
+//! value through `escape_controls`: a newline cannot start a forged line, an escape sequence
+//! cannot repaint a terminal.
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::io::Write;
 
 use log::kv::{Key, Value, VisitSource};
@@ -45,15 +52,43 @@ fn wanted(metadata: &Metadata<'_>) -> bool {
     metadata.level() <= log::max_level() && (ours || metadata.level() <= Level::Warn)
 }
 
+/// What may not be written as it is: control characters, and the Unicode line and paragraph
+/// separators that some viewers break lines at.
+fn needs_escape(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')
+}
+
+/// `s` with `\n`, `\r` and `\t` written as those two characters and every other character of
+/// [`needs_escape`] as `\u{..}`, so it stays on one line and cannot drive a terminal.
+fn escape_controls(s: &str) -> Cow<'_, str> {
+    if !s.contains(needs_escape) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if needs_escape(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
 struct StderrLogger;
 
 struct Fields<'a>(&'a mut String);
 
 impl<'kvs> VisitSource<'kvs> for Fields<'_> {
     fn visit_pair(&mut self, key: Key<'kvs>, value: Value<'kvs>) -> Result<(), log::kv::Error> {
-        use std::fmt::Write;
+        let key = escape_controls(key.as_str());
         let v = value.to_string();
-        if v.is_empty() || v.contains([' ', '"', '=']) {
+        // Quoted, Debug-escaped (controls included), when it could not be read back otherwise.
+        if v.is_empty() || v.contains([' ', '"', '=']) || v.contains(needs_escape) {
             let _ = write!(self.0, " {key}={v:?}");
         } else {
             let _ = write!(self.0, " {key}={v}");
@@ -62,13 +97,14 @@ impl<'kvs> VisitSource<'kvs> for Fields<'_> {
     }
 }
 
-/// Formats one record as the stderr line (without the newline).
+/// Formats one record as the stderr line (without the newline): one line, whatever it carries.
 pub fn format_record(record: &Record<'_>) -> String {
+    let message = record.args().to_string();
     let mut line = format!(
         "{:<5} {}: {}",
         record.level(),
         record.target(),
-        record.args()
+        escape_controls(&message)
     );
     let _ = record.key_values().visit(&mut Fields(&mut line));
     line
@@ -125,9 +161,39 @@ impl Log for JournalLogger {
     }
 
     fn log(&self, record: &Record<'_>) {
-        if self.enabled(record.metadata()) {
-            self.0.log(record);
+        if !self.enabled(record.metadata()) {
+            return;
         }
+        // The same record with its message and fields cleaned; journald keeps the fields apart.
+        struct Cleaned(Vec<(String, String)>);
+        impl<'kvs> VisitSource<'kvs> for Cleaned {
+            fn visit_pair(&mut self, k: Key<'kvs>, v: Value<'kvs>) -> Result<(), log::kv::Error> {
+                self.0.push((
+                    escape_controls(k.as_str()).into_owned(),
+                    escape_controls(&v.to_string()).into_owned(),
+                ));
+                Ok(())
+            }
+        }
+        let mut fields = Cleaned(Vec::new());
+        let _ = record.key_values().visit(&mut fields);
+        let fields: Vec<(&str, &str)> = fields
+            .0
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let fields: &[(&str, &str)] = &fields;
+        let message = record.args().to_string();
+        self.0.log(
+            &Record::builder()
+                .metadata(record.metadata().clone())
+                .module_path(record.module_path())
+                .file(record.file())
+                .line(record.line())
+                .key_values(&fields)
+                .args(format_args!("{}", escape_controls(&message)))
+                .build(),
+        );
     }
 
     fn flush(&self) {}
@@ -203,5 +269,45 @@ mod tests {
             format_record(&record),
             "WARN  qsys::dispatch: dispatch failed task_id=t-1 error=\"connection refused\""
         );
+    }
+
+    #[test]
+    fn controls_are_escaped() {
+        assert_eq!(escape_controls("plain text é"), "plain text é");
+        assert!(matches!(escape_controls("plain"), Cow::Borrowed(_)));
+        assert_eq!(escape_controls("a\nb\r\tc"), "a\\nb\\r\\tc");
+        assert_eq!(
+            escape_controls("\u{1b}[31m\u{0}\u{7f}\u{85}\u{2028}\u{2029}"),
+            "\\u{1b}[31m\\u{0}\\u{7f}\\u{85}\\u{2028}\\u{2029}"
+        );
+    }
+
+    /// A field or a message from a hostile client cannot make a line of its own.
+    #[test]
+    fn a_record_is_one_line_whatever_it_carries() {
+        let forged = "x\nERROR qsys::daemon: thread qsys-poller ended unexpectedly";
+        for value in [
+            forged,
+            "x\nERROR\tqsys::daemon:forged",
+            "x\r\u{1b}[2K\u{2028}y",
+        ] {
+            let kvs: &[(&str, &str)] = &[("task_id", value), ("attempt", "1")];
+            let line = format_record(
+                &Record::builder()
+                    .level(log::Level::Warn)
+                    .target("qsys::callback")
+                    .args(format_args!("refused {value}"))
+                    .key_values(&kvs)
+                    .build(),
+            );
+            assert!(!line.contains(needs_escape), "{line:?}");
+            assert!(
+                line.starts_with("WARN  qsys::callback: refused x\\"),
+                "{line}"
+            );
+            assert!(line.ends_with(" attempt=1"), "{line}");
+            // The value reads back: quoted and escaped as Rust would.
+            assert!(line.contains(&format!(" task_id={value:?} ")), "{line}");
+        }
     }
 }
