@@ -18,6 +18,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::logging::{redact_url, redact_urls};
+
 /// Where the daemon looks when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/qsysd.toml";
 
@@ -39,6 +41,9 @@ pub enum ConfigError {
     },
 }
 
+/// An invalid value. URL passwords in the value or the reason are hidden: a config error is shown
+/// on a terminal and in the journal. (Callers with a URL value pass it through
+/// [`redact_url`] first, which also copes with white space in the password.)
 fn invalid(
     key: impl Into<String>,
     value: impl fmt::Display,
@@ -46,8 +51,17 @@ fn invalid(
 ) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
-        value: value.to_string(),
-        reason: reason.into(),
+        value: redact_urls(&value.to_string()).into_owned(),
+        reason: redact_urls(&reason.into()).into_owned(),
+    }
+}
+
+/// A file TOML cannot read. Its message quotes the offending line, which may hold a URL with a
+/// password.
+fn parse_error(path: &Path, e: &toml::de::Error) -> ConfigError {
+    ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: redact_urls(e.to_string().trim_end()).into_owned(),
     }
 }
 
@@ -80,7 +94,7 @@ pub enum Completion {
     Response,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct RedisConfig {
     /// Full connection URL, password already folded in.
     pub url: String,
@@ -92,11 +106,32 @@ pub struct RedisConfig {
     pub pop_timeout: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct MysqlConfig {
     pub url: String,
     /// Connect over TLS (verified against the system's web PKI roots or the URL's `root_cert_path`).
     pub tls: bool,
+}
+
+// The URLs hold passwords: their `Debug`, like [`Secret`]'s, never prints them.
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_url(&self.url))
+            .field("key_prefix", &self.key_prefix)
+            .field("queues", &self.queues)
+            .field("pop_timeout", &self.pop_timeout)
+            .finish()
+    }
+}
+
+impl fmt::Debug for MysqlConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MysqlConfig")
+            .field("url", &redact_url(&self.url))
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -357,10 +392,7 @@ impl Config {
 
     /// Parses `text` (named `path` in errors), applies `env` and validates.
     pub fn from_toml(text: &str, path: &Path, env: &Env) -> Result<Config, ConfigError> {
-        let raw: Raw = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string().trim_end().to_string(),
-        })?;
+        let raw: Raw = toml::from_str(text).map_err(|e| parse_error(path, &e))?;
         validate(raw, env)
     }
 
@@ -440,7 +472,7 @@ impl Config {
                 g.slots,
                 mode,
                 format_duration(g.task_timeout),
-                g.url
+                redact_url(&g.url)
             );
         }
         let _ = writeln!(s, "types:");
@@ -448,7 +480,7 @@ impl Config {
             let what = match h {
                 Handler::Gpu => "gpu".to_string(),
                 Handler::Exec { command, .. } => format!("exec {}", command.join(" ")),
-                Handler::Http { url, .. } => format!("http {url}"),
+                Handler::Http { url, .. } => format!("http {}", redact_url(url)),
             };
             let _ = writeln!(s, "  {name:<20} {what}");
         }
@@ -493,10 +525,7 @@ impl ProducerConfig {
                     path: path.to_path_buf(),
                     source,
                 })?;
-                toml::from_str(&text).map_err(|e| ConfigError::Parse {
-                    path: path.to_path_buf(),
-                    message: e.to_string().trim_end().to_string(),
-                })?
+                toml::from_str(&text).map_err(|e| parse_error(path, &e))?
             }
         };
         let redis = redis_config(&raw.redis, env)?;
@@ -608,9 +637,10 @@ fn read_secret_file(key: &str, path: &Path) -> Result<Secret, ConfigError> {
 }
 
 fn http_url(key: &str, s: &str) -> Result<String, ConfigError> {
-    let u = url::Url::parse(s).map_err(|e| invalid(key, s, e.to_string()))?;
+    let shown = redact_url(s);
+    let u = url::Url::parse(s).map_err(|e| invalid(key, &shown, e.to_string()))?;
     if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
-        return Err(invalid(key, s, "expected an http:// or https:// URL"));
+        return Err(invalid(key, &shown, "expected an http:// or https:// URL"));
     }
     Ok(s.to_string())
 }
@@ -618,11 +648,12 @@ fn http_url(key: &str, s: &str) -> Result<String, ConfigError> {
 /// Applies the `REDIS_*` variables and `password_file` to the Redis URL.
 fn redis_url(raw: &RawRedis, env: &Env) -> Result<String, ConfigError> {
     let base = raw.url.as_deref().unwrap_or("redis://127.0.0.1:6379/0");
-    let mut u = url::Url::parse(base).map_err(|e| invalid("redis.url", base, e.to_string()))?;
+    let shown = redact_url(base);
+    let mut u = url::Url::parse(base).map_err(|e| invalid("redis.url", &shown, e.to_string()))?;
     if !matches!(u.scheme(), "redis" | "rediss") {
         return Err(invalid(
             "redis.url",
-            base,
+            &shown,
             "expected a redis:// or rediss:// URL",
         ));
     }
@@ -653,9 +684,10 @@ fn mysql_url(raw: &RawMysql, env: &Env) -> Result<String, ConfigError> {
         .url
         .as_deref()
         .unwrap_or("mysql://root@127.0.0.1:3306/queue_system");
-    let mut u = url::Url::parse(base).map_err(|e| invalid("mysql.url", base, e.to_string()))?;
+    let shown = redact_url(base);
+    let mut u = url::Url::parse(base).map_err(|e| invalid("mysql.url", &shown, e.to_string()))?;
     if u.scheme() != "mysql" {
-        return Err(invalid("mysql.url", base, "expected a mysql:// URL"));
+        return Err(invalid("mysql.url", &shown, "expected a mysql:// URL"));
     }
     if let Some(h) = env.get("DB_HOST") {
         u.set_host(Some(h))
@@ -685,7 +717,7 @@ fn mysql_url(raw: &RawMysql, env: &Env) -> Result<String, ConfigError> {
     if db.is_empty() || !db.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
         return Err(invalid(
             "mysql.url",
-            base,
+            &shown,
             "the database name must be non-empty and only letters, digits and _",
         ));
     }
@@ -1292,6 +1324,41 @@ mod tests {
     }
 
     #[test]
+    fn errors_never_show_a_url_password() {
+        let cases = [
+            (
+                "[redis]\nurl = \"redis://:hunter2@host:port/0\"\n",
+                "redis.url",
+            ),
+            ("[redis]\nurl = \"http://:hunter2@host/0\"\n", "redis.url"),
+            (
+                "[mysql]\nurl = \"mysql://app:hunter2@db:3306/bad-name\"\n",
+                "mysql.url",
+            ),
+            (
+                "[mysql]\nurl = \"mysql://app:hun ter2@db:x/q\"\n",
+                "mysql.url",
+            ),
+            (
+                "[types.r]\nhandler = \"http\"\nurl = \"ftp://u:hunter2@r/\"\n",
+                "types.r.url",
+            ),
+            ("[redis]\nurl = \"redis://:hunter2@host\n", "test.toml"),
+        ];
+        for (table, key) in cases {
+            let e = err(&format!("{table}{MINIMAL}"));
+            assert!(e.contains(key) && e.contains("***"), "{e}");
+            assert!(!e.contains("hunter2") && !e.contains("ter2"), "{e}");
+        }
+        let text = MINIMAL.replace("http://127.0.0.1:9000/run", "https://u:hunter2@h/run");
+        let summary = load(&text).expect("valid").summary();
+        assert!(
+            summary.contains("https://u:***@h/run") && !summary.contains("hunter2"),
+            "{summary}"
+        );
+    }
+
+    #[test]
     fn cluster_hash_tags_must_agree() {
         assert_eq!(hash_tag("{qsys}:inhand"), Some("qsys"));
         assert_eq!(hash_tag("plain"), None);
@@ -1419,6 +1486,15 @@ mod tests {
         let c = Config::from_toml(MINIMAL, Path::new("t"), &env).expect("valid");
         assert_eq!(c.redis.url, "redis://:p%40ss@redis.internal:6380/0");
         assert_eq!(c.mysql.url, "mysql://app:dbpw@db.internal:3307/qs");
+        let debug = format!("{c:?}");
+        assert!(
+            !debug.contains("p%40ss") && !debug.contains("dbpw"),
+            "{debug}"
+        );
+        assert!(
+            debug.contains("mysql://app:***@db.internal:3307/qs"),
+            "{debug}"
+        );
         assert_eq!(c.redis.queues, ["a", "b", "c"]);
         assert_eq!(
             c.callback.public_url.as_deref(),

@@ -423,17 +423,22 @@ fn run_http(
     timeout: Duration,
 ) -> Result<(), Failure> {
     let connect = timeout.min(Duration::from_secs(10));
+    // The error is kept in MySQL and shown on the dashboard: no password of the URL in it.
+    let shown = crate::logging::redact_url(url);
     match http::post_json(agent, url, token, input, connect, timeout) {
         Ok(r) if r.is_success() => Ok(()),
         Ok(r) => Err(Failure {
             error: format!(
-                "handler {url} answered HTTP {}: {}",
+                "handler {shown} answered HTTP {}: {}",
                 r.status,
                 r.body.trim()
             ),
             retryable: crate::dispatch::retryable_status(r.status),
         }),
-        Err(e) => Err(retryable(format!("handler {url}: {}", http::describe(&e)))),
+        Err(e) => Err(retryable(format!(
+            "handler {shown}: {}",
+            http::describe(&e)
+        ))),
     }
 }
 

@@ -127,6 +127,71 @@ fn bad_config_exits_2_naming_key_and_value() {
     assert_eq!(code, 2);
 }
 
+/// A config error about a URL names the key and shows the URL, but never its password; nor does
+/// `--check-config`'s summary.
+#[test]
+fn config_errors_and_summary_hide_url_passwords() {
+    const PW: &str = "Pw-3xq9Lk";
+    let env = TestEnv::new("cfgpw");
+    let good = env.config_toml(&["http://127.0.0.1:1/g0".into()], "");
+    // The [redis] url line, replaced whole.
+    let redis = |line: &str| {
+        good.lines()
+            .map(|l| {
+                if l.starts_with("url = \"redis") {
+                    line
+                } else {
+                    l
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let cases = [
+        (
+            redis(&format!("url = \"redis://:{PW}@127.0.0.1:port/0\"")),
+            "redis.url",
+        ),
+        (
+            redis(&format!("url = \"rediss://u:{PW}@[::1/0\"")),
+            "redis.url",
+        ),
+        (
+            good.replacen("mysql://root@", &format!("mysql://root:{PW}@"), 1)
+                .replacen(&env.db, "bad-name", 1),
+            "mysql.url",
+        ),
+        (
+            good.replacen("http://127.0.0.1:1/g0", &format!("ftp://u:{PW}@h/g0"), 1),
+            "gpu.endpoints[0].url",
+        ),
+        // Not TOML at all (the string is not closed): the parser quotes the line.
+        (redis(&format!("url = \"redis://:{PW}@h:1/0")), "qsysd.toml"),
+    ];
+    for (text, key) in cases {
+        assert!(text.contains(PW), "the case holds the password:\n{text}");
+        let p = write(&env.dir, "qsysd.toml", &text);
+        let (code, out, err) = run(
+            QSYSD,
+            &["--config", p.to_str().expect("utf8"), "--check-config"],
+        );
+        assert_eq!(code, 2, "{key}: {err}");
+        assert!(err.contains(key) && err.contains("***"), "{key}: {err}");
+        assert!(!err.contains(PW) && !out.contains(PW), "{key}: {err}");
+    }
+    let with_token = good.replacen("http://127.0.0.1:1/g0", &format!("https://u:{PW}@h/g0"), 1);
+    let p = write(&env.dir, "qsysd.toml", &with_token);
+    let (code, out, err) = run(
+        QSYSD,
+        &["--config", p.to_str().expect("utf8"), "--check-config"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("https://u:***@h/g0") && !out.contains(PW),
+        "{out}"
+    );
+}
+
 #[test]
 fn sigterm_finishes_calls_in_flight_and_exits_zero() {
     let env = TestEnv::new("sigterm");
