@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{stop, wait_for, TestEnv};
+use common::{stop, wait_for, Spawned, TestEnv};
 use qsys::fakegpu::{Fleet, FleetConfig};
 
 /// A report service on port 0: records bodies and answers 500 when the data says so.
@@ -219,12 +219,6 @@ fn started(log: &std::path::Path) {
     );
 }
 
-fn sigterm(child: &mut std::process::Child) -> std::process::ExitStatus {
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    child.wait().expect("wait for qsysd")
-}
-
 /// An `exec` program sees the daemon's PATH and LANG, the variables its type's `env` lists (those
 /// set), its QSYS_* variables, and nothing else: none of the daemon's secrets, set or empty.
 #[test]
@@ -255,7 +249,7 @@ fn exec_programs_get_only_a_minimal_environment() {
         .iter()
         .map(|(k, v)| (*k, v.to_string()))
         .collect();
-    let mut child = common::spawn_qsysd(&cfg, &log, &envs);
+    let mut child = Spawned(common::spawn_qsysd(&cfg, &log, &envs));
     started(&log);
     env.push_raw(
         "q1",
@@ -264,7 +258,7 @@ fn exec_programs_get_only_a_minimal_environment() {
     let finished = wait_for(Duration::from_secs(30), || {
         env.task("env-1").is_some_and(|t| t.0 == "finished")
     });
-    assert!(sigterm(&mut child).success());
+    assert!(child.sigterm().success());
     assert!(
         finished,
         "{:?}\n{}",
@@ -328,7 +322,11 @@ esac
     let cfg = env.dir.join("qsysd.toml");
     std::fs::write(&cfg, env.config_toml(&[], &extra)).expect("config");
     let log = env.dir.join("qsysd.log");
-    let mut child = common::spawn_qsysd(&cfg, &log, &[("PATH", "/usr/bin:/bin".into())]);
+    let mut child = Spawned(common::spawn_qsysd(
+        &cfg,
+        &log,
+        &[("PATH", "/usr/bin:/bin".into())],
+    ));
     started(&log);
     let task = |id: &str| {
         format!(
@@ -358,7 +356,7 @@ esac
     let all_ended = wait_for(Duration::from_secs(30), || ids.iter().all(|id| ended(id)));
     let leaked = !wait_for(Duration::from_secs(3), || threads(child.id()) <= before);
     let after = threads(child.id());
-    assert!(sigterm(&mut child).success());
+    assert!(child.sigterm().success());
     assert!(all_ended, "{:?}", env.states());
     assert!(!leaked, "qsysd had {before} threads, then {after}");
     for id in &ids {

@@ -178,7 +178,7 @@ fn a_hostile_task_id_cannot_forge_a_log_line() {
     let cfg = env.dir.join("qsysd.toml");
     std::fs::write(&cfg, text).expect("config");
     let log = env.dir.join("qsysd.log");
-    let mut child = common::spawn_qsysd(&cfg, &log, &[]);
+    let mut child = common::Spawned(common::spawn_qsysd(&cfg, &log, &[]));
     assert!(
         wait_log(&log, "qsysd starting", Duration::from_secs(20)),
         "{}",
@@ -187,7 +187,7 @@ fn a_hostile_task_id_cannot_forge_a_log_line() {
     for id in FORGED_IDS {
         forge_callback(port, id);
     }
-    sigterm(&mut child);
+    assert!(child.sigterm().success());
     let text = std::fs::read_to_string(&log).expect("log");
     let refused: Vec<&str> = text.lines().filter(|l| l.contains("forged")).collect();
     assert_eq!(refused.len(), FORGED_IDS.len(), "{text}");

@@ -308,7 +308,7 @@ fn forged_slot_events_neither_kill_nor_confuse_an_instance() {
     let cfg = env.dir.join("qsysd.toml");
     std::fs::write(&cfg, text).expect("config");
     let log = env.dir.join("qsysd.log");
-    let mut child = common::spawn_qsysd(&cfg, &log, &[]);
+    let mut child = common::Spawned(common::spawn_qsysd(&cfg, &log, &[]));
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         common::wait_log(&log, "qsysd starting", Duration::from_secs(20)),
@@ -403,7 +403,7 @@ fn forged_slot_events_neither_kill_nor_confuse_an_instance() {
         read_log()
     );
     assert!(
-        child.try_wait().expect("try_wait").is_none(),
+        child.0.try_wait().expect("try_wait").is_none(),
         "qsysd died: {}",
         read_log()
     );
@@ -421,9 +421,7 @@ fn forged_slot_events_neither_kill_nor_confuse_an_instance() {
         .expect("slot_event errors counted");
     assert!(refused >= 3 * forged.len() as u64, "{refused}");
     // SIGTERM: a clean exit, so no thread died on the way.
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait().expect("wait");
+    let status = child.sigterm();
     let text = read_log();
     assert!(status.success(), "{status:?}\n{text}");
     assert!(!text.contains("panicked"), "{text}");
