@@ -18,6 +18,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::logging::{redact_url, redact_urls};
+
 /// Where the daemon looks when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/qsysd.toml";
 
@@ -39,6 +41,9 @@ pub enum ConfigError {
     },
 }
 
+/// An invalid value. URL passwords in the value or the reason are hidden: a config error is shown
+/// on a terminal and in the journal. (Callers with a URL value pass it through
+/// [`redact_url`] first, which also copes with white space in the password.)
 fn invalid(
     key: impl Into<String>,
     value: impl fmt::Display,
@@ -46,8 +51,17 @@ fn invalid(
 ) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
-        value: value.to_string(),
-        reason: reason.into(),
+        value: redact_urls(&value.to_string()).into_owned(),
+        reason: redact_urls(&reason.into()).into_owned(),
+    }
+}
+
+/// A file TOML cannot read. Its message quotes the offending line, which may hold a URL with a
+/// password.
+fn parse_error(path: &Path, e: &toml::de::Error) -> ConfigError {
+    ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: redact_urls(e.to_string().trim_end()).into_owned(),
     }
 }
 
@@ -80,7 +94,7 @@ pub enum Completion {
     Response,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct RedisConfig {
     /// Full connection URL, password already folded in.
     pub url: String,
@@ -92,11 +106,32 @@ pub struct RedisConfig {
     pub pop_timeout: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct MysqlConfig {
     pub url: String,
     /// Connect over TLS (verified against the system's web PKI roots or the URL's `root_cert_path`).
     pub tls: bool,
+}
+
+// The URLs hold passwords: their `Debug`, like [`Secret`]'s, never prints them.
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_url(&self.url))
+            .field("key_prefix", &self.key_prefix)
+            .field("queues", &self.queues)
+            .field("pop_timeout", &self.pop_timeout)
+            .finish()
+    }
+}
+
+impl fmt::Debug for MysqlConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MysqlConfig")
+            .field("url", &redact_url(&self.url))
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,6 +165,11 @@ pub enum Handler {
     Exec {
         command: Vec<String>,
         timeout: Duration,
+        /// Names of the daemon's environment variables the program also gets (`env`, default none).
+        /// Besides them it sees only `PATH`, `LANG`, `LC_ALL` and the `QSYS_*` variables qsysd
+        /// sets, so the daemon's secrets (`DB_PASSWORD`, `REDIS_PASSWORD`, `BEARER_TOKEN`, ...)
+        /// never reach it.
+        env: Vec<String>,
     },
     /// An HTTP POST of the task JSON: 2xx = finished.
     Http {
@@ -285,6 +325,7 @@ struct RawType {
     timeout: Option<String>,
     bearer_token: Option<String>,
     bearer_token_file: Option<PathBuf>,
+    env: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -356,10 +397,7 @@ impl Config {
 
     /// Parses `text` (named `path` in errors), applies `env` and validates.
     pub fn from_toml(text: &str, path: &Path, env: &Env) -> Result<Config, ConfigError> {
-        let raw: Raw = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string().trim_end().to_string(),
-        })?;
+        let raw: Raw = toml::from_str(text).map_err(|e| parse_error(path, &e))?;
         validate(raw, env)
     }
 
@@ -448,7 +486,7 @@ impl Config {
                 g.slots,
                 mode,
                 format_duration(g.task_timeout),
-                g.url
+                redact_url(&g.url)
             );
         }
         let _ = writeln!(s, "types:");
@@ -456,7 +494,7 @@ impl Config {
             let what = match h {
                 Handler::Gpu => "gpu".to_string(),
                 Handler::Exec { command, .. } => format!("exec {}", command.join(" ")),
-                Handler::Http { url, .. } => format!("http {url}"),
+                Handler::Http { url, .. } => format!("http {}", redact_url(url)),
             };
             let _ = writeln!(s, "  {name:<20} {what}");
         }
@@ -501,10 +539,7 @@ impl ProducerConfig {
                     path: path.to_path_buf(),
                     source,
                 })?;
-                toml::from_str(&text).map_err(|e| ConfigError::Parse {
-                    path: path.to_path_buf(),
-                    message: e.to_string().trim_end().to_string(),
-                })?
+                toml::from_str(&text).map_err(|e| parse_error(path, &e))?
             }
         };
         let redis = redis_config(&raw.redis, env)?;
@@ -616,9 +651,10 @@ fn read_secret_file(key: &str, path: &Path) -> Result<Secret, ConfigError> {
 }
 
 fn http_url(key: &str, s: &str) -> Result<String, ConfigError> {
-    let u = url::Url::parse(s).map_err(|e| invalid(key, s, e.to_string()))?;
+    let shown = redact_url(s);
+    let u = url::Url::parse(s).map_err(|e| invalid(key, &shown, e.to_string()))?;
     if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
-        return Err(invalid(key, s, "expected an http:// or https:// URL"));
+        return Err(invalid(key, &shown, "expected an http:// or https:// URL"));
     }
     Ok(s.to_string())
 }
@@ -626,11 +662,12 @@ fn http_url(key: &str, s: &str) -> Result<String, ConfigError> {
 /// Applies the `REDIS_*` variables and `password_file` to the Redis URL.
 fn redis_url(raw: &RawRedis, env: &Env) -> Result<String, ConfigError> {
     let base = raw.url.as_deref().unwrap_or("redis://127.0.0.1:6379/0");
-    let mut u = url::Url::parse(base).map_err(|e| invalid("redis.url", base, e.to_string()))?;
+    let shown = redact_url(base);
+    let mut u = url::Url::parse(base).map_err(|e| invalid("redis.url", &shown, e.to_string()))?;
     if !matches!(u.scheme(), "redis" | "rediss") {
         return Err(invalid(
             "redis.url",
-            base,
+            &shown,
             "expected a redis:// or rediss:// URL",
         ));
     }
@@ -661,9 +698,10 @@ fn mysql_url(raw: &RawMysql, env: &Env) -> Result<String, ConfigError> {
         .url
         .as_deref()
         .unwrap_or("mysql://root@127.0.0.1:3306/queue_system");
-    let mut u = url::Url::parse(base).map_err(|e| invalid("mysql.url", base, e.to_string()))?;
+    let shown = redact_url(base);
+    let mut u = url::Url::parse(base).map_err(|e| invalid("mysql.url", &shown, e.to_string()))?;
     if u.scheme() != "mysql" {
-        return Err(invalid("mysql.url", base, "expected a mysql:// URL"));
+        return Err(invalid("mysql.url", &shown, "expected a mysql:// URL"));
     }
     if let Some(h) = env.get("DB_HOST") {
         u.set_host(Some(h))
@@ -693,7 +731,7 @@ fn mysql_url(raw: &RawMysql, env: &Env) -> Result<String, ConfigError> {
     if db.is_empty() || !db.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
         return Err(invalid(
             "mysql.url",
-            base,
+            &shown,
             "the database name must be non-empty and only letters, digits and _",
         ));
     }
@@ -716,6 +754,45 @@ fn positive(key: &str, v: usize) -> Result<usize, ConfigError> {
         return Err(invalid(key, v, "must be at least 1"));
     }
     Ok(v)
+}
+
+/// The names of an `exec` type's `env` list: environment variable names, each once, none of the
+/// `QSYS_*` names qsysd sets itself.
+fn env_names(key: &str, names: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    for (i, name) in names.iter().enumerate() {
+        let k = || format!("{key}[{i}]");
+        let well_formed = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !well_formed {
+            return Err(invalid(
+                k(),
+                name,
+                "expected an environment variable name: letters, digits and _, not starting with a digit",
+            ));
+        }
+        if name.starts_with("QSYS_") {
+            return Err(invalid(k(), name, "QSYS_* variables are set by qsysd"));
+        }
+        if names[..i].contains(name) {
+            return Err(invalid(k(), name, "listed twice"));
+        }
+    }
+    Ok(names)
+}
+
+/// A GPU's slot count: at least 1, at most what the slot matrix accepts.
+fn slot_count(key: &str, v: usize) -> Result<usize, ConfigError> {
+    if v > crate::slots::MAX_SLOTS {
+        return Err(invalid(
+            key,
+            v,
+            format!("at most {} slots per gpu", crate::slots::MAX_SLOTS),
+        ));
+    }
+    positive(key, v)
 }
 
 /// The Redis Cluster hash tag of a key: the text between the first `{` and the next `}`, if any.
@@ -896,7 +973,7 @@ fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
         ));
     }
     let endpoints = d.endpoints.take().unwrap_or_default();
-    let default_slots = positive("gpu.slots", d.slots.unwrap_or(4))?;
+    let default_slots = slot_count("gpu.slots", d.slots.unwrap_or(4))?;
     let default_completion = completion(
         "gpu.completion",
         d.completion.as_deref().unwrap_or("callback"),
@@ -972,7 +1049,7 @@ fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
                 None => url.to_string(),
             },
             slots: match e.slots {
-                Some(n) => positive(&k("slots"), n)?,
+                Some(n) => slot_count(&k("slots"), n)?,
                 None => default_slots,
             },
             completion: match &e.completion {
@@ -1032,6 +1109,7 @@ fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
                 refuse("timeout", t.timeout.is_some())?;
                 refuse("bearer_token", t.bearer_token.is_some())?;
                 refuse("bearer_token_file", t.bearer_token_file.is_some())?;
+                refuse("env", t.env.is_some())?;
                 Handler::Gpu
             }
             "exec" => {
@@ -1049,10 +1127,12 @@ fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
                 Handler::Exec {
                     command,
                     timeout: duration(&k("timeout"), t.timeout.as_ref(), "5m")?,
+                    env: env_names(&k("env"), t.env.clone().unwrap_or_default())?,
                 }
             }
             "http" => {
                 refuse("command", t.command.is_some())?;
+                refuse("env", t.env.is_some())?;
                 let url = t
                     .url
                     .as_deref()
@@ -1249,6 +1329,14 @@ mod tests {
             e.contains("gpu.endpoints[0].slots") && e.contains('0'),
             "{e}"
         );
+        let e = err(&MINIMAL.replace("id = \"g0\"", "id = \"g0\"\nslots = 1025"));
+        assert!(
+            e.contains("gpu.endpoints[0].slots") && e.contains("1025") && e.contains("1024"),
+            "{e}"
+        );
+        let e = err(&format!("[gpu]\nslots = 100000\n{MINIMAL}"));
+        assert!(e.contains("gpu.slots") && e.contains("100000"), "{e}");
+        assert!(load(&MINIMAL.replace("id = \"g0\"", "id = \"g0\"\nslots = 1024")).is_ok());
         let e = err(&MINIMAL.replace("http://127.0.0.1:9000/run", "ftp://x"));
         assert!(
             e.contains("gpu.endpoints[0].url") && e.contains("ftp://x"),
@@ -1272,6 +1360,41 @@ mod tests {
         );
         let e = err(&MINIMAL.replace("0123456789abcdef", "short"));
         assert!(e.contains("callback.secret") && !e.contains("short"), "{e}");
+    }
+
+    #[test]
+    fn errors_never_show_a_url_password() {
+        let cases = [
+            (
+                "[redis]\nurl = \"redis://:hunter2@host:port/0\"\n",
+                "redis.url",
+            ),
+            ("[redis]\nurl = \"http://:hunter2@host/0\"\n", "redis.url"),
+            (
+                "[mysql]\nurl = \"mysql://app:hunter2@db:3306/bad-name\"\n",
+                "mysql.url",
+            ),
+            (
+                "[mysql]\nurl = \"mysql://app:hun ter2@db:x/q\"\n",
+                "mysql.url",
+            ),
+            (
+                "[types.r]\nhandler = \"http\"\nurl = \"ftp://u:hunter2@r/\"\n",
+                "types.r.url",
+            ),
+            ("[redis]\nurl = \"redis://:hunter2@host\n", "test.toml"),
+        ];
+        for (table, key) in cases {
+            let e = err(&format!("{table}{MINIMAL}"));
+            assert!(e.contains(key) && e.contains("***"), "{e}");
+            assert!(!e.contains("hunter2") && !e.contains("ter2"), "{e}");
+        }
+        let text = MINIMAL.replace("http://127.0.0.1:9000/run", "https://u:hunter2@h/run");
+        let summary = load(&text).expect("valid").summary();
+        assert!(
+            summary.contains("https://u:***@h/run") && !summary.contains("hunter2"),
+            "{summary}"
+        );
     }
 
     #[test]
@@ -1315,6 +1438,31 @@ mod tests {
             "{MINIMAL}\n[types.x]\nhandler = \"gpu\"\nurl = \"http://a/\"\n"
         ));
         assert!(e.contains("types.x.url"), "{e}");
+        let exec = |env: &str| {
+            format!("{MINIMAL}\n[types.x]\nhandler = \"exec\"\ncommand = [\"/bin/true\"]\n{env}")
+        };
+        let c =
+            load(&exec("env = [\"HTTPS_PROXY\", \"AWS_REGION\", \"_x1\"]\n")).expect("valid env");
+        assert!(
+            matches!(&c.types["x"], Handler::Exec { env, .. } if env == &["HTTPS_PROXY", "AWS_REGION", "_x1"])
+        );
+        let c = load(&exec("")).expect("no env");
+        assert!(matches!(&c.types["x"], Handler::Exec { env, .. } if env.is_empty()));
+        for (list, bad) in [
+            ("[\"A\", \"B=1\"]", "types.x.env[1] = \"B=1\""),
+            ("[\"\"]", "types.x.env[0] = \"\""),
+            ("[\"1A\"]", "types.x.env[0] = \"1A\""),
+            ("[\"A B\"]", "types.x.env[0] = \"A B\""),
+            ("[\"QSYS_TASK_ID\"]", "types.x.env[0] = \"QSYS_TASK_ID\""),
+            ("[\"A\", \"A\"]", "types.x.env[1] = \"A\""),
+        ] {
+            let e = err(&exec(&format!("env = {list}\n")));
+            assert!(e.starts_with(bad), "{e}");
+        }
+        let e = err(&format!(
+            "{MINIMAL}\n[types.x]\nhandler = \"http\"\nurl = \"http://a/\"\nenv = [\"A\"]\n"
+        ));
+        assert!(e.contains("types.x.env"), "{e}");
         let c = load(&format!(
             "{MINIMAL}\n[types.r]\nhandler = \"http\"\nurl = \"http://r:9/g\"\ntimeout = \"10s\"\n"
         ))
@@ -1377,6 +1525,15 @@ mod tests {
         let c = Config::from_toml(MINIMAL, Path::new("t"), &env).expect("valid");
         assert_eq!(c.redis.url, "redis://:p%40ss@redis.internal:6380/0");
         assert_eq!(c.mysql.url, "mysql://app:dbpw@db.internal:3307/qs");
+        let debug = format!("{c:?}");
+        assert!(
+            !debug.contains("p%40ss") && !debug.contains("dbpw"),
+            "{debug}"
+        );
+        assert!(
+            debug.contains("mysql://app:***@db.internal:3307/qs"),
+            "{debug}"
+        );
         assert_eq!(c.redis.queues, ["a", "b", "c"]);
         assert_eq!(
             c.callback.public_url.as_deref(),

@@ -52,6 +52,13 @@ fn id_from(v: &Value) -> Result<Option<String>, String> {
         Value::Number(n) => n.to_string(),
         other => return Err(format!("task_id must be a string, got {}", kind_of(other))),
     };
+    check_task_id(&id)?;
+    Ok(Some(id))
+}
+
+/// Whether `id` is a task id qsysd could have recorded: 1 to [`MAX_TASK_ID`] bytes, no control
+/// characters. Ids from elsewhere (slot events of other instances) are held to the same rule.
+pub fn check_task_id(id: &str) -> Result<(), String> {
     if id.is_empty() {
         return Err("task_id must not be empty".into());
     }
@@ -61,7 +68,7 @@ fn id_from(v: &Value) -> Result<Option<String>, String> {
     if id.chars().any(char::is_control) {
         return Err("task_id contains control characters".into());
     }
-    Ok(Some(id))
+    Ok(())
 }
 
 /// "a string", "an object", ...: what a JSON value is, for error messages.

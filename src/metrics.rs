@@ -138,7 +138,10 @@ impl Default for Metrics {
             callbacks: Labeled::new("result", CALLBACK_RESULTS),
             attempts: Labeled::new("outcome", &["finished", "failed", "expired"]),
             retries: AtomicU64::new(0),
-            errors: Labeled::new("kind", &["dispatch", "handler", "mysql", "redis"]),
+            errors: Labeled::new(
+                "kind",
+                &["dispatch", "handler", "mysql", "redis", "slot_event"],
+            ),
         }
     }
 }

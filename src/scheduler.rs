@@ -346,7 +346,7 @@ impl Scheduler {
                     since: Instant::now(),
                 },
             );
-            (at, Arc::clone(m.endpoint(at.gpu)))
+            (at, Arc::clone(m.endpoint(at.gpu())))
         };
         let timeout = task
             .msg
@@ -359,7 +359,7 @@ impl Scheduler {
             Completion::Callback => timeout,
             Completion::Response => timeout + ep.request_timeout,
         };
-        Some((ep, at.slot, lease))
+        Some((ep, at.slot(), lease))
     }
 
     /// Claims the slots reserved this round in one MySQL transaction and hands each claimed job to

@@ -134,12 +134,30 @@ impl Gpu {
     }
 }
 
-/// A slot's coordinates in the matrix.
+/// A slot's coordinates in the matrix. Only the matrix makes them (the fields are private), so a
+/// `SlotRef` always names a row that exists (rows are never removed) and a slot below
+/// [`MAX_SLOTS`]: taking one can neither panic nor allocate more than that.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SlotRef {
-    pub gpu: usize,
-    pub slot: usize,
+    gpu: usize,
+    slot: usize,
 }
+
+impl SlotRef {
+    /// The GPU's row, for [`SlotMatrix::endpoint`].
+    pub fn gpu(self) -> usize {
+        self.gpu
+    }
+
+    /// The slot index within the GPU.
+    pub fn slot(self) -> usize {
+        self.slot
+    }
+}
+
+/// Most slots one GPU may have (`gpu.slots`): the bound on any slot index the matrix accepts, from
+/// the config, MySQL or another instance, so a bad index cannot make it allocate without limit.
+pub const MAX_SLOTS: usize = 1024;
 
 /// GPUs x slots, each cell free or held.
 #[derive(Debug)]
@@ -396,7 +414,7 @@ impl SlotMatrix {
         &self.gpus[gpu].endpoint
     }
 
-    /// Marks `at` as held. The caller picked it or read it from MySQL.
+    /// Marks `at` as held: a slot [`SlotMatrix::pick`] chose, or one [`SlotMatrix::hold`] checked.
     pub fn occupy(&mut self, at: SlotRef, holder: Holder) {
         let cells = &mut self.gpus[at.gpu].cells;
         if cells.len() <= at.slot {
@@ -406,13 +424,15 @@ impl SlotMatrix {
     }
 
     /// Marks `gpu_id`/`slot` as held by `task_id` from now, as MySQL or another instance says.
-    /// False if this matrix has no such slot (an unconfigured GPU or slot).
+    /// False if this matrix has no such GPU or the index is not below [`MAX_SLOTS`]. A slot beyond
+    /// the configured count is taken (it holds an attempt from before a reload or a restart with
+    /// fewer slots, and drains).
     pub fn hold(&mut self, gpu_id: &str, slot: usize, task_id: String, attempt: u32) -> bool {
-        let Some(at) = self.find(gpu_id, slot) else {
+        let Some(gpu) = self.index(gpu_id).filter(|_| slot < MAX_SLOTS) else {
             return false;
         };
         self.occupy(
-            at,
+            SlotRef { gpu, slot },
             Holder {
                 task_id,
                 attempt,
@@ -420,15 +440,6 @@ impl SlotMatrix {
             },
         );
         true
-    }
-
-    /// Frees `at` unconditionally (a claim that MySQL refused).
-    pub fn vacate(&mut self, at: SlotRef) {
-        let g = &mut self.gpus[at.gpu];
-        if let Some(c) = g.cells.get_mut(at.slot) {
-            *c = None;
-        }
-        g.trim();
     }
 
     /// Frees the slot of `gpu_id`/`slot` if `task_id` holds it. False if it did not (already freed,
@@ -447,15 +458,6 @@ impl SlotMatrix {
             return true;
         }
         false
-    }
-
-    /// The coordinates of a slot of a known GPU, by GPU id; slots beyond the configured count are
-    /// found too (they hold attempts from before a reload or a restart with fewer slots).
-    pub fn find(&self, gpu_id: &str, slot: usize) -> Option<SlotRef> {
-        Some(SlotRef {
-            gpu: self.index(gpu_id)?,
-            slot,
-        })
     }
 
     pub fn has_free(&self) -> bool {
@@ -598,6 +600,23 @@ mod tests {
         assert!(!m.release("g0", 5, "a"));
         assert!(m.release("g0", 0, "a"));
         assert!(!m.release("g0", 0, "a"));
+    }
+
+    #[test]
+    fn any_index_from_outside_is_safe() {
+        let mut m = matrix(&[("g0", 2)]);
+        for slot in [usize::MAX, usize::MAX - 1, MAX_SLOTS, 1 << 40] {
+            assert!(!m.hold("g0", slot, "x".into(), 1), "slot {slot}");
+            assert!(!m.release("g0", slot, "x"), "slot {slot}");
+        }
+        assert!(!m.hold("g9", 0, "x".into(), 1));
+        assert_eq!(m.view()[0].cells.len(), 2, "nothing was allocated");
+        // Below the bound, a slot beyond the configured count is held (and drains when freed).
+        assert!(m.hold("g0", MAX_SLOTS - 1, "old".into(), 1));
+        assert_eq!(m.busy(), 1);
+        assert_eq!(m.total(), 2);
+        assert!(m.release("g0", MAX_SLOTS - 1, "old"));
+        assert_eq!(m.view()[0].cells.len(), 2);
     }
 
     const POLICY: HealthPolicy = HealthPolicy {

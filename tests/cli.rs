@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{transcriptions, wait_for, TestEnv};
-use qsys::config::{Completion, Config, Env};
+use qsys::config::{Completion, Config, Env, Handler};
 use qsys::fakegpu::{Fleet, FleetConfig};
 
 const QSYSD: &str = env!("CARGO_BIN_EXE_qsysd");
@@ -60,6 +60,15 @@ fn shipped_config_is_valid() {
     assert_eq!(
         c.gpus[0].bearer_token.as_ref().map(|s| s.expose()),
         Some("gpu-token")
+    );
+    // The commented env example of [types.send_email] is valid as it stands.
+    let with_env = text.replacen("# env = [", "env = [", 1);
+    let c = Config::from_toml(&with_env, Path::new("etc/qsysd.toml"), &Env::new())
+        .unwrap_or_else(|e| panic!("etc/qsysd.toml with its env line is invalid: {e}"));
+    assert!(
+        matches!(&c.types["send_email"], Handler::Exec { env, .. } if env == &["HTTPS_PROXY", "AWS_REGION"]),
+        "{:?}",
+        c.types["send_email"]
     );
     assert_eq!(c.redis.queues, ["task_queue_1", "task_queue_2"]);
     for t in [
@@ -116,6 +125,71 @@ fn bad_config_exits_2_naming_key_and_value() {
     assert!(err.contains("/nonexistent/qsysd.toml"), "{err}");
     let (code, _, _) = run(QSYSD, &["--no-such-flag"]);
     assert_eq!(code, 2);
+}
+
+/// A config error about a URL names the key and shows the URL, but never its password; nor does
+/// `--check-config`'s summary.
+#[test]
+fn config_errors_and_summary_hide_url_passwords() {
+    const PW: &str = "Pw-3xq9Lk";
+    let env = TestEnv::new("cfgpw");
+    let good = env.config_toml(&["http://127.0.0.1:1/g0".into()], "");
+    // The [redis] url line, replaced whole.
+    let redis = |line: &str| {
+        good.lines()
+            .map(|l| {
+                if l.starts_with("url = \"redis") {
+                    line
+                } else {
+                    l
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let cases = [
+        (
+            redis(&format!("url = \"redis://:{PW}@127.0.0.1:port/0\"")),
+            "redis.url",
+        ),
+        (
+            redis(&format!("url = \"rediss://u:{PW}@[::1/0\"")),
+            "redis.url",
+        ),
+        (
+            good.replacen("mysql://root@", &format!("mysql://root:{PW}@"), 1)
+                .replacen(&env.db, "bad-name", 1),
+            "mysql.url",
+        ),
+        (
+            good.replacen("http://127.0.0.1:1/g0", &format!("ftp://u:{PW}@h/g0"), 1),
+            "gpu.endpoints[0].url",
+        ),
+        // Not TOML at all (the string is not closed): the parser quotes the line.
+        (redis(&format!("url = \"redis://:{PW}@h:1/0")), "qsysd.toml"),
+    ];
+    for (text, key) in cases {
+        assert!(text.contains(PW), "the case holds the password:\n{text}");
+        let p = write(&env.dir, "qsysd.toml", &text);
+        let (code, out, err) = run(
+            QSYSD,
+            &["--config", p.to_str().expect("utf8"), "--check-config"],
+        );
+        assert_eq!(code, 2, "{key}: {err}");
+        assert!(err.contains(key) && err.contains("***"), "{key}: {err}");
+        assert!(!err.contains(PW) && !out.contains(PW), "{key}: {err}");
+    }
+    let with_token = good.replacen("http://127.0.0.1:1/g0", &format!("https://u:{PW}@h/g0"), 1);
+    let p = write(&env.dir, "qsysd.toml", &with_token);
+    let (code, out, err) = run(
+        QSYSD,
+        &["--config", p.to_str().expect("utf8"), "--check-config"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("https://u:***@h/g0") && !out.contains(PW),
+        "{out}"
+    );
 }
 
 #[test]

@@ -132,6 +132,75 @@ fn no_secret_in_any_log_line() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Task ids a client may send in a callback, each trying to start a log line of its own.
+const FORGED_IDS: &[&str] = &[
+    "x\nERROR\tqsys::daemon:forged",
+    "x\r\nINFO qsys::callback: forged",
+    "x\u{2028}forged",
+    "\u{1b}[2K\rforged",
+];
+
+/// `text` with the callback listener on `port` (a spawned daemon's port must be known).
+fn with_callback_port(text: &str, port: u16) -> String {
+    text.replacen(
+        "[callback]\nlisten = \"127.0.0.1:0\"",
+        &format!("[callback]\nlisten = \"127.0.0.1:{port}\""),
+        1,
+    )
+}
+
+/// Posts a callback for `task_id` with a wrong token: refused (401), and logged.
+fn forge_callback(port: u16, task_id: &str) {
+    let body = serde_json::json!({ "task_id": task_id, "status": "finished" }).to_string();
+    let reply = qsys::http::post_json(
+        &qsys::http::agent(),
+        &format!("http://127.0.0.1:{port}/callback?attempt=1&token=forged"),
+        None,
+        &body,
+        Duration::from_secs(2),
+        Duration::from_secs(5),
+    )
+    .expect("callback");
+    assert_eq!(reply.status, 401, "{}", reply.body);
+}
+
+/// A refused callback's task id, chosen by whoever sends it, is logged on its own line, its
+/// control characters escaped: it cannot forge a record.
+#[test]
+fn a_hostile_task_id_cannot_forge_a_log_line() {
+    let env = TestEnv::new("forgelog");
+    let port = common::free_port();
+    let text = with_callback_port(
+        &env.config_toml(&["http://127.0.0.1:1/g0".into()], "")
+            .replace("[daemon]", "[daemon]\nlog_target = \"stderr\""),
+        port,
+    );
+    let cfg = env.dir.join("qsysd.toml");
+    std::fs::write(&cfg, text).expect("config");
+    let log = env.dir.join("qsysd.log");
+    let mut child = common::Spawned(common::spawn_qsysd(&cfg, &log, &[]));
+    assert!(
+        wait_log(&log, "qsysd starting", Duration::from_secs(20)),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    for id in FORGED_IDS {
+        forge_callback(port, id);
+    }
+    assert!(child.sigterm().success());
+    let text = std::fs::read_to_string(&log).expect("log");
+    let refused: Vec<&str> = text.lines().filter(|l| l.contains("forged")).collect();
+    assert_eq!(refused.len(), FORGED_IDS.len(), "{text}");
+    for (line, id) in refused.iter().zip(FORGED_IDS) {
+        assert!(
+            line.starts_with("WARN  qsys::callback: callback with an invalid token refused "),
+            "a forged line: {line:?}"
+        );
+        assert!(line.contains(&format!("task_id={id:?}")), "{line:?}");
+    }
+    assert!(!text.contains('\u{1b}') && !text.contains('\r') && !text.contains('\u{2028}'));
+}
+
 /// journald, started for the test when none runs (as on a CI machine without systemd).
 struct Journald(Option<Child>);
 
@@ -177,9 +246,13 @@ fn journald_fields_trace_one_task() {
         ..FleetConfig::default()
     })
     .expect("fleet");
-    let text = env.config_toml(fleet.urls(), "").replace(
-        "[daemon]",
-        "[daemon]\nlog_target = \"journal\"\nlog_level = \"debug\"",
+    let port = common::free_port();
+    let text = with_callback_port(
+        &env.config_toml(fleet.urls(), "").replace(
+            "[daemon]",
+            "[daemon]\nlog_target = \"journal\"\nlog_level = \"debug\"",
+        ),
+        port,
     );
     let cfg = env.dir.join("qsysd.toml");
     std::fs::write(&cfg, text).expect("config");
@@ -197,6 +270,9 @@ fn journald_fields_trace_one_task() {
     assert!(wait_for(Duration::from_secs(30), || {
         env.task(&id).is_some_and(|t| t.0 == "finished")
     }));
+    // A hostile task id goes to the journal escaped, like every field and message.
+    let forged = format!("{id}-\nforged");
+    forge_callback(port, &forged);
     sigterm(&mut child);
     let stderr = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
@@ -228,4 +304,16 @@ fn journald_fields_trace_one_task() {
     assert_eq!(claimed["PRIORITY"], "5");
     assert_eq!(claimed["SYSLOG_IDENTIFIER"], "qsysd");
     assert!(entries.iter().any(|e| e["MESSAGE"] == "task finished"));
+    let escaped = format!("{id}-\\nforged");
+    assert!(wait_for(Duration::from_secs(10), || {
+        let out = Command::new("journalctl")
+            .args(["--no-pager", "-o", "json", &format!("TASK_ID={escaped}")])
+            .output()
+            .expect("journalctl");
+        String::from_utf8_lossy(&out.stdout).lines().any(|l| {
+            serde_json::from_str::<serde_json::Value>(l).is_ok_and(|e| {
+                e["MESSAGE"] == "callback with an invalid token refused" && e["TASK_ID"] == escaped
+            })
+        })
+    }));
 }

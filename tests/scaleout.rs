@@ -283,3 +283,167 @@ fn slot_events_flow_only_when_another_instance_listens() {
     stop(a);
     stop(b);
 }
+
+/// Anyone who can PUBLISH on the slot channel sends garbage: huge slots, unknown GPUs, huge
+/// strings, wrong types, this instance's own id, deep nesting, floods. The daemon ignores all of
+/// it, names each sender once in its log, still applies the good events of a mixed message, and
+/// keeps finishing tasks.
+#[test]
+fn forged_slot_events_neither_kill_nor_confuse_an_instance() {
+    let env = TestEnv::new("forged");
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 2,
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let admin = format!("127.0.0.1:{}", free_port());
+    let text = env
+        .config_toml(fleet.urls(), "")
+        .replacen(
+            "[admin]\nlisten = \"127.0.0.1:0\"",
+            &format!("[admin]\nlisten = \"{admin}\""),
+            1,
+        )
+        .replace("[daemon]", "[daemon]\nlog_target = \"stderr\"");
+    let cfg = env.dir.join("qsysd.toml");
+    std::fs::write(&cfg, text).expect("config");
+    let log = env.dir.join("qsysd.log");
+    let mut child = common::Spawned(common::spawn_qsysd(&cfg, &log, &[]));
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        common::wait_log(&log, "qsysd starting", Duration::from_secs(20)),
+        "{}",
+        read_log()
+    );
+    let channel = format!("{}slots", env.prefix);
+    let mut redis = env.redis_conn();
+    let mut publish = |payload: &[u8]| -> usize {
+        redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg(payload)
+            .query(&mut redis)
+            .expect("publish")
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || publish(b"[]") == 1),
+        "the daemon never subscribed"
+    );
+
+    let event = |instance: &str, gpu: &str, slot: &str, task_id: &str| {
+        format!(
+            r#"{{"instance": "{instance}", "claimed": true, "gpu": "{gpu}", "slot": {slot}, "task_id": "{task_id}", "attempt": 1}}"#
+        )
+    };
+    let deep = "[".repeat(500_000) + &"]".repeat(500_000);
+    let forged: Vec<Vec<u8>> = vec![
+        // The one that used to kill every instance: a single event, as old instances sent them.
+        event("evil-slot", "g0", "18446744073709551615", "t").into_bytes(),
+        format!("[{}]", event("evil-slot", "g0", "4", "t")).into_bytes(),
+        event("evil-gpu", "g9", "0", "t").into_bytes(),
+        event("evil-long", &"g".repeat(100_000), "0", "t").into_bytes(),
+        event("evil-long", "g0", "0", &"t".repeat(1_000_000)).into_bytes(),
+        event(&"i".repeat(100_000), "g0", "0", "t").into_bytes(),
+        br#"{"instance": "evil-types", "claimed": "yes", "gpu": 0, "slot": -1, "task_id": {}, "attempt": 1.5}"#.to_vec(),
+        br#"[42, null, "x", [], {}, {"instance": 7}]"#.to_vec(),
+        deep.clone().into_bytes(),
+        format!(r#"{{"instance": "evil-deep", "x": {deep}}}"#).into_bytes(),
+        format!("[{}]", vec![event("evil-many", "g0", "0", "t"); 5000].join(",")).into_bytes(),
+        vec![b' '; 3 << 20],
+        b"not json \xff\xfe".to_vec(),
+    ];
+    for _ in 0..3 {
+        for payload in &forged {
+            assert_eq!(publish(payload), 1, "the daemon is still subscribed");
+        }
+    }
+    // A message mixing garbage, this instance's own id (an echo to skip), and one good event of a
+    // peer: the good one applies.
+    let mixed = format!(
+        "[{}, {}, {}, {}]",
+        event("evil-mixed", "g0", "99", "t"),
+        r#"{"instance": "evil-mixed", "slot": "zero"}"#,
+        event("test", "g0", "2", "echo-task"),
+        event("peer", "g0", "3", "peer-task"),
+    );
+    assert_eq!(publish(mixed.as_bytes()), 1);
+    let admin_status = || -> serde_json::Value {
+        let body = qsys::http::agent()
+            .get(format!("http://{admin}/status"))
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_to_string().ok())
+            .unwrap_or_default();
+        serde_json::from_str(&body).unwrap_or_default()
+    };
+    // The peer's hold lasts until the resync (2 s at the earliest) finds it is not in MySQL.
+    let cell = |s: &serde_json::Value, slot: usize| s["gpus"][0]["cells"][slot]["task_id"].clone();
+    assert!(
+        wait_for(Duration::from_millis(1500), || cell(&admin_status(), 3)
+            == "peer-task"),
+        "the good event of the mixed message was not applied: {}",
+        admin_status()
+    );
+    assert_eq!(
+        cell(&admin_status(), 2),
+        serde_json::Value::Null,
+        "own echo applied"
+    );
+    assert_eq!(
+        admin_status()["gpus"][0]["cells"].as_array().map(Vec::len),
+        Some(4),
+        "no slot was added"
+    );
+
+    env.push_raw("q1", &transcriptions("after", 40));
+    assert!(
+        wait_for(Duration::from_secs(60), || env.count("state = 'finished'")
+            == 40),
+        "{:?}\n{}",
+        env.states(),
+        read_log()
+    );
+    assert!(
+        child.0.try_wait().expect("try_wait").is_none(),
+        "qsysd died: {}",
+        read_log()
+    );
+    let metrics = qsys::http::agent()
+        .get(format!("http://{admin}/metrics"))
+        .call()
+        .expect("metrics")
+        .body_mut()
+        .read_to_string()
+        .expect("metrics body");
+    let refused: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("qsys_errors_total{kind=\"slot_event\"} "))
+        .and_then(|n| n.parse().ok())
+        .expect("slot_event errors counted");
+    assert!(refused >= 3 * forged.len() as u64, "{refused}");
+    // SIGTERM: a clean exit, so no thread died on the way.
+    let status = child.sigterm();
+    let text = read_log();
+    assert!(status.success(), "{status:?}\n{text}");
+    assert!(!text.contains("panicked"), "{text}");
+    let warnings: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("invalid slot event ignored"))
+        .collect();
+    for sender in [
+        "evil-slot",
+        "evil-gpu",
+        "evil-long",
+        "evil-types",
+        "evil-deep",
+        "evil-mixed",
+    ] {
+        let n = warnings
+            .iter()
+            .filter(|l| l.contains(&format!("sender={sender} ")))
+            .count();
+        assert_eq!(n, 1, "{sender} named {n} times:\n{}", warnings.join("\n"));
+    }
+    // The named senders above, the 100,000-byte one (cut short), and "unknown" for the rest.
+    assert_eq!(warnings.len(), 8, "{}", warnings.join("\n"));
+    assert!(warnings.iter().all(|l| l.len() < 1000), "a huge log line");
+}

@@ -292,6 +292,32 @@ pub fn spawn_qsysd(config: &Path, log: &Path, envs: &[(&str, String)]) -> std::p
         .expect("spawn qsysd")
 }
 
+/// A spawned `qsysd` that does not outlive its test: killed when dropped (after a failed
+/// assertion, say) unless [`Spawned::sigterm`] stopped it first.
+pub struct Spawned(pub std::process::Child);
+
+impl Spawned {
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// SIGTERM, as systemd stops the service; its exit status.
+    pub fn sigterm(&mut self) -> std::process::ExitStatus {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        self.0.wait().expect("wait for qsysd")
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Stops a daemon and waits for it, failing the test if a thread died.
 pub fn stop(d: Daemon) {
     d.stop();
