@@ -102,10 +102,6 @@ secret = "bench-secret-0123456789"
 listen = "127.0.0.1:0"
 [gpu]
 slots = {slots}
-# The fleet answers a dispatch at once; now and then a request on a kept-alive connection to it
-# gets no answer at all (tiny_http/ureq, BENCHMARKS.md), and with the 30 s default that one
-# straggler, not the throughput, decided the run's end.
-request_timeout = "2s"
 [daemon]
 instance_id = "bench-{instance}"
 log_level = "warn"

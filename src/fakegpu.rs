@@ -101,6 +101,13 @@ impl Stats {
     pub fn max_running(&self, gpu: usize) -> usize {
         self.gpus[gpu].max_running.load(Ordering::SeqCst)
     }
+    /// Starts GPU `gpu`'s high-water mark again from what it runs now (a test that lowered its
+    /// slots checks the new count from here on).
+    pub fn reset_max_running(&self, gpu: usize) {
+        let g = &self.gpus[gpu];
+        g.max_running
+            .store(g.running.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
     pub fn received(&self, gpu: usize) -> usize {
         self.gpus[gpu].received.load(Ordering::SeqCst)
     }

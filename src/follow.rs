@@ -48,25 +48,39 @@ pub struct Summary {
     pub failed: Vec<(String, String)>,
     /// Tasks not terminal when the deadline passed, in push order.
     pub unfinished: Vec<String>,
+    /// Ids that already belonged to a task running or done before the push, with its state:
+    /// qsysd drops such a copy as a duplicate, so this push does not run them again.
+    pub known: Vec<(String, String)>,
     pub elapsed: Duration,
 }
 
 impl Summary {
     pub fn all_finished(&self) -> bool {
-        self.tally.finished == self.tally.total
+        self.tally.finished == self.tally.total && self.known.is_empty()
     }
 
     /// The lines to print.
     pub fn report(&self, timeout: Duration) -> Vec<String> {
         let t = self.tally;
+        let known = if self.known.is_empty() {
+            String::new()
+        } else {
+            format!(", {} already known", self.known.len())
+        };
         let mut lines = vec![format!(
-            "{} tasks: {} finished, {} failed, {} not done ({:.1}s)",
+            "{} tasks: {} finished, {} failed, {} not done{known} ({:.1}s)",
             t.total,
             t.finished,
             t.failed,
             self.unfinished.len(),
             self.elapsed.as_secs_f64()
         )];
+        lines.extend(list(
+            "already known, not run again",
+            self.known
+                .iter()
+                .map(|(id, state)| format!("{id} ({state})")),
+        ));
         lines.extend(list(
             "failed",
             self.failed.iter().map(|(id, e)| format!("{id}: {e}")),
@@ -107,6 +121,35 @@ fn not_yet(e: &WaitError) -> bool {
     matches!(e, WaitError::Mysql(mysql::Error::MySqlError(m)) if NOT_YET.contains(&m.code))
 }
 
+/// Ids among `ids` whose task was already running or done: `task_id -> state`. Asked before the
+/// push, so `--wait` can tell a reused id (whose old row qsysd keeps, dropping the new copy) from
+/// a task of this push. `pending` rows are not counted: qsysd takes a pushed copy of those over.
+/// Best effort: when MySQL cannot be asked, nothing is known and the wait reports as before.
+pub fn known_before(mysql: &MysqlConfig, ids: &[String]) -> HashMap<String, String> {
+    let Ok(mut conn) = connect(mysql) else {
+        return HashMap::new();
+    };
+    let mut known = HashMap::new();
+    for chunk in ids.chunks(IDS_PER_QUERY) {
+        let marks = vec!["?"; chunk.len()].join(",");
+        let rows: Result<Vec<(String, Option<String>)>, _> = conn.exec(
+            format!(
+                "SELECT task_id, state FROM tasks WHERE task_id IN ({marks}) \
+                 AND (state IS NULL OR state <> 'pending')"
+            ),
+            chunk.to_vec(),
+        );
+        match rows {
+            Ok(rows) => known.extend(
+                rows.into_iter()
+                    .map(|(id, state)| (id, state.unwrap_or_else(|| "NULL".into()))),
+            ),
+            Err(_) => return HashMap::new(),
+        }
+    }
+    known
+}
+
 /// Terminal rows among `ids`: `task_id -> (state, error)`.
 fn poll(
     conn: &mut mysql::Conn,
@@ -131,9 +174,11 @@ fn poll(
 
 /// Waits until every task of `ids` is terminal or `timeout` passes, calling `progress` after each
 /// poll. Fails only when MySQL cannot be reached at the start or stays unreachable for 30 s.
+/// Ids in `known` ([`known_before`]) are not waited for: they are reported as already known.
 pub fn wait(
     mysql: &MysqlConfig,
     ids: &[String],
+    known: &HashMap<String, String>,
     timeout: Duration,
     mut progress: impl FnMut(&Tally),
 ) -> Result<Summary, WaitError> {
@@ -143,7 +188,15 @@ pub fn wait(
         total: ids.len(),
         ..Tally::default()
     };
-    let mut pending: Vec<String> = ids.to_vec();
+    let known: Vec<(String, String)> = ids
+        .iter()
+        .filter_map(|id| known.get(id).map(|s| (id.clone(), s.clone())))
+        .collect();
+    let mut pending: Vec<String> = ids
+        .iter()
+        .filter(|id| !known.iter().any(|(k, _)| k == *id))
+        .cloned()
+        .collect();
     let mut failed = Vec::new();
     let mut conn: Option<mysql::Conn> = None;
     let mut answered = false;
@@ -204,6 +257,7 @@ pub fn wait(
         tally,
         failed,
         unfinished: pending,
+        known,
         elapsed: started.elapsed(),
     })
 }
@@ -291,6 +345,7 @@ mod tests {
             },
             failed: (0..12).map(|i| (format!("f{i}"), "boom".into())).collect(),
             unfinished: vec!["u0".into()],
+            known: Vec::new(),
             elapsed: Duration::from_millis(1500),
         };
         assert!(!s.all_finished());
@@ -303,5 +358,27 @@ mod tests {
         assert_eq!(lines[11], "... and 2 more failed");
         assert_eq!(lines[12], "timed out after 1m: 1 tasks not done");
         assert_eq!(lines[13], "not done: u0");
+    }
+
+    #[test]
+    fn a_reused_id_is_reported_not_counted_as_finished() {
+        let s = Summary {
+            tally: Tally {
+                total: 2,
+                finished: 1,
+                failed: 0,
+            },
+            failed: Vec::new(),
+            unfinished: Vec::new(),
+            known: vec![("old".into(), "finished".into())],
+            elapsed: Duration::from_millis(100),
+        };
+        assert!(!s.all_finished());
+        let lines = s.report(Duration::from_secs(60));
+        assert_eq!(
+            lines[0],
+            "2 tasks: 1 finished, 0 failed, 0 not done, 1 already known (0.1s)"
+        );
+        assert_eq!(lines[1], "already known, not run again: old (finished)");
     }
 }

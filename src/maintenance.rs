@@ -177,9 +177,22 @@ fn recover_dead(shared: &Shared, client: &redis::Client) {
     for instance in dead {
         let moved = crate::queue::recover_instance(shared, client, &config, &instance);
         match moved {
-            Ok(0) => {}
-            Ok(n) => log::warn!(instance = instance.as_str(), tasks = n;
-                "instance stopped heartbeating: its tasks went back to their queues"),
+            Ok(n) => {
+                if n > 0 {
+                    log::warn!(instance = instance.as_str(), tasks = n;
+                        "instance stopped heartbeating: its tasks went back to their queues");
+                }
+                // Recovered: retired, not checked again every few seconds.
+                match shared
+                    .store
+                    .retire_instance(&instance, config.daemon.instance_timeout)
+                {
+                    Ok(true) => log::info!(instance = instance.as_str(); "dead instance retired"),
+                    Ok(false) => {}
+                    Err(e) => log::warn!(instance = instance.as_str(), error:% = e;
+                        "cannot retire a dead instance"),
+                }
+            }
             Err(e) => log::warn!(instance = instance.as_str(), error:% = e;
                 "cannot recover a dead instance's tasks"),
         }

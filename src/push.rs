@@ -314,6 +314,15 @@ fn run(req: &Request, env: &Env) -> Result<u8, PushError> {
             read_input(stdin.lock(), &rules)?
         }
     };
+    // Before the push: an id whose task is already running or done is dropped by qsysd as a
+    // duplicate, and its old state must not be reported as this push's result.
+    let known = match (req.wait, &mysql) {
+        (Some(_), Some(mysql)) => {
+            let ids: Vec<String> = messages.iter().map(|m| m.task_id.clone()).collect();
+            follow::known_before(mysql, &ids)
+        }
+        _ => Default::default(),
+    };
     Pusher::new(&config.redis.url)?.push(&messages)?;
     if let Err(e) = print_receipts(&messages, req.json) {
         eprintln!(
@@ -328,7 +337,9 @@ fn run(req: &Request, env: &Env) -> Result<u8, PushError> {
     let ids: Vec<String> = messages.iter().map(|m| m.task_id.clone()).collect();
     let started = Instant::now();
     let mut bar = follow::ProgressBar::new(std::io::stderr().is_terminal());
-    let summary = follow::wait(&mysql, &ids, timeout, |tally| bar.draw(tally, started))?;
+    let summary = follow::wait(&mysql, &ids, &known, timeout, |tally| {
+        bar.draw(tally, started)
+    })?;
     bar.clear();
     for line in summary.report(timeout) {
         eprintln!("qsys-push: {line}");

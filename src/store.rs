@@ -1216,6 +1216,20 @@ impl Store {
         )?)
     }
 
+    /// Forgets a dead instance once its work is recovered, so it is not looked at every few seconds
+    /// for ever. Conditional on its heartbeat still being old: one that came back keeps its row.
+    /// (Its attempts still `processing` are expired by whoever sees their lease end: a holder
+    /// with no row counts as dead.)
+    pub fn retire_instance(&self, dead: &str, dead_after: Duration) -> Result<bool, StoreError> {
+        let mut c = self.conn()?;
+        c.exec_drop(
+            "DELETE FROM instances WHERE instance_id = ? \
+             AND heartbeat_at < NOW(3) - INTERVAL ? MICROSECOND",
+            (dead, dead_after.as_micros() as u64),
+        )?;
+        Ok(c.affected_rows() == 1)
+    }
+
     /// Takes the `pending` tasks a dead instance held: they become held by nobody, and their
     /// queue and message are returned (oldest first) for the caller to push back. Conditional on
     /// the holder, so two instances recovering the same one cannot both take a task.

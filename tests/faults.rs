@@ -85,6 +85,55 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     }
 }
 
+/// `kill -9`, then a restart under a new `instance_id`: nothing of the old instance's is resumed
+/// by its own restart, so only failover (its in-hand lists, its `pending` rows, its leases) can
+/// bring its work back. Once recovered, the dead instance is retired.
+#[test]
+fn a_restart_under_a_new_id_recovers_everything_by_failover() {
+    let env = TestEnv::new("newid");
+    let fleet = fleet(FleetConfig {
+        delay: (Duration::from_millis(50), Duration::from_millis(150)),
+        ..FleetConfig::default()
+    });
+    let toml = env.config_toml(fleet.urls(), FAULT_CONFIG);
+    let as_id = |id: &str| {
+        toml.replace(
+            "instance_id = \"test\"",
+            &format!("instance_id = \"{id}\"\ninstance_timeout = \"2s\""),
+        )
+    };
+    let (old_cfg, new_cfg) = (env.dir.join("old.toml"), env.dir.join("new.toml"));
+    std::fs::write(&old_cfg, as_id("old")).expect("config");
+    std::fs::write(&new_cfg, as_id("new")).expect("config");
+    let log = env.dir.join("qsysd.log");
+    let mut old = common::spawn_qsysd(&old_cfg, &log, &[]);
+    assert!(common::wait_log(
+        &log,
+        "qsysd starting",
+        Duration::from_secs(20)
+    ));
+    env.push_raw("q1", &transcriptions("ni", N));
+    wait_for(Duration::from_secs(20), || {
+        env.count("state = 'finished'") >= 100
+    });
+    old.kill().expect("kill -9");
+    old.wait().expect("reap");
+    let held: Vec<u64> = env.query(
+        "SELECT COUNT(*) FROM tasks WHERE instance_id = 'old' AND state IN ('pending', 'processing')",
+    );
+    assert!(held[0] > 0, "the kill came after the run: make it slower");
+    let mut new = common::spawn_qsysd(&new_cfg, &log, &[]);
+    assert_all_settled(&env, &fleet, "ni", Duration::from_secs(120));
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            env.query::<u64>("SELECT COUNT(*) FROM instances WHERE instance_id = 'old'") == [0]
+        }),
+        "the dead instance was never retired"
+    );
+    let _ = new.kill();
+    let _ = new.wait();
+}
+
 #[test]
 fn kill_9_five_times_loses_nothing() {
     let env = TestEnv::new("kill9");

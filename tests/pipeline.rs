@@ -253,9 +253,11 @@ fn full_fleet_leaves_tasks_in_redis_and_a_stop_hands_back_the_rest() {
     std::thread::sleep(Duration::from_millis(1500));
     let in_redis = env.llen("q1");
     let in_mysql = env.count("1 = 1") as usize;
-    // What qsysd holds: 2 running, the scheduler's prefetch (it takes a whole batch while below
-    // it), and one batch at the poller, waiting to hand it over.
-    let hand = qsys::scheduler::PREFETCH + 2 * qsys::queue::TAKE_BATCH;
+    // What qsysd holds: 2 running, the scheduler's hand (it takes a whole batch while below its
+    // prefetch: at most PREFETCH - 1 + TAKE_BATCH), and one batch at the poller, waiting to hand
+    // it over: 143 (README, promise 6).
+    let hand = qsys::scheduler::PREFETCH - 1 + 2 * qsys::queue::TAKE_BATCH;
+    assert_eq!(hand, 143);
     assert!(in_redis >= N - 2 - hand, "only {in_redis} left in redis");
     assert_eq!(in_redis + in_mysql, N, "every taken task is recorded");
     stop(daemon);
@@ -274,15 +276,29 @@ fn full_fleet_leaves_tasks_in_redis_and_a_stop_hands_back_the_rest() {
     assert_eq!(ids.len(), N - 2);
     assert_eq!(env.count("state = 'processing'"), 2);
     // A restart takes the handed-back tasks over (their rows were pending) and keeps the slots of
-    // the two still awaiting callbacks.
-    let daemon = env.start(&env.config_toml(fleet.urls(), extra));
+    // the two still awaiting callbacks; with a second, fast GPU beside the full one, every
+    // handed-back task then runs.
+    let fast = Fleet::start(FleetConfig {
+        gpus: 1,
+        ..FleetConfig::default()
+    })
+    .expect("fast fleet");
+    let urls = [fleet.urls()[0].clone(), fast.urls()[0].clone()];
+    let daemon = env.start(&env.config_toml(&urls, extra));
     assert_eq!(daemon.shared().slots().busy(), 2);
-    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        wait_for(Duration::from_secs(60), || env.count("state = 'finished'")
+            == (N - 2) as u64),
+        "{:?}",
+        env.states()
+    );
     assert_eq!(
         env.count("state = 'processing'"),
         2,
         "slots survive the restart"
     );
+    assert_eq!(fast.stats().seen().len(), N - 2);
+    assert_eq!(env.llen("q1"), 0);
     stop(daemon);
 }
 

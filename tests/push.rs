@@ -542,6 +542,52 @@ fn wait_follows_tasks_through_qsysd_to_finished() {
     stop(daemon);
 }
 
+fn with_id(id: &str) -> Value {
+    json!({"type": "start_transcribe", "data": {"task_id": id}})
+}
+
+/// Issue 14: a reused id whose task already finished is dropped by qsysd as a duplicate; `--wait`
+/// says so and exits 1 instead of reporting the old row as this push's result.
+#[test]
+fn wait_reports_a_reused_id_as_already_known() {
+    let env = TestEnv::new("pushreuse");
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 1,
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let (daemon, cfg) = daemon_setup(&env, &fleet);
+    let first = push(
+        &["--config", path(&cfg), "--wait", "--timeout", "60s"],
+        &format!("{}\n", with_id("reused")),
+        &[],
+    );
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    let text = format!("{}\n{}\n", with_id("reused"), with_id("fresh"));
+    let again = push(
+        &["--config", path(&cfg), "--wait", "--timeout", "60s"],
+        &text,
+        &[],
+    );
+    assert_eq!(again.code, 1, "{}", again.stderr);
+    assert!(
+        again
+            .stderr
+            .contains("2 tasks: 1 finished, 0 failed, 0 not done, 1 already known"),
+        "{}",
+        again.stderr
+    );
+    assert!(
+        again
+            .stderr
+            .contains("already known, not run again: reused (finished)"),
+        "{}",
+        again.stderr
+    );
+    assert_eq!(fleet.stats().seen().get("reused"), Some(&1));
+    stop(daemon);
+}
+
 #[test]
 fn wait_exits_1_when_a_task_fails_or_time_runs_out() {
     let env = TestEnv::new("pushwaitfail");

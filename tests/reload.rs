@@ -38,6 +38,20 @@ fn gpus_and_slots_change_under_load_without_touching_tasks_in_flight() {
     assert!(wait_for(Duration::from_secs(20), || {
         fleet.stats().received(1) > 0
     }));
+    // Once the two beyond the new count have drained, g0 runs at most one at a time.
+    assert!(wait_for(Duration::from_secs(20), || {
+        fleet.stats().running(0) <= 1
+    }));
+    fleet.stats().reset_max_running(0);
+    let g0_then = fleet.stats().received(0);
+    assert!(wait_for(Duration::from_secs(20), || {
+        fleet.stats().received(0) >= g0_then + 3
+    }));
+    assert!(
+        fleet.stats().max_running(0) <= 1,
+        "g0 ran {} at once after its slots were lowered to 1",
+        fleet.stats().max_running(0)
+    );
     // Then g0 is removed: it drains, everything else goes to g1.
     let only_g1 = env
         .config_toml(&urls[1..], "")

@@ -221,6 +221,64 @@ fn a_killed_instance_is_recovered_by_the_others() {
     }
 }
 
+/// Graceful stops while peers are live (issue 14): three instances share 1,000 tasks; two of them
+/// are stopped with SIGTERM mid-run, one after the other, while the fleet is full, so each hands
+/// back what it holds to peers that are popping the same queue. Every task finishes, the fleet is
+/// respected, no slot leaks and each stop exits 0.
+#[test]
+fn graceful_stops_beside_live_peers_lose_nothing() {
+    let env = TestEnv::new("gracefulsc");
+    let fleet = Fleet::start(FleetConfig {
+        delay: (Duration::from_millis(30), Duration::from_millis(90)),
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let extra = "[gpu]\ntask_timeout = \"5s\"\n";
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut children = Vec::new();
+    for i in 0..3 {
+        let cfg = env.dir.join(format!("qsysd-{i}.toml"));
+        std::fs::write(&cfg, instance_config(&env, fleet.urls(), &ports, i, extra))
+            .expect("config");
+        let log = env.dir.join(format!("qsysd-{i}.log"));
+        children.push((common::spawn_qsysd(&cfg, &log, &[]), log));
+    }
+    for (_, log) in &children {
+        assert!(common::wait_log(
+            log,
+            "qsysd starting",
+            Duration::from_secs(20)
+        ));
+    }
+    env.push_raw("q1", &transcriptions("gs", 1000));
+    for stop_at in [200, 500] {
+        assert!(wait_for(Duration::from_secs(60), || env
+            .count("state = 'finished'")
+            >= stop_at));
+        let (mut c, log) = children.remove(0);
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let status = c.wait().expect("reap");
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(status.success(), "stop exited {status:?}: {text}");
+    }
+    assert!(
+        wait_for(Duration::from_secs(120), || env.count("state = 'finished'")
+            == 1000),
+        "{:?}",
+        env.states()
+    );
+    assert_fleet_respected(&env, &fleet);
+    let held: Vec<u64> = env.query("SELECT COUNT(*) FROM gpu_slots WHERE task_id IS NOT NULL");
+    assert_eq!(held[0], 0);
+    assert_eq!(env.llen("q1"), 0);
+    for (mut c, _) in children {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let _ = c.wait();
+    }
+}
+
 /// Alone, an instance publishes no slot events (nobody would read them); once a second instance
 /// is live it does, starting with every slot it holds.
 #[test]
