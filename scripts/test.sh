@@ -20,11 +20,14 @@ cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-bash scripts/test-deb.sh 2>&1 | tee "$log"
+# Every test binary runs even when one fails, and the closing line is always printed.
+status=0
+bash scripts/test-deb.sh 2>&1 | tee "$log" || status=1
 # Binaries and examples have no tests of their own; clippy above has built them. The workspace
 # holds the patched tiny_http (vendor/), whose own tests run too.
-cargo test --workspace --lib --tests --locked 2>&1 | tee -a "$log"
+cargo test --workspace --no-fail-fast --lib --tests --locked 2>&1 | tee -a "$log" || status=1
 # One closing line over every test binary and the package checks.
 awk '/^test result:/ { p += $4; f += $6 }
      /^test-deb: [0-9]+ passed/ { p += $2; f += $4 }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"

@@ -7,10 +7,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use common::{stop, transcriptions, wait_for, TestEnv, SECRET};
-use qsys::config::Secret;
+use common::{callback_target, stop, transcriptions, wait_for, TestEnv};
 use qsys::fakegpu::{Fleet, FleetConfig};
-use qsys::token::Signer;
 
 /// A raw HTTP/1.1 exchange; returns (status, body).
 fn call(addr: SocketAddr, method: &str, target: &str, body: &str) -> (u16, String) {
@@ -35,11 +33,6 @@ fn call(addr: SocketAddr, method: &str, target: &str, body: &str) -> (u16, Strin
     (status, body)
 }
 
-fn target(signer: &Signer, id: &str, attempt: u32) -> String {
-    let url = signer.callback_url(id, attempt);
-    url[url.find("/callback").expect("path")..].to_string()
-}
-
 #[test]
 fn every_reply_code_and_nothing_changes_without_authority() {
     let env = TestEnv::new("callbacks");
@@ -52,7 +45,6 @@ fn every_reply_code_and_nothing_changes_without_authority() {
     .expect("fleet");
     let daemon = env.start(&env.config_toml(fleet.urls(), ""));
     let addr = daemon.callback_addr();
-    let signer = Signer::new(Secret::new(SECRET), "http://unused/callback");
     env.push_raw("q1", &transcriptions("cb", 1));
     // The row turns `processing` when the slot is claimed, just before the request goes out.
     assert!(wait_for(Duration::from_secs(20), || {
@@ -63,7 +55,7 @@ fn every_reply_code_and_nothing_changes_without_authority() {
         .as_str()
         .expect("url")
         .to_string();
-    assert!(sent.ends_with(&target(&signer, "cb-0", 1)), "{sent}");
+    assert!(sent.ends_with(&callback_target("cb-0", 1)), "{sent}");
     let finished = r#"{"task_id":"cb-0","status":"finished"}"#;
     let processing = || env.task("cb-0").map(|t| t.0).as_deref() == Some("processing");
 
@@ -72,12 +64,12 @@ fn every_reply_code_and_nothing_changes_without_authority() {
     let forged = format!("/callback?attempt=1&token={}", "ab".repeat(32));
     assert_eq!(call(addr, "POST", &forged, finished).0, 401);
     assert_eq!(
-        call(addr, "POST", &target(&signer, "other", 1), finished).0,
+        call(addr, "POST", &callback_target("other", 1), finished).0,
         401
     );
     assert!(processing());
     // Malformed, too large, wrong method.
-    let t1 = target(&signer, "cb-0", 1);
+    let t1 = callback_target("cb-0", 1);
     assert_eq!(call(addr, "POST", &t1, "{not json").0, 400);
     assert_eq!(
         call(addr, "POST", &t1, r#"{"task_id":"cb-0","status":"done"}"#).0,
@@ -91,7 +83,7 @@ fn every_reply_code_and_nothing_changes_without_authority() {
     assert_eq!(call(addr, "GET", "/callback", "").0, 405);
     assert_eq!(call(addr, "GET", "/nowhere", "").0, 404);
     // A correctly signed token for an attempt that is not the current one: stale.
-    let (code, body) = call(addr, "POST", &target(&signer, "cb-0", 2), finished);
+    let (code, body) = call(addr, "POST", &callback_target("cb-0", 2), finished);
     assert_eq!(code, 409, "{body}");
     assert!(body.contains("stale"));
     assert!(processing());
@@ -100,7 +92,7 @@ fn every_reply_code_and_nothing_changes_without_authority() {
         call(
             addr,
             "POST",
-            &target(&signer, "ghost", 1),
+            &callback_target("ghost", 1),
             r#"{"task_id":"ghost","status":"finished"}"#
         )
         .0,

@@ -6,14 +6,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{stop, transcriptions, wait_for, TestEnv, SECRET};
+use common::{callback_target, daemon_awaiting_callbacks, stop, TestEnv};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use qsys::callback::parse_report;
-use qsys::config::Secret;
-use qsys::fakegpu::{Fleet, FleetConfig};
 use qsys::message::parse;
-use qsys::token::Signer;
 
 /// JSON-ish text: mostly structure characters and the field names that matter, so the parsers'
 /// interesting branches are reached far more often than with uniform bytes.
@@ -84,27 +81,15 @@ proptest! {
 #[test]
 fn garbage_callbacks_change_nothing() {
     let env = TestEnv::new("fuzzcb");
-    let fleet = Fleet::start(FleetConfig {
-        gpus: 1,
-        lose_rate: 1.0,
-        ..FleetConfig::default()
-    })
-    .expect("fleet");
-    let daemon = env.start(&env.config_toml(fleet.urls(), ""));
-    env.push_raw("q1", &transcriptions("fz", 2));
-    assert!(wait_for(Duration::from_secs(20), || {
-        env.count("state = 'processing'") == 2
-    }));
+    let (daemon, _fleet) = daemon_awaiting_callbacks(&env, "fz", 2, 1);
     let snapshot = || -> Vec<(String, String, u32)> {
         env.query("SELECT task_id, state, attempts FROM tasks ORDER BY task_id")
     };
     let before = snapshot();
-    let signer = Signer::new(Secret::new(SECRET), "http://unused/callback");
-    let url = signer.callback_url("fz-0", 1);
     let good = format!(
         "http://{}{}",
         daemon.callback_addr(),
-        &url[url.find("/callback").expect("path")..]
+        callback_target("fz-0", 1)
     );
     let forged = format!(
         "http://{}/callback?attempt=1&token={}",
@@ -273,17 +258,7 @@ fn hostile_head() -> impl Strategy<Value = Vec<u8>> {
 fn garbage_heads_are_answered_and_change_nothing() {
     use std::io::{Read, Write};
     let env = TestEnv::new("fuzzhead");
-    let fleet = Fleet::start(FleetConfig {
-        gpus: 1,
-        lose_rate: 1.0,
-        ..FleetConfig::default()
-    })
-    .expect("fleet");
-    let daemon = env.start(&env.config_toml(fleet.urls(), ""));
-    env.push_raw("q1", &transcriptions("fh", 1));
-    assert!(wait_for(Duration::from_secs(20), || {
-        env.count("state = 'processing'") == 1
-    }));
+    let (daemon, _fleet) = daemon_awaiting_callbacks(&env, "fh", 1, 1);
     let addr = daemon.callback_addr();
     let mut runner = proptest::test_runner::TestRunner::deterministic();
     let strategy = hostile_head();
@@ -311,12 +286,7 @@ fn garbage_heads_are_answered_and_change_nothing() {
         );
     }
     assert_eq!(env.count("state = 'processing'"), 1);
-    let signer = Signer::new(Secret::new(SECRET), "http://unused/callback");
-    let url = signer.callback_url("fh-0", 1);
-    let target = format!(
-        "http://{addr}{}",
-        &url[url.find("/callback").expect("path")..]
-    );
+    let target = format!("http://{addr}{}", callback_target("fh-0", 1));
     let r = qsys::http::post_json(
         &qsys::http::agent(),
         &target,

@@ -12,11 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{stop, transcriptions, wait_for, TestEnv, SECRET};
-use qsys::config::Secret;
-use qsys::daemon::Daemon;
+use common::{callback_target, daemon_awaiting_callbacks, stop, wait_for, TestEnv};
 use qsys::fakegpu::{Fleet, FleetConfig};
-use qsys::token::Signer;
 
 fn connect(addr: SocketAddr) -> TcpStream {
     let s = TcpStream::connect(addr).expect("connect");
@@ -128,28 +125,9 @@ fn hostile_requests(path: &str) -> Vec<(&'static str, Vec<u8>, u16)> {
     cases
 }
 
-/// A daemon with `n` tasks processing on a fleet that never calls back, so the test's own signed
-/// callbacks are what ends them.
-fn daemon_with_waiting_tasks(env: &TestEnv, tag: &str, n: usize) -> (Daemon, Fleet) {
-    let fleet = Fleet::start(FleetConfig {
-        gpus: 4,
-        lose_rate: 1.0,
-        ..FleetConfig::default()
-    })
-    .expect("fleet");
-    let daemon = env.start(&env.config_toml(fleet.urls(), ""));
-    env.push_raw("q1", &transcriptions(tag, n));
-    assert!(wait_for(Duration::from_secs(20), || {
-        env.count("state = 'processing'") == n as u64
-    }));
-    (daemon, fleet)
-}
-
 /// Posts the genuine `finished` callback for `task_id` attempt 1; returns status and latency.
 fn signed_callback(addr: SocketAddr, task_id: &str) -> (u16, Duration) {
-    let signer = Signer::new(Secret::new(SECRET), "http://unused/callback");
-    let url = signer.callback_url(task_id, 1);
-    let path = &url[url.find("/callback").expect("path")..];
+    let path = callback_target(task_id, 1);
     let body = format!(r#"{{"task_id":"{task_id}","status":"finished"}}"#);
     let req = format!(
         "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n\
@@ -164,7 +142,7 @@ fn signed_callback(addr: SocketAddr, task_id: &str) -> (u16, Duration) {
 #[test]
 fn hostile_requests_get_a_clear_status_on_both_listeners() {
     let env = TestEnv::new("hostile");
-    let (daemon, _fleet) = daemon_with_waiting_tasks(&env, "hr", 2);
+    let (daemon, _fleet) = daemon_awaiting_callbacks(&env, "hr", 2, 4);
     for (addr, path) in [
         (daemon.callback_addr(), "/callback?attempt=1&token=00"),
         (daemon.admin_addr(), "/gpus/g0/drain"),
@@ -197,7 +175,7 @@ fn hostile_requests_get_a_clear_status_on_both_listeners() {
 #[test]
 fn slow_and_silent_clients_never_hold_a_callback() {
     let env = TestEnv::new("slowcl");
-    let (daemon, _fleet) = daemon_with_waiting_tasks(&env, "sc", 8);
+    let (daemon, _fleet) = daemon_awaiting_callbacks(&env, "sc", 8, 4);
     let addr = daemon.callback_addr();
     let done = Arc::new(AtomicBool::new(false));
     let mut tricklers = Vec::new();

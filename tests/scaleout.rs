@@ -25,6 +25,48 @@ fn instance_config(env: &TestEnv, urls: &[String], ports: &[u16], i: usize, extr
         .replace("instance_id = \"test\"", &format!("instance_id = \"inst-{i}\""))
 }
 
+/// Configs of three instances whose callbacks come to themselves: a dead or stopped instance's
+/// port then loses the callbacks of its own attempts only, which their leases bring back.
+/// `daemon` goes into each `[daemon]` table.
+fn self_called_configs(env: &TestEnv, urls: &[String], extra: &str, daemon: &str) -> Vec<String> {
+    (0..3)
+        .map(|i| {
+            instance_config(env, urls, &[free_port()], 0, extra)
+                .replace(
+                    "instance_id = \"inst-0\"",
+                    &format!("instance_id = \"inst-{i}\""),
+                )
+                .replace("[daemon]", &format!("[daemon]\n{daemon}"))
+        })
+        .collect()
+}
+
+/// Writes each config, starts the `qsysd` binary on it and waits until each has started: the
+/// children with their logs.
+fn spawn_instances(
+    env: &TestEnv,
+    configs: &[String],
+) -> Vec<(std::process::Child, std::path::PathBuf)> {
+    let children: Vec<_> = configs
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            let cfg = env.dir.join(format!("qsysd-{i}.toml"));
+            std::fs::write(&cfg, text).expect("config");
+            let log = env.dir.join(format!("qsysd-{i}.log"));
+            (common::spawn_qsysd(&cfg, &log, &[]), log)
+        })
+        .collect();
+    for (_, log) in &children {
+        assert!(common::wait_log(
+            log,
+            "qsysd starting",
+            Duration::from_secs(20)
+        ));
+    }
+    children
+}
+
 /// No GPU ran more than its 4 slots, and no task ran twice at once (below).
 fn assert_fleet_respected(env: &TestEnv, fleet: &Fleet) {
     for g in 0..4 {
@@ -172,29 +214,8 @@ fn a_killed_instance_is_recovered_by_the_others() {
     })
     .expect("fleet");
     let extra = "[gpu]\ntask_timeout = \"3s\"\n[retry]\nmax_attempts = 10\nbackoff = \"50ms\"\n";
-    let mut children = Vec::new();
-    for i in 0..3 {
-        // Each instance's callbacks come to itself here: a dead instance's port then loses the
-        // callbacks of its own attempts only, which its leases bring back.
-        let own = [free_port()];
-        let text = instance_config(&env, fleet.urls(), &own, 0, extra)
-            .replace(
-                "instance_id = \"inst-0\"",
-                &format!("instance_id = \"inst-{i}\""),
-            )
-            .replace("[daemon]", "[daemon]\ninstance_timeout = \"2s\"");
-        let cfg = env.dir.join(format!("qsysd-{i}.toml"));
-        std::fs::write(&cfg, text).expect("config");
-        let log = env.dir.join(format!("qsysd-{i}.log"));
-        children.push((common::spawn_qsysd(&cfg, &log, &[]), log));
-    }
-    for (_, log) in &children {
-        assert!(common::wait_log(
-            log,
-            "qsysd starting",
-            Duration::from_secs(20)
-        ));
-    }
+    let configs = self_called_configs(&env, fleet.urls(), extra, "instance_timeout = \"2s\"");
+    let mut children = spawn_instances(&env, &configs);
     env.push_raw("q1", &transcriptions("fo", 1000));
     assert!(wait_for(Duration::from_secs(30), || env
         .count("state = 'finished'")
@@ -233,28 +254,24 @@ fn graceful_stops_beside_live_peers_lose_nothing() {
         ..FleetConfig::default()
     })
     .expect("fleet");
-    let extra = "[gpu]\ntask_timeout = \"5s\"\n";
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let mut children = Vec::new();
-    for i in 0..3 {
-        let cfg = env.dir.join(format!("qsysd-{i}.toml"));
-        std::fs::write(&cfg, instance_config(&env, fleet.urls(), &ports, i, extra))
-            .expect("config");
-        let log = env.dir.join(format!("qsysd-{i}.log"));
-        children.push((common::spawn_qsysd(&cfg, &log, &[]), log));
-    }
-    for (_, log) in &children {
-        assert!(common::wait_log(
-            log,
-            "qsysd starting",
-            Duration::from_secs(20)
-        ));
-    }
+    let extra = "[gpu]\ntask_timeout = \"3s\"\n[retry]\nmax_attempts = 10\nbackoff = \"50ms\"\n";
+    let configs = self_called_configs(&env, fleet.urls(), extra, "");
+    let mut children = spawn_instances(&env, &configs);
     env.push_raw("q1", &transcriptions("gs", 1000));
     for stop_at in [200, 500] {
-        assert!(wait_for(Duration::from_secs(60), || env
-            .count("state = 'finished'")
-            >= stop_at));
+        assert!(
+            wait_for(Duration::from_secs(60), || env.count("state = 'finished'")
+                >= stop_at),
+            "{:?} {:?}; logs: {:?}",
+            env.states(),
+            env.query::<(String, String)>(
+                "SELECT task_id, COALESCE(error, '') FROM tasks WHERE state = 'failed' LIMIT 3"
+            ),
+            children
+                .iter()
+                .map(|(_, log)| std::fs::read_to_string(log).unwrap_or_default())
+                .collect::<Vec<_>>()
+        );
         let (mut c, log) = children.remove(0);
         // SAFETY: signalling our own child.
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };

@@ -318,6 +318,37 @@ impl Drop for Spawned {
     }
 }
 
+/// A daemon on `gpus` fake GPUs that accept every task and never call back, with `n` tasks of
+/// ids `{tag}-{i}` processing: the test's own callbacks are what ends them.
+pub fn daemon_awaiting_callbacks(
+    env: &TestEnv,
+    tag: &str,
+    n: usize,
+    gpus: usize,
+) -> (Daemon, qsys::fakegpu::Fleet) {
+    let fleet = qsys::fakegpu::Fleet::start(qsys::fakegpu::FleetConfig {
+        gpus,
+        lose_rate: 1.0,
+        ..qsys::fakegpu::FleetConfig::default()
+    })
+    .expect("fleet");
+    let daemon = env.start(&env.config_toml(fleet.urls(), ""));
+    env.push_raw("q1", &transcriptions(tag, n));
+    assert!(wait_for(Duration::from_secs(20), || {
+        env.count("state = 'processing'") == n as u64
+    }));
+    (daemon, fleet)
+}
+
+/// The path and query of attempt `attempt`'s genuine callback URL for `task_id` (the tests'
+/// secret), to send to a daemon's callback listener.
+pub fn callback_target(task_id: &str, attempt: u32) -> String {
+    let signer =
+        qsys::token::Signer::new(qsys::config::Secret::new(SECRET), "http://unused/callback");
+    let url = signer.callback_url(task_id, attempt);
+    url[url.find("/callback").expect("path")..].to_string()
+}
+
 /// Stops a daemon and waits for it, failing the test if a thread died.
 pub fn stop(d: Daemon) {
     d.stop();
