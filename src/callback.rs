@@ -6,7 +6,7 @@
 //! (`qsys-callback-N`) share the listener, parse and verify; a valid callback goes with its open
 //! request to the writer ([`run_writer`]), which ends the attempts of every callback waiting in one
 //! transaction through [`Shared::end_attempts`] and then answers each by its typed result, mapped
-//! onto the reply codes of design §5: 200 applied, 200 with `"duplicate": true` for a repeat, 404
+//! onto the reply codes of docs/contracts.md §5: 200 applied, 200 with `"duplicate": true` for a repeat, 404
 //! unknown task, 409 stale attempt or terminal conflict, 400 malformed, 413 too large, 405 wrong
 //! method, 503 when MySQL cannot be reached (the GPU should retry).
 
@@ -118,7 +118,7 @@ pub fn verify(shared: &Shared, url: &str, body: &[u8]) -> Result<(Report, u32), 
     Ok((report, attempt))
 }
 
-/// The answer to a verified callback, given what ending its attempt did (design §5 reply codes).
+/// The answer to a verified callback, given what ending its attempt did (docs/contracts.md §5 reply codes).
 fn answer(report: &Report, attempt: u32, result: Result<&Finish, &StoreError>) -> Answer {
     let task_id = report.task_id.as_str();
     match result {

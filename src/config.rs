@@ -85,7 +85,7 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// How a GPU endpoint reports completion (design §5).
+/// How a GPU endpoint reports completion (docs/contracts.md §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Completion {
     /// 2xx means accepted; the result arrives later at the callback URL.
@@ -346,7 +346,7 @@ struct RawDaemon {
 /// The environment as the loader sees it: injectable so tests never touch the process environment.
 pub type Env = BTreeMap<String, String>;
 
-/// The seed's environment variables that override the file (design §6).
+/// The seed's environment variables that override the file (docs/contracts.md §6).
 pub const ENV_KEYS: &[&str] = &[
     "REDIS_HOST",
     "REDIS_PORT",

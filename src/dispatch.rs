@@ -1,7 +1,7 @@
 //! The dispatch pool (`qsys-dispatch-N`): bounded threads that make the blocking HTTP call to the
 //! GPU endpoint for a slot the scheduler has already claimed in MySQL.
 //!
-//! Request (design §5): `POST <endpoint url>`, JSON body = the task's `data` plus `task_id` and a
+//! Request (docs/contracts.md §5): `POST <endpoint url>`, JSON body = the task's `data` plus `task_id` and a
 //! per-attempt signed `callback_url`, `Authorization: Bearer` when configured. In `callback` mode a
 //! 2xx only means accepted and the thread is free again at once; in `response` mode the thread waits
 //! for the answer for up to the task's lease (not the short request timeout: the seed's 30 s cap

@@ -1,5 +1,5 @@
 //! What a producer may send, and what it becomes: the event shapes `qsys-push` and its Lambda runtime
-//! accept, checked and turned into queue messages in the seed's exact format (design §3).
+//! accept, checked and turned into queue messages in the seed's exact format (docs/contracts.md §3).
 //!
 //! Pure, no I/O: callers read files, stdin or the Lambda Runtime API, and push the result
 //! ([`crate::push`]). The shapes:
@@ -464,7 +464,7 @@ impl<'r> Batch<'r> {
         });
     }
 
-    /// The task's id: `data.task_id`, else its `task_id`, else a new UUIDv4 (design §3).
+    /// The task's id: `data.task_id`, else its `task_id`, else a new UUIDv4 (docs/contracts.md §3).
     fn task_id(
         &mut self,
         place: &str,

@@ -493,7 +493,7 @@ fn send_callbacks(inner: &Inner, rx: Receiver<Due>) {
             1
         };
         for _ in 0..times {
-            // Like a real GPU (design §5), a callback that got no answer or a 5xx is sent again.
+            // Like a real GPU (docs/contracts.md §5), a callback that got no answer or a 5xx is sent again.
             for retry in 0..CALLBACK_TRIES {
                 let code = crate::http::post_json(
                     &agent,

@@ -1,4 +1,4 @@
-//! The queue message contract (design §3): one Redis list element is one JSON object,
+//! The queue message contract (docs/contracts.md §3): one Redis list element is one JSON object,
 //! `{"type": "...", "data": {..., "task_id": "..."}}`, exactly as the seed's producer writes it.
 //!
 //! Pure parsing, no I/O: the poller thread calls [`parse`] on every popped element. A message that
@@ -117,7 +117,7 @@ pub fn parse(raw: &[u8], new_id: impl FnOnce() -> String) -> Result<Message, Mal
             ));
         }
     };
-    // data.task_id wins over a top-level task_id (design §3).
+    // data.task_id wins over a top-level task_id (docs/contracts.md §3).
     let inner = data.get("task_id").map(id_from).transpose();
     let outer = obj.get("task_id").map(id_from).transpose();
     let id = match (inner, outer) {

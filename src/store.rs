@@ -22,7 +22,7 @@ use mysql::{params, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, PooledCo
 /// The newest schema version this build knows.
 pub const SCHEMA_VERSION: u32 = 4;
 
-/// A task's state in the `tasks.state` column (design §4).
+/// A task's state in the `tasks.state` column (docs/contracts.md §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     Pending,
@@ -177,7 +177,7 @@ pub enum Next {
     Retry { after: Duration },
 }
 
-/// Result of ending an attempt, from a callback or a dispatch outcome (design §5 reply codes).
+/// Result of ending an attempt, from a callback or a dispatch outcome (docs/contracts.md §5 reply codes).
 #[derive(Debug, PartialEq, Eq)]
 pub enum Finish {
     /// The state changed; the GPU slot it held (if any) is free in MySQL.

@@ -1,4 +1,4 @@
-//! Per-task, per-attempt callback tokens (design §5).
+//! Per-task, per-attempt callback tokens (docs/contracts.md §5).
 //!
 //! A GPU endpoint learns where to report completion from the `callback_url` in its request: the
 //! configured public URL plus `attempt=N&token=T`, where `T` is an HMAC-SHA256 of the task id and the
