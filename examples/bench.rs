@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use fakefleet::{Fleet, FleetConfig};
 use mysql::prelude::Queryable;
-use qsys::fakegpu::{Fleet, FleetConfig};
 
 #[derive(Parser)]
 struct Args {

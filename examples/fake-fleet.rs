@@ -1,4 +1,4 @@
-//! Runs the fake GPU fleet ([`qsys::fakegpu`]) on fixed local ports for the quickstart demo and the
+//! Runs the fake GPU fleet ([`fakefleet`]) on fixed local ports for the quickstart demo and the
 //! benchmark. Prints one endpoint URL per line, then serves until SIGINT/SIGTERM or `--for`.
 //!
 //! `cargo run --example fake-fleet -- --gpus 4 --base-port 9100 --delay-ms 200-2000`
@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use qsys::config::Completion;
-use qsys::fakegpu::{Fleet, FleetConfig};
+use fakefleet::Completion;
+use fakefleet::{Fleet, FleetConfig};
 
 #[derive(Parser)]
 struct Args {

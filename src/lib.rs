@@ -37,7 +37,6 @@ pub mod config;
 pub mod daemon;
 pub mod dispatch;
 pub mod events;
-pub mod fakegpu;
 pub mod follow;
 pub mod handlers;
 pub mod http;

@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use common::{callback_target, stop, transcriptions, wait_for, TestEnv};
-use qsys::fakegpu::{Fleet, FleetConfig};
+use fakefleet::{Fleet, FleetConfig};
 
 /// A raw HTTP/1.1 exchange; returns (status, body).
 fn call(addr: SocketAddr, method: &str, target: &str, body: &str) -> (u16, String) {

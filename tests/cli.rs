@@ -8,8 +8,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{transcriptions, wait_for, TestEnv};
+use fakefleet::{Fleet, FleetConfig};
 use qsys::config::{Completion, Config, Env, Handler};
-use qsys::fakegpu::{Fleet, FleetConfig};
 
 const QSYSD: &str = env!("CARGO_BIN_EXE_qsysd");
 const PUSH: &str = env!("CARGO_BIN_EXE_qsys-push");
@@ -198,7 +198,7 @@ fn sigterm_finishes_calls_in_flight_and_exits_zero() {
     // Response mode, 2 s per task: four calls are in flight when the signal comes.
     let fleet = Fleet::start(FleetConfig {
         gpus: 1,
-        completion: Completion::Response,
+        completion: fakefleet::Completion::Response,
         delay: (Duration::from_secs(2), Duration::from_secs(2)),
         ..FleetConfig::default()
     })
@@ -304,7 +304,7 @@ fn second_signal_exits_at_once() {
     // A call that would take a minute, and a grace period longer than that.
     let fleet = Fleet::start(FleetConfig {
         gpus: 1,
-        completion: Completion::Response,
+        completion: fakefleet::Completion::Response,
         delay: (Duration::from_secs(60), Duration::from_secs(60)),
         ..FleetConfig::default()
     })

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use common::{free_port, stop, transcriptions, wait_for, TestEnv};
-use qsys::fakegpu::{Fleet, FleetConfig};
+use fakefleet::{Fleet, FleetConfig};
 use serde_json::{json, Value};
 
 const CHROMIUM: &str = "/usr/bin/chromium";

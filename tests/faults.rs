@@ -11,8 +11,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{transcriptions, wait_for, OwnServer, TestEnv, SECRET};
+use fakefleet::{Fleet, FleetConfig};
 use qsys::config::Secret;
-use qsys::fakegpu::{Fleet, FleetConfig};
 use qsys::slots::Health;
 use qsys::token::Signer;
 

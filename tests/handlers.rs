@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{stop, wait_for, Spawned, TestEnv};
-use qsys::fakegpu::{Fleet, FleetConfig};
+use fakefleet::{Fleet, FleetConfig};
 
 /// A report service on port 0: records bodies and answers 500 when the data says so.
 fn report_server() -> (String, Arc<Mutex<HashMap<String, serde_json::Value>>>) {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{callback_target, daemon_awaiting_callbacks, stop, wait_for, TestEnv};
-use qsys::fakegpu::{Fleet, FleetConfig};
+use fakefleet::{Fleet, FleetConfig};
 
 fn connect(addr: SocketAddr) -> TcpStream {
     let s = TcpStream::connect(addr).expect("connect");

@@ -7,9 +7,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{transcriptions, wait_for, wait_log, OwnServer, TestEnv};
+use fakefleet::{Fleet, FleetConfig};
 use mysql::prelude::Queryable;
 use qsys::config::Secret;
-use qsys::fakegpu::{Fleet, FleetConfig};
 use qsys::token::Signer;
 
 fn sigterm(child: &mut Child) {

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{stop, transcriptions, wait_for, TestEnv};
-use qsys::fakegpu::{Fleet, FleetConfig};
+use fakefleet::{Fleet, FleetConfig};
 
 const QSYSD: &str = env!("CARGO_BIN_EXE_qsysd");
 

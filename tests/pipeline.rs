@@ -6,8 +6,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::{stop, transcriptions, wait_for, TestEnv};
-use qsys::config::Completion;
-use qsys::fakegpu::{Fleet, FleetConfig};
+use fakefleet::Completion;
+use fakefleet::{Fleet, FleetConfig};
 
 #[test]
 fn two_hundred_tasks_over_four_gpus_all_finish_within_slots_and_fairly() {

@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::{stop, transcriptions, wait_for, TestEnv};
+use fakefleet::{Fleet, FleetConfig};
 use mysql::prelude::Queryable;
-use qsys::fakegpu::{Fleet, FleetConfig};
 
 /// (marker, element, what the row's error must say). The marker is the task id where the
 /// element has one that can be read, else a string inside the element.

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use common::{stop, TestEnv};
-use qsys::fakegpu::{Fleet, FleetConfig};
+use fakefleet::{Fleet, FleetConfig};
 use serde_json::{json, Value};
 
 const PUSH: &str = env!("CARGO_BIN_EXE_qsys-push");

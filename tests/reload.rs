@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{stop, transcriptions, wait_for, TestEnv};
-use qsys::fakegpu::{Fleet, FleetConfig};
+use fakefleet::{Fleet, FleetConfig};
 
 #[test]
 fn gpus_and_slots_change_under_load_without_touching_tasks_in_flight() {

@@ -6,8 +6,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{free_port, stop, transcriptions, wait_for, TestEnv, SECRET};
+use fakefleet::{Fleet, FleetConfig};
 use qsys::config::Secret;
-use qsys::fakegpu::{Fleet, FleetConfig};
 use qsys::token::Signer;
 
 /// Config of instance `i` of `n`: its own callback port, and a public callback URL that points at

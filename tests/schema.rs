@@ -295,7 +295,8 @@ fn batched_claims_and_endings_give_one_verdict_each() {
         retry: qsys::backoff::RetryDelay {
             base: std::time::Duration::from_millis(10),
             max: std::time::Duration::from_millis(10),
-            jitter: 0.0,
+            // The top of the jitter range: exactly the base delay.
+            jitter: 1.0,
         },
     };
     let flaky = Ending::Failed {

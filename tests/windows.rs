@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::{stop, transcriptions, wait_for, TestEnv};
+use fakefleet::{Fleet, FleetConfig};
 use mysql::prelude::Queryable;
-use qsys::fakegpu::{Fleet, FleetConfig};
 use qsys::testing;
 
 fn as_instance(toml: &str, id: &str, grace: &str) -> String {
@@ -176,7 +176,7 @@ fn every_response_mode_slot_has_a_thread_and_no_gpu_runs_more() {
     let env = TestEnv::new("winresp");
     let fleet = Fleet::start(FleetConfig {
         gpus: 20,
-        completion: qsys::config::Completion::Response,
+        completion: fakefleet::Completion::Response,
         delay: (Duration::from_millis(1000), Duration::from_millis(1000)),
         ..FleetConfig::default()
     })

@@ -325,11 +325,11 @@ pub fn daemon_awaiting_callbacks(
     tag: &str,
     n: usize,
     gpus: usize,
-) -> (Daemon, qsys::fakegpu::Fleet) {
-    let fleet = qsys::fakegpu::Fleet::start(qsys::fakegpu::FleetConfig {
+) -> (Daemon, fakefleet::Fleet) {
+    let fleet = fakefleet::Fleet::start(fakefleet::FleetConfig {
         gpus,
         lose_rate: 1.0,
-        ..qsys::fakegpu::FleetConfig::default()
+        ..fakefleet::FleetConfig::default()
     })
     .expect("fleet");
     let daemon = env.start(&env.config_toml(fleet.urls(), ""));

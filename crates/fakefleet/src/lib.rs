@@ -1,7 +1,8 @@
-//! A fake GPU fleet that speaks only contract §5: one HTTP port per GPU, a delay distribution,
+//! A fake GPU fleet that speaks only qsysd's GPU contract (docs/contracts.md §5): one HTTP port per GPU, a delay distribution,
 //! injected 500s, hangs, lost callbacks and failed results, and its own count of concurrent tasks per
 //! GPU. Tests, the quickstart demo (`cargo run --example fake-fleet`) and the benchmark drive qsysd
-//! against it.
+//! against it. A crate of its own, so that none of it is in the product (`cargo tree -e normal -p
+//! qsysd` does not list it).
 //!
 //! It knows nothing of qsysd's internals: it reads `task_id` and `callback_url` from the request body
 //! and later POSTs `{"task_id", "status"}` to that URL (again, up to four times, after no answer
@@ -24,7 +25,33 @@ use rand::Rng;
 use serde_json::{json, Value};
 use tiny_http::{Request, Response, Server};
 
-use crate::config::Completion;
+/// How the fake GPUs report completion (docs/contracts.md §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    /// Accept at once (2xx), call back when done.
+    Callback,
+    /// Answer the dispatch when done.
+    Response,
+}
+
+/// An agent for the callbacks: statuses are values, every call is bounded.
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(2)))
+        .build()
+        .into()
+}
+
+/// POSTs a callback; its HTTP status, 0 when there was no answer.
+fn post_callback(agent: &ureq::Agent, url: &str, body: &str) -> u16 {
+    agent
+        .post(url)
+        .header("Content-Type", "application/json")
+        .send(body)
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
 
 /// How the fleet behaves. Rates are probabilities in `[0, 1]`, drawn per request.
 #[derive(Debug, Clone)]
@@ -477,7 +504,7 @@ fn run_timer(inner: &Inner, due: Receiver<(Instant, Due)>, callbacks: Sender<Due
 const CALLBACK_TRIES: u32 = 4;
 
 fn send_callbacks(inner: &Inner, rx: Receiver<Due>) {
-    let agent = crate::http::agent();
+    let agent = agent();
     while let Ok(d) = rx.recv() {
         if inner.stopping.load(Ordering::SeqCst) {
             return;
@@ -495,16 +522,7 @@ fn send_callbacks(inner: &Inner, rx: Receiver<Due>) {
         for _ in 0..times {
             // Like a real GPU (docs/contracts.md §5), a callback that got no answer or a 5xx is sent again.
             for retry in 0..CALLBACK_TRIES {
-                let code = crate::http::post_json(
-                    &agent,
-                    &d.callback_url,
-                    None,
-                    &body,
-                    Duration::from_secs(2),
-                    Duration::from_secs(2),
-                )
-                .map(|r| r.status)
-                .unwrap_or(0);
+                let code = post_callback(&agent, &d.callback_url, &body);
                 *inner
                     .stats
                     .callback_replies
