@@ -248,3 +248,43 @@ fn a_dispatch_that_waited_past_its_lease_is_not_sent() {
     assert_eq!(attempts, vec![2]);
     stop(daemon);
 }
+
+/// What a lost commit acknowledgement, a lost retry event or a failed hand-back leaves behind: a
+/// `pending` row in no thread's memory and no Redis list. Made here by hand, deterministically:
+/// one held by this instance, one held by nobody. The scheduler's sweep takes both up (before,
+/// such rows stayed `pending` until a restart, or for ever).
+#[test]
+fn pending_rows_in_no_memory_and_no_list_are_taken_up() {
+    let env = TestEnv::new("winsweep");
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 1,
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let daemon = env.start(&as_instance(
+        &env.config_toml(fleet.urls(), ""),
+        "win-sweep",
+        "10s",
+    ));
+    assert!(wait_for(Duration::from_secs(10), || env.schema_ready()));
+    let payload =
+        |id: &str| format!(r#"{{"type":"start_transcribe","data":{{"task_id":"{id}"}}}}"#);
+    let mut c = env.mysql();
+    for (id, holder) in [("lost-mine", Some("win-sweep")), ("lost-nobody", None)] {
+        c.exec_drop(
+            "INSERT INTO tasks (task_id, queue, state, type, payload, attempts, instance_id, \
+             created_at, updated_at) VALUES (?, ?, 'pending', 'start_transcribe', ?, 0, ?, \
+             NOW(3), NOW(3) - INTERVAL 1 MINUTE)",
+            (id, env.queue("q1"), payload(id), holder),
+        )
+        .expect("row");
+    }
+    assert!(
+        wait_for(Duration::from_secs(30), || env.count("state = 'finished'")
+            == 2),
+        "{:?}",
+        env.states()
+    );
+    assert_eq!(fleet.stats().seen().len(), 2);
+    stop(daemon);
+}
