@@ -1,16 +1,11 @@
 #!/usr/bin/env bash
-# Builds the Debian package: target/debian/qsysd_<version>-1_<arch>.deb.
-# Needs cargo-deb (installed here with `cargo install cargo-deb --locked` if missing) and gzip.
+# Builds the Debian package: target/debian/qsysd_<version>-1_<arch>.deb. A wrapper around plain
+# `cargo deb`, which works as is: it only installs cargo-deb first if it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! cargo deb --version >/dev/null 2>&1; then
   echo "deb: installing cargo-deb"
   cargo install cargo-deb --locked --quiet
 fi
-cargo build --release --locked --bins
-mkdir -p target/man
-for page in packaging/man/*.[0-9]; do
-  gzip -9 -n -c "$page" > "target/man/$(basename "$page").gz"
-done
-cargo deb --no-build --locked
+cargo deb --locked
 ls -1 target/debian/*.deb

@@ -51,6 +51,17 @@ for f in ./usr/bin/qsysd ./usr/bin/qsys-push ./etc/qsysd.toml ./usr/lib/sysusers
 done
 grep -E ' \./etc/qsysd\.toml$' <<<"$listing" | grep -q '^-rw-r-----' || fail "etc/qsysd.toml is not 0640"
 ok "file list and modes"
+# The product carries no test-only code: neither the pause points (feature test-utils) nor the
+# fake GPU fleet (crates/fakefleet) may be in the packaged binaries.
+bin_dir=$(mktemp -d)
+dpkg-deb -x "$deb" "$bin_dir"
+for marker in hand-back:released dispatch:before-send fake-gpu- fake-callback-; do
+  if grep -aq -- "$marker" "$bin_dir/usr/bin/qsysd" "$bin_dir/usr/bin/qsys-push"; then
+    fail "test-only code in the package: $marker"
+  fi
+done
+rm -rf "$bin_dir"
+ok "no test-only code in the binaries"
 conffiles=$(dpkg-deb --ctrl-tarfile "$deb" | tar -xO ./conffiles)
 [ "$conffiles" = "/etc/qsysd.toml" ] || fail "conffiles are: $conffiles"
 ok "conffiles: $conffiles"
