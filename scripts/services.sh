@@ -33,7 +33,11 @@ if ! mysql_up; then
   if [ ! -d /var/lib/mysql/mysql ]; then
     as_root mariadb-install-db --user=mysql --datadir=/var/lib/mysql >/dev/null
   fi
-  as_root start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd -- \
+  # Its own pid file: "running" was decided above by the port answering, and start-stop-daemon
+  # matching on --exec alone would take any mariadbd on the machine (one in a container or
+  # another namespace) for this one and start nothing.
+  as_root start-stop-daemon --start --oknodo --background --make-pidfile \
+    --pidfile /run/mysqld/qsys-services.pid --exec /usr/sbin/mariadbd -- \
     --user=mysql --bind-address=127.0.0.1 --port=3306
 fi
 

@@ -7,14 +7,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/services.sh
 # promtool checks /metrics (tests/ops.rs); Debian ships it in the prometheus package.
+# Installing the package on a systemd machine also starts a Prometheus server (enabled by the
+# package); the tests only need its promtool.
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 if ! command -v promtool >/dev/null; then
-  DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 # Headless Chromium and chromedriver drive the dashboard (tests/dashboard.rs).
 if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
-  DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
 fi
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings

@@ -215,15 +215,22 @@ impl Journald {
         if Journald::alive() {
             return Journald(None);
         }
-        let child = Command::new("/lib/systemd/systemd-journald")
+        // Its stderr is kept: when it does not start, it says why (no /sys/fs/cgroup, say).
+        let err = std::env::temp_dir().join(format!("qsys-journald-{}.err", std::process::id()));
+        let mut child = Command::new("/lib/systemd/systemd-journald")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&err).expect("journald stderr file"))
             .spawn()
             .expect("start systemd-journald");
-        assert!(
-            wait_for(Duration::from_secs(10), Journald::alive),
-            "journald did not start"
-        );
+        if !wait_for(Duration::from_secs(10), Journald::alive) {
+            let _ = child.kill();
+            let status = child.wait().ok();
+            panic!(
+                "journald did not start ({status:?}); it said: {}",
+                std::fs::read_to_string(&err).unwrap_or_default().trim()
+            );
+        }
+        let _ = std::fs::remove_file(&err);
         Journald(Some(child))
     }
 }
