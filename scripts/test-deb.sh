@@ -17,7 +17,8 @@ dpkg_() {
   echo "$out" >&2
   return 1
 }
-ok() { echo "test-deb: ok: $*"; }
+passed=0
+ok() { echo "test-deb: ok: $*"; passed=$((passed + 1)); }
 
 [ "$(id -u)" -eq 0 ] || fail "needs root (dpkg -i)"
 missing=()
@@ -46,7 +47,8 @@ unit=$(awk '{print $6}' <<<"$listing" | grep -E '/systemd/system/qsysd\.service$
 [ -n "$unit" ] || fail "no systemd unit in the package"
 for f in ./usr/bin/qsysd ./usr/bin/qsys-push ./etc/qsysd.toml ./usr/lib/sysusers.d/qsysd.conf \
          ./usr/share/man/man8/qsysd.8.gz ./usr/share/man/man1/qsys-push.1.gz \
-         ./usr/share/man/man5/qsysd.toml.5.gz ./usr/share/doc/qsysd/copyright; do
+         ./usr/share/man/man5/qsysd.toml.5.gz ./usr/share/doc/qsysd/copyright \
+         ./usr/lib/systemd/system/qsys-push@.service ./usr/lib/systemd/system/qsys-push@.timer; do
   awk '{print $6}' <<<"$listing" | grep -qx -- "$f" || fail "missing $f"
 done
 grep -E ' \./etc/qsysd\.toml$' <<<"$listing" | grep -q '^-rw-r-----' || fail "etc/qsysd.toml is not 0640"
@@ -89,6 +91,27 @@ score=$(systemd-analyze security --offline=yes "$installed_unit" 2>/dev/null | s
 awk -v s="$score" 'BEGIN { exit !(s != "" && s <= 2.0) }' || fail "security exposure $score > 2.0"
 ok "unit: systemd-analyze verify clean, exposure $score"
 
+# Periodic tasks: the installed template pair, as an instance, verifies clean; the service's own
+# command line (with a test config and task file in place of /etc/qsysd/...) pushes the task.
+timers=$(mktemp -d)
+for kind in service timer; do
+  cp "/usr/lib/systemd/system/qsys-push@.$kind" "$timers/qsys-push@deb-check.$kind"
+done
+verify=$(cd "$timers" && systemd-analyze verify qsys-push@deb-check.timer qsys-push@deb-check.service 2>&1 || true)
+[ -z "$verify" ] || fail "systemd-analyze verify of qsys-push@.timer: $verify"
+exec_start=$(sed -n 's/^ExecStart=//p' /usr/lib/systemd/system/qsys-push@.service)
+queue="qsys-deb-check:$$:timer"
+printf '[redis]\nurl = "redis://127.0.0.1:6379/0"\nqueues = ["%s"]\n' "$queue" > "$timers/push.toml"
+echo '{"type": "cleanup", "data": {"older_than_days": 30}}' > "$timers/deb-check.json"
+cmd=${exec_start//%i/deb-check}
+cmd=${cmd//\/etc\/qsysd.toml/$timers/push.toml}
+cmd=${cmd//\/etc\/qsysd\/push\//$timers/}
+$cmd >/dev/null || fail "the timer's command failed: $cmd"
+[ "$(redis-cli -h 127.0.0.1 LLEN "$queue")" = "1" ] || fail "the timer's command pushed nothing"
+redis-cli -h 127.0.0.1 DEL "$queue" >/dev/null
+rm -rf "$timers"
+ok "periodic tasks: qsys-push@.timer verifies clean and its command pushes the task"
+
 # Upgrade keeps an edited config.
 echo "# edited by the operator" >> /etc/qsysd.toml
 version=$(dpkg-deb -f "$deb" Version)
@@ -111,4 +134,4 @@ ok "remove keeps the config, purge removes it, the database is untouched"
 # lintian: no errors.
 lintian --fail-on error --tag-display-limit 0 "$deb" || fail "lintian reports errors"
 ok "lintian: no errors"
-echo "test-deb: 9 passed, 0 failed"
+echo "test-deb: $passed passed, 0 failed"
