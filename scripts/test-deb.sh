@@ -5,7 +5,12 @@
 # and lintian. Needs root (dpkg). Touches only the qsysd package and a sentinel database.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-fail() { echo "test-deb: FAIL: $*" >&2; exit 1; }
+# A failed check still ends with the count line that the test command adds up.
+fail() {
+  echo "test-deb: FAIL: $*" >&2
+  echo "test-deb: ${passed:-0} passed, 1 failed"
+  exit 1
+}
 # dpkg refuses to run while another package operation holds its lock: wait for it (2 minutes).
 dpkg_() {
   local out
