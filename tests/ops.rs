@@ -56,6 +56,53 @@ fn cli_config(env: &TestEnv, text: &str, admin: std::net::SocketAddr) -> std::pa
     p
 }
 
+/// The Grafana dashboard shipped in `packaging/grafana/qsysd.json`: every panel's query is valid
+/// PromQL (`promtool check rules`, each query as a recording rule) and names only metrics that
+/// `exported` (a daemon's `/metrics`) has, so the dashboard cannot rot with the metrics.
+fn dashboard_queries_are_valid_and_use_these_metrics(env: &TestEnv, exported: &str) {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/grafana/qsysd.json");
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard")).expect("json");
+    let exprs: Vec<String> = dash["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .map(|t| t["expr"].as_str().expect("expr").to_string())
+        .collect();
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    let mut rules = String::from("groups:\n  - name: qsysd_dashboard\n    rules:\n");
+    for (i, e) in exprs.iter().enumerate() {
+        rules.push_str(&format!(
+            "      - record: qsysd_dashboard_{i}\n        expr: {}\n",
+            serde_json::Value::String(e.clone())
+        ));
+        for name in e
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("qsys_"))
+        {
+            assert!(
+                exported.contains(&format!("\n{name}"))
+                    || exported.contains(&format!("\n{name}{{")),
+                "the dashboard queries {name}, which /metrics does not export"
+            );
+        }
+    }
+    let file = env.dir.join("dashboard-rules.yml");
+    std::fs::write(&file, rules).expect("rules");
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn metrics_pass_promtool_and_status_shows_everything() {
     let env = TestEnv::new("metrics");
@@ -87,6 +134,7 @@ fn metrics_pass_promtool_and_status_shows_everything() {
     ] {
         assert!(text.contains(want), "no {want} in\n{text}");
     }
+    dashboard_queries_are_valid_and_use_these_metrics(&env, &text);
     let metrics = env.dir.join("metrics.txt");
     std::fs::write(&metrics, &text).expect("write");
     let promtool = Command::new("promtool")
