@@ -9,7 +9,8 @@
 //! - `GET /tasks/<id>`: one task and its attempts;
 //! - `GET /`: the dashboard, one static page (`src/dashboard.html`) that polls `/status`;
 //! - `POST /gpus/<id>/drain`, `POST /gpus/<id>/undrain`, `POST /tasks/<id>/requeue`: the operator's
-//!   actions, each logged.
+//!   actions, each logged;
+//! - `GET /openapi.json`: the OpenAPI 3.1 description of both listeners (`docs/openapi.json`).
 //!
 //! With `admin.token` set, every request but `/healthz` needs `Authorization: Bearer <token>`;
 //! `GET /` also takes it as `?token=` (a browser cannot send a header when it opens a page), and
@@ -354,6 +355,12 @@ fn route(shared: &Shared, client: &redis::Client, req: Request) {
             return;
         }
         (Method::Get, ["status"]) => (200, status(shared)),
+        (Method::Get, ["openapi.json"]) => {
+            let header = Header::from_bytes("Content-Type", "application/json")
+                .expect("static header is valid");
+            let _ = req.respond(Response::from_string(OPENAPI).with_header(header));
+            return;
+        }
         (Method::Get, ["tasks", id]) => match (shared.store.task(id), shared.store.attempts(id)) {
             (Ok(Some(task)), Ok(attempts)) => (200, json!({ "task": task, "attempts": attempts })),
             (Ok(None), _) => (404, json!({ "error": "unknown task", "task_id": id })),
@@ -374,7 +381,7 @@ fn route(shared: &Shared, client: &redis::Client, req: Request) {
                 Err(e) => (503, json!({ "error": e.to_string() })),
             }
         }
-        (_, ["" | "metrics" | "status"])
+        (_, ["" | "metrics" | "status" | "openapi.json"])
         | (_, ["tasks", _])
         | (_, ["gpus", _, "drain" | "undrain"])
         | (_, ["tasks", _, "requeue"]) => (405, json!({ "error": "method not allowed" })),
@@ -382,6 +389,9 @@ fn route(shared: &Shared, client: &redis::Client, req: Request) {
     };
     reply(req, status, &body);
 }
+
+/// The OpenAPI description of the callback and admin APIs, served at `/openapi.json`.
+const OPENAPI: &str = include_str!("../docs/openapi.json");
 
 /// Largest request body the admin listener reads: actions carry none worth reading.
 pub const MAX_BODY: usize = 4096;

@@ -336,3 +336,101 @@ fn requeue_failed_tasks_with_a_fresh_attempt_count() {
     );
     stop(daemon);
 }
+
+/// `docs/openapi.json` and the daemon agree: the served document is the file; every documented
+/// operation, called as documented (on its listener, with the token), answers a status the
+/// document lists for it; and paths it does not document are 404 on both listeners.
+#[test]
+fn the_openapi_document_and_the_routes_agree() {
+    let env = TestEnv::new("openapi");
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 1,
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let token = "admin-token-0123456789abcdef";
+    let daemon = env.start(
+        &env.config_toml(fleet.urls(), "")
+            .replace("[admin]\n", &format!("[admin]\ntoken = \"{token}\"\n")),
+    );
+    env.push_raw("q1", &transcriptions("oa", 1));
+    assert!(wait_for(Duration::from_secs(20), || env
+        .count("state = 'finished'")
+        == 1));
+    let admin = daemon.admin_addr();
+    let callback = daemon.callback_addr();
+    let file: serde_json::Value = serde_json::from_str(include_str!("../docs/openapi.json"))
+        .expect("docs/openapi.json is JSON");
+    let (code, served) = get(&format!("http://{admin}/openapi.json"), Some(token));
+    assert_eq!(code, 200);
+    let served: serde_json::Value = serde_json::from_str(&served).expect("served JSON");
+    assert_eq!(served, file, "the served document is docs/openapi.json");
+    assert_eq!(file["openapi"], "3.1.0");
+    let agent = qsys::http::agent();
+    let paths = file["paths"].as_object().expect("paths");
+    let mut called = 0;
+    for (path, item) in paths {
+        let concrete = path.replace("{id}", "oa-0").replace("{gpu}", "g0");
+        let on_callback = item["servers"].as_array().is_some_and(|s| {
+            s.iter()
+                .any(|v| v["url"].as_str().is_some_and(|u| u.contains("{callback}")))
+        });
+        let on_admin = item["servers"].as_array().is_none_or(|s| {
+            s.iter()
+                .any(|v| v["url"].as_str().is_some_and(|u| u.contains("{admin}")))
+        });
+        for (method, op) in item.as_object().expect("path item") {
+            if !["get", "post"].contains(&method.as_str()) {
+                continue;
+            }
+            let listed: Vec<u16> = op["responses"]
+                .as_object()
+                .expect("responses")
+                .keys()
+                .map(|k| k.parse().expect("status code"))
+                .collect();
+            let mut hosts = Vec::new();
+            if on_admin {
+                hosts.push(admin);
+            }
+            if on_callback {
+                hosts.push(callback);
+            }
+            for host in hosts {
+                let url = format!("http://{host}{concrete}");
+                let mut req = match method.as_str() {
+                    "get" => agent
+                        .get(&url)
+                        .header("Authorization", format!("Bearer {token}"))
+                        .call(),
+                    _ => agent
+                        .post(&url)
+                        .header("Authorization", format!("Bearer {token}"))
+                        .header("Content-Type", "application/json")
+                        .send("{}"),
+                };
+                let status = req.as_mut().map(|r| r.status().as_u16()).unwrap_or(0);
+                assert!(
+                    listed.contains(&status),
+                    "{} {url} answered {status}, not one of {listed:?}",
+                    method.to_uppercase()
+                );
+                called += 1;
+            }
+        }
+    }
+    assert!(called >= 11, "{called} operations called");
+    for (host, path) in [
+        (admin, "/nowhere"),
+        (admin, "/tasks"),
+        (callback, "/status"),
+        (callback, "/metrics"),
+    ] {
+        let (code, _) = get(&format!("http://{host}{path}"), Some(token));
+        assert_eq!(
+            code, 404,
+            "{path} on {host} is not documented, so it must not exist"
+        );
+    }
+    stop(daemon);
+}
