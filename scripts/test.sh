@@ -19,6 +19,15 @@ if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
 fi
+# schemathesis checks docs/openapi.json against a running daemon (tests/ops.rs); a pinned version
+# from PyPI in a virtualenv of its own under target/.
+if [ ! -x target/schemathesis/bin/st ]; then
+  if ! python3 -m venv target/schemathesis; then
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    python3 -m venv target/schemathesis
+  fi
+  target/schemathesis/bin/pip install -q schemathesis==4.32.5
+fi
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 log=$(mktemp)

@@ -27,7 +27,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tiny_http::{Header, Method, Request, Response, Server};
 
-use crate::callback::{health, reply};
+use crate::callback::{health, not_allowed, reply};
 use crate::metrics::label;
 use crate::shared::Shared;
 use crate::slots::Health;
@@ -317,11 +317,10 @@ fn route(shared: &Shared, client: &redis::Client, req: Request) {
     let parts: Vec<&str> = segments.iter().map(String::as_str).collect();
     let method = req.method().clone();
     if path == "/healthz" {
-        let (status, body) = if method == Method::Get {
-            health(shared)
-        } else {
-            (405, json!({ "error": "method not allowed" }))
-        };
+        if method != Method::Get {
+            return not_allowed(req, "GET");
+        }
+        let (status, body) = health(shared);
         return reply(req, status, &body);
     }
     if let Some(why) = foreign(shared, &req) {
@@ -381,10 +380,12 @@ fn route(shared: &Shared, client: &redis::Client, req: Request) {
                 Err(e) => (503, json!({ "error": e.to_string() })),
             }
         }
-        (_, ["" | "metrics" | "status" | "openapi.json"])
-        | (_, ["tasks", _])
-        | (_, ["gpus", _, "drain" | "undrain"])
-        | (_, ["tasks", _, "requeue"]) => (405, json!({ "error": "method not allowed" })),
+        (_, ["" | "metrics" | "status" | "openapi.json"]) | (_, ["tasks", _]) => {
+            return not_allowed(req, "GET")
+        }
+        (_, ["gpus", _, "drain" | "undrain"]) | (_, ["tasks", _, "requeue"]) => {
+            return not_allowed(req, "POST")
+        }
         _ => (404, json!({ "error": "not found" })),
     };
     reply(req, status, &body);

@@ -229,6 +229,18 @@ pub fn health(shared: &Shared) -> (u16, Value) {
     }
 }
 
+/// 405, with the `Allow` header RFC 9110 requires: the methods `allow` names.
+pub fn not_allowed(req: Request, allow: &'static str) {
+    let header = Header::from_bytes("Allow", allow).expect("static header is valid");
+    let ctype =
+        Header::from_bytes("Content-Type", "application/json").expect("static header is valid");
+    let resp = Response::from_string(json!({ "error": "method not allowed" }).to_string())
+        .with_status_code(405)
+        .with_header(ctype)
+        .with_header(header);
+    let _ = req.respond(resp);
+}
+
 pub fn reply(req: Request, status: u16, body: &Value) {
     let header =
         Header::from_bytes("Content-Type", "application/json").expect("static header is valid");
@@ -284,7 +296,8 @@ fn route(shared: &Shared, mut req: Request, writer: &Sender<Verified>) {
             }
         }
         ("/healthz", Method::Get) => health(shared),
-        ("/callback", _) | ("/healthz", _) => (405, json!({ "error": "method not allowed" })),
+        ("/callback", _) => return not_allowed(req, "POST"),
+        ("/healthz", _) => return not_allowed(req, "GET"),
         _ => (404, json!({ "error": "not found" })),
     };
     reply(req, status, &body);

@@ -434,3 +434,65 @@ fn the_openapi_document_and_the_routes_agree() {
     }
     stop(daemon);
 }
+
+/// schemathesis (from PyPI; `scripts/test.sh` installs it under `target/schemathesis`) against a
+/// running daemon, each listener with the operations it serves, a fixed seed and a bounded number
+/// of examples: no 5xx, no crash, every reply as `docs/openapi.json` documents it.
+#[test]
+fn schemathesis_finds_nothing_on_either_listener() {
+    let st = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/schemathesis/bin/st");
+    assert!(
+        st.exists(),
+        "schemathesis is not installed at {}: run scripts/test.sh, which installs it from PyPI",
+        st.display()
+    );
+    let env = TestEnv::new("schemathesis");
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 1,
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let token = "st-admin-token-0123456789";
+    let daemon = env.start(
+        &env.config_toml(fleet.urls(), "")
+            .replace("[admin]\n", &format!("[admin]\ntoken = \"{token}\"\n")),
+    );
+    let spec = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json");
+    let auth = format!("Authorization: Bearer {token}");
+    let admin_url = format!("http://{}", daemon.admin_addr());
+    let callback_url = format!("http://{}", daemon.callback_addr());
+    let runs: [Vec<&str>; 2] = [
+        vec![
+            "--url",
+            &admin_url,
+            "--exclude-path",
+            "/callback",
+            "-H",
+            &auth,
+            "--max-examples",
+            "10",
+        ],
+        vec![
+            "--url",
+            &callback_url,
+            "--include-path-regex",
+            "^/(callback|healthz)$",
+            "--max-examples",
+            "30",
+        ],
+    ];
+    for args in runs {
+        let out = Command::new(&st)
+            .args(["run", spec, "--seed", "1", "--no-color"])
+            .args(&args)
+            .output()
+            .expect("run schemathesis");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "schemathesis {args:?} found problems:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    stop(daemon);
+}
