@@ -3,7 +3,15 @@
 # builds qsysd, starts a fake fleet of 4 GPUs (4 slots each) on 127.0.0.1:9100-9103, starts qsysd
 # against them, pushes sample tasks of the seed's four types with qsys-push, and shows them finish.
 # Everything stays on this machine; the demo database is `qsys_demo`, the queues `demo:*`.
+# --keep: leave the demo running afterwards (dashboard, metrics, fleet) until Ctrl-C.
 set -euo pipefail
+keep=false
+for arg in "$@"; do
+  case "$arg" in
+    --keep) keep=true ;;
+    *) echo "quickstart: unknown argument $arg (use --keep)" >&2; exit 2 ;;
+  esac
+done
 cd "$(dirname "$0")/.."
 root=$(pwd)
 demo=$root/target/demo
@@ -98,5 +106,13 @@ mariadb -h 127.0.0.1 -u root qsys_demo -t -e \
 echo "Failures:"
 mariadb -h 127.0.0.1 -u root qsys_demo -t -e \
   "SELECT task_id, type, error FROM tasks WHERE state='failed'"
+if $keep; then
+  echo "quickstart: the demo keeps running (Ctrl-C stops it):"
+  echo "  dashboard   http://127.0.0.1:8001/"
+  echo "  metrics     http://127.0.0.1:8001/metrics  (Grafana: import packaging/grafana/qsysd.json)"
+  echo "  more tasks  target/debug/qsys-push --config $demo/qsysd.toml --type start_transcribe --data '{}'"
+  wait "$qsysd_pid"
+  exit 0
+fi
 kill -TERM "$qsysd_pid"
 wait "$qsysd_pid" && echo "quickstart: qsysd stopped cleanly (exit 0). Logs: $demo/qsysd.log"

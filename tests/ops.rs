@@ -337,22 +337,28 @@ fn requeue_failed_tasks_with_a_fresh_attempt_count() {
     stop(daemon);
 }
 
+/// A daemon on one fake GPU whose admin listener wants `token`.
+fn daemon_with_admin_token(env: &TestEnv, token: &str) -> (qsys::daemon::Daemon, Fleet) {
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 1,
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let daemon = env.start(
+        &env.config_toml(fleet.urls(), "")
+            .replace("[admin]\n", &format!("[admin]\ntoken = \"{token}\"\n")),
+    );
+    (daemon, fleet)
+}
+
 /// `docs/openapi.json` and the daemon agree: the served document is the file; every documented
 /// operation, called as documented (on its listener, with the token), answers a status the
 /// document lists for it; and paths it does not document are 404 on both listeners.
 #[test]
 fn the_openapi_document_and_the_routes_agree() {
     let env = TestEnv::new("openapi");
-    let fleet = Fleet::start(FleetConfig {
-        gpus: 1,
-        ..FleetConfig::default()
-    })
-    .expect("fleet");
     let token = "admin-token-0123456789abcdef";
-    let daemon = env.start(
-        &env.config_toml(fleet.urls(), "")
-            .replace("[admin]\n", &format!("[admin]\ntoken = \"{token}\"\n")),
-    );
+    let (daemon, _fleet) = daemon_with_admin_token(&env, token);
     env.push_raw("q1", &transcriptions("oa", 1));
     assert!(wait_for(Duration::from_secs(20), || env
         .count("state = 'finished'")
@@ -447,16 +453,8 @@ fn schemathesis_finds_nothing_on_either_listener() {
         st.display()
     );
     let env = TestEnv::new("schemathesis");
-    let fleet = Fleet::start(FleetConfig {
-        gpus: 1,
-        ..FleetConfig::default()
-    })
-    .expect("fleet");
     let token = "st-admin-token-0123456789";
-    let daemon = env.start(
-        &env.config_toml(fleet.urls(), "")
-            .replace("[admin]\n", &format!("[admin]\ntoken = \"{token}\"\n")),
-    );
+    let (daemon, _fleet) = daemon_with_admin_token(&env, token);
     let spec = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json");
     let auth = format!("Authorization: Bearer {token}");
     let admin_url = format!("http://{}", daemon.admin_addr());
