@@ -42,11 +42,11 @@ fn self_called_configs(env: &TestEnv, urls: &[String], extra: &str, daemon: &str
 }
 
 /// Writes each config, starts the `qsysd` binary on it and waits until each has started: the
-/// children with their logs.
+/// children with their logs. A child is killed when dropped, so a failing test leaves none running.
 fn spawn_instances(
     env: &TestEnv,
     configs: &[String],
-) -> Vec<(std::process::Child, std::path::PathBuf)> {
+) -> Vec<(common::Spawned, std::path::PathBuf)> {
     let children: Vec<_> = configs
         .iter()
         .enumerate()
@@ -54,7 +54,7 @@ fn spawn_instances(
             let cfg = env.dir.join(format!("qsysd-{i}.toml"));
             std::fs::write(&cfg, text).expect("config");
             let log = env.dir.join(format!("qsysd-{i}.log"));
-            (common::spawn_qsysd(&cfg, &log, &[]), log)
+            (common::Spawned(common::spawn_qsysd(&cfg, &log, &[])), log)
         })
         .collect();
     for (_, log) in &children {
@@ -222,8 +222,8 @@ fn a_killed_instance_is_recovered_by_the_others() {
         >= 200));
     // kill -9 one instance mid-run.
     let (mut victim, _) = children.remove(1);
-    victim.kill().expect("kill -9");
-    victim.wait().expect("reap");
+    victim.0.kill().expect("kill -9");
+    victim.0.wait().expect("reap");
     let killed_at = env.count("state = 'finished'");
     assert!(
         wait_for(Duration::from_secs(120), || env.count("state = 'finished'")
@@ -236,9 +236,7 @@ fn a_killed_instance_is_recovered_by_the_others() {
     assert_eq!(held[0], 0, "the dead instance's slots were freed");
     assert_eq!(env.llen("q1"), 0);
     for (mut c, _) in children {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let _ = c.wait();
+        c.sigterm();
     }
 }
 
@@ -273,9 +271,7 @@ fn graceful_stops_beside_live_peers_lose_nothing() {
                 .collect::<Vec<_>>()
         );
         let (mut c, log) = children.remove(0);
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let status = c.wait().expect("reap");
+        let status = c.sigterm();
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         assert!(status.success(), "stop exited {status:?}: {text}");
     }
@@ -290,9 +286,7 @@ fn graceful_stops_beside_live_peers_lose_nothing() {
     assert_eq!(held[0], 0);
     assert_eq!(env.llen("q1"), 0);
     for (mut c, _) in children {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let _ = c.wait();
+        c.sigterm();
     }
 }
 
