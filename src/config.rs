@@ -1362,6 +1362,60 @@ mod tests {
         assert!(e.contains("callback.secret") && !e.contains("short"), "{e}");
     }
 
+    /// The limits this issue added, at their edges: below, at, and above each bound.
+    #[test]
+    fn message_and_body_limits_at_their_bounds() {
+        let with = |section: &str, line: &str| {
+            MINIMAL.replace("[callback]", &format!("[{section}]\n{line}\n[callback]"))
+        };
+        for (n, ok) in [
+            (1023, false),
+            (1024, true),
+            (8 << 20, true),
+            ((8 << 20) + 1, false),
+        ] {
+            let text = with("daemon", &format!("max_message_bytes = {n}"));
+            match load(&text) {
+                Ok(c) => {
+                    assert!(ok, "max_message_bytes = {n} taken");
+                    assert_eq!(c.daemon.max_message_bytes, n);
+                }
+                Err(e) => {
+                    assert!(!ok, "max_message_bytes = {n} refused: {e}");
+                    let e = e.to_string();
+                    assert!(e.contains("daemon.max_message_bytes") && e.contains(&n.to_string()));
+                }
+            }
+        }
+        assert_eq!(
+            load(MINIMAL).expect("default").daemon.max_message_bytes,
+            1 << 20
+        );
+        let body = |n: usize| MINIMAL.replace("secret = ", &format!("max_body = {n}\nsecret = "));
+        assert!(load(&body(16 << 20)).is_ok());
+        let e = err(&body((16 << 20) + 1));
+        assert!(
+            e.contains("callback.max_body") && e.contains("16777217"),
+            "{e}"
+        );
+        let e = err(&body(0));
+        assert!(e.contains("callback.max_body"), "{e}");
+    }
+
+    /// Every response-mode slot has a dispatch thread of its own, beside the callback-mode share.
+    #[test]
+    fn dispatch_workers_cover_every_response_slot() {
+        let text = MINIMAL.replace(
+            "url = \"http://127.0.0.1:9000/run\"",
+            "url = \"http://127.0.0.1:9000/run\"\ncompletion = \"response\"\nslots = 80\n\
+             [[gpu.endpoints]]\nid = \"g1\"\nurl = \"http://127.0.0.1:9001/run\"",
+        );
+        let c = load(&text).expect("valid");
+        // g1: 4 callback-mode slots, so 4 callback threads; plus 80 for g0's response slots.
+        assert_eq!(c.daemon.dispatch_threads, 4);
+        assert_eq!(c.dispatch_workers(), 84);
+    }
+
     #[test]
     fn errors_never_show_a_url_password() {
         let cases = [

@@ -25,6 +25,11 @@ fn instance_config(env: &TestEnv, urls: &[String], ports: &[u16], i: usize, extr
         .replace("instance_id = \"test\"", &format!("instance_id = \"inst-{i}\""))
 }
 
+/// Short leases and a large attempt budget: the callbacks a killed or stopped instance's port
+/// loses come back through leases within the test's patience, without failing their tasks.
+const LOST_CALLBACKS: &str =
+    "[gpu]\ntask_timeout = \"3s\"\n[retry]\nmax_attempts = 10\nbackoff = \"50ms\"\n";
+
 /// Configs of three instances whose callbacks come to themselves: a dead or stopped instance's
 /// port then loses the callbacks of its own attempts only, which their leases bring back.
 /// `daemon` goes into each `[daemon]` table.
@@ -213,8 +218,12 @@ fn a_killed_instance_is_recovered_by_the_others() {
         ..FleetConfig::default()
     })
     .expect("fleet");
-    let extra = "[gpu]\ntask_timeout = \"3s\"\n[retry]\nmax_attempts = 10\nbackoff = \"50ms\"\n";
-    let configs = self_called_configs(&env, fleet.urls(), extra, "instance_timeout = \"2s\"");
+    let configs = self_called_configs(
+        &env,
+        fleet.urls(),
+        LOST_CALLBACKS,
+        "instance_timeout = \"2s\"",
+    );
     let mut children = spawn_instances(&env, &configs);
     env.push_raw("q1", &transcriptions("fo", 1000));
     assert!(wait_for(Duration::from_secs(30), || env
@@ -252,8 +261,7 @@ fn graceful_stops_beside_live_peers_lose_nothing() {
         ..FleetConfig::default()
     })
     .expect("fleet");
-    let extra = "[gpu]\ntask_timeout = \"3s\"\n[retry]\nmax_attempts = 10\nbackoff = \"50ms\"\n";
-    let configs = self_called_configs(&env, fleet.urls(), extra, "");
+    let configs = self_called_configs(&env, fleet.urls(), LOST_CALLBACKS, "");
     let mut children = spawn_instances(&env, &configs);
     env.push_raw("q1", &transcriptions("gs", 1000));
     for stop_at in [200, 500] {
