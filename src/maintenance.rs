@@ -46,8 +46,9 @@ pub fn run(shared: Arc<Shared>, client: redis::Client) {
         if last_beat.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             last_beat = Some(Instant::now());
             measure_queues(&shared, &client, &mut redis);
-            // While MySQL does not answer (the heartbeat thread reports it) there is nothing to do.
-            if shared.store.ping().is_ok() {
+            // While MySQL does not answer there is nothing to do; the heartbeat thread finds out
+            // every second, so no round trip of its own here.
+            if !shared.problems().contains_key("mysql") {
                 watch_peers(&shared);
                 expire_leases(&shared);
                 if last_sync.is_none_or(|t| t.elapsed() >= RESYNC) {
