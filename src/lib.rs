@@ -20,6 +20,8 @@
 //! | `qsys-slotpub/sub`| [`slotsync`]    | slot claims and frees between instances (Redis) |
 //! | main              | [`daemon`]      | joins every thread                              |
 
+#![warn(unreachable_pub)]
+
 /// A named place where a test may pause this instance's thread: `pause_point!(instance, "name")`.
 /// Without the `test-utils` feature (every build but this crate's tests) it is nothing.
 #[macro_export]
@@ -30,32 +32,49 @@ macro_rules! pause_point {
     };
 }
 
-pub mod admin;
-pub mod backoff;
-pub mod callback;
-pub mod config;
-pub mod daemon;
-pub mod dispatch;
-pub mod events;
-pub mod follow;
-pub mod handlers;
-pub mod http;
-pub mod lambda;
-pub mod listener;
-pub mod logging;
-pub mod maintenance;
-pub mod message;
-pub mod metrics;
-pub mod notify;
-pub mod ops;
-pub mod push;
-pub mod queue;
-pub mod scheduler;
-pub mod shared;
-pub mod shutdown;
-pub mod slots;
-pub mod slotsync;
-pub mod store;
+mod admin;
+mod config;
+mod contract;
+mod daemon;
+mod fleet;
+mod net;
+mod obs;
+mod producer;
+mod sched;
+mod shared;
+mod store;
 #[cfg(feature = "test-utils")]
 pub mod testing;
-pub mod token;
+mod work;
+
+// What the binaries and the tests use; everything else is `pub(crate)`.
+
+/// The operator's commands (`qsysd status`, `drain`, `requeue`, `task`).
+pub use admin::ops;
+/// Configuration: the file, the seed's environment variables, and their validation.
+pub use config::{
+    format_duration, parse_duration, process_env, producer_env, Completion, Config, ConfigError,
+    Env, Handler, Secret, DEFAULT_PATH,
+};
+/// The contracts' parsers and the callback signer, for the fuzz and protocol tests.
+pub use contract::{message::parse as parse_message, token::Signer};
+/// The daemon: build, start, stop, reload, wait.
+pub use daemon::Daemon;
+pub use fleet::GpuView;
+pub use fleet::Health;
+pub use net::backoff::RetryDelay;
+/// The outgoing HTTP client (tests talk to both listeners with it).
+pub use net::http;
+/// The log sink.
+pub use obs::logging;
+/// The producer (`qsys-push`) and its Lambda runtime.
+pub use producer::{lambda, push};
+/// Batch sizes the pipeline tests compute bounds from.
+pub use sched::scheduler::PREFETCH;
+/// The MySQL store, for the schema tests.
+pub use store::{
+    Accepted, Claim, ClaimRequest, EndRequest, Ending, Finish, NewTask, Next, State, Store,
+    StoreError, SCHEMA_VERSION,
+};
+pub use work::callback::parse_report;
+pub use work::poller::TAKE_BATCH;

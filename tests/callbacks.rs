@@ -107,7 +107,7 @@ fn every_reply_code_and_nothing_changes_without_authority() {
     assert_eq!(env.task("cb-0").map(|t| t.0).as_deref(), Some("finished"));
     let held: Vec<u64> = env.query("SELECT COUNT(*) FROM gpu_slots WHERE task_id IS NOT NULL");
     assert_eq!(held[0], 0);
-    assert_eq!(daemon.shared().slots().busy(), 0);
+    assert_eq!(daemon.busy_slots(), 0);
     // Repeat: 200 duplicate. Conflicting status: 409. The task stays finished.
     let (code, body) = call(addr, "POST", &t1, finished);
     assert_eq!(

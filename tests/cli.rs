@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::{transcriptions, wait_for, TestEnv};
 use fakefleet::{Fleet, FleetConfig};
-use qsys::config::{Completion, Config, Env, Handler};
+use qsys::{Completion, Config, Env, Handler};
 
 const QSYSD: &str = env!("CARGO_BIN_EXE_qsysd");
 const PUSH: &str = env!("CARGO_BIN_EXE_qsys-push");

@@ -329,8 +329,7 @@ command = ["/bin/sh", "-c", "echo 'render failed: <img src=x onerror=alert(1)> &
     // Drain g1 with its button.
     browser.click("[data-gpu=\"g1\"] button.drain");
     assert!(
-        wait_for(Duration::from_secs(5), || daemon.shared().slots().view()[1]
-            .drained),
+        wait_for(Duration::from_secs(5), || daemon.slots()[1].drained),
         "the drain button drains g1"
     );
     browser.wait(
@@ -406,9 +405,7 @@ command = ["/bin/sh", "-c", "echo 'render failed: <img src=x onerror=alert(1)> &
     // Undrain, and the backlog finishes.
     browser.click("[data-gpu=\"g1\"] button.undrain");
     assert!(
-        wait_for(Duration::from_secs(5), || !daemon.shared().slots().view()
-            [1]
-        .drained),
+        wait_for(Duration::from_secs(5), || !daemon.slots()[1].drained),
         "the undrain button undrains g1"
     );
     assert!(
@@ -474,9 +471,9 @@ fn a_tokenless_listener_refuses_other_sites_and_names() {
     let drain = format!("http://{addr}/gpus/g0/drain");
     let (code, _) = admin("POST", &drain, &[("Origin", "http://evil.example")]);
     assert_eq!(code, 403, "a cross-site POST");
-    assert!(!daemon.shared().slots().view()[0].drained);
+    assert!(!daemon.slots()[0].drained);
     let own = format!("http://{addr}");
     assert_eq!(admin("POST", &drain, &[("Origin", &own)]).0, 200);
-    assert!(daemon.shared().slots().view()[0].drained);
+    assert!(daemon.slots()[0].drained);
     stop(daemon);
 }

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use common::{transcriptions, wait_for, OwnServer, TestEnv, SECRET};
 use fakefleet::{Fleet, FleetConfig};
-use qsys::config::Secret;
-use qsys::slots::Health;
-use qsys::token::Signer;
+use qsys::Health;
+use qsys::Secret;
+use qsys::Signer;
 
 const N: usize = 500;
 
@@ -283,7 +283,7 @@ fn a_gpu_gone_for_good_fails_no_task() {
     let t0 = Instant::now();
     assert_all_settled(&env, &fleet, "gg", Duration::from_secs(90));
     assert_eq!(env.count("state = 'failed'"), 0);
-    let view = daemon.shared().slots().view();
+    let view = daemon.slots();
     assert_ne!(
         view[2].health,
         Health::Up,

@@ -9,8 +9,8 @@ use std::time::Duration;
 use common::{callback_target, daemon_awaiting_callbacks, stop, TestEnv};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
-use qsys::callback::parse_report;
-use qsys::message::parse;
+use qsys::parse_message as parse;
+use qsys::parse_report;
 
 /// JSON-ish text: mostly structure characters and the field names that matter, so the parsers'
 /// interesting branches are reached far more often than with uniform bytes.
@@ -158,7 +158,7 @@ fn edge_number() -> impl Strategy<Value = String> {
 #[test]
 fn whatever_the_parser_accepts_mysql_stores() {
     let env = TestEnv::new("fuzzdb");
-    let store = qsys::store::Store::connect(&env.mysql_url(), false, "fuzz", 2).expect("connect");
+    let store = qsys::Store::connect(&env.mysql_url(), false, "fuzz", 2).expect("connect");
     store.migrate().expect("migrate");
     let strategy = (
         edge_number(),
@@ -183,7 +183,7 @@ fn whatever_the_parser_accepts_mysql_stores() {
             continue;
         };
         let payload = m.to_json();
-        let row = qsys::store::NewTask {
+        let row = qsys::NewTask {
             task_id: &m.task_id,
             kind: &m.kind,
             payload: &payload,

@@ -9,8 +9,8 @@ use std::time::Duration;
 use common::{transcriptions, wait_for, wait_log, OwnServer, TestEnv};
 use fakefleet::{Fleet, FleetConfig};
 use mysql::prelude::Queryable;
-use qsys::config::Secret;
-use qsys::token::Signer;
+use qsys::Secret;
+use qsys::Signer;
 
 fn sigterm(child: &mut Child) {
     // SAFETY: signalling our own child.

@@ -236,11 +236,7 @@ fn drain_and_undrain_persist_across_a_restart() {
     assert!(out.contains("g1 drained"));
     assert_eq!(qsysd(&cfg, &["drain", "g9"]).0, 1, "unknown gpu");
     // Within a second the running daemon honours it: everything goes to g0.
-    assert!(wait_for(Duration::from_secs(5), || daemon
-        .shared()
-        .slots()
-        .view()[1]
-        .drained));
+    assert!(wait_for(Duration::from_secs(5), || daemon.slots()[1].drained));
     env.push_raw("q1", &transcriptions("d1", 30));
     assert!(wait_for(Duration::from_secs(30), || env
         .count("state = 'finished'")
@@ -253,10 +249,7 @@ fn drain_and_undrain_persist_across_a_restart() {
     // Across a restart.
     stop(daemon);
     let daemon = env.start(&text);
-    assert!(
-        daemon.shared().slots().view()[1].drained,
-        "drain survives a restart"
-    );
+    assert!(daemon.slots()[1].drained, "drain survives a restart");
     let cfg = cli_config(&env, &text, daemon.admin_addr());
     let (_, out, _) = qsysd(&cfg, &["status"]);
     assert!(out.contains("drained"), "{out}");
@@ -266,7 +259,7 @@ fn drain_and_undrain_persist_across_a_restart() {
         .send_empty()
         .expect("post");
     assert_eq!(r.status().as_u16(), 200);
-    assert!(!daemon.shared().slots().view()[1].drained);
+    assert!(!daemon.slots()[1].drained);
     env.push_raw("q1", &transcriptions("d2", 30));
     assert!(wait_for(Duration::from_secs(30), || env
         .count("state = 'finished'")
@@ -338,7 +331,7 @@ fn requeue_failed_tasks_with_a_fresh_attempt_count() {
 }
 
 /// A daemon on one fake GPU whose admin listener wants `token`.
-fn daemon_with_admin_token(env: &TestEnv, token: &str) -> (qsys::daemon::Daemon, Fleet) {
+fn daemon_with_admin_token(env: &TestEnv, token: &str) -> (qsys::Daemon, Fleet) {
     let fleet = Fleet::start(FleetConfig {
         gpus: 1,
         ..FleetConfig::default()

@@ -48,7 +48,7 @@ fn two_hundred_tasks_over_four_gpus_all_finish_within_slots_and_fairly() {
     assert!(bad.is_empty(), "{bad:?}");
     let held: Vec<u64> = env.query("SELECT COUNT(*) FROM gpu_slots WHERE task_id IS NOT NULL");
     assert_eq!(held[0], 0, "no slot held after the run");
-    assert_eq!(daemon.shared().slots().busy(), 0);
+    assert_eq!(daemon.busy_slots(), 0);
     let slots: Vec<u64> = env.query("SELECT COUNT(*) FROM gpu_slots");
     assert_eq!(slots[0], 16);
     // The seed's monitoring query still works (and shows nothing running).
@@ -256,7 +256,7 @@ fn full_fleet_leaves_tasks_in_redis_and_a_stop_hands_back_the_rest() {
     // What qsysd holds: 2 running, the scheduler's hand (it takes a whole batch while below its
     // prefetch: at most PREFETCH - 1 + TAKE_BATCH), and one batch at the poller, waiting to hand
     // it over: 143 (README, promise 6).
-    let hand = qsys::scheduler::PREFETCH - 1 + 2 * qsys::queue::TAKE_BATCH;
+    let hand = qsys::PREFETCH - 1 + 2 * qsys::TAKE_BATCH;
     assert_eq!(hand, 143);
     assert!(in_redis >= N - 2 - hand, "only {in_redis} left in redis");
     assert_eq!(in_redis + in_mysql, N, "every taken task is recorded");
@@ -285,7 +285,7 @@ fn full_fleet_leaves_tasks_in_redis_and_a_stop_hands_back_the_rest() {
     .expect("fast fleet");
     let urls = [fleet.urls()[0].clone(), fast.urls()[0].clone()];
     let daemon = env.start(&env.config_toml(&urls, extra));
-    assert_eq!(daemon.shared().slots().busy(), 2);
+    assert_eq!(daemon.busy_slots(), 2);
     assert!(
         wait_for(Duration::from_secs(60), || env.count("state = 'finished'")
             == (N - 2) as u64),

@@ -499,7 +499,7 @@ fn a_large_ndjson_batch_lands_whole_and_in_order_over_two_queues() {
 }
 
 /// A daemon with the fake fleet, and a producer config file for it.
-fn daemon_setup(env: &TestEnv, fleet: &Fleet) -> (qsys::daemon::Daemon, PathBuf) {
+fn daemon_setup(env: &TestEnv, fleet: &Fleet) -> (qsys::Daemon, PathBuf) {
     let toml = env.config_toml(fleet.urls(), "");
     let cfg = write(&env.dir, "qsysd.toml", &toml);
     (env.start(&toml), cfg)

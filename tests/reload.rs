@@ -31,7 +31,7 @@ fn gpus_and_slots_change_under_load_without_touching_tasks_in_flight() {
         .replacen("id = \"g1\"\n", "id = \"g1\"\nslots = 2\n", 1);
     daemon.apply_config(env.config(&both));
     {
-        let view = daemon.shared().slots().view();
+        let view = daemon.slots();
         assert_eq!((view[0].slots, view[1].slots), (1, 2));
         assert_eq!(view[0].cells.iter().filter(|c| c.is_some()).count(), 4);
     }
@@ -70,7 +70,7 @@ fn gpus_and_slots_change_under_load_without_touching_tasks_in_flight() {
     assert!(fleet.stats().seen().values().all(|&n| n == 1));
     assert!(fleet.stats().received(0) <= g0_before + 1);
     assert!(fleet.stats().max_running(1) <= 2);
-    let view = daemon.shared().slots().view();
+    let view = daemon.slots();
     assert!(view[0].retired && view[0].cells.is_empty());
     stop(daemon);
 }

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use common::{free_port, stop, transcriptions, wait_for, TestEnv, SECRET};
 use fakefleet::{Fleet, FleetConfig};
-use qsys::config::Secret;
-use qsys::token::Signer;
+use qsys::Secret;
+use qsys::Signer;
 
 /// Config of instance `i` of `n`: its own callback port, and a public callback URL that points at
 /// the NEXT instance, so every callback lands on the wrong instance on purpose.
@@ -128,16 +128,12 @@ fn three_instances_share_the_fleet_and_callbacks_land_anywhere() {
     // Every instance dispatched, and every instance applied callbacks meant for another.
     assert_eq!(by_instance.len(), 3, "{by_instance:?}");
     for d in &daemons {
-        assert!(d.shared().metrics.callbacks.get("applied") > 0);
+        assert!(d.callbacks_applied() > 0);
     }
     let held: Vec<u64> = env.query("SELECT COUNT(*) FROM gpu_slots WHERE task_id IS NOT NULL");
     assert_eq!(held[0], 0);
     for d in daemons {
-        assert_eq!(
-            d.shared().slots().busy(),
-            0,
-            "every mirror saw every slot freed"
-        );
+        assert_eq!(d.busy_slots(), 0, "every mirror saw every slot freed");
         stop(d);
     }
 }
@@ -167,7 +163,7 @@ fn a_freed_slot_reaches_the_other_instance_within_100ms() {
     }));
     // Both mirrors show the slot busy (one claimed it, the other heard of it).
     assert!(wait_for(Duration::from_secs(2), || {
-        a.shared().slots().busy() == 1 && b.shared().slots().busy() == 1
+        a.busy_slots() == 1 && b.busy_slots() == 1
     }));
     let claimer_is_a: Vec<String> =
         env.query("SELECT instance_id FROM gpu_slots WHERE task_id = 'one-0'");
@@ -195,11 +191,7 @@ fn a_freed_slot_reaches_the_other_instance_within_100ms() {
     .expect("callback");
     let applied = Instant::now();
     assert_eq!(reply.status, 200, "{}", reply.body);
-    assert!(wait_for(Duration::from_secs(2), || claimer
-        .shared()
-        .slots()
-        .busy()
-        == 0));
+    assert!(wait_for(Duration::from_secs(2), || claimer.busy_slots() == 0));
     let took = applied.elapsed();
     assert!(
         took < Duration::from_millis(100),
@@ -344,11 +336,7 @@ fn slot_events_flow_only_when_another_instance_listens() {
     );
     // Tasks running on A when B appears: A publishes what it holds once it notices B.
     env.push_raw("q1", &transcriptions("held", 8));
-    assert!(wait_for(Duration::from_secs(5), || a
-        .shared()
-        .slots()
-        .busy()
-        > 0));
+    assert!(wait_for(Duration::from_secs(5), || a.busy_slots() > 0));
     let b = env.start(&config("inst-b"));
     assert!(
         heard(&mut sub, Duration::from_secs(3)) > 0,

@@ -4,7 +4,7 @@ mod common;
 
 use common::TestEnv;
 use mysql::prelude::Queryable;
-use qsys::store::{Store, SCHEMA_VERSION};
+use qsys::{Store, SCHEMA_VERSION};
 
 const SEED_DDL: &[&str] = &[
     "CREATE TABLE tasks (
@@ -20,8 +20,8 @@ const SEED_DDL: &[&str] = &[
     "CREATE INDEX idx_tasks_type ON tasks(type)",
 ];
 
-fn new_task(id: &str) -> qsys::store::NewTask<'_> {
-    qsys::store::NewTask {
+fn new_task(id: &str) -> qsys::NewTask<'_> {
+    qsys::NewTask {
         task_id: id,
         kind: "start_transcribe",
         payload: "{}",
@@ -37,8 +37,8 @@ fn claim_one(
     attempts: u32,
     gpu_id: &str,
     slot: usize,
-) -> qsys::store::Claim {
-    let req = qsys::store::ClaimRequest {
+) -> qsys::Claim {
+    let req = qsys::ClaimRequest {
         task_id,
         attempts,
         gpu_id,
@@ -48,7 +48,7 @@ fn claim_one(
     store.claim_gpu_attempts(&[req]).expect("claim").remove(0)
 }
 
-fn accept(store: &Store, id: &str) -> qsys::store::Accepted {
+fn accept(store: &Store, id: &str) -> qsys::Accepted {
     store
         .accept("q", &[new_task(id)])
         .expect("accept")
@@ -137,14 +137,14 @@ fn seed_table_is_migrated_in_place_and_keeps_its_rows() {
     let accepted = accept(&store, "old-1");
     assert_eq!(
         accepted,
-        qsys::store::Accepted::Exists {
+        qsys::Accepted::Exists {
             state: "finished".into()
         }
     );
     let accepted = accept(&store, "old-3");
     assert_eq!(
         accepted,
-        qsys::store::Accepted::Exists {
+        qsys::Accepted::Exists {
             state: "NULL".into()
         }
     );
@@ -178,7 +178,7 @@ fn a_slot_is_claimed_once() {
     for id in ["a", "b"] {
         store.accept("q", &[new_task(id)]).expect("accept");
     }
-    use qsys::store::Claim;
+    use qsys::Claim;
     assert_eq!(claim_one(&store, "a", 0, "g0", 0), Claim::Claimed);
     assert_eq!(
         claim_one(&store, "b", 0, "g0", 0),
@@ -202,7 +202,7 @@ fn a_slot_is_claimed_once() {
 /// verdict, a repeat within the batch sees the earlier one, and nothing half-applies.
 #[test]
 fn batched_claims_and_endings_give_one_verdict_each() {
-    use qsys::store::{Claim, ClaimRequest, EndRequest, Ending, Finish, Next, State};
+    use qsys::{Claim, ClaimRequest, EndRequest, Ending, Finish, Next, State};
     let env = TestEnv::new("batch");
     let store = Store::connect(&env.mysql_url(), false, "test", 4).expect("connect");
     store.migrate().expect("migrate");
@@ -211,7 +211,7 @@ fn batched_claims_and_endings_give_one_verdict_each() {
         .expect("slots");
     let ids = ["a", "b", "c", "d", "e"];
     let tasks: Vec<_> = ids.iter().map(|id| new_task(id)).collect();
-    use qsys::store::Accepted;
+    use qsys::Accepted;
     assert!(store
         .accept("q", &tasks)
         .expect("accept")
@@ -292,7 +292,7 @@ fn batched_claims_and_endings_give_one_verdict_each() {
         task_id,
         attempt,
         ending,
-        retry: qsys::backoff::RetryDelay {
+        retry: qsys::RetryDelay {
             base: std::time::Duration::from_millis(10),
             max: std::time::Duration::from_millis(10),
             // The top of the jitter range: exactly the base delay.
@@ -418,7 +418,7 @@ fn identities_are_exact_bytes_and_text_is_any_unicode() {
     for id in ["CaseID", "caseid", "trail", "trail ", "seed"] {
         assert_eq!(
             accept(&store, id),
-            qsys::store::Accepted::New,
+            qsys::Accepted::New,
             "{id:?} is a task of its own"
         );
     }
@@ -433,7 +433,7 @@ fn identities_are_exact_bytes_and_text_is_any_unicode() {
     let slots: Vec<u64> = env.query("SELECT COUNT(*) FROM gpu_slots");
     assert_eq!(slots, vec![2]);
     let emoji = r#"{"type":"t","data":{"note":"🎙️ naïve"}}"#;
-    let row = qsys::store::NewTask {
+    let row = qsys::NewTask {
         payload: emoji,
         ..new_task("unicode")
     };

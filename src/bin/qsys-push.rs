@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use qsys::config;
+
 use qsys::push::{self, Input, Request};
 
 /// Push tasks onto qsysd queues (RPUSH, the seed producer's format) and print their ids.
@@ -46,13 +46,13 @@ struct Args {
     #[arg(long)]
     wait: bool,
     /// How long --wait waits at most, e.g. 90s, 30m.
-    #[arg(long, value_name = "D", requires = "wait", value_parser = config::parse_duration, default_value = "1h")]
+    #[arg(long, value_name = "D", requires = "wait", value_parser = qsys::parse_duration, default_value = "1h")]
     timeout: Duration,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let env = config::producer_env();
+    let env = qsys::producer_env();
     if let Some(api) = std::env::var("AWS_LAMBDA_RUNTIME_API")
         .ok()
         .filter(|v| !v.is_empty())

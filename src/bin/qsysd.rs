@@ -1,19 +1,19 @@
-//! `qsysd`: parses arguments, loads the config and hands over to [`qsys::daemon`] (no subcommand)
+//! `qsysd`: parses arguments, loads the config and hands over to [`qsys::Daemon`] (no subcommand)
 //! or to [`qsys::ops`] (the operator's commands).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use qsys::config::{self, Config};
 use qsys::ops;
+use qsys::Config;
 
 /// Task-queue daemon: Redis queues to GPU slots and handlers, state in MySQL.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
     /// Configuration file.
-    #[arg(long, global = true, default_value = config::DEFAULT_PATH)]
+    #[arg(long, global = true, default_value = qsys::DEFAULT_PATH)]
     config: PathBuf,
     /// Validate the configuration, print a summary and exit (0 valid, 2 invalid).
     #[arg(long)]
@@ -55,7 +55,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let config = match Config::load(&args.config, &config::process_env()) {
+    let config = match Config::load(&args.config, &qsys::process_env()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("qsysd: {e}");
@@ -100,9 +100,9 @@ fn main() -> ExitCode {
 struct UsageError(String);
 
 fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
-    let mut daemon = qsys::daemon::Daemon::start(config)?;
+    let mut daemon = qsys::Daemon::start(config)?;
     daemon.reload_from(path);
-    qsys::daemon::spawn_signal_thread(daemon.stopper())?;
+    daemon.handle_signals()?;
     daemon.wait()?;
     Ok(())
 }
@@ -132,7 +132,7 @@ fn command(config: &Config, cmd: Command) -> anyhow::Result<()> {
         } => {
             let store = ops::store(config)?;
             if let (Some(state), Some(since)) = (state, since) {
-                let state = match qsys::store::State::parse(&state) {
+                let state = match qsys::State::parse(&state) {
                     Some(s) if s.is_terminal() => s,
                     _ => {
                         return Err(UsageError(format!(
@@ -141,7 +141,7 @@ fn command(config: &Config, cmd: Command) -> anyhow::Result<()> {
                         .into())
                     }
                 };
-                let since = config::parse_duration(&since)
+                let since = qsys::parse_duration(&since)
                     .map_err(|e| UsageError(format!("--since {since:?}: {e}")))?;
                 task_ids.extend(store.terminal_since(state, since)?);
             }

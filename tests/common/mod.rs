@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use mysql::prelude::Queryable;
-use qsys::config::{Config, Env};
-use qsys::daemon::Daemon;
+use qsys::Daemon;
+use qsys::{Config, Env};
 
 pub const SECRET: &str = "test-callback-secret-0123456789";
 
@@ -343,8 +343,7 @@ pub fn daemon_awaiting_callbacks(
 /// The path and query of attempt `attempt`'s genuine callback URL for `task_id` (the tests'
 /// secret), to send to a daemon's callback listener.
 pub fn callback_target(task_id: &str, attempt: u32) -> String {
-    let signer =
-        qsys::token::Signer::new(qsys::config::Secret::new(SECRET), "http://unused/callback");
+    let signer = qsys::Signer::new(qsys::Secret::new(SECRET), "http://unused/callback");
     let url = signer.callback_url(task_id, attempt);
     url[url.find("/callback").expect("path")..].to_string()
 }

@@ -1,0 +1,238 @@
+//! The operator's commands (`qsysd status`, `drain`, `undrain`, `requeue`, `task`), run by the
+//! `qsysd` binary in the operator's shell, not by the daemon.
+//!
+//! `status` asks the running daemon's admin API (live slot and health state exists only there);
+//! the others work on MySQL (and Redis, for requeue) directly, so they also work while no daemon
+//! runs, and every running instance picks the change up within a second (drains) or when it next
+//! pops the queue (requeues). The daemon's admin API calls [`requeue`] too.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::config::Config;
+use crate::store::{AttemptRecord, Store, StoreError, TaskRecord};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    #[error("mysql: {0}")]
+    Store(#[from] StoreError),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("admin api at {url}: {reason}")]
+    Admin { url: String, reason: String },
+    #[error("unknown {what} {id:?}")]
+    NotFound { what: &'static str, id: String },
+}
+
+/// Makes a terminal task pending again and pushes it back to the tail of its queue. False if the
+/// task is unknown or not terminal.
+pub fn requeue(store: &Store, client: &redis::Client, task_id: &str) -> Result<bool, OpsError> {
+    let Some((queue, payload)) = store.requeue(task_id)? else {
+        return Ok(false);
+    };
+    let mut conn = client.get_connection_with_timeout(Duration::from_secs(5))?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    redis::cmd("RPUSH")
+        .arg(&queue)
+        .arg(&payload)
+        .query::<()>(&mut conn)?;
+    Ok(true)
+}
+
+/// The admin API's base URL for a config (a wildcard listen address is reached on loopback).
+pub(crate) fn admin_url(config: &Config) -> String {
+    let mut addr = config.admin.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    format!("http://{addr}")
+}
+
+/// `GET <admin>/status` of the running daemon.
+pub fn fetch_status(config: &Config) -> Result<Value, OpsError> {
+    let url = format!("{}/status", admin_url(config));
+    let admin_err = |reason: String| OpsError::Admin {
+        url: url.clone(),
+        reason,
+    };
+    let mut req = crate::net::http::agent()
+        .get(&url)
+        .config()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build();
+    if let Some(t) = &config.admin.token {
+        req = req.header("Authorization", format!("Bearer {}", t.expose()));
+    }
+    let mut resp = req.call().map_err(|e| {
+        admin_err(format!(
+            "{} (is qsysd running?)",
+            crate::net::http::describe(&e)
+        ))
+    })?;
+    let status = resp.status().as_u16();
+    let text = resp
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| admin_err(e.to_string()))?;
+    if status != 200 {
+        return Err(admin_err(format!("HTTP {status}: {text}")));
+    }
+    serde_json::from_str(&text).map_err(|e| admin_err(format!("not JSON: {e}")))
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// `qsysd status` as a table.
+pub fn status_table(doc: &Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{}  ({})", s(&doc["instance"]), s(&doc["summary"]));
+    let _ = writeln!(
+        out,
+        "\n{:<12} {:<9} {:>9} {:>11} {:>9}  LAST ERROR",
+        "GPU", "HEALTH", "BUSY", "DISPATCHED", "FAILURES"
+    );
+    for g in doc["gpus"].as_array().into_iter().flatten() {
+        let mut health = s(&g["health"]);
+        if g["drained"] == true {
+            health = "drained".into();
+        }
+        if g["retired"] == true {
+            health = "removed".into();
+        }
+        let _ = writeln!(
+            out,
+            "{:<12} {:<9} {:>9} {:>11} {:>9}  {}",
+            s(&g["id"]),
+            health,
+            format!("{}/{}", s(&g["busy"]), s(&g["slots"])),
+            s(&g["dispatched"]),
+            s(&g["failures"]),
+            s(&g["last_error"])
+        );
+    }
+    let _ = writeln!(out, "\n{:<32} {:>9}", "QUEUE", "WAITING");
+    for q in doc["queues"].as_array().into_iter().flatten() {
+        let _ = writeln!(out, "{:<32} {:>9}", s(&q["name"]), s(&q["depth"]));
+    }
+    let _ = writeln!(out, "\n{:<12} {:>9}", "STATE", "TASKS");
+    if let Some(states) = doc["states"].as_object() {
+        for (k, v) in states {
+            let _ = writeln!(out, "{k:<12} {:>9}", s(v));
+        }
+    }
+    if let Some(p) = doc["problems"].as_object().filter(|p| !p.is_empty()) {
+        let _ = writeln!(out, "\nPROBLEMS");
+        for (k, v) in p {
+            let _ = writeln!(out, "{k}: {}", s(v));
+        }
+    }
+    out
+}
+
+/// `qsysd task <id>`: one task's whole story.
+pub fn task_report(task: &TaskRecord, attempts: &[AttemptRecord]) -> String {
+    let o = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let mut out = String::new();
+    let _ = writeln!(out, "task      {}", task.task_id);
+    let _ = writeln!(out, "type      {}", o(&task.kind));
+    let _ = writeln!(out, "queue     {}", o(&task.queue));
+    let _ = writeln!(out, "state     {}", o(&task.state));
+    let _ = writeln!(
+        out,
+        "attempts  {} (requeued {} times)",
+        task.attempts, task.requeues
+    );
+    let _ = writeln!(out, "created   {}", o(&task.created_at));
+    let _ = writeln!(out, "finished  {}", o(&task.finished_at));
+    if let Some(e) = &task.error {
+        let _ = writeln!(out, "error     {e}");
+    }
+    let _ = writeln!(
+        out,
+        "\n{:>3} {:<10} {:>4} {:<23} {:<23} {:<9} ERROR",
+        "#", "GPU", "SLOT", "STARTED", "ENDED", "OUTCOME"
+    );
+    for a in attempts {
+        let _ = writeln!(
+            out,
+            "{:>3} {:<10} {:>4} {:<23} {:<23} {:<9} {}",
+            a.attempt,
+            o(&a.gpu_id),
+            a.slot_index.map(|n| n.to_string()).unwrap_or("-".into()),
+            o(&a.started_at),
+            o(&a.ended_at),
+            a.outcome,
+            o(&a.error)
+        );
+    }
+    out
+}
+
+/// Looks a task and its attempts up.
+pub fn task(store: &Store, task_id: &str) -> Result<(TaskRecord, Vec<AttemptRecord>), OpsError> {
+    let t = store.task(task_id)?.ok_or_else(|| OpsError::NotFound {
+        what: "task",
+        id: task_id.to_string(),
+    })?;
+    Ok((t, store.attempts(task_id)?))
+}
+
+/// Connects to the config's MySQL for a one-off command.
+pub fn store(config: &Config) -> Result<Store, OpsError> {
+    let store = Store::connect(
+        &config.mysql.url,
+        config.mysql.tls,
+        &config.daemon.instance_id,
+        2,
+    )?;
+    store.migrate()?;
+    Ok(store)
+}
+
+/// Drains or undrains `gpu` fleet-wide (persisted): it must be a configured GPU.
+pub fn set_drained(config: &Config, gpu: &str, drained: bool) -> Result<(), OpsError> {
+    if !config.gpus.iter().any(|g| g.id == gpu) {
+        return Err(OpsError::NotFound {
+            what: "gpu",
+            id: gpu.to_string(),
+        });
+    }
+    let by = format!("cli@{}", crate::config::hostname());
+    store(config)?.set_drained(gpu, drained, &by)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_table_shows_each_gpu_and_queue() {
+        let doc = serde_json::json!({
+            "instance": "host-a", "summary": "1/8 GPU slots busy",
+            "gpus": [
+                {"id": "g0", "health": "up", "drained": false, "busy": 1, "slots": 4,
+                 "dispatched": 10, "failures": 0, "last_error": null},
+                {"id": "g1", "health": "ejected", "drained": true, "busy": 0, "slots": 4,
+                 "dispatched": 3, "failures": 3, "last_error": "g1: connection failed"}
+            ],
+            "queues": [{"name": "task_queue_1", "depth": 7}],
+            "states": {"pending": 0, "finished": 12},
+            "problems": {}
+        });
+        let t = status_table(&doc);
+        assert!(t.contains("g0           up              1/4"), "{t}");
+        assert!(t.contains("g1           drained         0/4"), "{t}");
+        assert!(t.contains("g1: connection failed"));
+        assert!(t.contains("task_queue_1") && t.contains("7"));
+        assert!(t.contains("finished") && !t.contains("PROBLEMS"));
+    }
+}

@@ -1,0 +1,339 @@
+//! The queue message contract (docs/contracts.md §3): one Redis list element is one JSON object,
+//! `{"type": "...", "data": {..., "task_id": "..."}}`, exactly as the seed's producer writes it.
+//!
+//! Pure parsing, no I/O: the poller thread calls [`parse`] on every popped element. A message that
+//! cannot be understood becomes a [`Malformed`] value carrying the reason (and the task id, when one
+//! could be read) so the poller can record it as `failed` and go on; parsing never panics.
+
+use serde_json::{Map, Value};
+
+/// Longest task id the `tasks.task_id` column holds.
+pub(crate) const MAX_TASK_ID: usize = 255;
+/// Longest type name the `tasks.type` column holds.
+pub(crate) const MAX_TYPE: usize = 100;
+/// Most attempts a message may ask for.
+pub(crate) const MAX_ATTEMPTS: u64 = 1000;
+/// Longest lease a message may ask for (`timeout_s`): 30 days. The column is a signed 32-bit
+/// `INT`; a larger value made MySQL refuse the whole batch the element came in.
+pub(crate) const MAX_TIMEOUT_S: u64 = 30 * 24 * 3600;
+
+/// One task as taken from a queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub task_id: String,
+    /// True when qsysd made the id up because the producer sent none.
+    pub id_assigned: bool,
+    pub kind: String,
+    /// The task's `data` object, always holding `task_id`.
+    pub data: Map<String, Value>,
+    pub max_attempts: Option<u32>,
+    pub timeout_s: Option<u64>,
+}
+
+/// Why an element was refused, and the task id if it could be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Malformed {
+    pub task_id: Option<String>,
+    pub reason: String,
+}
+
+fn malformed(task_id: Option<String>, reason: impl Into<String>) -> Malformed {
+    Malformed {
+        task_id,
+        reason: reason.into(),
+    }
+}
+
+fn id_from(v: &Value) -> Result<Option<String>, String> {
+    let id = match v {
+        Value::Null => return Ok(None),
+        Value::String(s) => s.clone(),
+        // Python producers sometimes send numeric ids; the column is text either way.
+        Value::Number(n) => n.to_string(),
+        other => return Err(format!("task_id must be a string, got {}", kind_of(other))),
+    };
+    check_task_id(&id)?;
+    Ok(Some(id))
+}
+
+/// Whether `id` is a task id qsysd could have recorded: 1 to [`MAX_TASK_ID`] bytes, no control
+/// characters. Ids from elsewhere (slot events of other instances) are held to the same rule.
+pub(crate) fn check_task_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("task_id must not be empty".into());
+    }
+    if id.len() > MAX_TASK_ID {
+        return Err(format!("task_id longer than {MAX_TASK_ID} bytes"));
+    }
+    if id.chars().any(char::is_control) {
+        return Err("task_id contains control characters".into());
+    }
+    Ok(())
+}
+
+/// "a string", "an object", ...: what a JSON value is, for error messages.
+pub(crate) fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// An optional whole number in `1..=max`.
+fn bounded_int(obj: &Map<String, Value>, field: &str, max: u64) -> Result<Option<u64>, String> {
+    let want = format!("{field} must be a whole number from 1 to {max}");
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(v) if (1..=max).contains(&v) => Ok(Some(v)),
+            _ => Err(format!("{want}, got {n}")),
+        },
+        Some(other) => Err(format!("{want}, got {}", kind_of(other))),
+    }
+}
+
+/// Parses one queue element. `new_id` supplies an id when the producer gave none.
+pub fn parse(raw: &[u8], new_id: impl FnOnce() -> String) -> Result<Message, Malformed> {
+    let value: Value =
+        serde_json::from_slice(raw).map_err(|e| malformed(None, format!("not valid JSON: {e}")))?;
+    let Value::Object(mut obj) = value else {
+        return Err(malformed(
+            None,
+            format!("expected a JSON object, got {}", kind_of(&value)),
+        ));
+    };
+    let mut data = match obj.remove("data") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m,
+        Some(other) => {
+            let id = obj.get("task_id").and_then(|v| id_from(v).ok().flatten());
+            return Err(malformed(
+                id,
+                format!("data must be an object, got {}", kind_of(&other)),
+            ));
+        }
+    };
+    // data.task_id wins over a top-level task_id (docs/contracts.md §3).
+    let inner = data.get("task_id").map(id_from).transpose();
+    let outer = obj.get("task_id").map(id_from).transpose();
+    let id = match (inner, outer) {
+        (Ok(Some(Some(id))), _) => Some(id),
+        (Ok(_), Ok(Some(id))) => id,
+        (Ok(_), Ok(None)) => None,
+        (Err(e), _) | (_, Err(e)) => return Err(malformed(None, e)),
+    };
+    let kind = match obj.get("type") {
+        Some(Value::String(s)) if s.is_empty() => {
+            return Err(malformed(id, "type must not be empty"))
+        }
+        Some(Value::String(s)) if s.len() > MAX_TYPE => {
+            return Err(malformed(id, format!("type longer than {MAX_TYPE} bytes")))
+        }
+        Some(Value::String(s)) if s.chars().any(char::is_control) => {
+            return Err(malformed(id, "type contains control characters"))
+        }
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => {
+            return Err(malformed(
+                id,
+                format!("type must be a string, got {}", kind_of(other)),
+            ))
+        }
+        None => return Err(malformed(id, "missing \"type\"")),
+    };
+    let max_attempts = bounded_int(&obj, "max_attempts", MAX_ATTEMPTS)
+        .map_err(|e| malformed(id.clone(), e))?
+        .map(|n| u32::try_from(n).expect("at most MAX_ATTEMPTS"));
+    let timeout_s =
+        bounded_int(&obj, "timeout_s", MAX_TIMEOUT_S).map_err(|e| malformed(id.clone(), e))?;
+
+    let (task_id, id_assigned) = match id {
+        Some(id) => (id, false),
+        None => (new_id(), true),
+    };
+    data.insert("task_id".into(), Value::String(task_id.clone()));
+    Ok(Message {
+        task_id,
+        id_assigned,
+        kind,
+        data,
+        max_attempts,
+        timeout_s,
+    })
+}
+
+impl Message {
+    /// The message in the seed's format, with the task id inside `data`: what qsysd stores and what
+    /// it pushes back to Redis, so a task keeps its id however often it is taken.
+    pub fn to_json(&self) -> String {
+        let mut obj = Map::new();
+        obj.insert("type".into(), Value::String(self.kind.clone()));
+        obj.insert("data".into(), Value::Object(self.data.clone()));
+        if let Some(n) = self.max_attempts {
+            obj.insert("max_attempts".into(), n.into());
+        }
+        if let Some(n) = self.timeout_s {
+            obj.insert("timeout_s".into(), n.into());
+        }
+        Value::Object(obj).to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id() -> String {
+        "generated".into()
+    }
+
+    #[test]
+    fn seed_producer_format_with_id_in_data() {
+        // Exactly what Python's json.dumps writes (note the spaces).
+        let raw = br#"{"type": "start_transcribe", "data": {"s3_bucket": "b", "s3_key": "k.wav", "task_id": "7c1e"}}"#;
+        let m = parse(raw, id).expect("valid");
+        assert_eq!(m.task_id, "7c1e");
+        assert!(!m.id_assigned);
+        assert_eq!(m.kind, "start_transcribe");
+        assert_eq!(m.data["s3_key"], "k.wav");
+    }
+
+    #[test]
+    fn top_level_id_then_assigned_id() {
+        let m = parse(
+            br#"{"type":"cleanup","task_id":"t1","data":{"user_id":789}}"#,
+            id,
+        )
+        .expect("valid");
+        assert_eq!(m.task_id, "t1");
+        assert_eq!(m.data["task_id"], "t1");
+        let m = parse(br#"{"type":"send_email","data":{"email":"a@b"}}"#, id).expect("valid");
+        assert_eq!(m.task_id, "generated");
+        assert!(m.id_assigned);
+        assert_eq!(m.data["task_id"], "generated");
+        let m = parse(
+            br#"{"type":"x","task_id":"outer","data":{"task_id":"inner"}}"#,
+            id,
+        )
+        .expect("valid");
+        assert_eq!(m.task_id, "inner");
+        let m = parse(br#"{"type":"x","data":{"task_id":42}}"#, id).expect("numeric id");
+        assert_eq!(m.task_id, "42");
+    }
+
+    #[test]
+    fn optional_fields() {
+        let m = parse(br#"{"type":"x","max_attempts":5,"timeout_s":60}"#, id).expect("valid");
+        assert_eq!((m.max_attempts, m.timeout_s), (Some(5), Some(60)));
+        assert!(parse(br#"{"type":"x","max_attempts":0}"#, id).is_err());
+        assert!(parse(br#"{"type":"x","timeout_s":"60"}"#, id).is_err());
+        assert!(parse(br#"{"type":"x","max_attempts":1.5}"#, id).is_err());
+    }
+
+    /// Every numeric field at 0, 1, its maximum, maximum + 1, negative and far beyond any
+    /// column: only 1..=max is taken, so MySQL never sees a value it refuses.
+    #[test]
+    fn numeric_fields_at_their_boundaries() {
+        for (field, max) in [("max_attempts", MAX_ATTEMPTS), ("timeout_s", MAX_TIMEOUT_S)] {
+            for (v, ok) in [
+                ("0".to_string(), false),
+                ("1".to_string(), true),
+                (max.to_string(), true),
+                ((max + 1).to_string(), false),
+                ("-1".to_string(), false),
+                ("3000000000".to_string(), false),
+                ("18446744073709551616".to_string(), false),
+                ("1e300".to_string(), false),
+            ] {
+                let raw = format!(r#"{{"type":"x","{field}":{v}}}"#);
+                assert_eq!(parse(raw.as_bytes(), id).is_ok(), ok, "{field} = {v}");
+            }
+        }
+        // Lengths: at the limit is taken, one more byte is not.
+        for (len, ok) in [(MAX_TASK_ID, true), (MAX_TASK_ID + 1, false)] {
+            let raw = format!(
+                r#"{{"type":"x","task_id":"{}"}}"#,
+                "é".repeat(len / 2) + &"a".repeat(len % 2)
+            );
+            assert_eq!(
+                parse(raw.as_bytes(), id).is_ok(),
+                ok,
+                "task_id of {len} bytes"
+            );
+        }
+        for (len, ok) in [(MAX_TYPE, true), (MAX_TYPE + 1, false)] {
+            let raw = format!(r#"{{"type":"{}"}}"#, "t".repeat(len));
+            assert_eq!(parse(raw.as_bytes(), id).is_ok(), ok, "type of {len} bytes");
+        }
+        assert!(parse(
+            br#"{"type":"a
+b"}"#,
+            id
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn malformed_elements_say_why() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"not json", "not valid JSON"),
+            (b"", "not valid JSON"),
+            (b"[1,2]", "expected a JSON object"),
+            (b"\"str\"", "expected a JSON object"),
+            (br#"{"data":{"task_id":"t9"}}"#, "missing \"type\""),
+            (br#"{"type":7}"#, "type must be a string"),
+            (br#"{"type":""}"#, "type must not be empty"),
+            (br#"{"type":"x","data":[1]}"#, "data must be an object"),
+            (
+                br#"{"type":"x","data":{"task_id":""}}"#,
+                "task_id must not be empty",
+            ),
+            (
+                br#"{"type":"x","data":{"task_id":{}}}"#,
+                "task_id must be a string",
+            ),
+            (&[0xff, 0xfe], "not valid JSON"),
+        ];
+        for (raw, want) in cases {
+            let e = parse(raw, id).expect_err("must be refused");
+            assert!(e.reason.contains(want), "{:?}: {}", raw, e.reason);
+        }
+        // The id is kept when it could be read, so the failed row can be found by it.
+        let e = parse(br#"{"data":{"task_id":"t9"}}"#, id).expect_err("no type");
+        assert_eq!(e.task_id.as_deref(), Some("t9"));
+        let long = format!(r#"{{"type":"x","task_id":"{}"}}"#, "a".repeat(300));
+        assert!(parse(long.as_bytes(), id).is_err());
+    }
+
+    #[test]
+    fn round_trip_keeps_id_and_fields() {
+        let m = parse(br#"{"type":"x","max_attempts":2,"data":{"a":1}}"#, id).expect("valid");
+        let again = parse(m.to_json().as_bytes(), || unreachable!("id is kept")).expect("valid");
+        assert_eq!(again.task_id, "generated");
+        assert!(!again.id_assigned);
+        assert_eq!(again.data, m.data);
+        assert_eq!(again.max_attempts, Some(2));
+    }
+
+    #[test]
+    fn never_panics_on_arbitrary_bytes() {
+        // A cheap deterministic sweep over JSON-looking byte strings.
+        let alphabet = b"{}[]\":,typedaskid0123 \\";
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for len in 0..400 {
+            let bytes: Vec<u8> = (0..len % 64)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    alphabet[(seed % alphabet.len() as u64) as usize]
+                })
+                .collect();
+            let _ = parse(&bytes, id);
+        }
+    }
+}

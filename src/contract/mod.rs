@@ -1,0 +1,5 @@
+//! The contracts qsysd shares with its producers, GPU endpoints and peer instances
+//! (docs/contracts.md): what may arrive, what is sent, and the limits on both, each written once.
+
+pub(crate) mod message;
+pub(crate) mod token;

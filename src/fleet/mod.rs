@@ -1,0 +1,849 @@
+//! The GPU slot matrix: which task holds which slot of which GPU, in memory.
+//!
+//! The matrix is pure data with no I/O; the daemon keeps one behind a `Mutex` shared by the scheduler
+//! thread (which picks and occupies slots), and the dispatch, handler, callback and maintenance
+//! threads (which release slots after MySQL has recorded the end of an attempt, and feed GPU health).
+//! MySQL's `gpu_slots` table is the authority; this is its mirror, kept so that picking a slot costs
+//! no round trip. Each row carries its endpoint's settings, so a dispatch uses the settings its slot
+//! was claimed under even if a reload changes them meanwhile.
+//!
+//! Health lives here too, because it decides what `pick` may choose: after `eject_after` consecutive
+//! failed dispatches a GPU is ejected for a cooldown that doubles with each ejection (never the last
+//! GPU still up); when the cooldown ends the maintenance thread probes it, and a GPU that answers comes
+//! back with one usable slot, doubling with each successful dispatch up to its configured count.
+//!
+//! A reload reshapes the matrix ([`SlotMatrix::reconfigure`]): new GPUs join, a removed GPU and slots
+//! beyond a lowered count drain (they take nothing new and vanish as their tasks end). Rows are
+//! never removed, so a row index stays valid for the daemon's life.
+//!
+//! Which open GPU a task gets is the placement policy's choice ([`placement`]), a pure function.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::Endpoint;
+use placement::Candidate;
+
+mod placement;
+
+/// Who holds a slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub task_id: String,
+    pub attempt: u32,
+    pub since: Instant,
+}
+
+/// Whether a GPU takes new work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Up,
+    /// Out until `until`, then probed.
+    Ejected {
+        until: Instant,
+    },
+    /// A probe is running.
+    Probing,
+}
+
+/// When to eject a GPU and for how long.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HealthPolicy {
+    pub eject_after: u32,
+    pub cooldown: Duration,
+    pub cooldown_max: Duration,
+}
+
+impl HealthPolicy {
+    /// The cooldown after the `n`-th ejection in a row (0-based): doubles up to the cap.
+    pub(crate) fn cooldown_for(&self, n: u32) -> Duration {
+        let factor = 1u32.checked_shl(n.min(20)).unwrap_or(u32::MAX);
+        self.cooldown.saturating_mul(factor).min(self.cooldown_max)
+    }
+}
+
+#[derive(Debug)]
+struct Gpu {
+    endpoint: Arc<Endpoint>,
+    /// Slot cells; those at index `cap` and beyond are draining after a reload lowered the count.
+    cells: Vec<Option<Holder>>,
+    /// The configured slot count (0 once the GPU is removed from the config).
+    cap: usize,
+    /// Usable slots: `cap`, or fewer while ramping up after a readmission.
+    limit: usize,
+    health: Health,
+    failures: u32,
+    /// Ejections since the GPU last ran at full capacity.
+    ejections: u32,
+    /// Removed from the config: drains, takes nothing new.
+    retired: bool,
+    /// Drained by an operator (persisted in MySQL): finishes what it has, takes nothing new.
+    drained: bool,
+    /// Dispatches answered or not, and the last error, for `qsysd status`.
+    dispatched: u64,
+    failed: u64,
+    last_error: Option<String>,
+}
+
+impl Gpu {
+    fn new(endpoint: Arc<Endpoint>) -> Gpu {
+        let n = endpoint.slots;
+        Gpu {
+            endpoint,
+            cells: vec![None; n],
+            cap: n,
+            limit: n,
+            health: Health::Up,
+            failures: 0,
+            ejections: 0,
+            retired: false,
+            drained: false,
+            dispatched: 0,
+            failed: 0,
+            last_error: None,
+        }
+    }
+
+    fn busy(&self) -> usize {
+        self.cells.iter().filter(|c| c.is_some()).count()
+    }
+
+    /// Usable slots right now.
+    fn usable(&self) -> usize {
+        self.limit.min(self.cap)
+    }
+
+    fn free_cell(&self) -> Option<usize> {
+        self.cells[..self.cap.min(self.cells.len())]
+            .iter()
+            .position(Option::is_none)
+    }
+
+    fn open(&self) -> bool {
+        self.health == Health::Up
+            && !self.retired
+            && !self.drained
+            && self.busy() < self.usable()
+            && self.free_cell().is_some()
+    }
+
+    /// Drops free cells beyond the configured count.
+    fn trim(&mut self) {
+        while self.cells.len() > self.cap && self.cells.last().is_some_and(Option::is_none) {
+            self.cells.pop();
+        }
+    }
+}
+
+/// A slot's coordinates in the matrix. Only the matrix makes them (the fields are private), so a
+/// `SlotRef` always names a row that exists (rows are never removed) and a slot below
+/// [`MAX_SLOTS`]: taking one can neither panic nor allocate more than that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SlotRef {
+    gpu: usize,
+    slot: usize,
+}
+
+impl SlotRef {
+    /// The GPU's row, for [`SlotMatrix::endpoint`].
+    pub(crate) fn gpu(self) -> usize {
+        self.gpu
+    }
+
+    /// The slot index within the GPU.
+    pub(crate) fn slot(self) -> usize {
+        self.slot
+    }
+}
+
+/// Most slots one GPU may have (`gpu.slots`): the bound on any slot index the matrix accepts, from
+/// the config, MySQL or another instance, so a bad index cannot make it allocate without limit.
+pub(crate) const MAX_SLOTS: usize = 1024;
+
+/// GPUs x slots, each cell free or held.
+#[derive(Debug)]
+pub(crate) struct SlotMatrix {
+    gpus: Vec<Gpu>,
+    cursor: usize,
+}
+
+/// One GPU's row, for status output.
+#[derive(Debug, Clone)]
+pub struct GpuView {
+    pub id: String,
+    pub cells: Vec<Option<Holder>>,
+    pub slots: usize,
+    pub limit: usize,
+    pub health: Health,
+    pub failures: u32,
+    pub retired: bool,
+    pub drained: bool,
+    pub dispatched: u64,
+    pub failed: u64,
+    pub last_error: Option<String>,
+}
+
+/// What a dispatch outcome did to a GPU's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HealthChange {
+    None,
+    Ejected {
+        cooldown: Duration,
+    },
+    /// Its usable slots grew to this many.
+    Ramped {
+        limit: usize,
+    },
+}
+
+impl SlotMatrix {
+    /// A matrix with every slot free, one row per endpoint in config order.
+    pub(crate) fn new(endpoints: &[Arc<Endpoint>]) -> SlotMatrix {
+        SlotMatrix {
+            gpus: endpoints.iter().cloned().map(Gpu::new).collect(),
+            cursor: 0,
+        }
+    }
+
+    /// Applies a new endpoint list (a reload): known GPUs take the new settings and slot count,
+    /// new ones join, missing ones retire and drain. Held slots are never touched.
+    pub(crate) fn reconfigure(&mut self, endpoints: &[Arc<Endpoint>]) {
+        for g in &mut self.gpus {
+            match endpoints.iter().find(|e| e.id == g.endpoint.id) {
+                Some(e) => {
+                    let full = g.limit >= g.cap;
+                    g.endpoint = Arc::clone(e);
+                    g.cap = e.slots;
+                    g.retired = false;
+                    if g.cells.len() < g.cap {
+                        g.cells.resize(g.cap, None);
+                    }
+                    g.limit = if full { g.cap } else { g.limit.min(g.cap) };
+                }
+                None => {
+                    g.retired = true;
+                    g.cap = 0;
+                }
+            }
+            g.trim();
+        }
+        for e in endpoints {
+            if !self.gpus.iter().any(|g| g.endpoint.id == e.id) {
+                self.gpus.push(Gpu::new(Arc::clone(e)));
+            }
+        }
+    }
+
+    /// A free slot for a task whose previous attempt ran on `avoid`, by the placement policy
+    /// ([`placement::least_loaded`]) among the GPUs that can take work now: its lowest free slot.
+    /// `None` when no GPU can take the task. Advances the rotation past the chosen GPU.
+    pub(crate) fn place(&mut self, avoid: Option<&str>) -> Option<SlotRef> {
+        let n = self.gpus.len();
+        let rows: Vec<usize> = (0..n)
+            .map(|k| (self.cursor + k) % n)
+            .filter(|&g| self.gpus[g].open())
+            .collect();
+        let candidates: Vec<Candidate<'_>> = rows
+            .iter()
+            .map(|&g| {
+                let gpu = &self.gpus[g];
+                Candidate {
+                    id: &gpu.endpoint.id,
+                    busy: gpu.busy(),
+                    usable: gpu.usable(),
+                }
+            })
+            .collect();
+        let g = rows[placement::least_loaded(&candidates, avoid)?];
+        self.cursor = (g + 1) % n;
+        let slot = self.gpus[g]
+            .free_cell()
+            .expect("an open GPU has a free cell");
+        Some(SlotRef { gpu: g, slot })
+    }
+
+    /// Makes the mirror agree with MySQL's held slots (`(gpu, slot) -> (task, attempt)`): cells
+    /// MySQL says are held are marked so; cells it says are free are freed, unless their holder was
+    /// set within `grace` (a claim of ours not yet committed). Returns how many cells changed.
+    pub(crate) fn resync(
+        &mut self,
+        held: &std::collections::HashMap<(String, usize), (String, u32)>,
+        grace: Duration,
+    ) -> usize {
+        let mut changed = 0;
+        for g in &mut self.gpus {
+            for (i, cell) in g.cells.iter_mut().enumerate() {
+                match (held.get(&(g.endpoint.id.clone(), i)), cell.as_ref()) {
+                    (Some((task, _)), Some(h)) if &h.task_id == task => {}
+                    (Some((task, attempt)), _) => {
+                        *cell = Some(Holder {
+                            task_id: task.clone(),
+                            attempt: *attempt,
+                            since: Instant::now(),
+                        });
+                        changed += 1;
+                    }
+                    (None, Some(h)) if h.since.elapsed() > grace => {
+                        *cell = None;
+                        changed += 1;
+                    }
+                    (None, _) => {}
+                }
+            }
+            g.trim();
+        }
+        changed
+    }
+
+    /// Marks exactly the GPUs in `drained` as drained (what MySQL's `gpu_state` says).
+    pub(crate) fn set_drained(&mut self, drained: &[String]) {
+        for g in &mut self.gpus {
+            g.drained = drained.contains(&g.endpoint.id);
+        }
+    }
+
+    /// Records a dispatch to GPU `gpu_id` that the endpoint answered (`error` is `None`) or did not
+    /// (connection error, timeout, 5xx). Ejects the GPU after too many failures in a row, unless it
+    /// is the last one up.
+    pub(crate) fn record_dispatch(
+        &mut self,
+        gpu_id: &str,
+        error: Option<&str>,
+        now: Instant,
+        policy: &HealthPolicy,
+    ) -> HealthChange {
+        let Some(gpu) = self.index(gpu_id) else {
+            return HealthChange::None;
+        };
+        let ok = error.is_none();
+        {
+            let g = &mut self.gpus[gpu];
+            g.dispatched += 1;
+            if let Some(e) = error {
+                g.failed += 1;
+                g.last_error = Some(e.to_string());
+            }
+        }
+        let others_up = self
+            .gpus
+            .iter()
+            .enumerate()
+            // A drained GPU takes no new work, so it does not count as another one up.
+            .any(|(i, g)| i != gpu && g.health == Health::Up && !g.retired && !g.drained);
+        let g = &mut self.gpus[gpu];
+        if ok {
+            g.failures = 0;
+            if g.health == Health::Up && g.limit < g.cap {
+                g.limit = (g.limit * 2).min(g.cap);
+                if g.limit == g.cap {
+                    g.ejections = 0;
+                }
+                return HealthChange::Ramped { limit: g.limit };
+            }
+            return HealthChange::None;
+        }
+        g.failures += 1;
+        if g.health != Health::Up || g.failures < policy.eject_after || !others_up {
+            return HealthChange::None;
+        }
+        let cooldown = policy.cooldown_for(g.ejections);
+        g.health = Health::Ejected {
+            until: now + cooldown,
+        };
+        g.ejections += 1;
+        g.failures = 0;
+        HealthChange::Ejected { cooldown }
+    }
+
+    /// GPUs whose cooldown is over, now marked as being probed.
+    pub(crate) fn take_due_probes(&mut self, now: Instant) -> Vec<Arc<Endpoint>> {
+        let mut due = Vec::new();
+        for g in &mut self.gpus {
+            if matches!(g.health, Health::Ejected { until } if until <= now) {
+                g.health = Health::Probing;
+                due.push(Arc::clone(&g.endpoint));
+            }
+        }
+        due
+    }
+
+    /// A probe's result: readmit with one usable slot, or eject again for a longer cooldown.
+    pub(crate) fn probe_result(
+        &mut self,
+        gpu_id: &str,
+        ok: bool,
+        now: Instant,
+        policy: &HealthPolicy,
+    ) -> HealthChange {
+        let Some(gpu) = self.index(gpu_id) else {
+            return HealthChange::None;
+        };
+        let g = &mut self.gpus[gpu];
+        if ok {
+            g.health = Health::Up;
+            g.limit = 1;
+            g.failures = 0;
+            return HealthChange::Ramped { limit: 1 };
+        }
+        let cooldown = policy.cooldown_for(g.ejections);
+        g.health = Health::Ejected {
+            until: now + cooldown,
+        };
+        g.ejections += 1;
+        HealthChange::Ejected { cooldown }
+    }
+
+    /// Index of a GPU by id.
+    pub(crate) fn index(&self, gpu_id: &str) -> Option<usize> {
+        self.gpus.iter().position(|g| g.endpoint.id == gpu_id)
+    }
+
+    /// The settings of the GPU at row `gpu`.
+    pub(crate) fn endpoint(&self, gpu: usize) -> &Arc<Endpoint> {
+        &self.gpus[gpu].endpoint
+    }
+
+    /// Marks `at` as held: a slot [`SlotMatrix::place`] chose, or one [`SlotMatrix::hold`] checked.
+    pub(crate) fn occupy(&mut self, at: SlotRef, holder: Holder) {
+        let cells = &mut self.gpus[at.gpu].cells;
+        if cells.len() <= at.slot {
+            cells.resize(at.slot + 1, None);
+        }
+        cells[at.slot] = Some(holder);
+    }
+
+    /// Marks `gpu_id`/`slot` as held by `task_id` from now, as MySQL or another instance says.
+    /// False if this matrix has no such GPU or the index is not below [`MAX_SLOTS`]. A slot beyond
+    /// the configured count is taken (it holds an attempt from before a reload or a restart with
+    /// fewer slots, and drains).
+    pub(crate) fn hold(
+        &mut self,
+        gpu_id: &str,
+        slot: usize,
+        task_id: String,
+        attempt: u32,
+    ) -> bool {
+        let Some(gpu) = self.index(gpu_id).filter(|_| slot < MAX_SLOTS) else {
+            return false;
+        };
+        self.occupy(
+            SlotRef { gpu, slot },
+            Holder {
+                task_id,
+                attempt,
+                since: Instant::now(),
+            },
+        );
+        true
+    }
+
+    /// Frees the slot of `gpu_id`/`slot` if `task_id` holds it. False if it did not (already freed,
+    /// or a GPU this matrix does not know).
+    pub(crate) fn release(&mut self, gpu_id: &str, slot: usize, task_id: &str) -> bool {
+        let Some(g) = self.index(gpu_id) else {
+            return false;
+        };
+        let gpu = &mut self.gpus[g];
+        let Some(cell) = gpu.cells.get_mut(slot) else {
+            return false;
+        };
+        if cell.as_ref().is_some_and(|h| h.task_id == task_id) {
+            *cell = None;
+            gpu.trim();
+            return true;
+        }
+        false
+    }
+
+    /// Whether any GPU could take a task now.
+    pub(crate) fn has_free(&self) -> bool {
+        self.gpus.iter().any(Gpu::open)
+    }
+
+    pub(crate) fn busy(&self) -> usize {
+        self.gpus.iter().map(Gpu::busy).sum()
+    }
+
+    /// Configured slots over every GPU still in the config.
+    pub(crate) fn total(&self) -> usize {
+        self.gpus.iter().map(|g| g.cap).sum()
+    }
+
+    /// GPUs not up (ejected or being probed).
+    pub(crate) fn down(&self) -> usize {
+        self.gpus
+            .iter()
+            .filter(|g| !g.retired && g.health != Health::Up)
+            .count()
+    }
+
+    /// A copy of every row, for status and tests.
+    pub(crate) fn view(&self) -> Vec<GpuView> {
+        self.gpus
+            .iter()
+            .map(|g| GpuView {
+                id: g.endpoint.id.clone(),
+                cells: g.cells.clone(),
+                slots: g.cap,
+                limit: g.usable(),
+                health: g.health,
+                failures: g.failures,
+                retired: g.retired,
+                drained: g.drained,
+                dispatched: g.dispatched,
+                failed: g.failed,
+                last_error: g.last_error.clone(),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matrix(gpus: &[(&str, usize)]) -> SlotMatrix {
+        SlotMatrix::new(&endpoints(gpus))
+    }
+
+    fn endpoints(gpus: &[(&str, usize)]) -> Vec<Arc<Endpoint>> {
+        gpus.iter()
+            .map(|(id, n)| {
+                Arc::new(Endpoint {
+                    id: id.to_string(),
+                    url: format!("http://127.0.0.1:1/{id}"),
+                    health_url: format!("http://127.0.0.1:1/{id}"),
+                    slots: *n,
+                    completion: crate::config::Completion::Callback,
+                    bearer_token: None,
+                    request_timeout: Duration::from_secs(1),
+                    task_timeout: Duration::from_secs(60),
+                })
+            })
+            .collect()
+    }
+
+    fn holder(id: &str) -> Holder {
+        Holder {
+            task_id: id.into(),
+            attempt: 1,
+            since: Instant::now(),
+        }
+    }
+
+    fn fill(m: &mut SlotMatrix, n: usize) -> Vec<SlotRef> {
+        (0..n)
+            .map(|i| {
+                let at = m.place(None).expect("free slot");
+                m.occupy(at, holder(&format!("t{i}")));
+                at
+            })
+            .collect()
+    }
+
+    #[test]
+    fn idle_fleet_rotates_instead_of_always_g0() {
+        let mut m = matrix(&[("g0", 4), ("g1", 4), ("g2", 4), ("g3", 4)]);
+        let gpus: Vec<usize> = fill(&mut m, 8).iter().map(|s| s.gpu).collect();
+        assert_eq!(gpus, [0, 1, 2, 3, 0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn least_loaded_wins() {
+        let mut m = matrix(&[("g0", 4), ("g1", 4)]);
+        m.occupy(SlotRef { gpu: 1, slot: 0 }, holder("a"));
+        m.occupy(SlotRef { gpu: 1, slot: 1 }, holder("b"));
+        // g0 is empty, g1 half full: the next two go to g0 whatever the cursor says.
+        m.cursor = 1;
+        assert_eq!(m.place(None).map(|s| s.gpu), Some(0));
+        m.occupy(SlotRef { gpu: 0, slot: 0 }, holder("c"));
+        assert_eq!(m.place(None).map(|s| s.gpu), Some(0));
+    }
+
+    #[test]
+    fn load_is_a_share_of_capacity() {
+        // g0 has 2 slots with 1 busy (50%), g1 has 4 with 1 busy (25%): g1 is less loaded.
+        let mut m = matrix(&[("g0", 2), ("g1", 4)]);
+        m.occupy(SlotRef { gpu: 0, slot: 0 }, holder("a"));
+        m.occupy(SlotRef { gpu: 1, slot: 0 }, holder("b"));
+        assert_eq!(m.place(None).map(|s| s.gpu), Some(1));
+    }
+
+    #[test]
+    fn never_more_than_capacity_and_lowest_free_slot() {
+        let mut m = matrix(&[("g0", 2), ("g1", 3)]);
+        let taken = fill(&mut m, 5);
+        assert_eq!(m.place(None), None);
+        assert!(!m.has_free());
+        assert_eq!((m.busy(), m.total()), (5, 5));
+        let mut per_gpu = [0; 2];
+        for s in &taken {
+            per_gpu[s.gpu] += 1;
+        }
+        assert_eq!(per_gpu, [2, 3]);
+        // Free slot 0 of g1: it is the only choice and the lowest index is reused.
+        let held = m.view()[1].cells[0].clone().expect("held");
+        assert!(m.release("g1", 0, &held.task_id));
+        assert_eq!(m.place(None), Some(SlotRef { gpu: 1, slot: 0 }));
+    }
+
+    #[test]
+    fn release_only_by_the_holder() {
+        let mut m = matrix(&[("g0", 1)]);
+        m.occupy(SlotRef { gpu: 0, slot: 0 }, holder("a"));
+        assert!(!m.release("g0", 0, "b"));
+        assert!(!m.release("g9", 0, "a"));
+        assert!(!m.release("g0", 5, "a"));
+        assert!(m.release("g0", 0, "a"));
+        assert!(!m.release("g0", 0, "a"));
+    }
+
+    #[test]
+    fn any_index_from_outside_is_safe() {
+        let mut m = matrix(&[("g0", 2)]);
+        for slot in [usize::MAX, usize::MAX - 1, MAX_SLOTS, 1 << 40] {
+            assert!(!m.hold("g0", slot, "x".into(), 1), "slot {slot}");
+            assert!(!m.release("g0", slot, "x"), "slot {slot}");
+        }
+        assert!(!m.hold("g9", 0, "x".into(), 1));
+        assert_eq!(m.view()[0].cells.len(), 2, "nothing was allocated");
+        // Below the bound, a slot beyond the configured count is held (and drains when freed).
+        assert!(m.hold("g0", MAX_SLOTS - 1, "old".into(), 1));
+        assert_eq!(m.busy(), 1);
+        assert_eq!(m.total(), 2);
+        assert!(m.release("g0", MAX_SLOTS - 1, "old"));
+        assert_eq!(m.view()[0].cells.len(), 2);
+    }
+
+    const POLICY: HealthPolicy = HealthPolicy {
+        eject_after: 3,
+        cooldown: Duration::from_secs(10),
+        cooldown_max: Duration::from_secs(60),
+    };
+
+    #[test]
+    fn retries_avoid_the_last_gpu_unless_it_is_the_only_choice() {
+        let mut m = matrix(&[("g0", 2), ("g1", 2)]);
+        for _ in 0..4 {
+            assert_eq!(m.place(Some("g0")).map(|s| s.gpu), Some(1));
+        }
+        m.occupy(SlotRef { gpu: 1, slot: 0 }, holder("a"));
+        m.occupy(SlotRef { gpu: 1, slot: 1 }, holder("b"));
+        assert_eq!(m.place(Some("g0")).map(|s| s.gpu), Some(0));
+    }
+
+    #[test]
+    fn ejection_after_consecutive_failures_then_probe_and_ramp_up() {
+        let t0 = Instant::now();
+        let mut m = matrix(&[("g0", 4), ("g1", 4)]);
+        assert_eq!(
+            m.record_dispatch("g0", Some("down"), t0, &POLICY),
+            HealthChange::None
+        );
+        assert_eq!(
+            m.record_dispatch("g0", None, t0, &POLICY),
+            HealthChange::None
+        );
+        // A success resets the count: three more failures are needed.
+        m.record_dispatch("g0", Some("down"), t0, &POLICY);
+        m.record_dispatch("g0", Some("down"), t0, &POLICY);
+        let change = m.record_dispatch("g0", Some("down"), t0, &POLICY);
+        assert_eq!(
+            change,
+            HealthChange::Ejected {
+                cooldown: Duration::from_secs(10)
+            }
+        );
+        // Ejected: nothing goes there, even when it is the least loaded.
+        for _ in 0..4 {
+            let at = m.place(None).expect("g1 has room");
+            assert_eq!(at.gpu, 1);
+            m.occupy(at, holder("x"));
+        }
+        assert_eq!(m.place(None), None);
+        assert!(m.take_due_probes(t0 + Duration::from_secs(5)).is_empty());
+        assert_eq!(m.take_due_probes(t0 + Duration::from_secs(10))[0].id, "g0");
+        assert!(
+            m.take_due_probes(t0 + Duration::from_secs(11)).is_empty(),
+            "one probe at a time"
+        );
+        // A failed probe doubles the cooldown.
+        let t1 = t0 + Duration::from_secs(10);
+        assert_eq!(
+            m.probe_result("g0", false, t1, &POLICY),
+            HealthChange::Ejected {
+                cooldown: Duration::from_secs(20)
+            }
+        );
+        assert_eq!(m.take_due_probes(t1 + Duration::from_secs(20)).len(), 1);
+        // Readmitted with one slot, then 2, then 4.
+        assert_eq!(
+            m.probe_result("g0", true, t1, &POLICY),
+            HealthChange::Ramped { limit: 1 }
+        );
+        let at = m.place(None).expect("one slot");
+        m.occupy(at, holder("r1"));
+        assert_eq!(
+            m.place(None),
+            None,
+            "only one usable slot after readmission"
+        );
+        assert_eq!(
+            m.record_dispatch("g0", None, t1, &POLICY),
+            HealthChange::Ramped { limit: 2 }
+        );
+        assert_eq!(
+            m.record_dispatch("g0", None, t1, &POLICY),
+            HealthChange::Ramped { limit: 4 }
+        );
+        assert_eq!(
+            m.record_dispatch("g0", None, t1, &POLICY),
+            HealthChange::None
+        );
+        assert_eq!(m.view()[0].limit, 4);
+    }
+
+    #[test]
+    fn the_last_gpu_up_is_never_ejected() {
+        let t0 = Instant::now();
+        let mut m = matrix(&[("g0", 1), ("g1", 1)]);
+        for _ in 0..3 {
+            m.record_dispatch("g0", Some("down"), t0, &POLICY);
+        }
+        assert_eq!(
+            m.view()[0].health,
+            Health::Ejected {
+                until: t0 + Duration::from_secs(10)
+            }
+        );
+        for _ in 0..10 {
+            assert_eq!(
+                m.record_dispatch("g1", Some("down"), t0, &POLICY),
+                HealthChange::None
+            );
+        }
+        assert_eq!(m.view()[1].health, Health::Up);
+    }
+
+    #[test]
+    fn the_last_undrained_gpu_up_is_never_ejected() {
+        let t0 = Instant::now();
+        let mut m = matrix(&[("g0", 1), ("g1", 1)]);
+        m.set_drained(&["g0".to_string()]);
+        for _ in 0..10 {
+            assert_eq!(
+                m.record_dispatch("g1", Some("down"), t0, &POLICY),
+                HealthChange::None
+            );
+        }
+        assert_eq!(m.view()[1].health, Health::Up);
+    }
+
+    #[test]
+    fn reload_adds_drains_and_resizes_without_touching_held_slots() {
+        let mut m = matrix(&[("g0", 2), ("g1", 2)]);
+        m.occupy(SlotRef { gpu: 0, slot: 1 }, holder("a"));
+        m.occupy(SlotRef { gpu: 1, slot: 0 }, holder("b"));
+        // g0 shrinks to 1 slot (its busy slot 1 drains), g1 is removed, g2 joins.
+        m.reconfigure(&endpoints(&[("g0", 1), ("g2", 3)]));
+        assert_eq!(m.total(), 4);
+        assert_eq!(m.busy(), 2, "held slots survive the reload");
+        let v = m.view();
+        assert!(v[1].retired && v[1].cells[0].is_some());
+        // New work goes to g2 only: g1 is gone, and g0 already runs one task, its new count.
+        let mut got = Vec::new();
+        while let Some(at) = m.place(None) {
+            m.occupy(at, holder("n"));
+            got.push((m.endpoint(at.gpu).id.clone(), at.slot));
+        }
+        let g2: Vec<(String, usize)> = (0..3).map(|s| ("g2".to_string(), s)).collect();
+        assert_eq!(got, g2);
+        // The draining slots vanish as their tasks end; then g0's one slot takes work again.
+        assert!(m.release("g0", 1, "a"));
+        assert_eq!(m.view()[0].cells.len(), 1);
+        assert!(m.release("g1", 0, "b"));
+        assert!(m.view()[1].cells.is_empty());
+        assert_eq!(m.place(None), Some(SlotRef { gpu: 0, slot: 0 }));
+        // g1 comes back.
+        m.reconfigure(&endpoints(&[("g0", 1), ("g1", 2), ("g2", 3)]));
+        assert_eq!(m.total(), 6);
+        assert!(m
+            .place(None)
+            .is_some_and(|at| m.endpoint(at.gpu).id == "g1"));
+    }
+
+    #[test]
+    fn drained_gpus_take_nothing_new_and_keep_what_they_run() {
+        let mut m = matrix(&[("g0", 2), ("g1", 2)]);
+        m.occupy(SlotRef { gpu: 0, slot: 0 }, holder("a"));
+        m.set_drained(&["g0".to_string()]);
+        for _ in 0..2 {
+            let at = m.place(None).expect("g1 has room");
+            assert_eq!(at.gpu, 1);
+            m.occupy(at, holder("b"));
+        }
+        assert_eq!(m.place(None), None);
+        assert_eq!(m.busy(), 3);
+        m.set_drained(&[]);
+        assert_eq!(m.place(None).map(|s| s.gpu), Some(0));
+        let v = m.view();
+        assert!(!v[0].drained);
+    }
+
+    #[test]
+    fn resync_follows_mysql_but_spares_fresh_claims() {
+        let mut m = matrix(&[("g0", 2)]);
+        let fresh = SlotRef { gpu: 0, slot: 1 };
+        m.occupy(fresh, holder("mine-in-flight"));
+        let held =
+            std::collections::HashMap::from([(("g0".to_string(), 0), ("theirs".to_string(), 2))]);
+        assert_eq!(m.resync(&held, Duration::from_secs(2)), 1);
+        let v = m.view();
+        assert_eq!(
+            v[0].cells[0].as_ref().map(|h| h.task_id.as_str()),
+            Some("theirs")
+        );
+        assert!(
+            v[0].cells[1].is_some(),
+            "a claim younger than the grace is kept"
+        );
+        assert_eq!(
+            m.resync(&held, Duration::ZERO),
+            1,
+            "an old one MySQL does not know is freed"
+        );
+        assert!(m.view()[0].cells[1].is_none());
+    }
+
+    #[test]
+    fn cooldown_is_capped() {
+        assert_eq!(POLICY.cooldown_for(0), Duration::from_secs(10));
+        assert_eq!(POLICY.cooldown_for(2), Duration::from_secs(40));
+        assert_eq!(POLICY.cooldown_for(3), Duration::from_secs(60));
+        assert_eq!(POLICY.cooldown_for(99), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn fair_share_over_many_rounds() {
+        // Random release order, constant pressure: every GPU ends up with about the same count.
+        let mut m = matrix(&[("g0", 4), ("g1", 4), ("g2", 4), ("g3", 4)]);
+        let mut counts = [0usize; 4];
+        let mut held: Vec<(String, usize, String)> = Vec::new();
+        let mut seed = 7u64;
+        for i in 0..4000 {
+            while let Some(at) = m.place(None) {
+                let id = format!("t{i}-{}", held.len());
+                m.occupy(at, holder(&id));
+                counts[at.gpu] += 1;
+                held.push((m.endpoint(at.gpu).id.clone(), at.slot, id));
+            }
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+            let k = (seed >> 33) as usize % held.len();
+            let (g, s, id) = held.swap_remove(k);
+            assert!(m.release(&g, s, &id));
+        }
+        let (min, max) = (counts.iter().min(), counts.iter().max());
+        let (min, max) = (*min.expect("4"), *max.expect("4"));
+        assert!(max - min <= max / 10, "{counts:?}");
+    }
+}

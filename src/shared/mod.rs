@@ -1,0 +1,361 @@
+//! What every daemon thread shares: the validated config, the store, the slot matrix, the callback
+//! signer, the stop flags and the scheduler's wake-up channel.
+//!
+//! [`Shared::end_attempt`] is the one place an attempt ends, whoever learned of it (the callback
+//! server, a dispatch worker in `response` mode or after an error, a handler worker, the lease
+//! check): MySQL first, then the in-memory slot, then a message to the scheduler — a wake-up so it can
+//! hand the freed slot on, and the task itself when it is to be retried.
+
+pub(crate) mod shutdown;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+
+use crate::config::Config;
+use crate::contract::message::Message;
+use crate::contract::token::Signer;
+use crate::fleet::SlotMatrix;
+use crate::net::backoff::{Backoff, RetryDelay};
+use crate::shared::shutdown::Shutdown;
+use crate::store::{EndRequest, Ending, Finish, Next, Store, StoreError, StoredTask};
+
+/// A task in memory, between the poller and a worker.
+#[derive(Debug, Clone)]
+pub(crate) struct Task {
+    pub msg: Message,
+    pub queue: String,
+    /// Attempts already used (0 for a new task).
+    pub attempts: u32,
+    /// The GPU of the previous attempt: a retry goes elsewhere if it can.
+    pub avoid_gpu: Option<String>,
+}
+
+impl Task {
+    /// A new task just taken from `queue`.
+    pub(crate) fn new(msg: Message, queue: &str, attempts: u32) -> Task {
+        Task {
+            msg,
+            queue: queue.to_string(),
+            attempts,
+            avoid_gpu: None,
+        }
+    }
+
+    /// A task read back from MySQL (restart, retry). Its payload was written by qsysd, so a parse
+    /// error means the row was edited by hand; the error says so.
+    pub(crate) fn from_stored(row: StoredTask) -> Result<Task, String> {
+        let msg = crate::contract::message::parse(row.payload.as_bytes(), || row.task_id.clone())
+            .map_err(|m| {
+            format!(
+                "stored payload of {} is unreadable: {}",
+                row.task_id, m.reason
+            )
+        })?;
+        let mut task = Task::new(msg, &row.queue, row.attempts);
+        task.avoid_gpu = row.last_gpu;
+        Ok(task)
+    }
+}
+
+/// What the scheduler is told by other threads.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// Something may have become possible (a slot or a worker freed).
+    Wake,
+    /// A task is `pending` again and may run once `after` has passed.
+    Retry { task_id: String, after: Duration },
+}
+
+pub(crate) struct Shared {
+    /// The configuration in force; a reload swaps it (see [`Shared::config`]).
+    pub config: RwLock<Arc<Config>>,
+    pub store: Store,
+    pub slots: Mutex<SlotMatrix>,
+    pub signer: Signer,
+    pub stop: Shutdown,
+    pub events: Sender<Event>,
+    /// Process groups of running `exec` handlers, killed if the grace period runs out.
+    pub children: Mutex<HashSet<i32>>,
+    /// What is wrong right now, by dependency ("redis", "mysql"), for `/healthz` and the log.
+    pub problems: Mutex<BTreeMap<&'static str, String>>,
+    /// Set by SIGHUP; the supervisor reloads the config file.
+    pub reload_requested: AtomicBool,
+    /// When each looping thread last went round its loop: the watchdog is fed only while all do.
+    pub progress: Mutex<BTreeMap<&'static str, Instant>>,
+    /// Length of each queue in Redis, as last measured by the maintenance thread.
+    pub queue_depths: Mutex<Vec<(String, u64)>>,
+    pub metrics: crate::obs::metrics::Metrics,
+    /// This instance's slot claims and frees, for the other instances (`qsys-slotpub`).
+    pub slot_events: Sender<crate::sched::slotsync::SlotEvent>,
+    /// Whether other instances are alive (checked every second by the maintenance thread). Alone,
+    /// an instance publishes no slot events: nobody would read them.
+    pub peers: AtomicBool,
+    /// Ids of the tasks the poller has recorded and not yet handed to the scheduler: with the
+    /// scheduler's hand, what this instance holds in memory (the scheduler's sweep leaves these
+    /// rows alone).
+    pub in_transit: Mutex<HashSet<String>>,
+}
+
+impl Shared {
+    pub(crate) fn lock_in_transit(&self) -> MutexGuard<'_, HashSet<String>> {
+        self.in_transit.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks the scheduler to place `task_id` again once `after` has passed (its row is `pending`
+    /// and held here): how every path that gives up on a task hands it back.
+    pub(crate) fn retry_later(&self, task_id: &str, after: Duration) {
+        let _ = self.events.send(Event::Retry {
+            task_id: task_id.to_string(),
+            after,
+        });
+    }
+
+    /// The configuration in force now. Callers hold the `Arc` for one piece of work, so a reload
+    /// never changes settings under a task in flight.
+    pub(crate) fn config(&self) -> Arc<Config> {
+        Arc::clone(&self.config.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Puts `config` in force.
+    pub(crate) fn set_config(&self, config: Config) {
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+    }
+
+    /// The slot matrix. A panic while it was held takes the daemon down anyway (the supervisor sees
+    /// the thread die), so a poisoned lock is still usable for an orderly stop.
+    pub(crate) fn slots(&self) -> MutexGuard<'_, SlotMatrix> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Tells the other instances that this one claimed (or freed) a slot.
+    pub(crate) fn announce(
+        &self,
+        claimed: bool,
+        gpu: &str,
+        slot: usize,
+        task_id: &str,
+        attempt: u32,
+    ) {
+        // An instance that starts meanwhile builds its mirror from MySQL and is noticed within a
+        // second, when every held slot is published again (`maintenance::watch_peers`).
+        if !self.peers.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        // The publisher is gone only during shutdown; the others resync from MySQL anyway.
+        let _ = self.slot_events.send(crate::sched::slotsync::SlotEvent {
+            instance: self.config().daemon.instance_id.clone(),
+            claimed,
+            gpu: gpu.to_string(),
+            slot,
+            task_id: task_id.to_string(),
+            attempt,
+        });
+    }
+
+    pub(crate) fn wake_scheduler(&self) {
+        // The scheduler is gone only during shutdown, when nobody needs waking.
+        let _ = self.events.send(Event::Wake);
+    }
+
+    /// Ends attempt `attempt` of `task_id` and frees what it held; a retry goes to the scheduler.
+    pub(crate) fn end_attempt(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        ending: Ending<'_>,
+        source: &str,
+    ) -> Result<Finish, StoreError> {
+        let mut out = self.end_attempts(&[(task_id, attempt, ending)], source)?;
+        Ok(out.pop().expect("one finish per attempt"))
+    }
+
+    /// Ends each `(task_id, attempt, ending)` in one MySQL transaction, then frees their slots in
+    /// memory and tells the scheduler; the results come in the order given.
+    pub(crate) fn end_attempts(
+        &self,
+        ends: &[(&str, u32, Ending<'_>)],
+        source: &str,
+    ) -> Result<Vec<Finish>, StoreError> {
+        let r = self.config().retry;
+        let reqs: Vec<EndRequest<'_>> = ends
+            .iter()
+            .map(|&(task_id, attempt, ending)| EndRequest {
+                task_id,
+                attempt,
+                ending,
+                retry: RetryDelay {
+                    base: r.backoff,
+                    max: r.backoff_max,
+                    jitter: rand::random::<f64>(),
+                },
+            })
+            .collect();
+        let out = self.store.end_attempts(&reqs, r.max_attempts)?;
+        for (req, finish) in reqs.iter().zip(&out) {
+            self.ended(req, finish, source);
+        }
+        self.wake_scheduler();
+        Ok(out)
+    }
+
+    /// What follows an ending in memory: metrics, the slot, the log, a retry for the scheduler.
+    fn ended(&self, req: &EndRequest<'_>, out: &Finish, source: &str) {
+        let EndRequest {
+            task_id,
+            attempt,
+            ending,
+            ..
+        } = *req;
+        let Finish::Applied { slot, next, age } = out else {
+            log::info!(task_id, attempt, source, outcome:? = out; "completion not applied");
+            return;
+        };
+        self.metrics.attempts.inc(match ending {
+            Ending::Finished => "finished",
+            Ending::Failed { .. } => "failed",
+            Ending::Expired { .. } => "expired",
+        });
+        match next {
+            Next::Retry { .. } => {
+                self.metrics
+                    .retries
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Next::Done(_) => {
+                if let Some(age) = age {
+                    self.metrics.task_seconds.observe(*age);
+                }
+            }
+        }
+        if let Some((gpu, index)) = slot {
+            self.slots().release(gpu, *index, task_id);
+            self.announce(false, gpu, *index, task_id, attempt);
+        }
+        let gpu = slot.as_ref().map(|(g, _)| g.as_str()).unwrap_or("");
+        let error = match ending {
+            Ending::Finished => "",
+            Ending::Failed { error, .. } | Ending::Expired { error } => error,
+        };
+        match next {
+            Next::Done(crate::store::State::Finished) => {
+                log::info!(task_id, attempt, gpu, source; "task finished")
+            }
+            Next::Done(_) => log::warn!(task_id, attempt, gpu, source, error; "task failed"),
+            Next::Retry { after } => {
+                log::warn!(task_id, attempt, gpu, source, error, retry_in:? = after;
+                    "attempt failed; will retry");
+                self.retry_later(task_id, *after);
+            }
+        }
+    }
+
+    /// [`Shared::end_attempt`] that keeps trying through a MySQL outage (with backoff, up to
+    /// `patience`), so a result already in hand is not lost to a short blip. `None`: gave up (the
+    /// lease will settle the attempt later) or stopping.
+    pub(crate) fn end_attempt_patiently(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        ending: Ending<'_>,
+        source: &str,
+        patience: Duration,
+    ) -> Option<Finish> {
+        let deadline = Instant::now() + patience;
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            match self.end_attempt(task_id, attempt, ending, source) {
+                Ok(f) => return Some(f),
+                Err(e) => {
+                    let wait = backoff.next_delay();
+                    self.metrics.errors.inc("mysql");
+                    log::error!(task_id, attempt, source, error:% = e, retry_in:? = wait;
+                        "could not record the end of an attempt");
+                    if Instant::now() + wait > deadline || self.stop.sleep(wait) {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records that the looping thread `name` is making progress.
+    pub(crate) fn tick(&self, name: &'static str) {
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name, Instant::now());
+    }
+
+    /// The looping threads that have not gone round for longer than `limit`.
+    pub(crate) fn stalled(&self, limit: Duration) -> Vec<&'static str> {
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, t)| t.elapsed() > limit)
+            .map(|(n, _)| *n)
+            .collect()
+    }
+
+    /// Tasks waiting in Redis over every queue, as last measured.
+    pub(crate) fn waiting(&self) -> u64 {
+        self.queue_depths
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// The `STATUS=` line and the log's summary: slot use, backlog, GPUs down.
+    pub(crate) fn status_line(&self) -> String {
+        let (busy, total, down) = {
+            let m = self.slots();
+            (m.busy(), m.total(), m.down())
+        };
+        format!(
+            "{busy}/{total} GPU slots busy, {} tasks waiting, {down} GPUs down",
+            self.waiting()
+        )
+    }
+
+    /// Notes that `what` ("redis", "mysql") is failing, or with `None` that it works again.
+    pub(crate) fn set_problem(&self, what: &'static str, problem: Option<String>) {
+        let mut p = self.problems.lock().unwrap_or_else(|e| e.into_inner());
+        match problem {
+            Some(text) => {
+                p.insert(what, text);
+            }
+            None => {
+                p.remove(what);
+            }
+        }
+    }
+
+    pub(crate) fn problems(&self) -> BTreeMap<&'static str, String> {
+        self.problems
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn kill_children(&self) {
+        let groups: Vec<i32> = self
+            .children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        for pgid in groups {
+            // SAFETY: kill(2) with a negative pid signals a process group; no memory is involved.
+            unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
+            }
+        }
+    }
+}

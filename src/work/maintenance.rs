@@ -1,0 +1,257 @@
+//! The maintenance thread (`qsys-maintenance`): the slow, periodic work.
+//!
+//! - Leases: an attempt with no completion by its deadline (`gpu.task_timeout`, the task's
+//!   `timeout_s`, or an exec/http handler's timeout plus a margin) ends as `expired`; its slot frees
+//!   and the task is retried (preferring another GPU) or fails after its attempts. A late callback
+//!   for it then gets 409.
+//! - Health probes: a GPU whose ejection cooldown is over gets a `GET` of its `health_url`; any
+//!   answer below 500 readmits it with one slot, anything else ejects it again for longer.
+//! - Heartbeat: on a thread of its own ([`run_heartbeat`]), so nothing here can delay it.
+//! - Queue depths: one pipelined `LLEN` per second, for `STATUS=` and `/status`.
+//! - Failover: an instance silent for `daemon.instance_timeout` is dead. Its in-hand lists go back
+//!   to the head of their queues, its `pending` tasks go back to Redis, and its attempts' leases are
+//!   expired here on schedule (callbacks for them apply wherever they land).
+//! - Slot resync: every few seconds the slot mirror is compared with MySQL, the authority, in case
+//!   a slot event between instances was lost.
+//! - Drains: the GPUs an operator drained (`gpu_state` in MySQL, set by `qsysd drain` from any
+//!   host), applied to the slot matrix within a second.
+//!
+//! Every call here is bounded (MySQL and HTTP timeouts), and the loop ends with the stop.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::fleet::HealthChange;
+use crate::shared::Shared;
+use crate::store::Ending;
+
+/// How often the loop runs.
+const TICK: Duration = Duration::from_millis(250);
+/// How often the slot mirror is checked against MySQL and dead instances are looked for.
+const RESYNC: Duration = Duration::from_secs(2);
+/// A claim this young may not be committed yet: resync leaves it alone.
+const CLAIM_GRACE: Duration = Duration::from_secs(2);
+
+/// How long one health probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub(crate) fn run(shared: Arc<Shared>, client: redis::Client) {
+    let agent = crate::net::http::agent();
+    let mut last_beat: Option<Instant> = None;
+    let mut redis: Option<redis::Connection> = None;
+    let mut last_sync: Option<Instant> = None;
+    // Work first, then wait: queue depths are there from the start.
+    loop {
+        shared.tick("qsys-maintenance");
+        if last_beat.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            last_beat = Some(Instant::now());
+            measure_queues(&shared, &client, &mut redis);
+            // While MySQL does not answer there is nothing to do; the heartbeat thread finds out
+            // every second, so no round trip of its own here.
+            if !shared.problems().contains_key("mysql") {
+                watch_peers(&shared);
+                expire_leases(&shared);
+                if last_sync.is_none_or(|t| t.elapsed() >= RESYNC) {
+                    last_sync = Some(Instant::now());
+                    recover_dead(&shared, &client);
+                    resync_slots(&shared);
+                }
+                match shared.store.drained() {
+                    Ok(d) => shared.slots().set_drained(&d),
+                    Err(e) => log::warn!(error:% = e; "cannot read drained gpus"),
+                }
+            }
+        }
+        probe_due(&shared, &agent);
+        if shared.stop.sleep(TICK) {
+            break;
+        }
+    }
+    log::debug!("maintenance stopped");
+}
+
+/// The heartbeat thread (`qsys-heartbeat`): this instance's row in `instances`, every second,
+/// and whether MySQL answers (`/healthz`). Alone on its thread: the maintenance loop also waits
+/// on Redis (up to 11 s), GPU probes and lease expiry, and a heartbeat late by
+/// `daemon.instance_timeout` makes peers recover a live instance's work.
+/// It beats until the stop's closing stage, not its start: during a graceful stop the calls in
+/// flight are still this instance's, and peers must not recover them.
+pub(crate) fn run_heartbeat(shared: Arc<Shared>) {
+    while !shared.stop.is_closing() {
+        shared.tick("qsys-heartbeat");
+        match shared.store.heartbeat() {
+            Ok(()) => shared.set_problem("mysql", None),
+            Err(e) => {
+                log::warn!(error:% = e; "mysql unavailable");
+                shared.set_problem("mysql", Some(e.to_string()));
+            }
+        }
+        let next = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < next && !shared.stop.is_closing() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    log::debug!("heartbeat stopped");
+}
+
+fn measure_queues(shared: &Shared, client: &redis::Client, conn: &mut Option<redis::Connection>) {
+    let queues = shared.config().redis.queues.clone();
+    let c = match conn {
+        Some(c) => c,
+        None => match crate::work::poller::connect(client, Duration::from_secs(1)) {
+            Ok(c) => conn.insert(c),
+            // The poller reports Redis trouble; nothing to add here.
+            Err(_) => return,
+        },
+    };
+    let mut pipe = redis::pipe();
+    for q in &queues {
+        pipe.cmd("LLEN").arg(q);
+    }
+    match pipe.query::<Vec<u64>>(c) {
+        Ok(lens) => {
+            *shared
+                .queue_depths
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = queues.into_iter().zip(lens).collect();
+        }
+        Err(_) => *conn = None,
+    }
+}
+
+fn resync_slots(shared: &Shared) {
+    match shared.store.held_slots() {
+        Ok(held) => {
+            let held = held
+                .into_iter()
+                .map(|h| ((h.gpu_id, h.slot_index), (h.task_id, h.attempt)))
+                .collect();
+            let changed = shared.slots().resync(&held, CLAIM_GRACE);
+            if changed > 0 {
+                log::info!(cells = changed; "slot mirror corrected from mysql");
+                shared.wake_scheduler();
+            }
+        }
+        Err(e) => log::warn!(error:% = e; "cannot resync slots"),
+    }
+}
+
+/// Gives a dead instance's tasks back to the fleet: its in-hand lists and its `pending` tasks go
+/// back to the head of their queues.
+/// Notes whether other instances are alive, so slot events are published only when they are.
+fn watch_peers(shared: &Shared) {
+    let dead_after = shared.config().daemon.instance_timeout;
+    match shared.store.live_peers(dead_after) {
+        Ok(n) => {
+            let before = shared
+                .peers
+                .swap(n > 0, std::sync::atomic::Ordering::Relaxed);
+            if !before && n > 0 {
+                // A newcomer built its mirror from MySQL a moment ago; claims made since then
+                // were not published: publish every slot held now.
+                log::info!(peers = n; "other instances are live: publishing slot events");
+                let view = shared.slots().view();
+                for gpu in view {
+                    for (slot, h) in gpu.cells.iter().enumerate() {
+                        if let Some(h) = h {
+                            shared.announce(true, &gpu.id, slot, &h.task_id, h.attempt);
+                        }
+                    }
+                }
+            } else if before && n == 0 {
+                log::info!("no other live instance: slot events paused");
+            }
+        }
+        Err(e) => log::warn!(error:% = e; "cannot count live instances"),
+    }
+}
+
+fn recover_dead(shared: &Shared, client: &redis::Client) {
+    let config = shared.config();
+    let dead = match shared.store.dead_instances(config.daemon.instance_timeout) {
+        Ok(d) => d,
+        Err(e) => {
+            log::warn!(error:% = e; "cannot look for dead instances");
+            return;
+        }
+    };
+    for instance in dead {
+        let moved = crate::work::poller::recover_instance(shared, client, &config, &instance);
+        match moved {
+            Ok(n) => {
+                if n > 0 {
+                    log::warn!(instance = instance.as_str(), tasks = n;
+                        "instance stopped heartbeating: its tasks went back to their queues");
+                }
+                // Recovered: retired, not checked again every few seconds.
+                match shared
+                    .store
+                    .retire_instance(&instance, config.daemon.instance_timeout)
+                {
+                    Ok(true) => log::info!(instance = instance.as_str(); "dead instance retired"),
+                    Ok(false) => {}
+                    Err(e) => log::warn!(instance = instance.as_str(), error:% = e;
+                        "cannot retire a dead instance"),
+                }
+            }
+            Err(e) => log::warn!(instance = instance.as_str(), error:% = e;
+                "cannot recover a dead instance's tasks"),
+        }
+    }
+}
+
+fn expire_leases(shared: &Shared) {
+    let dead_after = shared.config().daemon.instance_timeout;
+    let expired = match shared.store.expired(100, dead_after) {
+        Ok(e) => e,
+        Err(e) => {
+            log::warn!(error:% = e; "cannot look for expired leases");
+            return;
+        }
+    };
+    for e in expired {
+        let error = match &e.gpu_id {
+            Some(g) => format!("no completion from gpu {g} before the lease ran out"),
+            None => "the handler did not finish before its lease ran out".to_string(),
+        };
+        if let Err(err) = shared.end_attempt(
+            &e.task_id,
+            e.attempt,
+            Ending::Expired { error: &error },
+            "lease",
+        ) {
+            log::warn!(task_id = e.task_id.as_str(), error:% = err; "cannot expire lease");
+            return;
+        }
+    }
+}
+
+fn probe_due(shared: &Shared, agent: &ureq::Agent) {
+    let due = shared.slots().take_due_probes(Instant::now());
+    let policy = shared.config().health;
+    for ep in due {
+        let ok = probe(agent, &ep.health_url, ep.bearer_token.as_ref());
+        let change = shared
+            .slots()
+            .probe_result(&ep.id, ok, Instant::now(), &policy);
+        match change {
+            HealthChange::Ejected { cooldown } => log::warn!(gpu = ep.id.as_str(),
+                cooldown:? = cooldown; "gpu still down; next probe after cooldown"),
+            _ => log::info!(gpu = ep.id.as_str(); "gpu answered its probe: readmitted with 1 slot"),
+        }
+        shared.wake_scheduler();
+    }
+}
+
+/// Whether `url` answers a GET with a status below 500.
+pub(crate) fn probe(agent: &ureq::Agent, url: &str, token: Option<&crate::config::Secret>) -> bool {
+    let mut req = agent
+        .get(url)
+        .config()
+        .timeout_global(Some(PROBE_TIMEOUT))
+        .build();
+    if let Some(t) = token {
+        req = req.header("Authorization", format!("Bearer {}", t.expose()));
+    }
+    matches!(req.call(), Ok(r) if r.status().as_u16() < 500)
+}

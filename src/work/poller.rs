@@ -1,0 +1,563 @@
+//! The poller thread (`qsys-poller`): takes tasks from the Redis lists into the scheduler's bounded
+//! channel, without ever holding a task that exists nowhere else.
+//!
+//! Reliable fetch: an element is *moved* (`LMOVE`/`BLMOVE`) from its queue to this instance's in-hand
+//! list, parsed ([`crate::contract::message`]), recorded in MySQL, and only then removed from the in-hand list
+//! and handed on. A `kill -9` at any instant leaves it in the queue, in the in-hand list (taken again
+//! on every connect, so also after a Redis restart ate a reply) or in MySQL as `pending` (resumed by
+//! the scheduler at start). An element that cannot be parsed is recorded `failed` with the reason and
+//! the poller goes on.
+//!
+//! Priority: a small Lua script moves from the first non-empty queue in configured order, atomically,
+//! so an earlier queue always wins and producers that `RPUSH` get FIFO. When every queue is empty the
+//! poller blocks on the first queue; with several queues that wait is 100 ms, after which the others
+//! are looked at again.
+//!
+//! Backpressure: a batch goes over a rendezvous channel, and the scheduler stops receiving once it
+//! holds [`crate::sched::scheduler::PREFETCH`] tasks it cannot place, so when every slot is busy this thread
+//! blocks on the send with one batch ([`TAKE_BATCH`]) in hand, and everything else stays in Redis. A batch is recorded in one
+//! MySQL transaction: one log flush for up to 64 tasks. If MySQL fails after a move, the element goes back to the
+//! head of its queue; at a stop, a task in hand goes back to its queue ([`hand_back`]).
+
+use std::time::Duration;
+
+use crossbeam_channel::{SendTimeoutError, Sender};
+use redis::{Client, Connection};
+
+use crate::contract::message;
+use crate::net::backoff::Backoff;
+use crate::shared::{Shared, Task};
+use crate::store::{Accepted, NewTask, Store};
+
+/// How many elements one move takes at most: one MySQL transaction records them together. Also
+/// bounds what the poller holds beyond the scheduler's hand. Each batch costs a fixed number of
+/// Redis and MySQL round trips, so this size set the ceiling of the whole pipeline: 16 gave about
+/// 3,600 tasks/s in the benchmark, 64 about 4,800 (BENCHMARKS.md).
+pub const TAKE_BATCH: usize = 64;
+
+/// Moves up to ARGV[1] elements from the head of the first non-empty queue to that queue's in-hand
+/// list. KEYS: the n queues in priority order, then their n in-hand lists. Returns the queue's
+/// position (1-based) and the elements in order.
+const TAKE_SCRIPT: &str = r#"
+local n = #KEYS / 2
+local max = tonumber(ARGV[1])
+for i = 1, n do
+  local out = {}
+  for j = 1, max do
+    local v = redis.call('LMOVE', KEYS[i], KEYS[n + i], 'LEFT', 'RIGHT')
+    if not v then break end
+    out[j] = v
+  end
+  if #out > 0 then return {i, out} end
+end
+return false
+"#;
+
+/// An instance's in-hand list for one queue: one per queue, so a recovered element still knows
+/// where it came from.
+pub(crate) fn in_hand_key(config: &crate::config::Config, instance: &str, queue: &str) -> String {
+    format!("{}:inhand:{instance}:{queue}", config.redis.key_prefix)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum QueueError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// Opens a Redis connection whose reads outlast a blocking pop of `pop_timeout` by a wide margin:
+/// a read timeout during a pop makes the client drop the late reply, and the popped element with it.
+pub(crate) fn connect(client: &Client, pop_timeout: Duration) -> Result<Connection, QueueError> {
+    let conn = client.get_connection_with_timeout(Duration::from_secs(5))?;
+    conn.set_read_timeout(Some(pop_timeout + Duration::from_secs(10)))?;
+    conn.set_write_timeout(Some(Duration::from_secs(10)))?;
+    Ok(conn)
+}
+
+/// Gives up this instance's hold on tasks' `pending` rows, then puts the tasks back at the head of
+/// their queues (earliest ends up first, so `LPUSH` in reverse), so whoever pops them next takes
+/// them over. In this order a peer never pops a copy whose row this instance still holds (it would
+/// drop it as a duplicate, and the row would then be held by nobody and in no list). A crash or a
+/// Redis failure between the two leaves rows that nobody holds: any instance's scheduler adopts
+/// those ([`crate::sched::scheduler`]'s sweep), so they run anyway.
+pub(crate) fn hand_back(client: &Client, store: &Store, tasks: &[Task]) -> Result<(), String> {
+    if tasks.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<String> = tasks.iter().map(|t| t.msg.task_id.clone()).collect();
+    store.release_pending(&ids).map_err(|e| e.to_string())?;
+    crate::pause_point!(store.instance(), "hand-back:released");
+    let mut conn = connect(client, Duration::from_secs(1)).map_err(|e| e.to_string())?;
+    let mut pipe = redis::pipe();
+    for t in tasks.iter().rev() {
+        pipe.cmd("LPUSH")
+            .arg(&t.queue)
+            .arg(t.msg.to_json())
+            .ignore();
+    }
+    pipe.query::<()>(&mut conn).map_err(|e| e.to_string())
+}
+
+/// Moves what a dead instance held back to the head of its queues: first its in-hand lists (in
+/// order), then its `pending` tasks. Returns how many tasks moved.
+pub(crate) fn recover_instance(
+    shared: &Shared,
+    client: &Client,
+    config: &crate::config::Config,
+    dead: &str,
+) -> Result<usize, String> {
+    let mut conn = connect(client, Duration::from_secs(1)).map_err(|e| e.to_string())?;
+    let mut moved = 0;
+    for queue in &config.redis.queues {
+        let key = in_hand_key(config, dead, queue);
+        // Tail of the in-hand list to the head of the queue keeps the original order.
+        loop {
+            let v: Option<Vec<u8>> = redis::cmd("LMOVE")
+                .arg(&key)
+                .arg(queue)
+                .arg("RIGHT")
+                .arg("LEFT")
+                .query(&mut conn)
+                .map_err(|e| e.to_string())?;
+            if v.is_none() {
+                break;
+            }
+            moved += 1;
+        }
+    }
+    let pending = shared
+        .store
+        .release_instance_pending(dead)
+        .map_err(|e| e.to_string())?;
+    if !pending.is_empty() {
+        let mut pipe = redis::pipe();
+        for (_, queue, payload) in pending.iter().rev() {
+            pipe.cmd("LPUSH").arg(queue).arg(payload).ignore();
+        }
+        pipe.query::<()>(&mut conn).map_err(|e| e.to_string())?;
+        moved += pending.len();
+    }
+    Ok(moved)
+}
+
+/// Where a malformed element is kept, whole, for inspection (the row in MySQL keeps its first
+/// 64 KiB and the reason). Capped at [`DEAD_LETTER_MAX`] elements, newest first.
+pub(crate) fn dead_letter_key(config: &crate::config::Config, queue: &str) -> String {
+    format!("{}:dead:{queue}", config.redis.key_prefix)
+}
+
+/// Elements a dead-letter list keeps.
+const DEAD_LETTER_MAX: isize = 10_000;
+
+/// One moved element: a task to record, or a refusal to record as `failed`.
+enum Parsed {
+    Task(message::Message),
+    Refused(message::Malformed),
+}
+
+/// Parses one element, refusing one over `max_bytes` unread.
+fn parse_element(raw: &[u8], max_bytes: usize) -> Parsed {
+    if raw.len() > max_bytes {
+        return Parsed::Refused(message::Malformed {
+            task_id: None,
+            reason: format!(
+                "message of {} bytes is larger than daemon.max_message_bytes ({max_bytes})",
+                raw.len()
+            ),
+        });
+    }
+    match message::parse(raw, || uuid::Uuid::new_v4().to_string()) {
+        Ok(m) => Parsed::Task(m),
+        Err(bad) => Parsed::Refused(bad),
+    }
+}
+
+/// What recording a batch left to do in Redis.
+struct Recorded {
+    /// The tasks to schedule, in order.
+    tasks: Vec<Task>,
+    /// Positions of elements recorded as `failed`: they go to the dead-letter list.
+    refused: Vec<usize>,
+    /// Positions of elements not recorded because MySQL failed: they go back to their queue.
+    unrecorded: Vec<usize>,
+    /// Why MySQL failed, when it did.
+    outage: Option<crate::store::StoreError>,
+}
+
+/// Records parsed elements of `queue`. Refused ones are recorded `failed` with the reason; the
+/// tasks go in one transaction. When MySQL refuses that transaction for one row's data (a value
+/// out of range, too long, ...), each task is recorded on its own and the one MySQL refuses is
+/// failed with MySQL's reason: a poison element never sends its batch back to Redis, where it
+/// would stop the queue. On an outage, what was not yet recorded is reported as such; what was
+/// recorded stays recorded, so a retried batch records nothing twice.
+fn record(store: &Store, queue: &str, raws: &[Vec<u8>], parsed: Vec<Parsed>) -> Recorded {
+    let mut out = Recorded {
+        tasks: Vec::new(),
+        refused: Vec::new(),
+        unrecorded: Vec::new(),
+        outage: None,
+    };
+    let mut msgs: Vec<(usize, message::Message)> = Vec::with_capacity(parsed.len());
+    for (i, p) in parsed.into_iter().enumerate() {
+        match p {
+            Parsed::Task(m) => msgs.push((i, m)),
+            Parsed::Refused(bad) if out.outage.is_none() => {
+                match refuse(store, queue, &raws[i], bad.task_id.as_deref(), &bad.reason) {
+                    Ok(()) => out.refused.push(i),
+                    Err(e) => {
+                        out.outage = Some(e);
+                        out.unrecorded.push(i);
+                    }
+                }
+            }
+            Parsed::Refused(_) => out.unrecorded.push(i),
+        }
+    }
+    if out.outage.is_some() {
+        out.unrecorded.extend(msgs.iter().map(|(i, _)| *i));
+        out.unrecorded.sort_unstable();
+        return out;
+    }
+    let payloads: Vec<String> = msgs.iter().map(|(_, m)| m.to_json()).collect();
+    let rows: Vec<NewTask<'_>> = msgs
+        .iter()
+        .zip(&payloads)
+        .map(|((_, m), payload)| NewTask {
+            task_id: &m.task_id,
+            kind: &m.kind,
+            payload,
+            max_attempts: m.max_attempts,
+            timeout_s: m.timeout_s,
+        })
+        .collect();
+    let verdicts: Vec<Result<Accepted, crate::store::StoreError>> = match store.accept(queue, &rows)
+    {
+        Ok(all) => all.into_iter().map(Ok).collect(),
+        Err(e) if e.is_rejected_data() => {
+            log::warn!(queue, error:% = e; "mysql refused a batch's data: recording its tasks one by one");
+            let mut each = Vec::with_capacity(rows.len());
+            let mut down = false;
+            for row in &rows {
+                let verdict = if down {
+                    Err(crate::store::StoreError::Schema(
+                        "not tried after an outage".into(),
+                    ))
+                } else {
+                    store
+                        .accept(queue, std::slice::from_ref(row))
+                        .map(|mut a| a.remove(0))
+                };
+                down = verdict.as_ref().is_err_and(|e| !e.is_rejected_data());
+                each.push(verdict);
+            }
+            each
+        }
+        Err(e) => {
+            out.unrecorded.extend(msgs.iter().map(|(i, _)| *i));
+            out.outage = Some(e);
+            return out;
+        }
+    };
+    drop(rows);
+    for ((i, msg), verdict) in msgs.into_iter().zip(verdicts) {
+        let attempts = match verdict {
+            Ok(Accepted::New) => 0,
+            Ok(Accepted::Resumed { attempts }) => attempts,
+            Ok(Accepted::Exists { state }) => {
+                log::warn!(task_id = msg.task_id.as_str(), queue, state = state.as_str();
+                    "task id already known and not pending here: duplicate dropped");
+                continue;
+            }
+            Err(e) if e.is_rejected_data() && out.outage.is_none() => {
+                let reason = format!("mysql refused the task: {e}");
+                match refuse(store, queue, &raws[i], Some(&msg.task_id), &reason) {
+                    Ok(()) => out.refused.push(i),
+                    Err(e) => {
+                        out.outage = Some(e);
+                        out.unrecorded.push(i);
+                    }
+                }
+                continue;
+            }
+            Err(e) => {
+                if out.outage.is_none() {
+                    out.outage = Some(e);
+                }
+                out.unrecorded.push(i);
+                continue;
+            }
+        };
+        log::debug!(task_id = msg.task_id.as_str(), queue, kind = msg.kind.as_str(); "task taken");
+        out.tasks.push(Task::new(msg, queue, attempts));
+    }
+    out
+}
+
+/// Records one refused element as `failed` with `reason`. `Err` only for an outage: a row that
+/// MySQL refuses even under a fresh id cannot be recorded at all, so the element is only kept in
+/// the dead-letter list, with an error in the log, rather than block its queue.
+fn refuse(
+    store: &Store,
+    queue: &str,
+    raw: &[u8],
+    task_id: Option<&str>,
+    reason: &str,
+) -> Result<(), crate::store::StoreError> {
+    match store.record_malformed(task_id, queue, raw, reason) {
+        Ok(id) => {
+            log::warn!(task_id = id.as_str(), queue, reason;
+                "malformed queue message recorded as failed");
+            Ok(())
+        }
+        Err(e) if e.is_rejected_data() => {
+            log::error!(queue, reason, error:% = e;
+                "malformed queue message could not be recorded; kept in the dead-letter list only");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Takes a batch's ids off [`Shared::in_transit`] once the batch is handed on or handed back.
+struct InTransit<'a>(&'a Shared, Vec<String>);
+
+impl Drop for InTransit<'_> {
+    fn drop(&mut self) {
+        let mut set = self.0.lock_in_transit();
+        for id in &self.1 {
+            set.remove(id);
+        }
+    }
+}
+
+pub(crate) struct Poller {
+    shared: std::sync::Arc<Shared>,
+    client: Client,
+    tx: Sender<Vec<Task>>,
+}
+
+impl Poller {
+    pub(crate) fn new(
+        shared: std::sync::Arc<Shared>,
+        client: Client,
+        tx: Sender<Vec<Task>>,
+    ) -> Poller {
+        Poller { shared, client, tx }
+    }
+
+    /// Runs until a stop. Redis and MySQL failures are retried with backoff, never fatal.
+    pub(crate) fn run(self) {
+        // Queues, timeouts and key names are fixed for the daemon's life (a reload keeps them).
+        let config = self.shared.config();
+        let queues = &config.redis.queues;
+        let me = &config.daemon.instance_id;
+        let in_hand: Vec<String> = queues.iter().map(|q| in_hand_key(&config, me, q)).collect();
+        let block = if queues.len() == 1 {
+            config.redis.pop_timeout.as_secs_f64()
+        } else {
+            0.1
+        };
+        let script = redis::Script::new(TAKE_SCRIPT);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut conn: Option<Connection> = None;
+        while !self.shared.stop.is_stopping() {
+            self.shared.tick("qsys-poller");
+            let c = match conn.as_mut() {
+                Some(c) => c,
+                None => match connect(&self.client, config.redis.pop_timeout) {
+                    Ok(c) => {
+                        if backoff.failures() > 0 {
+                            log::info!("redis connection restored");
+                        }
+                        self.shared.set_problem("redis", None);
+                        let c = conn.insert(c);
+                        if let Err(e) = self.recover(c, queues, &in_hand, &mut backoff) {
+                            conn = None;
+                            self.redis_trouble(&e, &mut backoff);
+                            continue;
+                        }
+                        c
+                    }
+                    Err(e) => {
+                        self.redis_trouble(&e, &mut backoff);
+                        continue;
+                    }
+                },
+            };
+            let taken = script
+                .key(queues)
+                .key(&in_hand)
+                .arg(TAKE_BATCH)
+                .invoke::<Option<(usize, Vec<Vec<u8>>)>>(c)
+                .and_then(|got| match got {
+                    Some((i, raws)) => Ok(Some((i.saturating_sub(1).min(queues.len() - 1), raws))),
+                    None => redis::cmd("BLMOVE")
+                        .arg(&queues[0])
+                        .arg(&in_hand[0])
+                        .arg("LEFT")
+                        .arg("RIGHT")
+                        .arg(block)
+                        .query::<Option<Vec<u8>>>(c)
+                        .map(|v| v.map(|raw| (0, vec![raw]))),
+                });
+            match taken {
+                Ok(None) => backoff.reset(),
+                Ok(Some((i, raws))) => {
+                    backoff.reset();
+                    if let Err(wait) = self.take(c, &in_hand[i], &queues[i], raws, &mut backoff) {
+                        self.shared.stop.sleep(wait);
+                    }
+                }
+                Err(e) => {
+                    conn = None;
+                    self.redis_trouble(&e, &mut backoff);
+                }
+            }
+        }
+        log::debug!("poller stopped");
+    }
+
+    /// On every (re)connect: what the in-hand lists still hold was moved by an earlier run of this
+    /// instance, or by a move whose reply a broken connection lost. Each is taken again like a fresh
+    /// element; a copy whose row is already settled is dropped as a duplicate.
+    fn recover(
+        &self,
+        c: &mut Connection,
+        queues: &[String],
+        in_hand: &[String],
+        backoff: &mut Backoff,
+    ) -> Result<(), redis::RedisError> {
+        for (key, queue) in in_hand.iter().zip(queues) {
+            let items: Vec<Vec<u8>> = redis::cmd("LRANGE").arg(key).arg(0).arg(-1).query(c)?;
+            if !items.is_empty() {
+                log::info!(queue = queue.as_str(), count = items.len();
+                    "recovering tasks left in the in-hand list");
+            }
+            for chunk in items.chunks(TAKE_BATCH) {
+                if let Err(wait) = self.take(c, key, queue, chunk.to_vec(), backoff) {
+                    self.shared.stop.sleep(wait);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn redis_trouble(&self, e: &dyn std::fmt::Display, backoff: &mut Backoff) {
+        let wait = backoff.next_delay();
+        log::warn!(error:% = e, retry_in:? = wait; "redis unavailable");
+        self.shared.set_problem("redis", Some(e.to_string()));
+        self.shared.metrics.errors.inc("redis");
+        self.shared.stop.sleep(wait);
+    }
+
+    /// Records moved elements, clears them from the in-hand list and hands them on, in order.
+    /// `Err(wait)` asks the caller to back off.
+    fn take(
+        &self,
+        conn: &mut Connection,
+        in_hand: &str,
+        queue: &str,
+        mut raws: Vec<Vec<u8>>,
+        backoff: &mut Backoff,
+    ) -> Result<(), Duration> {
+        let config = self.shared.config();
+        let parsed: Vec<Parsed> = raws
+            .iter()
+            .map(|raw| parse_element(raw, config.daemon.max_message_bytes))
+            .collect();
+        // An element without an id gets one now; the in-hand copy is swapped for the one that
+        // carries it before anything is recorded, so however often the element is taken again
+        // (after a crash, an outage, a stop) it is the same task.
+        let mut swap = redis::pipe();
+        swap.atomic();
+        let mut swapped = 0;
+        for (raw, p) in raws.iter_mut().zip(&parsed) {
+            if let Parsed::Task(m) = p {
+                if m.id_assigned {
+                    let with_id = m.to_json().into_bytes();
+                    swap.cmd("LREM").arg(in_hand).arg(1).arg(&*raw).ignore();
+                    swap.cmd("RPUSH").arg(in_hand).arg(&with_id).ignore();
+                    *raw = with_id;
+                    swapped += 1;
+                }
+            }
+        }
+        if swapped > 0 {
+            if let Err(e) = swap.query::<()>(conn) {
+                // Nothing is recorded yet: the in-hand list is taken again at reconnect.
+                log::warn!(queue, error:% = e; "could not give ids to id-less tasks; taken again at reconnect");
+                return Err(backoff.next_delay());
+            }
+        }
+        let recorded = record(&self.shared.store, queue, &raws, parsed);
+        // Off the in-hand list, in one step: recorded tasks for good, refused elements into the
+        // dead-letter list, unrecorded ones back to the head of their queue in order.
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for raw in &raws {
+            pipe.cmd("LREM").arg(in_hand).arg(1).arg(raw).ignore();
+        }
+        if !recorded.refused.is_empty() {
+            let dead = dead_letter_key(&config, queue);
+            for &i in &recorded.refused {
+                pipe.cmd("LPUSH").arg(&dead).arg(&raws[i]).ignore();
+            }
+            pipe.cmd("LTRIM")
+                .arg(&dead)
+                .arg(0)
+                .arg(DEAD_LETTER_MAX - 1)
+                .ignore();
+        }
+        for &i in recorded.unrecorded.iter().rev() {
+            pipe.cmd("LPUSH").arg(queue).arg(&raws[i]).ignore();
+        }
+        let cleared = pipe.query::<()>(conn);
+        if let Some(e) = &recorded.outage {
+            self.shared.set_problem("mysql", Some(e.to_string()));
+            self.shared.metrics.errors.inc("mysql");
+            let wait = backoff.next_delay();
+            match &cleared {
+                Ok(()) => {
+                    log::warn!(queue, count = recorded.unrecorded.len(), error:% = e, retry_in:? = wait;
+                    "mysql unavailable: tasks returned to their queue")
+                }
+                Err(re) => log::warn!(queue, error:% = e, redis_error:% = re;
+                    "mysql unavailable; tasks stay in the in-hand list until reconnect"),
+            }
+            if recorded.tasks.is_empty() {
+                return Err(wait);
+            }
+        } else if let Err(e) = &cleared {
+            // Recorded already: a leftover copy is dropped as a duplicate when taken again.
+            log::warn!(queue, error:% = e; "could not clear the in-hand list");
+        }
+        let tasks = recorded.tasks;
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        // One batch per send: the scheduler takes a whole batch at once, so it can place (and
+        // claim) many tasks per round instead of waiting on this thread for each.
+        let in_transit: Vec<String> = tasks.iter().map(|t| t.msg.task_id.clone()).collect();
+        self.shared
+            .lock_in_transit()
+            .extend(in_transit.iter().cloned());
+        let _clear = InTransit(&self.shared, in_transit);
+        let mut batch = tasks;
+        loop {
+            // Blocked on a full fleet is waiting, not being stuck.
+            self.shared.tick("qsys-poller");
+            match self.tx.send_timeout(batch, Duration::from_millis(200)) {
+                Ok(()) => break,
+                Err(SendTimeoutError::Timeout(b)) if !self.shared.stop.is_stopping() => batch = b,
+                Err(SendTimeoutError::Timeout(back) | SendTimeoutError::Disconnected(back)) => {
+                    if let Err(e) = hand_back(&self.client, &self.shared.store, &back) {
+                        log::error!(error:% = e;
+                            "could not return tasks to redis at stop; they resume at next start");
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+}
