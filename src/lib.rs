@@ -43,6 +43,7 @@ mod producer;
 mod sched;
 mod shared;
 mod store;
+mod sync;
 #[cfg(feature = "test-utils")]
 pub mod testing;
 mod work;

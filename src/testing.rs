@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
+use crate::sync::{wait_while, Locked};
+
 #[derive(Default)]
 struct Point {
     armed: bool,
@@ -20,7 +22,7 @@ static CHANGED: Condvar = Condvar::new();
 const LONGEST_PAUSE: Duration = Duration::from_secs(120);
 
 fn with<T>(f: impl FnOnce(&mut HashMap<(String, &'static str), Point>) -> T) -> T {
-    let mut guard = POINTS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut guard = POINTS.locked();
     f(guard.get_or_insert_with(HashMap::new))
 }
 
@@ -41,14 +43,12 @@ pub fn arm(instance: &str, point: &'static str) {
 /// Waits until a thread of `instance` is paused at `point`; false if none came within `timeout`.
 pub fn wait_reached(instance: &str, point: &'static str, timeout: Duration) -> bool {
     let key = (instance.to_string(), point);
-    let guard = POINTS.lock().unwrap_or_else(|e| e.into_inner());
-    let (guard, _) = CHANGED
-        .wait_timeout_while(guard, timeout, |m| {
-            !m.as_ref()
-                .and_then(|m| m.get(&key))
-                .is_some_and(|p| p.reached)
-        })
-        .unwrap_or_else(|e| e.into_inner());
+    let guard = POINTS.locked();
+    let guard = wait_while(&CHANGED, guard, timeout, |m| {
+        !m.as_ref()
+            .and_then(|m| m.get(&key))
+            .is_some_and(|p| p.reached)
+    });
     guard
         .as_ref()
         .and_then(|m| m.get(&key))
@@ -64,16 +64,14 @@ pub fn release(instance: &str, point: &'static str) {
 /// Called at a pause point: waits while the point is armed for `instance`.
 pub fn reached(instance: &str, point: &'static str) {
     let key = (instance.to_string(), point);
-    let mut guard = POINTS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut guard = POINTS.locked();
     match guard.get_or_insert_with(HashMap::new).get_mut(&key) {
         // One thread per arming: others passing meanwhile go on.
         Some(p) if p.armed && !p.reached => p.reached = true,
         _ => return,
     }
     CHANGED.notify_all();
-    let _ = CHANGED
-        .wait_timeout_while(guard, LONGEST_PAUSE, |m| {
-            m.as_ref().is_some_and(|m| m.contains_key(&key))
-        })
-        .unwrap_or_else(|e| e.into_inner());
+    drop(wait_while(&CHANGED, guard, LONGEST_PAUSE, |m| {
+        m.as_ref().is_some_and(|m| m.contains_key(&key))
+    }));
 }

@@ -32,6 +32,7 @@ use tiny_http::{Header, Method, Request, Response, Server};
 use crate::fleet::Health;
 use crate::obs::metrics::label;
 use crate::shared::Shared;
+use crate::sync::Locked;
 use crate::work::callback::{health, not_allowed, reply};
 
 /// How many failures `/status` lists.
@@ -60,7 +61,7 @@ fn authorized(shared: &Shared, req: &Request, query_token: Option<&str>) -> bool
     let Some(token) = shared.config().admin.token.clone() else {
         return true;
     };
-    let want = format!("Bearer {}", token.expose());
+    let want = crate::net::http::bearer(&token);
     header(req, "Authorization").is_some_and(|got| same_secret(got.as_bytes(), want.as_bytes()))
         || query_token.is_some_and(|got| same_secret(got.as_bytes(), token.expose().as_bytes()))
 }
@@ -188,8 +189,7 @@ pub(crate) fn status(shared: &Shared) -> Value {
         .collect();
     let queues: Vec<Value> = shared
         .queue_depths
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
+        .locked()
         .iter()
         .map(|(q, n)| json!({ "name": q, "depth": n }))
         .collect();
@@ -249,12 +249,7 @@ pub(crate) fn metrics(shared: &Shared) -> String {
     out.push_str(
         "# HELP qsys_queue_depth Tasks waiting in a Redis queue.\n# TYPE qsys_queue_depth gauge\n",
     );
-    for (q, n) in shared
-        .queue_depths
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-    {
+    for (q, n) in shared.queue_depths.locked().iter() {
         let _ = writeln!(out, "qsys_queue_depth{{queue=\"{}\"}} {n}", label(q));
     }
     let view = shared.slots().view();

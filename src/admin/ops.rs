@@ -32,8 +32,7 @@ pub fn requeue(store: &Store, client: &redis::Client, task_id: &str) -> Result<b
     let Some((queue, payload)) = store.requeue(task_id)? else {
         return Ok(false);
     };
-    let mut conn = client.get_connection_with_timeout(Duration::from_secs(5))?;
-    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut conn = crate::net::redis::connect(client, Duration::from_secs(10))?;
     redis::cmd("RPUSH")
         .arg(&queue)
         .arg(&payload)
@@ -57,14 +56,12 @@ pub fn fetch_status(config: &Config) -> Result<Value, OpsError> {
         url: url.clone(),
         reason,
     };
-    let mut req = crate::net::http::agent()
+    let req = crate::net::http::agent()
         .get(&url)
         .config()
         .timeout_global(Some(Duration::from_secs(10)))
         .build();
-    if let Some(t) = &config.admin.token {
-        req = req.header("Authorization", format!("Bearer {}", t.expose()));
-    }
+    let req = crate::net::http::authorize(req, config.admin.token.as_ref());
     let mut resp = req.call().map_err(|e| {
         admin_err(format!(
             "{} (is qsysd running?)",

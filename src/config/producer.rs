@@ -9,6 +9,7 @@ use super::env::mysql_url;
 use super::raw::{RawMysql, RawRedis};
 use super::validate::redis_config;
 use super::{invalid, parse_error, ConfigError, Env, MysqlConfig, RedisConfig, DEFAULT_PATH};
+use crate::contract::names::{is_key_name, NAME_RULE};
 
 /// What a producer (`qsys-push`) reads of a config: `[redis]`, the names in `[types]`, and `[mysql]`
 /// only when asked (for `--wait`). Other tables are not read and `[mysql]`'s password file only on
@@ -51,13 +52,7 @@ impl ProducerConfig {
         };
         let redis = redis_config(&raw.redis, env)?;
         let default_queue = match env.get("QUEUE_NAME") {
-            Some(q) if q.chars().any(char::is_whitespace) => {
-                return Err(invalid(
-                    "QUEUE_NAME",
-                    q,
-                    "queue names must contain no white space",
-                ))
-            }
+            Some(q) if !is_key_name(q) => return Err(invalid("QUEUE_NAME", q, NAME_RULE)),
             Some(q) => q.clone(),
             // redis_config refuses an empty list.
             None => redis.queues[0].clone(),

@@ -14,6 +14,7 @@ use super::{
     invalid, AdminConfig, CallbackConfig, Completion, Config, ConfigError, DaemonConfig, Endpoint,
     Env, Handler, MysqlConfig, RedisConfig, RetryConfig, Secret,
 };
+use crate::contract::names::{is_key_name, NAME_RULE};
 use crate::fleet::HealthPolicy;
 use crate::obs::logging::redact_url;
 
@@ -111,24 +112,16 @@ pub(super) fn redis_config(raw: &RawRedis, env: &Env) -> Result<RedisConfig, Con
         return Err(invalid(queues_key, "[]", "at least one queue is required"));
     }
     for (i, q) in queues.iter().enumerate() {
-        if q.is_empty() || q.chars().any(|c| c.is_whitespace()) {
-            return Err(invalid(
-                format!("{queues_key}[{i}]"),
-                q,
-                "queue names must be non-empty and contain no white space",
-            ));
+        if !is_key_name(q) {
+            return Err(invalid(format!("{queues_key}[{i}]"), q, NAME_RULE));
         }
         if queues[..i].contains(q) {
             return Err(invalid(format!("{queues_key}[{i}]"), q, "listed twice"));
         }
     }
     let key_prefix = raw.key_prefix.clone().unwrap_or_else(|| "qsys".into());
-    if key_prefix.is_empty() || key_prefix.chars().any(char::is_whitespace) {
-        return Err(invalid(
-            "redis.key_prefix",
-            &key_prefix,
-            "must be non-empty and contain no white space",
-        ));
+    if !is_key_name(&key_prefix) {
+        return Err(invalid("redis.key_prefix", &key_prefix, NAME_RULE));
     }
     // Redis Cluster: the priority script touches every queue and in-hand list at once, so they must
     // share the prefix's hash tag (one slot).

@@ -2,4 +2,5 @@
 //! (docs/contracts.md): what may arrive, what is sent, and the limits on both, each written once.
 
 pub(crate) mod message;
+pub(crate) mod names;
 pub(crate) mod token;

@@ -31,6 +31,7 @@ use crate::sched::scheduler::GpuJob;
 use crate::sched::scheduler::Scheduler;
 use crate::shared::Shared;
 use crate::store::{Store, StoreError};
+use crate::sync::Locked;
 use crate::work::poller::Poller;
 
 #[derive(Debug, thiserror::Error)]
@@ -426,7 +427,7 @@ impl Daemon {
             return;
         }
         {
-            let mut pool = self.dispatch.lock().unwrap_or_else(|e| e.into_inner());
+            let mut pool = self.dispatch.locked();
             if let Err(e) = pool.grow_to(shared, new.dispatch_workers()) {
                 log::error!(error:% = e; "reload refused: cannot start dispatch workers");
                 return;
@@ -457,13 +458,7 @@ impl Daemon {
             if shared.reload_requested.swap(false, Ordering::SeqCst) && !shared.stop.is_stopping() {
                 self.reload();
             }
-            for (name, handle) in self
-                .dispatch
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .started
-                .drain(..)
-            {
+            for (name, handle) in self.dispatch.locked().started.drain(..) {
                 live.insert(name.clone());
                 threads.push((name, handle));
             }

@@ -14,6 +14,7 @@ use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver
 use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 
 use crate::config::Secret;
+use crate::sync::Locked;
 
 /// How much of a reply body is kept (for error messages).
 const MAX_REPLY: u64 = 2048;
@@ -72,7 +73,7 @@ impl Resolver for CachingResolver {
 
 impl CachingResolver {
     fn cache(&self) -> MutexGuard<'_, HashMap<String, (Instant, ResolvedSocketAddrs)>> {
-        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+        self.cache.locked()
     }
 }
 
@@ -101,7 +102,7 @@ pub(crate) struct Agents(Mutex<HashMap<String, ureq::Agent>>);
 impl Agents {
     /// The agent for endpoint `id`, made on first use (a reload may add endpoints).
     pub(crate) fn get(&self, id: &str) -> ureq::Agent {
-        let mut agents = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut agents = self.0.locked();
         agents.entry(id.to_string()).or_insert_with(agent).clone()
     }
 }
@@ -115,16 +116,14 @@ pub fn post_json(
     connect: Duration,
     total: Duration,
 ) -> Result<Reply, ureq::Error> {
-    let mut req = agent
+    let req = agent
         .post(url)
         .config()
         .timeout_connect(Some(connect.min(total)))
         .timeout_global(Some(total))
         .build()
         .header("Content-Type", "application/json");
-    if let Some(t) = token {
-        req = req.header("Authorization", format!("Bearer {}", t.expose()));
-    }
+    let req = authorize(req, token);
     let mut resp = req.send(body)?;
     let status = resp.status().as_u16();
     // Only the start of the reply is kept; one cut short still has a status worth reporting.
@@ -137,6 +136,23 @@ pub fn post_json(
         status,
         body: String::from_utf8_lossy(&buf).into_owned(),
     })
+}
+
+/// The `Authorization` value that presents `token`: the one form every qsysd client sends and the
+/// admin listener expects.
+pub(crate) fn bearer(token: &Secret) -> String {
+    format!("Bearer {}", token.expose())
+}
+
+/// `req` with `token` presented, when there is one.
+pub(crate) fn authorize<B>(
+    req: ureq::RequestBuilder<B>,
+    token: Option<&Secret>,
+) -> ureq::RequestBuilder<B> {
+    match token {
+        Some(t) => req.header("Authorization", bearer(t)),
+        None => req,
+    }
 }
 
 /// True when the request may have reached the server before the error: a timeout once the

@@ -3,4 +3,5 @@
 
 pub(crate) mod backoff;
 pub mod http;
+pub(crate) mod redis;
 pub(crate) mod server;

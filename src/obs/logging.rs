@@ -25,6 +25,8 @@ use std::io::Write;
 use log::kv::{Key, Value, VisitSource};
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
+use crate::sync::Locked;
+
 /// Where log records go (`daemon.log_target`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
@@ -232,7 +234,7 @@ impl Log for SyslogLogger {
             return;
         }
         let line = format_record(record);
-        let mut w = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut w = self.0.locked();
         let _ = match record.level() {
             Level::Error => w.err(line),
             Level::Warn => w.warning(line),

@@ -24,6 +24,7 @@ use base64::Engine as _;
 use serde_json::{Map, Value};
 
 use crate::contract::message::{kind_of, MAX_ATTEMPTS, MAX_TASK_ID, MAX_TIMEOUT_S, MAX_TYPE};
+use crate::contract::names::{is_key_name, NAME_RULE};
 
 /// Problems reported by name; past this many only a count is kept.
 const MAX_PROBLEMS: usize = 20;
@@ -546,12 +547,10 @@ fn check_id(v: &Value) -> Result<String, String> {
     Ok(id.clone())
 }
 
-/// A queue name as the config accepts one.
+/// A queue name as the config accepts one ([`crate::contract::names`]).
 pub(crate) fn check_queue(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.chars().any(char::is_whitespace) {
-        return Err(format!(
-            "{name:?}: a queue name must be non-empty and contain no white space"
-        ));
+    if !is_key_name(name) {
+        return Err(format!("{name:?}: a queue name {NAME_RULE}"));
     }
     Ok(())
 }

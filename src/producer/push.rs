@@ -16,7 +16,6 @@ use crate::producer::follow::{self, WaitError};
 
 /// Messages per `RPUSH`: a transaction of 100,000 tasks is ten commands, not 100,000.
 const CHUNK: usize = 10_000;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bounds one transaction's send and reply; 100,000 tasks take well under a second locally.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -86,9 +85,7 @@ impl Pusher {
         let conn = match &mut self.conn {
             Some(c) => c,
             None => {
-                let c = self.client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
-                c.set_read_timeout(Some(IO_TIMEOUT))?;
-                c.set_write_timeout(Some(IO_TIMEOUT))?;
+                let c = crate::net::redis::connect(&self.client, IO_TIMEOUT)?;
                 self.conn.insert(c)
             }
         };

@@ -311,7 +311,7 @@ pub(crate) fn run_subscriber(shared: Arc<Shared>, client: redis::Client) {
     let mut warnings = Warnings::default();
     while !shared.stop.is_closing() {
         shared.tick("qsys-slotsub");
-        let mut conn = match client.get_connection_with_timeout(Duration::from_secs(2)) {
+        let mut conn = match crate::net::redis::connect(&client, Duration::from_secs(2)) {
             Ok(c) => c,
             Err(e) => {
                 log::warn!(error:% = e; "cannot subscribe to slot events");

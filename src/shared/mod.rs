@@ -22,6 +22,7 @@ use crate::fleet::SlotMatrix;
 use crate::net::backoff::{Backoff, RetryDelay};
 use crate::shared::shutdown::Shutdown;
 use crate::store::{EndRequest, Ending, Finish, Next, Store, StoreError, StoredTask};
+use crate::sync::{Locked, ReadWrite};
 
 /// A task in memory, between the poller and a worker.
 #[derive(Debug, Clone)]
@@ -102,7 +103,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub(crate) fn lock_in_transit(&self) -> MutexGuard<'_, HashSet<String>> {
-        self.in_transit.lock().unwrap_or_else(|e| e.into_inner())
+        self.in_transit.locked()
     }
 
     /// Asks the scheduler to place `task_id` again once `after` has passed (its row is `pending`
@@ -117,18 +118,18 @@ impl Shared {
     /// The configuration in force now. Callers hold the `Arc` for one piece of work, so a reload
     /// never changes settings under a task in flight.
     pub(crate) fn config(&self) -> Arc<Config> {
-        Arc::clone(&self.config.read().unwrap_or_else(|e| e.into_inner()))
+        Arc::clone(&self.config.reading())
     }
 
     /// Puts `config` in force.
     pub(crate) fn set_config(&self, config: Config) {
-        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+        *self.config.writing() = Arc::new(config);
     }
 
     /// The slot matrix. A panic while it was held takes the daemon down anyway (the supervisor sees
     /// the thread die), so a poisoned lock is still usable for an orderly stop.
     pub(crate) fn slots(&self) -> MutexGuard<'_, SlotMatrix> {
-        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+        self.slots.locked()
     }
 
     /// Tells the other instances that this one claimed (or freed) a slot.
@@ -284,17 +285,13 @@ impl Shared {
 
     /// Records that the looping thread `name` is making progress.
     pub(crate) fn tick(&self, name: &'static str) {
-        self.progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name, Instant::now());
+        self.progress.locked().insert(name, Instant::now());
     }
 
     /// The looping threads that have not gone round for longer than `limit`.
     pub(crate) fn stalled(&self, limit: Duration) -> Vec<&'static str> {
         self.progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .locked()
             .iter()
             .filter(|(_, t)| t.elapsed() > limit)
             .map(|(n, _)| *n)
@@ -303,12 +300,7 @@ impl Shared {
 
     /// Tasks waiting in Redis over every queue, as last measured.
     pub(crate) fn waiting(&self) -> u64 {
-        self.queue_depths
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(_, n)| n)
-            .sum()
+        self.queue_depths.locked().iter().map(|(_, n)| n).sum()
     }
 
     /// The `STATUS=` line and the log's summary: slot use, backlog, GPUs down.
@@ -325,7 +317,7 @@ impl Shared {
 
     /// Notes that `what` ("redis", "mysql") is failing, or with `None` that it works again.
     pub(crate) fn set_problem(&self, what: &'static str, problem: Option<String>) {
-        let mut p = self.problems.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = self.problems.locked();
         match problem {
             Some(text) => {
                 p.insert(what, text);
@@ -337,20 +329,11 @@ impl Shared {
     }
 
     pub(crate) fn problems(&self) -> BTreeMap<&'static str, String> {
-        self.problems
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.problems.locked().clone()
     }
 
     pub(crate) fn kill_children(&self) {
-        let groups: Vec<i32> = self
-            .children
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .copied()
-            .collect();
+        let groups: Vec<i32> = self.children.locked().iter().copied().collect();
         for pgid in groups {
             // SAFETY: kill(2) with a negative pid signals a process group; no memory is involved.
             unsafe {

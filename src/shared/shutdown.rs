@@ -10,6 +10,8 @@
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::sync::{wait_while, Locked};
+
 #[derive(Debug, Default)]
 struct Flags {
     stopping: Option<Instant>,
@@ -28,8 +30,7 @@ impl Shutdown {
     }
 
     fn flags(&self) -> MutexGuard<'_, Flags> {
-        // A panic elsewhere cannot leave two booleans inconsistent; keep going.
-        self.flags.lock().unwrap_or_else(|e| e.into_inner())
+        self.flags.locked()
     }
 
     /// Begins a graceful stop. Returns false if one had already begun.
@@ -66,20 +67,9 @@ impl Shutdown {
 
     /// Sleeps for `d` or until a stop begins. Returns true if stopping.
     pub(crate) fn sleep(&self, d: Duration) -> bool {
-        let deadline = Instant::now() + d;
-        let mut f = self.flags();
-        while f.stopping.is_none() {
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            f = self
-                .wake
-                .wait_timeout(f, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        true
+        wait_while(&self.wake, self.flags(), d, |f| f.stopping.is_none())
+            .stopping
+            .is_some()
     }
 }
 

@@ -28,6 +28,7 @@ use crate::config::Handler;
 use crate::net::http;
 use crate::shared::{Shared, Task};
 use crate::store::Ending;
+use crate::sync::Locked;
 
 /// How much of an `exec` handler's stderr is kept as the error.
 const STDERR_TAIL: usize = 2048;
@@ -331,22 +332,14 @@ struct Registered<'a> {
 
 impl<'a> Registered<'a> {
     fn new(shared: &'a Shared, pgid: i32) -> Registered<'a> {
-        shared
-            .children
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(pgid);
+        shared.children.locked().insert(pgid);
         Registered { shared, pgid }
     }
 }
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        self.shared
-            .children
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.pgid);
+        self.shared.children.locked().remove(&self.pgid);
     }
 }
 

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use crate::fleet::HealthChange;
 use crate::shared::Shared;
 use crate::store::Ending;
+use crate::sync::Locked;
 
 /// How often the loop runs.
 const TICK: Duration = Duration::from_millis(250);
@@ -110,10 +111,7 @@ fn measure_queues(shared: &Shared, client: &redis::Client, conn: &mut Option<red
     }
     match pipe.query::<Vec<u64>>(c) {
         Ok(lens) => {
-            *shared
-                .queue_depths
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = queues.into_iter().zip(lens).collect();
+            *shared.queue_depths.locked() = queues.into_iter().zip(lens).collect();
         }
         Err(_) => *conn = None,
     }
@@ -245,13 +243,11 @@ fn probe_due(shared: &Shared, agent: &ureq::Agent) {
 
 /// Whether `url` answers a GET with a status below 500.
 pub(crate) fn probe(agent: &ureq::Agent, url: &str, token: Option<&crate::config::Secret>) -> bool {
-    let mut req = agent
+    let req = agent
         .get(url)
         .config()
         .timeout_global(Some(PROBE_TIMEOUT))
         .build();
-    if let Some(t) = token {
-        req = req.header("Authorization", format!("Bearer {}", t.expose()));
-    }
+    let req = crate::net::http::authorize(req, token);
     matches!(req.call(), Ok(r) if r.status().as_u16() < 500)
 }

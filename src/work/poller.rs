@@ -68,10 +68,10 @@ pub(crate) enum QueueError {
 /// Opens a Redis connection whose reads outlast a blocking pop of `pop_timeout` by a wide margin:
 /// a read timeout during a pop makes the client drop the late reply, and the popped element with it.
 pub(crate) fn connect(client: &Client, pop_timeout: Duration) -> Result<Connection, QueueError> {
-    let conn = client.get_connection_with_timeout(Duration::from_secs(5))?;
-    conn.set_read_timeout(Some(pop_timeout + Duration::from_secs(10)))?;
-    conn.set_write_timeout(Some(Duration::from_secs(10)))?;
-    Ok(conn)
+    Ok(crate::net::redis::connect(
+        client,
+        pop_timeout + Duration::from_secs(10),
+    )?)
 }
 
 /// Gives up this instance's hold on tasks' `pending` rows, then puts the tasks back at the head of
