@@ -13,13 +13,14 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{unbounded, Receiver, Sender};
 
 use crate::config::Config;
 use crate::contract::message::Message;
 use crate::contract::token::Signer;
 use crate::fleet::SlotMatrix;
 use crate::net::backoff::{Backoff, RetryDelay};
+use crate::sched::slotsync::SlotEvent;
 use crate::shared::shutdown::Shutdown;
 use crate::store::{EndRequest, Ending, Finish, Next, Store, StoreError, StoredTask};
 use crate::sync::{Locked, ReadWrite};
@@ -102,6 +103,37 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The state for a daemon starting with `config`, and the receiving ends of its scheduler's
+    /// event channel and its slot-event publisher's channel.
+    pub(crate) fn new(
+        config: Config,
+        store: Store,
+        slots: SlotMatrix,
+        signer: Signer,
+    ) -> (Shared, Receiver<Event>, Receiver<SlotEvent>) {
+        let (events, events_rx) = unbounded();
+        let (slot_events, slot_rx) = unbounded();
+        let shared = Shared {
+            config: RwLock::new(Arc::new(config)),
+            store,
+            slots: Mutex::new(slots),
+            signer,
+            stop: Shutdown::new(),
+            events,
+            children: Mutex::default(),
+            problems: Mutex::default(),
+            reload_requested: AtomicBool::new(false),
+            progress: Mutex::default(),
+            queue_depths: Mutex::default(),
+            metrics: Default::default(),
+            slot_events,
+            // Until the first check: publishing to nobody is harmless, staying silent is not.
+            peers: AtomicBool::new(true),
+            in_transit: Mutex::default(),
+        };
+        (shared, events_rx, slot_rx)
+    }
+
     pub(crate) fn lock_in_transit(&self) -> MutexGuard<'_, HashSet<String>> {
         self.in_transit.locked()
     }
