@@ -32,6 +32,17 @@ macro_rules! pause_point {
     };
 }
 
+/// Counts a [`obs::trouble::Trouble`], raises it on `/healthz` when it is an outage, and logs it
+/// at `level` with the error and any further key-values, from the caller's module (so the log line
+/// names the component): `trouble!(warn, shared, Trouble::Redis, e; "redis unavailable", k = v)`.
+macro_rules! trouble {
+    ($level:ident, $shared:expr, $kind:expr, $error:expr; $msg:literal $(, $($kv:tt)+)?) => {{
+        let error = &$error;
+        $shared.raise($kind, error);
+        log::$level!(error:% = error $(, $($kv)+)?; $msg);
+    }};
+}
+
 mod admin;
 mod config;
 mod contract;

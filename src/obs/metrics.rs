@@ -138,10 +138,7 @@ impl Default for Metrics {
             callbacks: Labeled::new("result", CALLBACK_RESULTS),
             attempts: Labeled::new("outcome", &["finished", "failed", "expired"]),
             retries: AtomicU64::new(0),
-            errors: Labeled::new(
-                "kind",
-                &["dispatch", "handler", "mysql", "redis", "slot_event"],
-            ),
+            errors: Labeled::new("kind", crate::obs::trouble::Trouble::LABELS),
         }
     }
 }

@@ -2,3 +2,4 @@
 
 pub mod logging;
 pub(crate) mod metrics;
+pub(crate) mod trouble;

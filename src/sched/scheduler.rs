@@ -24,6 +24,7 @@ use crossbeam_channel::{never, select, Receiver, Sender, TrySendError};
 
 use crate::config::{Completion, Endpoint, Handler};
 use crate::fleet::Holder;
+use crate::obs::trouble::Trouble;
 use crate::shared::{Event, Shared, Task};
 use crate::store::{Claim, ClaimRequest};
 
@@ -386,8 +387,8 @@ impl Scheduler {
         let claims = match claims {
             Ok(c) => c,
             Err(e) => {
-                self.shared.metrics.errors.inc("mysql");
-                log::warn!(count = jobs.len(), error:% = e; "mysql error claiming slots; will retry");
+                trouble!(warn, self.shared, Trouble::Mysql, e;
+                    "mysql error claiming slots; will retry", count = jobs.len());
                 for job in jobs.into_iter().rev() {
                     self.release(&job);
                     self.pending.push_front(job.task);

@@ -29,6 +29,7 @@ use serde_json::value::RawValue;
 
 use crate::config::Endpoint;
 use crate::net::backoff::Backoff;
+use crate::obs::trouble::Trouble;
 use crate::shared::Shared;
 
 /// Largest message read, in bytes. The publisher's largest batch of the longest ids, every
@@ -339,7 +340,7 @@ pub(crate) fn run_subscriber(shared: Arc<Shared>, client: redis::Client) {
                     // The GPUs in force now: a reload may have changed them.
                     let read = read(msg.get_payload_bytes(), &me, &shared.config().gpus);
                     for (sender, why) in &read.refused {
-                        shared.metrics.errors.inc("slot_event");
+                        shared.raise(Trouble::SlotEvent, why);
                         warn(&mut warnings, sender.as_deref(), why);
                     }
                     let mut freed = false;

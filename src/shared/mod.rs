@@ -20,6 +20,7 @@ use crate::contract::message::Message;
 use crate::contract::token::Signer;
 use crate::fleet::SlotMatrix;
 use crate::net::backoff::{Backoff, RetryDelay};
+use crate::obs::trouble::Trouble;
 use crate::sched::slotsync::SlotEvent;
 use crate::shared::shutdown::Shutdown;
 use crate::store::{EndRequest, Ending, Finish, Next, Store, StoreError, StoredTask};
@@ -304,9 +305,9 @@ impl Shared {
                 Ok(f) => return Some(f),
                 Err(e) => {
                     let wait = backoff.next_delay();
-                    self.metrics.errors.inc("mysql");
-                    log::error!(task_id, attempt, source, error:% = e, retry_in:? = wait;
-                        "could not record the end of an attempt");
+                    trouble!(error, self, Trouble::Mysql, e;
+                        "could not record the end of an attempt",
+                        task_id, attempt, source, retry_in:? = wait);
                     if Instant::now() + wait > deadline || self.stop.sleep(wait) {
                         return None;
                     }
@@ -347,17 +348,20 @@ impl Shared {
         )
     }
 
-    /// Notes that `what` ("redis", "mysql") is failing, or with `None` that it works again.
-    pub(crate) fn set_problem(&self, what: &'static str, problem: Option<String>) {
-        let mut p = self.problems.locked();
-        match problem {
-            Some(text) => {
-                p.insert(what, text);
-            }
-            None => {
-                p.remove(what);
-            }
+    /// Counts `kind` and, for an outage, makes `/healthz` report `error` until
+    /// [`Shared::cleared`]. Sites that also log use `trouble!`.
+    pub(crate) fn raise(&self, kind: Trouble, error: &dyn std::fmt::Display) {
+        self.metrics.errors.inc(kind.label());
+        if kind.is_outage() {
+            self.problems
+                .locked()
+                .insert(kind.label(), error.to_string());
         }
+    }
+
+    /// `kind` works again.
+    pub(crate) fn cleared(&self, kind: Trouble) {
+        self.problems.locked().remove(kind.label());
     }
 
     pub(crate) fn problems(&self) -> BTreeMap<&'static str, String> {

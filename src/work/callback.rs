@@ -18,6 +18,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use serde_json::{json, Value};
 use tiny_http::{Header, Method, Request, Response, Server};
 
+use crate::obs::trouble::Trouble;
 use crate::shared::Shared;
 use crate::store::{Ending, Finish, State, StoreError};
 
@@ -184,8 +185,8 @@ pub(crate) fn run_writer(shared: Arc<Shared>, verified: Receiver<Verified>) {
             .map(|v| (v.report.task_id.as_str(), v.attempt, v.ending()))
             .collect();
         let result = shared.end_attempts(&ends, "callback");
-        if result.is_err() {
-            shared.metrics.errors.inc("mysql");
+        if let Err(e) = &result {
+            shared.raise(Trouble::Mysql, e);
         }
         drop(ends);
         for (i, v) in batch.into_iter().enumerate() {

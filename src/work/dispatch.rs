@@ -21,6 +21,7 @@ use serde_json::Value;
 use crate::config::{Completion, Endpoint};
 use crate::fleet::HealthChange;
 use crate::net::http::{self, Reply};
+use crate::obs::trouble::Trouble;
 use crate::sched::scheduler::GpuJob;
 use crate::shared::Shared;
 use crate::store::Ending;
@@ -136,8 +137,8 @@ pub(crate) fn run_worker(shared: Arc<Shared>, jobs: Receiver<GpuJob>, agents: Ar
         shared.metrics.dispatch_seconds.observe(started.elapsed());
         let policy = shared.config().health;
         let trouble = endpoint_error(ep, &result);
-        if trouble.is_some() {
-            shared.metrics.errors.inc("dispatch");
+        if let Some(t) = &trouble {
+            shared.raise(Trouble::Dispatch, t);
         }
         let change =
             shared

@@ -26,6 +26,7 @@ use serde_json::{json, Value};
 
 use crate::config::Handler;
 use crate::net::http;
+use crate::obs::trouble::Trouble;
 use crate::shared::{Shared, Task};
 use crate::store::Ending;
 use crate::sync::Locked;
@@ -404,8 +405,8 @@ fn run_one(shared: &Shared, agent: &ureq::Agent, task: &Task) {
         }) => run_http(agent, url, bearer_token.as_ref(), &input, timeout),
         Some(Handler::Gpu) | None => unreachable!("the handler was matched above"),
     };
-    if result.is_err() {
-        shared.metrics.errors.inc("handler");
+    if let Err(f) = &result {
+        shared.raise(Trouble::Handler, &f.error);
     }
     let ending = match &result {
         Ok(()) => Ending::Finished,

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::fleet::HealthChange;
+use crate::obs::trouble::Trouble;
 use crate::shared::Shared;
 use crate::store::Ending;
 use crate::sync::Locked;
@@ -81,11 +82,8 @@ pub(crate) fn run_heartbeat(shared: Arc<Shared>) {
     while !shared.stop.is_closing() {
         shared.tick("qsys-heartbeat");
         match shared.store.heartbeat() {
-            Ok(()) => shared.set_problem("mysql", None),
-            Err(e) => {
-                log::warn!(error:% = e; "mysql unavailable");
-                shared.set_problem("mysql", Some(e.to_string()));
-            }
+            Ok(()) => shared.cleared(Trouble::Mysql),
+            Err(e) => trouble!(warn, shared, Trouble::Mysql, e; "mysql unavailable"),
         }
         let next = Instant::now() + Duration::from_secs(1);
         while Instant::now() < next && !shared.stop.is_closing() {

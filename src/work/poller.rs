@@ -26,6 +26,7 @@ use redis::{Client, Connection};
 
 use crate::contract::message;
 use crate::net::backoff::Backoff;
+use crate::obs::trouble::Trouble;
 use crate::shared::{Shared, Task};
 use crate::store::{Accepted, NewTask, Store};
 
@@ -369,7 +370,7 @@ impl Poller {
                         if backoff.failures() > 0 {
                             log::info!("redis connection restored");
                         }
-                        self.shared.set_problem("redis", None);
+                        self.shared.cleared(Trouble::Redis);
                         let c = conn.insert(c);
                         if let Err(e) = self.recover(c, queues, &in_hand, &mut backoff) {
                             conn = None;
@@ -444,9 +445,7 @@ impl Poller {
 
     fn redis_trouble(&self, e: &dyn std::fmt::Display, backoff: &mut Backoff) {
         let wait = backoff.next_delay();
-        log::warn!(error:% = e, retry_in:? = wait; "redis unavailable");
-        self.shared.set_problem("redis", Some(e.to_string()));
-        self.shared.metrics.errors.inc("redis");
+        trouble!(warn, self.shared, Trouble::Redis, e; "redis unavailable", retry_in:? = wait);
         self.shared.stop.sleep(wait);
     }
 
@@ -513,16 +512,14 @@ impl Poller {
         }
         let cleared = pipe.query::<()>(conn);
         if let Some(e) = &recorded.outage {
-            self.shared.set_problem("mysql", Some(e.to_string()));
-            self.shared.metrics.errors.inc("mysql");
             let wait = backoff.next_delay();
             match &cleared {
-                Ok(()) => {
-                    log::warn!(queue, count = recorded.unrecorded.len(), error:% = e, retry_in:? = wait;
-                    "mysql unavailable: tasks returned to their queue")
-                }
-                Err(re) => log::warn!(queue, error:% = e, redis_error:% = re;
-                    "mysql unavailable; tasks stay in the in-hand list until reconnect"),
+                Ok(()) => trouble!(warn, self.shared, Trouble::Mysql, e;
+                    "mysql unavailable: tasks returned to their queue",
+                    queue, count = recorded.unrecorded.len(), retry_in:? = wait),
+                Err(re) => trouble!(warn, self.shared, Trouble::Mysql, e;
+                    "mysql unavailable; tasks stay in the in-hand list until reconnect",
+                    queue, redis_error:% = re),
             }
             if recorded.tasks.is_empty() {
                 return Err(wait);
