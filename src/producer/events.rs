@@ -373,59 +373,8 @@ impl<'r> Batch<'r> {
                 format!("unknown field (a task has {})", TASK_FIELDS.join(", ")),
             );
         }
-        let kind = match t.remove("type") {
-            Some(Value::String(s)) if s.trim().is_empty() => {
-                self.problem(&at(place, "type"), "must be a non-empty string");
-                None
-            }
-            Some(Value::String(s)) if s.len() > MAX_TYPE => {
-                self.problem(&at(place, "type"), format!("longer than {MAX_TYPE} bytes"));
-                None
-            }
-            Some(Value::String(s)) if s.chars().any(char::is_control) => {
-                self.problem(&at(place, "type"), "contains control characters");
-                None
-            }
-            Some(Value::String(s)) => match &self.rules.types {
-                Some(known) if !known.contains(&s) => {
-                    let known: Vec<&str> = known.iter().map(String::as_str).collect();
-                    self.problem(
-                        &at(place, "type"),
-                        format!(
-                            "unknown task type {s:?} (the config knows: {})",
-                            known.join(", ")
-                        ),
-                    );
-                    None
-                }
-                _ => Some(s),
-            },
-            Some(other) => {
-                self.problem(
-                    &at(place, "type"),
-                    format!("must be a non-empty string, got {}", kind_of(&other)),
-                );
-                None
-            }
-            None => {
-                self.problem(&at(place, "type"), "missing");
-                None
-            }
-        };
-        let data = match t.remove("data") {
-            Some(Value::Object(m)) => Some(m),
-            Some(other) => {
-                self.problem(
-                    &at(place, "data"),
-                    format!("must be an object, got {}", kind_of(&other)),
-                );
-                None
-            }
-            None => {
-                self.problem(&at(place, "data"), "missing: a task needs a data object");
-                None
-            }
-        };
+        let kind = self.task_type(place, t.remove("type"));
+        let data = self.task_data(place, t.remove("data"));
         let task_id = self.task_id(place, data.as_ref(), t.remove("task_id"));
         let queue = match t.remove("queue_name") {
             Some(q) => queue_name(&q)
@@ -463,6 +412,68 @@ impl<'r> Batch<'r> {
             kind,
             json,
         });
+    }
+
+    /// The task's `type`: a short non-empty string without control characters, one the config
+    /// knows when it lists types. `None` once its problem is recorded.
+    fn task_type(&mut self, place: &str, value: Option<Value>) -> Option<String> {
+        match value {
+            Some(Value::String(s)) if s.trim().is_empty() => {
+                self.problem(&at(place, "type"), "must be a non-empty string");
+                None
+            }
+            Some(Value::String(s)) if s.len() > MAX_TYPE => {
+                self.problem(&at(place, "type"), format!("longer than {MAX_TYPE} bytes"));
+                None
+            }
+            Some(Value::String(s)) if s.chars().any(char::is_control) => {
+                self.problem(&at(place, "type"), "contains control characters");
+                None
+            }
+            Some(Value::String(s)) => match &self.rules.types {
+                Some(known) if !known.contains(&s) => {
+                    let known: Vec<&str> = known.iter().map(String::as_str).collect();
+                    self.problem(
+                        &at(place, "type"),
+                        format!(
+                            "unknown task type {s:?} (the config knows: {})",
+                            known.join(", ")
+                        ),
+                    );
+                    None
+                }
+                _ => Some(s),
+            },
+            Some(other) => {
+                self.problem(
+                    &at(place, "type"),
+                    format!("must be a non-empty string, got {}", kind_of(&other)),
+                );
+                None
+            }
+            None => {
+                self.problem(&at(place, "type"), "missing");
+                None
+            }
+        }
+    }
+
+    /// The task's `data` object. `None` once its problem is recorded.
+    fn task_data(&mut self, place: &str, value: Option<Value>) -> Option<Map<String, Value>> {
+        match value {
+            Some(Value::Object(m)) => Some(m),
+            Some(other) => {
+                self.problem(
+                    &at(place, "data"),
+                    format!("must be an object, got {}", kind_of(&other)),
+                );
+                None
+            }
+            None => {
+                self.problem(&at(place, "data"), "missing: a task needs a data object");
+                None
+            }
+        }
     }
 
     /// The task's id: `data.task_id`, else its `task_id`, else a new UUIDv4 (docs/contracts.md §3).

@@ -28,7 +28,7 @@ use crate::contract::message;
 use crate::net::backoff::Backoff;
 use crate::obs::trouble::Trouble;
 use crate::shared::{Shared, Task};
-use crate::store::{Accepted, NewTask, Store};
+use crate::store::{Accepted, NewTask, Store, StoreError};
 
 /// How many elements one move takes at most: one MySQL transaction records them together. Also
 /// bounds what the poller holds beyond the scheduler's hand. Each batch costs a fixed number of
@@ -182,7 +182,59 @@ struct Recorded {
     /// Positions of elements not recorded because MySQL failed: they go back to their queue.
     unrecorded: Vec<usize>,
     /// Why MySQL failed, when it did.
-    outage: Option<crate::store::StoreError>,
+    outage: Option<StoreError>,
+}
+
+impl Recorded {
+    /// Records element `i` as `failed` with `reason`, for the dead-letter list; on an outage it
+    /// stays unrecorded.
+    fn refuse(
+        &mut self,
+        store: &Store,
+        queue: &str,
+        i: usize,
+        raw: &[u8],
+        task_id: Option<&str>,
+        reason: &str,
+    ) {
+        match refuse(store, queue, raw, task_id, reason) {
+            Ok(()) => self.refused.push(i),
+            Err(e) => {
+                self.outage = Some(e);
+                self.unrecorded.push(i);
+            }
+        }
+    }
+}
+
+/// Records `rows` in one transaction; when MySQL refuses it for one row's data, row by row, each
+/// with its own verdict (after an outage the rest are not tried). `Err`: the batch met an outage.
+fn accept_each(
+    store: &Store,
+    queue: &str,
+    rows: &[NewTask<'_>],
+) -> Result<Vec<Result<Accepted, StoreError>>, StoreError> {
+    match store.accept(queue, rows) {
+        Ok(all) => Ok(all.into_iter().map(Ok).collect()),
+        Err(e) if e.is_rejected_data() => {
+            log::warn!(queue, error:% = e; "mysql refused a batch's data: recording its tasks one by one");
+            let mut each = Vec::with_capacity(rows.len());
+            let mut down = false;
+            for row in rows {
+                let verdict = if down {
+                    Err(StoreError::Schema("not tried after an outage".into()))
+                } else {
+                    store
+                        .accept(queue, std::slice::from_ref(row))
+                        .map(|mut a| a.remove(0))
+                };
+                down = verdict.as_ref().is_err_and(|e| !e.is_rejected_data());
+                each.push(verdict);
+            }
+            Ok(each)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Records parsed elements of `queue`. Refused ones are recorded `failed` with the reason; the
@@ -203,13 +255,14 @@ fn record(store: &Store, queue: &str, raws: &[Vec<u8>], parsed: Vec<Parsed>) -> 
         match p {
             Parsed::Task(m) => msgs.push((i, m)),
             Parsed::Refused(bad) if out.outage.is_none() => {
-                match refuse(store, queue, &raws[i], bad.task_id.as_deref(), &bad.reason) {
-                    Ok(()) => out.refused.push(i),
-                    Err(e) => {
-                        out.outage = Some(e);
-                        out.unrecorded.push(i);
-                    }
-                }
+                out.refuse(
+                    store,
+                    queue,
+                    i,
+                    &raws[i],
+                    bad.task_id.as_deref(),
+                    &bad.reason,
+                );
             }
             Parsed::Refused(_) => out.unrecorded.push(i),
         }
@@ -231,28 +284,8 @@ fn record(store: &Store, queue: &str, raws: &[Vec<u8>], parsed: Vec<Parsed>) -> 
             timeout_s: m.timeout_s,
         })
         .collect();
-    let verdicts: Vec<Result<Accepted, crate::store::StoreError>> = match store.accept(queue, &rows)
-    {
-        Ok(all) => all.into_iter().map(Ok).collect(),
-        Err(e) if e.is_rejected_data() => {
-            log::warn!(queue, error:% = e; "mysql refused a batch's data: recording its tasks one by one");
-            let mut each = Vec::with_capacity(rows.len());
-            let mut down = false;
-            for row in &rows {
-                let verdict = if down {
-                    Err(crate::store::StoreError::Schema(
-                        "not tried after an outage".into(),
-                    ))
-                } else {
-                    store
-                        .accept(queue, std::slice::from_ref(row))
-                        .map(|mut a| a.remove(0))
-                };
-                down = verdict.as_ref().is_err_and(|e| !e.is_rejected_data());
-                each.push(verdict);
-            }
-            each
-        }
+    let verdicts = match accept_each(store, queue, &rows) {
+        Ok(v) => v,
         Err(e) => {
             out.unrecorded.extend(msgs.iter().map(|(i, _)| *i));
             out.outage = Some(e);
@@ -271,13 +304,7 @@ fn record(store: &Store, queue: &str, raws: &[Vec<u8>], parsed: Vec<Parsed>) -> 
             }
             Err(e) if e.is_rejected_data() && out.outage.is_none() => {
                 let reason = format!("mysql refused the task: {e}");
-                match refuse(store, queue, &raws[i], Some(&msg.task_id), &reason) {
-                    Ok(()) => out.refused.push(i),
-                    Err(e) => {
-                        out.outage = Some(e);
-                        out.unrecorded.push(i);
-                    }
-                }
+                out.refuse(store, queue, i, &raws[i], Some(&msg.task_id), &reason);
                 continue;
             }
             Err(e) => {
@@ -464,53 +491,13 @@ impl Poller {
             .iter()
             .map(|raw| parse_element(raw, config.daemon.max_message_bytes))
             .collect();
-        // An element without an id gets one now; the in-hand copy is swapped for the one that
-        // carries it before anything is recorded, so however often the element is taken again
-        // (after a crash, an outage, a stop) it is the same task.
-        let mut swap = redis::pipe();
-        swap.atomic();
-        let mut swapped = 0;
-        for (raw, p) in raws.iter_mut().zip(&parsed) {
-            if let Parsed::Task(m) = p {
-                if m.id_assigned {
-                    let with_id = m.to_json().into_bytes();
-                    swap.cmd("LREM").arg(in_hand).arg(1).arg(&*raw).ignore();
-                    swap.cmd("RPUSH").arg(in_hand).arg(&with_id).ignore();
-                    *raw = with_id;
-                    swapped += 1;
-                }
-            }
-        }
-        if swapped > 0 {
-            if let Err(e) = swap.query::<()>(conn) {
-                // Nothing is recorded yet: the in-hand list is taken again at reconnect.
-                log::warn!(queue, error:% = e; "could not give ids to id-less tasks; taken again at reconnect");
-                return Err(backoff.next_delay());
-            }
+        if let Err(e) = give_ids(conn, in_hand, &mut raws, &parsed) {
+            // Nothing is recorded yet: the in-hand list is taken again at reconnect.
+            log::warn!(queue, error:% = e; "could not give ids to id-less tasks; taken again at reconnect");
+            return Err(backoff.next_delay());
         }
         let recorded = record(&self.shared.store, queue, &raws, parsed);
-        // Off the in-hand list, in one step: recorded tasks for good, refused elements into the
-        // dead-letter list, unrecorded ones back to the head of their queue in order.
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for raw in &raws {
-            pipe.cmd("LREM").arg(in_hand).arg(1).arg(raw).ignore();
-        }
-        if !recorded.refused.is_empty() {
-            let dead = dead_letter_key(&config, queue);
-            for &i in &recorded.refused {
-                pipe.cmd("LPUSH").arg(&dead).arg(&raws[i]).ignore();
-            }
-            pipe.cmd("LTRIM")
-                .arg(&dead)
-                .arg(0)
-                .arg(DEAD_LETTER_MAX - 1)
-                .ignore();
-        }
-        for &i in recorded.unrecorded.iter().rev() {
-            pipe.cmd("LPUSH").arg(queue).arg(&raws[i]).ignore();
-        }
-        let cleared = pipe.query::<()>(conn);
+        let cleared = settle(conn, &config, in_hand, queue, &raws, &recorded);
         if let Some(e) = &recorded.outage {
             let wait = backoff.next_delay();
             match &cleared {
@@ -532,8 +519,14 @@ impl Poller {
         if tasks.is_empty() {
             return Ok(());
         }
-        // One batch per send: the scheduler takes a whole batch at once, so it can place (and
-        // claim) many tasks per round instead of waiting on this thread for each.
+        self.hand_on(tasks);
+        Ok(())
+    }
+
+    /// Hands recorded tasks to the scheduler as one batch (it takes a whole batch at once, so it
+    /// can place and claim many tasks per round instead of waiting on this thread for each); at
+    /// a stop they go back to Redis instead.
+    fn hand_on(&self, tasks: Vec<Task>) {
         let in_transit: Vec<String> = tasks.iter().map(|t| t.msg.task_id.clone()).collect();
         self.shared
             .lock_in_transit()
@@ -551,10 +544,70 @@ impl Poller {
                         log::error!(error:% = e;
                             "could not return tasks to redis at stop; they resume at next start");
                     }
-                    return Ok(());
+                    return;
                 }
             }
         }
-        Ok(())
     }
+}
+
+/// Gives every parsed element that had no id the one it now carries: its in-hand copy is swapped
+/// for one with the id before anything is recorded, so however often the element is taken again
+/// (after a crash, an outage, a stop) it is the same task.
+fn give_ids(
+    conn: &mut Connection,
+    in_hand: &str,
+    raws: &mut [Vec<u8>],
+    parsed: &[Parsed],
+) -> redis::RedisResult<()> {
+    let mut swap = redis::pipe();
+    swap.atomic();
+    let mut swapped = 0;
+    for (raw, p) in raws.iter_mut().zip(parsed) {
+        if let Parsed::Task(m) = p {
+            if m.id_assigned {
+                let with_id = m.to_json().into_bytes();
+                swap.cmd("LREM").arg(in_hand).arg(1).arg(&*raw).ignore();
+                swap.cmd("RPUSH").arg(in_hand).arg(&with_id).ignore();
+                *raw = with_id;
+                swapped += 1;
+            }
+        }
+    }
+    if swapped == 0 {
+        return Ok(());
+    }
+    swap.query(conn)
+}
+
+/// Takes a batch off the in-hand list in one step: recorded tasks for good, refused elements into
+/// the dead-letter list, unrecorded ones back to the head of their queue in order.
+fn settle(
+    conn: &mut Connection,
+    config: &crate::config::Config,
+    in_hand: &str,
+    queue: &str,
+    raws: &[Vec<u8>],
+    recorded: &Recorded,
+) -> redis::RedisResult<()> {
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for raw in raws {
+        pipe.cmd("LREM").arg(in_hand).arg(1).arg(raw).ignore();
+    }
+    if !recorded.refused.is_empty() {
+        let dead = dead_letter_key(config, queue);
+        for &i in &recorded.refused {
+            pipe.cmd("LPUSH").arg(&dead).arg(&raws[i]).ignore();
+        }
+        pipe.cmd("LTRIM")
+            .arg(&dead)
+            .arg(0)
+            .arg(DEAD_LETTER_MAX - 1)
+            .ignore();
+    }
+    for &i in recorded.unrecorded.iter().rev() {
+        pipe.cmd("LPUSH").arg(queue).arg(&raws[i]).ignore();
+    }
+    pipe.query(conn)
 }
