@@ -1,69 +1,16 @@
-//! The handler pool (`qsys-handler-N`): runs the task types that are not GPU work (email, reports,
-//! cleanup) through their configured handler, never taking a GPU slot.
-//!
-//! - `exec`: the program gets the task JSON on stdin and `QSYS_TASK_ID` / `QSYS_TASK_TYPE` in an
-//!   environment of its own (`PATH`, `LANG`, `LC_ALL` and the type's `env` list of the daemon's, no
-//!   more: the daemon's secrets stay out), runs in its own process group, and is killed with the
-//!   whole group at its timeout. Exit 0 = finished; otherwise the tail of its stderr becomes the
-//!   task's error. Its pipes are serviced on the worker's thread without blocking and closed when
-//!   the run ends, so a descendant that keeps them open holds neither a thread nor the worker.
-//! - `http`: the task JSON is POSTed to the configured URL; 2xx = finished.
-//!
-//! Each worker takes a task from the scheduler's rendezvous channel, moves it to `processing`, runs
-//! it, records the end through [`Shared::finish`] and wakes the scheduler, which may then hand it the
-//! next one.
+//! The `exec` handler: a local program per task, in an environment and a process group of its
+//! own, its pipes serviced on the worker's thread without blocking.
 
 use std::ffi::OsString;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Child, ChildStderr, ChildStdin, Command, Stdio};
-use std::sync::Arc;
+use std::process::{Child, ChildStderr, ChildStdin, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
-use serde_json::{json, Value};
-
-use crate::config::Handler;
-use crate::net::http;
-use crate::obs::trouble::Trouble;
+use super::{retryable, tail, Failure, STDERR_TAIL};
 use crate::shared::{Shared, Task};
-use crate::store::Ending;
 use crate::sync::Locked;
-
-/// How much of an `exec` handler's stderr is kept as the error.
-const STDERR_TAIL: usize = 2048;
-
-/// The JSON a handler receives: the seed's message plus the id and the attempt number.
-pub(crate) fn task_json(task: &Task, attempt: u32) -> String {
-    json!({
-        "task_id": task.msg.task_id,
-        "type": task.msg.kind,
-        "data": Value::Object(task.msg.data.clone()),
-        "attempt": attempt,
-    })
-    .to_string()
-}
-
-/// Keeps the last `max` bytes of `bytes`, lossily decoded and trimmed.
-fn tail(bytes: &[u8], max: usize) -> String {
-    let start = bytes.len().saturating_sub(max);
-    String::from_utf8_lossy(&bytes[start..]).trim().to_string()
-}
-
-/// Why a handler run failed, and whether another attempt may do better.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Failure {
-    pub error: String,
-    pub retryable: bool,
-}
-
-fn retryable(error: String) -> Failure {
-    Failure {
-        error,
-        retryable: true,
-    }
-}
 
 /// The `PATH` an `exec` program gets when the daemon has none.
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
@@ -257,23 +204,7 @@ pub(crate) fn run_exec(
         }
     };
 
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Some(status),
-            Ok(None) => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    break None;
-                }
-                pipes.pump(left.min(TICK));
-            }
-            Err(e) => {
-                log::error!(error:% = e; "waiting for exec handler failed");
-                break None;
-            }
-        }
-    };
+    let status = wait(&mut child, &mut pipes, Instant::now() + timeout);
     if status.is_none() {
         kill_group(&mut child, group.pgid);
     }
@@ -287,6 +218,35 @@ pub(crate) fn run_exec(
     }
     let stderr_tail = tail(&pipes.kept, STDERR_TAIL);
     drop(pipes);
+    verdict(status, timeout, &stderr_tail)
+}
+
+/// Services the pipes until the program ends (its status) or `deadline` passes (`None`).
+fn wait(child: &mut Child, pipes: &mut Pipes, deadline: Instant) -> Option<ExitStatus> {
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return None;
+                }
+                pipes.pump(left.min(TICK));
+            }
+            Err(e) => {
+                log::error!(error:% = e; "waiting for exec handler failed");
+                return None;
+            }
+        }
+    }
+}
+
+/// A run's outcome from its exit status (`None`: timed out), with its stderr's tail.
+fn verdict(
+    status: Option<ExitStatus>,
+    timeout: Duration,
+    stderr_tail: &str,
+) -> Result<(), Failure> {
     let with_stderr = |what: String| {
         if stderr_tail.is_empty() {
             what
@@ -344,123 +304,9 @@ impl Drop for Registered<'_> {
     }
 }
 
-pub(crate) fn run_worker(shared: Arc<Shared>, jobs: Receiver<Task>) {
-    let agent = http::agent();
-    while let Ok(task) = jobs.recv() {
-        run_one(&shared, &agent, &task);
-        shared.wake_scheduler();
-    }
-}
-
-fn run_one(shared: &Shared, agent: &ureq::Agent, task: &Task) {
-    let task_id = task.msg.task_id.as_str();
-    crate::pause_point!(shared.store.instance(), "handler:received");
-    // The scheduler sends configured non-GPU types here; a reload may have changed the type
-    // since. Its row is still `pending` and held here: back to the scheduler, which places it
-    // under the configuration now in force.
-    let config = shared.config();
-    let handler = config.types.get(&task.msg.kind);
-    let configured = match handler {
-        Some(Handler::Exec { timeout, .. } | Handler::Http { timeout, .. }) => *timeout,
-        Some(Handler::Gpu) | None => {
-            log::info!(task_id; "task type changed by a reload; placed again");
-            shared.retry_later(task_id, Duration::ZERO);
-            return;
-        }
-    };
-    let timeout = task
-        .msg
-        .timeout_s
-        .map(Duration::from_secs)
-        .unwrap_or(configured);
-    let attempt = task.attempts + 1;
-    // The worker's own timeout ends the run; the lease only matters if this process dies.
-    let lease = timeout + LEASE_MARGIN;
-    match shared
-        .store
-        .start_handler_attempt(task_id, task.attempts, lease)
-    {
-        Ok(true) => {}
-        Ok(false) => {
-            log::info!(task_id; "task no longer pending; not run");
-            return;
-        }
-        Err(e) => {
-            // The row is `pending` (or, if only the reply was lost, `processing` under a lease):
-            // the scheduler reads it again and places it, or finds it no longer pending.
-            log::error!(task_id, error:% = e; "mysql error starting handler; placed again in 1s");
-            shared.retry_later(task_id, Duration::from_secs(1));
-            return;
-        }
-    }
-    log::info!(task_id, kind = task.msg.kind.as_str(), attempt, queue = task.queue.as_str();
-        "handler started");
-    let input = task_json(task, attempt);
-    let result = match handler {
-        Some(Handler::Exec { command, env, .. }) => {
-            run_exec(shared, command, env, task, &input, timeout)
-        }
-        Some(Handler::Http {
-            url, bearer_token, ..
-        }) => run_http(agent, url, bearer_token.as_ref(), &input, timeout),
-        Some(Handler::Gpu) | None => unreachable!("the handler was matched above"),
-    };
-    if let Err(f) = &result {
-        shared.raise(Trouble::Handler, &f.error);
-    }
-    let ending = match &result {
-        Ok(()) => Ending::Finished,
-        Err(f) => Ending::Failed {
-            error: &f.error,
-            retryable: f.retryable,
-        },
-    };
-    shared.end_attempt_patiently(task_id, attempt, ending, "handler", PATIENCE);
-}
-
-/// Runs one `http` handler call: 2xx = finished.
-fn run_http(
-    agent: &ureq::Agent,
-    url: &str,
-    token: Option<&crate::config::Secret>,
-    input: &str,
-    timeout: Duration,
-) -> Result<(), Failure> {
-    let connect = timeout.min(Duration::from_secs(10));
-    // The error is kept in MySQL and shown on the dashboard: no password of the URL in it.
-    let shown = crate::obs::logging::redact_url(url);
-    match http::post_json(agent, url, token, input, connect, timeout) {
-        Ok(r) if r.is_success() => Ok(()),
-        Ok(r) => Err(Failure {
-            error: format!(
-                "handler {shown} answered HTTP {}: {}",
-                r.status,
-                r.body.trim()
-            ),
-            retryable: crate::work::dispatch::retryable_status(r.status),
-        }),
-        Err(e) => Err(retryable(format!(
-            "handler {shown}: {}",
-            http::describe(&e)
-        ))),
-    }
-}
-
-/// What a handler's lease adds to its timeout.
-const LEASE_MARGIN: Duration = Duration::from_secs(30);
-
-/// How long a handler worker keeps trying to record an outcome through a MySQL outage.
-const PATIENCE: Duration = Duration::from_secs(30);
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tail_keeps_the_end() {
-        assert_eq!(tail(b"  abc\n", 10), "abc");
-        assert_eq!(tail(b"0123456789", 4), "6789");
-    }
 
     #[test]
     fn exec_environment_is_the_minimum_plus_what_the_type_lists() {
