@@ -71,6 +71,7 @@ pub use config::{
     format_duration, parse_duration, process_env, producer_env, Completion, Config, ConfigError,
     Env, Handler, Secret, DEFAULT_PATH,
 };
+pub use contract::report::{parse_report, Outcome, Report};
 /// The contracts' parsers and the callback signer, for the fuzz and protocol tests.
 pub use contract::{message::parse as parse_message, token::Signer};
 /// The daemon: build, start, stop, reload, wait.
@@ -91,5 +92,4 @@ pub use store::{
     Accepted, Claim, ClaimRequest, EndRequest, Ending, Finish, NewTask, Next, State, Store,
     StoreError, SCHEMA_VERSION,
 };
-pub use work::callback::parse_report;
 pub use work::poller::TAKE_BATCH;

@@ -30,10 +30,10 @@ use serde_json::{json, Value};
 use tiny_http::{Header, Method, Request, Response, Server};
 
 use crate::fleet::Health;
+use crate::net::server::{not_allowed, reply};
 use crate::obs::metrics::label;
 use crate::shared::Shared;
 use crate::sync::Locked;
-use crate::work::callback::{health, not_allowed, reply};
 
 /// How many failures `/status` lists.
 const RECENT_FAILURES: usize = 20;
@@ -317,7 +317,7 @@ fn route(shared: &Shared, client: &redis::Client, req: Request) {
         if method != Method::Get {
             return not_allowed(req, "GET");
         }
-        let (status, body) = health(shared);
+        let (status, body) = shared.health();
         return reply(req, status, &body);
     }
     if let Some(why) = foreign(shared, &req) {

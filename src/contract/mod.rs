@@ -3,4 +3,5 @@
 
 pub(crate) mod message;
 pub(crate) mod names;
+pub(crate) mod report;
 pub(crate) mod token;

@@ -70,9 +70,6 @@ pub struct Daemon {
     dispatch: Mutex<DispatchPool>,
 }
 
-/// Without a systemd watchdog, how long a loop may go without progress before it is reported.
-pub(crate) const STALL_LIMIT: Duration = Duration::from_secs(60);
-
 impl Daemon {
     /// Builds every piece (connections, schema, listeners, the slot matrix), then starts every
     /// thread.
@@ -210,7 +207,7 @@ impl Daemon {
                 last_ping = Some(Instant::now());
                 // A loop that has not gone round for a whole watchdog period is stuck: let
                 // systemd's watchdog restart us.
-                let stalled = shared.stalled(watchdog.map_or(STALL_LIMIT, |w| w * 2));
+                let stalled = shared.stalled(watchdog.map_or(crate::shared::STALL_LIMIT, |w| w * 2));
                 if !stalled.is_empty() {
                     log::error!(threads:? = stalled; "threads made no progress; watchdog not fed");
                 } else if watchdog.is_some() && failure.is_none() {

@@ -7,10 +7,12 @@
 //! sends an endless header, declares an absurd `Content-Length` or stops reading therefore holds
 //! one connection thread for a bounded time, never a callback or admin thread.
 
+use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
-use tiny_http::{Limits, Request, Server};
+use serde_json::{json, Value};
+use tiny_http::{Header, Limits, Request, Response, Server};
 
 /// From a request's first byte until its head and body are in memory.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -58,4 +60,39 @@ pub(crate) fn raise_fd_limit() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
+}
+
+/// 405, with the `Allow` header RFC 9110 requires: the methods `allow` names.
+pub(crate) fn not_allowed(req: Request, allow: &'static str) {
+    let header = Header::from_bytes("Allow", allow).expect("static header is valid");
+    let ctype =
+        Header::from_bytes("Content-Type", "application/json").expect("static header is valid");
+    let resp = Response::from_string(json!({ "error": "method not allowed" }).to_string())
+        .with_status_code(405)
+        .with_header(ctype)
+        .with_header(header);
+    let _ = req.respond(resp);
+}
+
+pub(crate) fn reply(req: Request, status: u16, body: &Value) {
+    let header =
+        Header::from_bytes("Content-Type", "application/json").expect("static header is valid");
+    let resp = Response::from_string(body.to_string())
+        .with_status_code(status)
+        .with_header(header);
+    let _ = req.respond(resp);
+}
+
+/// Reads the body, refusing more than `max` bytes. `None`: too large. The listener has read it
+/// into memory already ([`crate::net::server`]), so this never waits on the client.
+pub(crate) fn read_body(req: &mut Request, max: usize) -> Option<Vec<u8>> {
+    if crate::net::server::body_refused(req, max) {
+        return None;
+    }
+    let mut body = Vec::new();
+    let limit = max as u64 + 1;
+    if req.as_reader().take(limit).read_to_end(&mut body).is_err() {
+        return Some(Vec::new()); // a broken body parses as malformed
+    }
+    (body.len() <= max).then_some(body)
 }

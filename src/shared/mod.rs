@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
+use serde_json::{json, Value};
 
 use crate::config::Config;
 use crate::contract::message::Message;
@@ -25,6 +26,9 @@ use crate::sched::slotsync::SlotEvent;
 use crate::shared::shutdown::Shutdown;
 use crate::store::{EndRequest, Ending, Finish, Next, Store, StoreError, StoredTask};
 use crate::sync::{Locked, ReadWrite};
+
+/// Without a systemd watchdog, how long a loop may go without progress before it is reported.
+pub(crate) const STALL_LIMIT: Duration = Duration::from_secs(60);
 
 /// A task in memory, between the poller and a worker.
 #[derive(Debug, Clone)]
@@ -375,6 +379,37 @@ impl Shared {
             unsafe {
                 libc::kill(-pgid, libc::SIGKILL);
             }
+        }
+    }
+
+    /// 200 when MySQL answers now and no other dependency is known to fail; otherwise 503 with what is
+    /// wrong, by dependency.
+    pub(crate) fn health(&self) -> (u16, Value) {
+        let mut problems = self.problems();
+        // A loop that stopped going round is as unhealthy as a lost dependency (README: operations).
+        let stalled = self.stalled(STALL_LIMIT);
+        if !stalled.is_empty() && !self.stop.is_stopping() {
+            problems.insert(
+                "threads",
+                format!(
+                    "no progress for over {}s: {}",
+                    STALL_LIMIT.as_secs(),
+                    stalled.join(", ")
+                ),
+            );
+        }
+        match self.store.ping() {
+            Ok(()) => {
+                problems.remove("mysql");
+            }
+            Err(e) => {
+                problems.insert("mysql", e.to_string());
+            }
+        }
+        if problems.is_empty() {
+            (200, json!({ "status": "ok" }))
+        } else {
+            (503, json!({ "status": "unhealthy", "problems": problems }))
         }
     }
 }
