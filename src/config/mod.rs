@@ -205,6 +205,22 @@ pub(crate) struct RetryConfig {
     pub backoff_max: Duration,
 }
 
+/// When to eject a GPU and for how long (`[gpu]` `eject_*`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HealthPolicy {
+    pub eject_after: u32,
+    pub cooldown: Duration,
+    pub cooldown_max: Duration,
+}
+
+impl HealthPolicy {
+    /// The cooldown after the `n`-th ejection in a row (0-based): doubles up to the cap.
+    pub(crate) fn cooldown_for(&self, n: u32) -> Duration {
+        let factor = 1u32.checked_shl(n.min(20)).unwrap_or(u32::MAX);
+        self.cooldown.saturating_mul(factor).min(self.cooldown_max)
+    }
+}
+
 /// The validated configuration. Every field holds a value that has been checked.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -213,7 +229,7 @@ pub struct Config {
     pub(crate) callback: CallbackConfig,
     pub(crate) admin: AdminConfig,
     pub gpus: Vec<Arc<Endpoint>>,
-    pub(crate) health: crate::fleet::HealthPolicy,
+    pub(crate) health: HealthPolicy,
     pub(crate) retry: RetryConfig,
     pub types: BTreeMap<String, Handler>,
     pub daemon: DaemonConfig,

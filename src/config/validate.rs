@@ -12,10 +12,10 @@ use super::raw::{Raw, RawAdmin, RawCallback, RawDaemon, RawGpu, RawRedis, RawRet
 use super::secret::read_secret;
 use super::{
     invalid, AdminConfig, CallbackConfig, Completion, Config, ConfigError, DaemonConfig, Endpoint,
-    Env, Handler, MysqlConfig, RedisConfig, RetryConfig, Secret,
+    Env, Handler, HealthPolicy, MysqlConfig, RedisConfig, RetryConfig, Secret,
 };
+use crate::contract::limits::MAX_SLOTS;
 use crate::contract::names::{is_key_name, NAME_RULE};
-use crate::fleet::HealthPolicy;
 use crate::obs::logging::redact_url;
 
 fn http_url(key: &str, s: &str) -> Result<String, ConfigError> {
@@ -74,11 +74,11 @@ fn env_names(key: &str, names: Vec<String>) -> Result<Vec<String>, ConfigError> 
 
 /// A GPU's slot count: at least 1, at most what the slot matrix accepts.
 fn slot_count(key: &str, v: usize) -> Result<usize, ConfigError> {
-    if v > crate::fleet::MAX_SLOTS {
+    if v > MAX_SLOTS {
         return Err(invalid(
             key,
             v,
-            format!("at most {} slots per gpu", crate::fleet::MAX_SLOTS),
+            format!("at most {} slots per gpu", MAX_SLOTS),
         ));
     }
     positive(key, v)

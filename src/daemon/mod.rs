@@ -207,7 +207,8 @@ impl Daemon {
                 last_ping = Some(Instant::now());
                 // A loop that has not gone round for a whole watchdog period is stuck: let
                 // systemd's watchdog restart us.
-                let stalled = shared.stalled(watchdog.map_or(crate::shared::STALL_LIMIT, |w| w * 2));
+                let stalled =
+                    shared.stalled(watchdog.map_or(crate::shared::STALL_LIMIT, |w| w * 2));
                 if !stalled.is_empty() {
                     log::error!(threads:? = stalled; "threads made no progress; watchdog not fed");
                 } else if watchdog.is_some() && failure.is_none() {

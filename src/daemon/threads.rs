@@ -9,8 +9,8 @@ use tiny_http::Server;
 
 use super::build::Io;
 use super::StartError;
+use crate::contract::slot_event::SlotEvent;
 use crate::sched::scheduler::{GpuJob, Scheduler};
-use crate::sched::slotsync::SlotEvent;
 use crate::shared::{Event, Shared};
 use crate::work::poller::Poller;
 

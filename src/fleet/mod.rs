@@ -21,7 +21,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::Endpoint;
+use crate::config::{Endpoint, HealthPolicy};
+use crate::contract::limits::MAX_SLOTS;
 use placement::Candidate;
 
 mod placement;
@@ -44,22 +45,6 @@ pub enum Health {
     },
     /// A probe is running.
     Probing,
-}
-
-/// When to eject a GPU and for how long.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct HealthPolicy {
-    pub eject_after: u32,
-    pub cooldown: Duration,
-    pub cooldown_max: Duration,
-}
-
-impl HealthPolicy {
-    /// The cooldown after the `n`-th ejection in a row (0-based): doubles up to the cap.
-    pub(crate) fn cooldown_for(&self, n: u32) -> Duration {
-        let factor = 1u32.checked_shl(n.min(20)).unwrap_or(u32::MAX);
-        self.cooldown.saturating_mul(factor).min(self.cooldown_max)
-    }
 }
 
 #[derive(Debug)]
@@ -155,10 +140,6 @@ impl SlotRef {
         self.slot
     }
 }
-
-/// Most slots one GPU may have (`gpu.slots`): the bound on any slot index the matrix accepts, from
-/// the config, MySQL or another instance, so a bad index cannot make it allocate without limit.
-pub(crate) const MAX_SLOTS: usize = 1024;
 
 /// GPUs x slots, each cell free or held.
 #[derive(Debug)]

@@ -24,10 +24,11 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use serde::de::{Error as _, SeqAccess, Visitor};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
 use crate::config::Endpoint;
+use crate::contract::slot_event::SlotEvent;
 use crate::net::backoff::Backoff;
 use crate::obs::trouble::Trouble;
 use crate::shared::Shared;
@@ -45,17 +46,6 @@ const MAX_ID: usize = 64;
 const NAMED_SENDERS: usize = 32;
 /// Longest parse error kept: serde quotes an offending string whole, and it may be huge.
 const MAX_REASON: usize = 200;
-
-/// One claim or release, as published.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct SlotEvent {
-    pub instance: String,
-    pub claimed: bool,
-    pub gpu: String,
-    pub slot: usize,
-    pub task_id: String,
-    pub attempt: u32,
-}
 
 /// Why a slot message, or one event in it, was not applied.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -284,7 +274,7 @@ pub(crate) fn run_publisher(
         pipe.cmd("PUBLISH").arg(&channel).arg(text).ignore();
         let c = match conn.as_mut() {
             Some(c) => c,
-            None => match crate::work::poller::connect(&client, Duration::from_secs(1)) {
+            None => match crate::net::redis::connect(&client, Duration::from_secs(11)) {
                 Ok(c) => conn.insert(c),
                 Err(e) => {
                     // Others resync from MySQL; dropping events costs latency, never a slot.
@@ -403,7 +393,7 @@ mod tests {
         }
     }
 
-    fn json(v: &impl Serialize) -> Vec<u8> {
+    fn json(v: &impl serde::Serialize) -> Vec<u8> {
         serde_json::to_vec(v).expect("json")
     }
 

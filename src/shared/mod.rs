@@ -18,11 +18,11 @@ use serde_json::{json, Value};
 
 use crate::config::Config;
 use crate::contract::message::Message;
+use crate::contract::slot_event::SlotEvent;
 use crate::contract::token::Signer;
 use crate::fleet::SlotMatrix;
 use crate::net::backoff::{Backoff, RetryDelay};
 use crate::obs::trouble::Trouble;
-use crate::sched::slotsync::SlotEvent;
 use crate::shared::shutdown::Shutdown;
 use crate::store::{EndRequest, Ending, Finish, Next, Store, StoreError, StoredTask};
 use crate::sync::{Locked, ReadWrite};
@@ -97,7 +97,7 @@ pub(crate) struct Shared {
     pub queue_depths: Mutex<Vec<(String, u64)>>,
     pub metrics: crate::obs::metrics::Metrics,
     /// This instance's slot claims and frees, for the other instances (`qsys-slotpub`).
-    pub slot_events: Sender<crate::sched::slotsync::SlotEvent>,
+    pub slot_events: Sender<SlotEvent>,
     /// Whether other instances are alive (checked every second by the maintenance thread). Alone,
     /// an instance publishes no slot events: nobody would read them.
     pub peers: AtomicBool,
@@ -184,7 +184,7 @@ impl Shared {
             return;
         }
         // The publisher is gone only during shutdown; the others resync from MySQL anyway.
-        let _ = self.slot_events.send(crate::sched::slotsync::SlotEvent {
+        let _ = self.slot_events.send(SlotEvent {
             instance: self.config().daemon.instance_id.clone(),
             claimed,
             gpu: gpu.to_string(),
