@@ -173,6 +173,7 @@ fn start_task_flow(
     }
     let mut scheduler = Scheduler::new(
         Arc::clone(shared),
+        shared.store.clone(),
         task_rx,
         events,
         gpu_tx,

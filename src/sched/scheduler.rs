@@ -26,15 +26,14 @@ use crate::config::{Completion, Endpoint, Handler};
 use crate::fleet::Holder;
 use crate::obs::trouble::Trouble;
 use crate::shared::{Event, Shared, Task};
-use crate::store::{Claim, ClaimRequest};
+use crate::store::{Claim, ClaimRequest, Store, StoreError, StoredTask};
 
 /// Below this many unplaced tasks the scheduler takes another batch (up to
 /// [`crate::work::poller::TAKE_BATCH`]) from the poller, so it holds at most `PREFETCH - 1 + TAKE_BATCH`:
 /// enough that the slots freed during one claim transaction all find a task in the next round.
 pub const PREFETCH: usize = 16;
 
-/// A GPU attempt, handed to a dispatch worker with its slot reserved in memory; the worker claims it
-/// in MySQL.
+/// A GPU attempt, handed to a dispatch worker once the scheduler has claimed its slot in MySQL.
 #[derive(Debug)]
 pub(crate) struct GpuJob {
     pub task: Task,
@@ -55,8 +54,64 @@ enum Placed {
     Wait(Task),
 }
 
-pub(crate) struct Scheduler {
+/// What the scheduler asks of MySQL. A trait so that its placement logic is unit-tested with an
+/// in-memory store (below) as well as end to end against MariaDB (tests/); [`Store`] is the one
+/// production implementation.
+pub(crate) trait Claims {
+    /// The `pending` rows this instance holds (at start).
+    fn pending_tasks(&self) -> Result<Vec<StoredTask>, StoreError>;
+    /// One `pending` row this instance holds, when it still is.
+    fn pending_task(&self, task_id: &str) -> Result<Option<StoredTask>, StoreError>;
+    /// `pending` rows nobody has held for `older_than`, now held here.
+    fn adopt_orphans(
+        &self,
+        older_than: Duration,
+        limit: usize,
+    ) -> Result<Vec<StoredTask>, StoreError>;
+    /// This instance's `pending` rows untouched for `older_than`.
+    fn stale_pending(
+        &self,
+        older_than: Duration,
+        limit: usize,
+    ) -> Result<Vec<StoredTask>, StoreError>;
+    /// Fails a `pending` task for good; false if it was no longer pending.
+    fn fail_pending(&self, task_id: &str, error: &str) -> Result<bool, StoreError>;
+    /// Claims each slot for its task's next attempt, in one transaction.
+    fn claim_gpu_attempts(&self, reqs: &[ClaimRequest<'_>]) -> Result<Vec<Claim>, StoreError>;
+}
+
+impl Claims for Store {
+    fn pending_tasks(&self) -> Result<Vec<StoredTask>, StoreError> {
+        Store::pending_tasks(self)
+    }
+    fn pending_task(&self, task_id: &str) -> Result<Option<StoredTask>, StoreError> {
+        Store::pending_task(self, task_id)
+    }
+    fn adopt_orphans(
+        &self,
+        older_than: Duration,
+        limit: usize,
+    ) -> Result<Vec<StoredTask>, StoreError> {
+        Store::adopt_orphans(self, older_than, limit)
+    }
+    fn stale_pending(
+        &self,
+        older_than: Duration,
+        limit: usize,
+    ) -> Result<Vec<StoredTask>, StoreError> {
+        Store::stale_pending(self, older_than, limit)
+    }
+    fn fail_pending(&self, task_id: &str, error: &str) -> Result<bool, StoreError> {
+        Store::fail_pending(self, task_id, error)
+    }
+    fn claim_gpu_attempts(&self, reqs: &[ClaimRequest<'_>]) -> Result<Vec<Claim>, StoreError> {
+        Store::claim_gpu_attempts(self, reqs)
+    }
+}
+
+pub(crate) struct Scheduler<S: Claims = Store> {
     shared: Arc<Shared>,
+    store: S,
     tasks: Receiver<Vec<Task>>,
     events: Receiver<Event>,
     gpu_jobs: Sender<GpuJob>,
@@ -80,17 +135,19 @@ const ORPHAN_AFTER: Duration = Duration::from_secs(5);
 /// past any path from the poller's record or the hand to a worker's start.
 const STALE_AFTER: Duration = Duration::from_secs(30);
 
-impl Scheduler {
+impl<S: Claims> Scheduler<S> {
     pub(crate) fn new(
         shared: Arc<Shared>,
+        store: S,
         tasks: Receiver<Vec<Task>>,
         events: Receiver<Event>,
         gpu_jobs: Sender<GpuJob>,
         handler_jobs: Sender<Task>,
         client: redis::Client,
-    ) -> Scheduler {
+    ) -> Scheduler<S> {
         Scheduler {
             shared,
+            store,
             tasks,
             events,
             gpu_jobs,
@@ -105,8 +162,8 @@ impl Scheduler {
 
     /// Takes over the `pending` tasks MySQL says this instance holds (a restart after a crash):
     /// due ones in order, the others when their backoff ends.
-    pub(crate) fn resume(&mut self) -> Result<usize, crate::store::StoreError> {
-        let rows = self.shared.store.pending_tasks()?;
+    pub(crate) fn resume(&mut self) -> Result<usize, StoreError> {
+        let rows = self.store.pending_tasks()?;
         let n = rows.len();
         for row in rows {
             let wait = row.wait;
@@ -133,7 +190,7 @@ impl Scheduler {
         }
         self.swept = Instant::now();
         let room = PREFETCH * 4;
-        let store = &self.shared.store;
+        let store = &self.store;
         let mut found = match store.adopt_orphans(ORPHAN_AFTER, room) {
             Ok(rows) => {
                 if !rows.is_empty() {
@@ -187,7 +244,7 @@ impl Scheduler {
             let Some(Reverse((_, id))) = self.delayed.pop() else {
                 break;
             };
-            match self.shared.store.pending_task(&id) {
+            match self.store.pending_task(&id) {
                 Ok(Some(row)) => match Task::from_stored(row) {
                     // Retries go first: they have waited already.
                     Ok(t) => self.pending.push_front(t),
@@ -318,7 +375,7 @@ impl Scheduler {
 
     fn fail_unknown(&mut self, task: Task) -> Placed {
         let error = format!("unknown task type {:?}", task.msg.kind);
-        match self.shared.store.fail_pending(&task.msg.task_id, &error) {
+        match self.store.fail_pending(&task.msg.task_id, &error) {
             Ok(_) => {
                 log::warn!(task_id = task.msg.task_id.as_str(), queue = task.queue.as_str(),
                     kind = task.msg.kind.as_str(); "unknown task type: task failed");
@@ -382,7 +439,7 @@ impl Scheduler {
                 lease: j.lease,
             })
             .collect();
-        let claims = self.shared.store.claim_gpu_attempts(&reqs);
+        let claims = self.store.claim_gpu_attempts(&reqs);
         drop(reqs);
         let claims = match claims {
             Ok(c) => c,
@@ -463,5 +520,282 @@ impl Scheduler {
             Err(e) => log::error!(count = back.len(), error:% = e;
                 "could not return tasks to redis; they resume at the next start"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{HashMap, HashSet};
+    use std::path::Path;
+    use std::sync::Mutex;
+
+    use crossbeam_channel::{bounded, unbounded};
+
+    use super::*;
+    use crate::config::{Config, Env, Secret};
+    use crate::contract::token::Signer;
+    use crate::fleet::SlotMatrix;
+    use crate::sync::Locked;
+
+    /// The claims contract in memory: a slot row is held by at most one task, and only a
+    /// `pending` task can claim one. `down` makes every call an outage.
+    #[derive(Default)]
+    struct MemStore {
+        pending: Mutex<HashSet<String>>,
+        held: Mutex<HashMap<(String, usize), (String, u32)>>,
+        failed: Mutex<Vec<(String, String)>>,
+        /// Requests per claim transaction, in order.
+        rounds: Mutex<Vec<usize>>,
+        down: bool,
+    }
+
+    fn outage() -> StoreError {
+        StoreError::Schema("mysql is down (test)".into())
+    }
+
+    impl Claims for MemStore {
+        fn pending_tasks(&self) -> Result<Vec<StoredTask>, StoreError> {
+            Ok(Vec::new())
+        }
+        fn pending_task(&self, _: &str) -> Result<Option<StoredTask>, StoreError> {
+            Ok(None)
+        }
+        fn adopt_orphans(&self, _: Duration, _: usize) -> Result<Vec<StoredTask>, StoreError> {
+            Ok(Vec::new())
+        }
+        fn stale_pending(&self, _: Duration, _: usize) -> Result<Vec<StoredTask>, StoreError> {
+            Ok(Vec::new())
+        }
+        fn fail_pending(&self, task_id: &str, error: &str) -> Result<bool, StoreError> {
+            if self.down {
+                return Err(outage());
+            }
+            self.failed
+                .locked()
+                .push((task_id.to_string(), error.to_string()));
+            Ok(self.pending.locked().remove(task_id))
+        }
+        fn claim_gpu_attempts(&self, reqs: &[ClaimRequest<'_>]) -> Result<Vec<Claim>, StoreError> {
+            if self.down {
+                return Err(outage());
+            }
+            self.rounds.locked().push(reqs.len());
+            let mut held = self.held.locked();
+            let mut pending = self.pending.locked();
+            Ok(reqs
+                .iter()
+                .map(|r| {
+                    let key = (r.gpu_id.to_string(), r.slot);
+                    if let Some((holder, attempt)) = held.get(&key) {
+                        return Claim::SlotTaken {
+                            holder: holder.clone(),
+                            attempt: *attempt,
+                        };
+                    }
+                    if !pending.remove(r.task_id) {
+                        return Claim::NotPending;
+                    }
+                    held.insert(key, (r.task_id.to_string(), r.attempts + 1));
+                    Claim::Claimed
+                })
+                .collect())
+        }
+    }
+
+    const CONFIG: &str = r#"
+        [callback]
+        listen = "127.0.0.1:0"
+        secret = "0123456789abcdef"
+        [[gpu.endpoints]]
+        id = "g0"
+        url = "http://127.0.0.1:1/run"
+        slots = 2
+        [[gpu.endpoints]]
+        id = "g1"
+        url = "http://127.0.0.1:1/run"
+        slots = 2
+        [types.start_transcribe]
+        handler = "gpu"
+        [types.email]
+        handler = "exec"
+        command = ["/bin/true"]
+    "#;
+
+    struct Rig {
+        sched: Scheduler<MemStore>,
+        gpu_jobs: Receiver<GpuJob>,
+        /// Kept so the handler channel stays open; nobody receives (every worker busy).
+        _handler_jobs: Receiver<Task>,
+    }
+
+    fn rig(store: MemStore) -> Rig {
+        let config = Config::from_toml(CONFIG, Path::new("test.toml"), &Env::new()).expect("ok");
+        let matrix = SlotMatrix::new(&config.gpus);
+        let signer = Signer::new(Secret::new("0123456789abcdef"), "http://x/callback");
+        let (shared, events, _slot_events) =
+            Shared::new(config, Store::offline("test"), matrix, signer);
+        let (_, tasks) = bounded(0);
+        let (gpu_tx, gpu_jobs) = unbounded();
+        let (handler_tx, handler_jobs) = bounded(0);
+        let client = redis::Client::open("redis://127.0.0.1:1").expect("a url");
+        let sched = Scheduler::new(
+            Arc::new(shared),
+            store,
+            tasks,
+            events,
+            gpu_tx,
+            handler_tx,
+            client,
+        );
+        Rig {
+            sched,
+            gpu_jobs,
+            _handler_jobs: handler_jobs,
+        }
+    }
+
+    fn task(id: &str, kind: &str) -> Task {
+        let raw = format!(r#"{{"type":"{kind}","data":{{"task_id":"{id}"}}}}"#);
+        let msg = crate::contract::message::parse(raw.as_bytes(), || unreachable!("has an id"))
+            .expect("a well-formed message");
+        Task::new(msg, "q1", 0)
+    }
+
+    /// A store where `ids` are pending.
+    fn pending(ids: &[&str]) -> MemStore {
+        let store = MemStore::default();
+        store
+            .pending
+            .locked()
+            .extend(ids.iter().map(|s| s.to_string()));
+        store
+    }
+
+    fn hand(r: &Rig) -> Vec<&str> {
+        r.sched
+            .pending
+            .iter()
+            .map(|t| t.msg.task_id.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn a_round_fills_every_free_slot_least_loaded_first_in_one_claim() {
+        let ids = ["t1", "t2", "t3", "t4", "t5"];
+        let mut r = rig(pending(&ids));
+        r.sched
+            .pending
+            .extend(ids.iter().map(|id| task(id, "start_transcribe")));
+        r.sched.place_pending();
+        let jobs: Vec<GpuJob> = r.gpu_jobs.try_iter().collect();
+        let placed: Vec<(&str, &str, usize)> = jobs
+            .iter()
+            .map(|j| (j.task.msg.task_id.as_str(), j.endpoint.id.as_str(), j.slot))
+            .collect();
+        // The GPUs alternate (equal load, rotating tie-break); each fills its lowest slot first.
+        assert_eq!(
+            placed,
+            [
+                ("t1", "g0", 0),
+                ("t2", "g1", 0),
+                ("t3", "g0", 1),
+                ("t4", "g1", 1)
+            ]
+        );
+        assert!(jobs.iter().all(|j| j.attempt == 1));
+        assert_eq!(
+            *r.sched.store.rounds.locked(),
+            [4],
+            "one transaction for the round"
+        );
+        assert_eq!(hand(&r), ["t5"], "the fifth waits in hand, in order");
+        assert_eq!(r.sched.shared.slots().busy(), 4);
+    }
+
+    #[test]
+    fn a_slot_mysql_says_is_held_is_mirrored_and_the_task_placed_again() {
+        let store = pending(&["t1"]);
+        store
+            .held
+            .locked()
+            .insert(("g0".into(), 0), ("peer-task".into(), 3));
+        let mut r = rig(store);
+        r.sched.pending.push_back(task("t1", "start_transcribe"));
+        r.sched.place_pending();
+        assert!(r.gpu_jobs.try_recv().is_err(), "nothing dispatched yet");
+        assert_eq!(hand(&r), ["t1"]);
+        let view = r.sched.shared.slots().view();
+        let cell = view[0].cells[0].as_ref().expect("mirrored");
+        assert_eq!((cell.task_id.as_str(), cell.attempt), ("peer-task", 3));
+        // The next round places it on a slot that is free in MySQL too.
+        r.sched.place_pending();
+        let job = r.gpu_jobs.try_recv().expect("dispatched");
+        assert_eq!((job.endpoint.id.as_str(), job.slot), ("g1", 0));
+        assert!(hand(&r).is_empty());
+    }
+
+    #[test]
+    fn a_mysql_error_undoes_every_reservation_and_pauses_placement() {
+        let mut r = rig(MemStore {
+            down: true,
+            ..MemStore::default()
+        });
+        r.sched.pending.push_back(task("t1", "start_transcribe"));
+        r.sched.pending.push_back(task("t2", "start_transcribe"));
+        r.sched.place_pending();
+        assert!(r.gpu_jobs.try_recv().is_err());
+        assert_eq!(r.sched.shared.slots().busy(), 0, "reservations undone");
+        assert_eq!(hand(&r), ["t1", "t2"], "back in hand, in order");
+        assert!(r.sched.retry_at.is_some());
+        assert_eq!(r.sched.shared.metrics.errors.get("mysql"), 1);
+    }
+
+    #[test]
+    fn a_task_no_longer_pending_is_dropped_and_its_slot_freed() {
+        let mut r = rig(MemStore::default());
+        r.sched.pending.push_back(task("gone", "start_transcribe"));
+        r.sched.place_pending();
+        assert!(r.gpu_jobs.try_recv().is_err());
+        assert!(hand(&r).is_empty());
+        assert_eq!(r.sched.shared.slots().busy(), 0);
+    }
+
+    #[test]
+    fn an_unknown_type_fails_at_once() {
+        let mut r = rig(pending(&["t1"]));
+        r.sched.pending.push_back(task("t1", "no_such_type"));
+        r.sched.place_pending();
+        assert!(hand(&r).is_empty());
+        assert_eq!(
+            *r.sched.store.failed.locked(),
+            [(
+                "t1".to_string(),
+                "unknown task type \"no_such_type\"".to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn a_retry_avoids_the_gpu_of_its_last_attempt() {
+        let mut r = rig(pending(&["t1"]));
+        let mut t = task("t1", "start_transcribe");
+        t.avoid_gpu = Some("g0".into());
+        r.sched.pending.push_back(t);
+        r.sched.place_pending();
+        let job = r.gpu_jobs.try_recv().expect("dispatched");
+        assert_eq!(job.endpoint.id, "g1");
+    }
+
+    #[test]
+    fn handler_work_waits_for_an_idle_worker_without_holding_up_gpu_work() {
+        let mut r = rig(pending(&["gpu1"]));
+        r.sched.pending.push_back(task("mail1", "email"));
+        r.sched.pending.push_back(task("gpu1", "start_transcribe"));
+        r.sched.place_pending();
+        assert_eq!(hand(&r), ["mail1"], "no worker is idle");
+        assert_eq!(
+            r.gpu_jobs.try_recv().expect("placed").task.msg.task_id,
+            "gpu1"
+        );
     }
 }

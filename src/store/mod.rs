@@ -328,6 +328,9 @@ fn padded<T: Clone>(mut rows: Vec<T>) -> Vec<T> {
     rows
 }
 
+#[cfg(test)]
+mod offline;
+
 /// A shared handle on the database; cheap to clone.
 #[derive(Clone)]
 pub struct Store {

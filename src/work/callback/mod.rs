@@ -19,31 +19,13 @@ pub(crate) use writer::run_writer;
 use serde_json::Value;
 use tiny_http::Request;
 
-use crate::contract::report::{Outcome, Report};
-use crate::store::Ending;
+use crate::contract::report::Report;
 
 /// A callback whose token checked out, waiting for the writer with its open request.
 pub(crate) struct Verified {
     req: Request,
     report: Report,
     attempt: u32,
-}
-
-impl Verified {
-    fn ending(&self) -> Ending<'_> {
-        // A GPU that reports `failed` has judged the task itself: final, not retried.
-        match self.report.status {
-            Outcome::Finished => Ending::Finished,
-            Outcome::Failed => Ending::Failed {
-                error: self
-                    .report
-                    .error
-                    .as_deref()
-                    .unwrap_or("reported failed by the gpu"),
-                retryable: false,
-            },
-        }
-    }
 }
 
 /// A callback's HTTP status, JSON reply, and `result` label for `qsys_callbacks_total`.
