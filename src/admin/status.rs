@@ -1,0 +1,98 @@
+//! The `/status` document: GPUs and their slots, queues, counts by state, recent failures (what
+//! `qsysd status` and the dashboard show).
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+use crate::fleet::Health;
+use crate::shared::Shared;
+use crate::sync::Locked;
+
+/// How many failures `/status` lists.
+const RECENT_FAILURES: usize = 20;
+
+fn health_name(h: Health) -> &'static str {
+    match h {
+        Health::Up => "up",
+        Health::Ejected { .. } => "ejected",
+        Health::Probing => "probing",
+    }
+}
+
+/// The `/status` document.
+pub(crate) fn status(shared: &Shared) -> Value {
+    let gpus: Vec<Value> = shared
+        .slots()
+        .view()
+        .into_iter()
+        .filter(|g| !(g.retired && g.cells.iter().all(Option::is_none)))
+        .map(|g| {
+            let cells: Vec<Value> = g
+                .cells
+                .iter()
+                .enumerate()
+                .map(|(i, c)| match c {
+                    Some(h) => json!({
+                        "slot": i, "task_id": h.task_id, "attempt": h.attempt,
+                        "running_s": (h.since.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+                    }),
+                    None => json!({ "slot": i }),
+                })
+                .collect();
+            json!({
+                "id": g.id,
+                "health": health_name(g.health),
+                "drained": g.drained,
+                "retired": g.retired,
+                "slots": g.slots,
+                "usable": g.limit,
+                "busy": g.cells.iter().filter(|c| c.is_some()).count(),
+                "dispatched": g.dispatched,
+                "failures": g.failed,
+                "last_error": g.last_error,
+                "cells": cells,
+            })
+        })
+        .collect();
+    let queues: Vec<Value> = shared
+        .queue_depths
+        .locked()
+        .iter()
+        .map(|(q, n)| json!({ "name": q, "depth": n }))
+        .collect();
+    let mut states: BTreeMap<String, u64> = ["pending", "processing", "finished", "failed"]
+        .iter()
+        .map(|s| (s.to_string(), 0))
+        .collect();
+    let mut problems = shared.problems();
+    match shared.store.counts() {
+        Ok(rows) => {
+            for (state, _, n) in rows {
+                *states.entry(state).or_insert(0) += n;
+            }
+        }
+        Err(e) => {
+            problems.insert("mysql", e.to_string());
+        }
+    }
+    let failures = shared
+        .store
+        .recent_failures(RECENT_FAILURES)
+        .unwrap_or_default();
+    let m = &shared.metrics;
+    json!({
+        "instance": shared.config().daemon.instance_id,
+        "summary": shared.status_line(),
+        "gpus": gpus,
+        "queues": queues,
+        "states": states,
+        "throughput": {
+            "finished": m.attempts.get("finished"),
+            "failed": m.attempts.get("failed"),
+            "expired": m.attempts.get("expired"),
+        },
+        "recent_failures": failures,
+        "problems": problems,
+    })
+}
