@@ -214,18 +214,7 @@ pub(crate) fn wait(
             Ok(done) => {
                 answered = true;
                 failing_since = None;
-                pending.retain(|id| match done.get(id) {
-                    Some((state, error)) if state == "failed" => {
-                        tally.failed += 1;
-                        failed.push((id.clone(), error.clone()));
-                        false
-                    }
-                    Some(_) => {
-                        tally.finished += 1;
-                        false
-                    }
-                    None => true,
-                });
+                settle(&mut pending, &done, &mut tally, &mut failed);
             }
             Err(e) if not_yet(&e) => {
                 answered = true;
@@ -246,13 +235,7 @@ pub(crate) fn wait(
         }
         std::thread::sleep(POLL.min(deadline - now));
     }
-    // Failed tasks in push order, whatever order the polls found them in.
-    let order: HashMap<&str, usize> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, id)| (id.as_str(), i))
-        .collect();
-    failed.sort_by_key(|(id, _): &(String, String)| order.get(id.as_str()).copied());
+    in_push_order(ids, &mut failed);
     Ok(Summary {
         tally,
         failed,
@@ -260,6 +243,38 @@ pub(crate) fn wait(
         known,
         elapsed: started.elapsed(),
     })
+}
+
+/// Takes the tasks a poll found terminal off `pending`, counting them (and keeping the failed
+/// ones' errors).
+fn settle(
+    pending: &mut Vec<String>,
+    done: &HashMap<String, (String, String)>,
+    tally: &mut Tally,
+    failed: &mut Vec<(String, String)>,
+) {
+    pending.retain(|id| match done.get(id) {
+        Some((state, error)) if state == "failed" => {
+            tally.failed += 1;
+            failed.push((id.clone(), error.clone()));
+            false
+        }
+        Some(_) => {
+            tally.finished += 1;
+            false
+        }
+        None => true,
+    });
+}
+
+/// Failed tasks in push order, whatever order the polls found them in.
+fn in_push_order(ids: &[String], failed: &mut [(String, String)]) {
+    let order: HashMap<&str, usize> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.as_str(), i))
+        .collect();
+    failed.sort_by_key(|(id, _)| order.get(id.as_str()).copied());
 }
 
 /// A one-line progress bar on stderr, drawn only when stderr is a terminal.

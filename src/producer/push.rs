@@ -284,36 +284,7 @@ fn run(req: &Request, env: &Env) -> Result<u8, PushError> {
         },
         types: config.types.clone(),
     };
-    let messages = match &req.input {
-        Input::Args {
-            kind,
-            data,
-            task_id,
-        } => {
-            let mut batch = Batch::new(&rules);
-            batch.add_args(kind, data, task_id.as_deref());
-            batch.finish()?
-        }
-        Input::File(path) => {
-            let file = std::fs::File::open(path).map_err(|e| read_error(e, &display(path)))?;
-            read_input(std::io::BufReader::with_capacity(1 << 16, file), &rules)?
-        }
-        Input::Stdin => {
-            let stdin = std::io::stdin();
-            if stdin.is_terminal() {
-                return Err(Invalid {
-                    problems: vec![
-                        "nothing to push: give --type TYPE [--data JSON], --file F, or an event \
-                         on stdin"
-                            .into(),
-                    ],
-                    more: 0,
-                }
-                .into());
-            }
-            read_input(stdin.lock(), &rules)?
-        }
-    };
+    let messages = messages(&req.input, &rules)?;
     // Before the push: an id whose task is already running or done is dropped by qsysd as a
     // duplicate, and its old state must not be reported as this push's result.
     let known = match (req.wait, &mysql) {
@@ -345,6 +316,41 @@ fn run(req: &Request, env: &Env) -> Result<u8, PushError> {
         eprintln!("qsys-push: {line}");
     }
     Ok(if summary.all_finished() { 0 } else { 1 })
+}
+
+/// The checked messages of the request's input: its arguments, its file or stdin (not a
+/// terminal: a producer that forgot its input is told so rather than waited on).
+fn messages(input: &Input, rules: &Rules) -> Result<Vec<Outgoing>, PushError> {
+    Ok(match input {
+        Input::Args {
+            kind,
+            data,
+            task_id,
+        } => {
+            let mut batch = Batch::new(rules);
+            batch.add_args(kind, data, task_id.as_deref());
+            batch.finish()?
+        }
+        Input::File(path) => {
+            let file = std::fs::File::open(path).map_err(|e| read_error(e, &display(path)))?;
+            read_input(std::io::BufReader::with_capacity(1 << 16, file), rules)?
+        }
+        Input::Stdin => {
+            let stdin = std::io::stdin();
+            if stdin.is_terminal() {
+                return Err(Invalid {
+                    problems: vec![
+                        "nothing to push: give --type TYPE [--data JSON], --file F, or an event \
+                     on stdin"
+                            .into(),
+                    ],
+                    more: 0,
+                }
+                .into());
+            }
+            read_input(stdin.lock(), rules)?
+        }
+    })
 }
 
 fn display(path: &Path) -> String {
