@@ -30,6 +30,9 @@ if [ ! -x target/schemathesis/bin/st ]; then
 fi
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
+# The docs build without a broken link, private items included (they are the architecture's).
+RUSTDOCFLAGS="-D warnings -A rustdoc::private_intra_doc_links" \
+  cargo doc --no-deps --lib --document-private-items --locked -p qsysd
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # Every test binary runs even when one fails, and the closing line is always printed.

@@ -3,24 +3,29 @@
 //! of slots each, other task types run through configured handlers, and completion arrives through
 //! an authenticated HTTP callback.
 //!
-//! The binaries (`qsysd`, `qsys-push`) only parse arguments and call into this library. Thread map:
+//! The binaries (`qsysd`, `qsys-push`) only parse arguments and call into this library, whose
+//! modules are private behind the short list of `pub use` below. ARCHITECTURE.md has the map of
+//! modules and threads and the invariants; docs/contracts.md what users and integrators rely on.
+//! The tree, by role:
 //!
-//! | thread            | module          | talks through                                  |
-//! |-------------------|-----------------|------------------------------------------------|
-//! | `qsys-signal`     | [`daemon`]      | [`shutdown::Shutdown`]                         |
-//! | `qsys-poller`     | [`queue`]       | Redis → MySQL (a batch per transaction) → scheduler |
-//! | `qsys-scheduler`  | [`scheduler`]   | slot matrix ([`slots`]), MySQL (a round's claims per transaction), worker channels |
-//! | `qsys-dispatch-N` | [`dispatch`]    | GPU endpoints over HTTP, [`shared::Shared::end_attempt`] |
-//! | `qsys-handler-N`  | [`handlers`]    | exec / HTTP handlers, [`shared::Shared::end_attempt`] |
-//! | `qsys-callback-N` | [`callback`]    | `tiny_http`: parse and verify, then the writer  |
-//! | `qsys-callback-writer` | [`callback`] | [`shared::Shared::end_attempts`], every waiting callback per transaction |
-//! | `qsys-maintenance`| [`maintenance`] | leases, GPU health probes, failover, drains     |
-//! | `qsys-heartbeat`  | [`maintenance`] | this instance's heartbeat row, alone on its thread |
-//! | `qsys-admin`      | [`admin`]       | `/metrics`, `/status`, `/tasks/<id>`, actions   |
-//! | `qsys-slotpub/sub`| [`slotsync`]    | slot claims and frees between instances (Redis) |
-//! | main              | [`daemon`]      | joins every thread                              |
+//! | module     | holds                                                                     |
+//! |------------|---------------------------------------------------------------------------|
+//! | `contract` | the rules written once: queue message, callback report, token, slot event, names, limits |
+//! | `config`   | the file and the seed's variables, validated into typed values, one function per section |
+//! | `store`    | MySQL: schema, intake, claims, endings, fleet rows, records               |
+//! | `fleet`    | the slot matrix (MySQL's mirror), GPU health, the placement policy (pure) |
+//! | `shared`   | what every thread shares, the one place an attempt ends, stop flags      |
+//! | `sched`    | `qsys-scheduler`; `qsys-slotpub`/`qsys-slotsub` (slot events between instances) |
+//! | `work`     | `qsys-poller`, `qsys-dispatch-N`, `qsys-handler-N`, `qsys-callback-N` and its writer, `qsys-maintenance`/`qsys-heartbeat` |
+//! | `admin`    | `qsys-admin`: routes, auth, status, metrics exposition, dashboard; the operator's commands |
+//! | `daemon`   | build the pieces, then start the threads; signals, supervision, reload, systemd notify |
+//! | `producer` | `qsys-push`: events, push, `--wait`, the Lambda runtime                   |
+//! | `net`      | the HTTP client, the listeners' limits, the Redis connector, backoff      |
+//! | `obs`      | the log sink, metrics, the trouble kinds                                  |
+//! | `sync`     | the poison-tolerant lock helpers                                          |
 
-#![warn(unreachable_pub)]
+#![deny(unreachable_pub)]
+#![deny(rustdoc::broken_intra_doc_links)]
 
 /// A named place where a test may pause this instance's thread: `pause_point!(instance, "name")`.
 /// Without the `test-utils` feature (every build but this crate's tests) it is nothing.

@@ -36,7 +36,7 @@ use crate::store::{Accepted, NewTask, Store, StoreError};
 /// 3,600 tasks/s in the benchmark, 64 about 4,800 (BENCHMARKS.md).
 pub const TAKE_BATCH: usize = 64;
 
-/// Moves up to ARGV[1] elements from the head of the first non-empty queue to that queue's in-hand
+/// Moves up to `ARGV[1]` elements from the head of the first non-empty queue to that queue's in-hand
 /// list. KEYS: the n queues in priority order, then their n in-hand lists. Returns the queue's
 /// position (1-based) and the elements in order.
 const TAKE_SCRIPT: &str = r#"

@@ -5,7 +5,7 @@
 //! ([`crate::contract::token`]); without it the answer is 401 and nothing changes. A few threads
 //! (`qsys-callback-N`) share the listener, parse and verify; a valid callback goes with its open
 //! request to the writer ([`run_writer`]), which ends the attempts of every callback waiting in one
-//! transaction through [`Shared::end_attempts`] and then answers each by its typed result, mapped
+//! transaction through [`crate::shared::Shared::end_attempts`] and then answers each by its typed result, mapped
 //! onto the reply codes of docs/contracts.md §5: 200 applied, 200 with `"duplicate": true` for a repeat, 404
 //! unknown task, 409 stale attempt or terminal conflict, 400 malformed, 413 too large, 405 wrong
 //! method, 503 when MySQL cannot be reached (the GPU should retry).

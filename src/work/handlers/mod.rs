@@ -10,7 +10,7 @@
 //! - `http`: the task JSON is POSTed to the configured URL; 2xx = finished.
 //!
 //! Each worker takes a task from the scheduler's rendezvous channel, moves it to `processing`, runs
-//! it, records the end through [`Shared::finish`] and wakes the scheduler, which may then hand it the
+//! it, records the end through [`crate::shared::Shared::end_attempt_patiently`] and wakes the scheduler, which may then hand it the
 //! next one.
 
 use std::sync::Arc;
