@@ -22,6 +22,7 @@
 //! | `producer` | `qsys-push`: events, push, `--wait`, the Lambda runtime                   |
 //! | `net`      | the HTTP client, the listeners' limits, the Redis connector, backoff      |
 //! | `obs`      | the log sink, metrics, the trouble kinds                                  |
+//! | `secret`   | secret strings, never printed                                             |
 //! | `sync`     | the poison-tolerant lock helpers                                          |
 
 #![deny(unreachable_pub)]
@@ -60,6 +61,7 @@ mod net;
 mod obs;
 mod producer;
 mod sched;
+mod secret;
 mod shared;
 mod store;
 mod sync;

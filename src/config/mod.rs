@@ -25,11 +25,11 @@ mod raw;
 mod secret;
 mod validate;
 
+pub use crate::secret::Secret;
 pub use duration::{format_duration, parse_duration};
 pub(crate) use env::hostname;
 pub use env::{process_env, producer_env, Env};
 pub(crate) use producer::ProducerConfig;
-pub use secret::Secret;
 
 /// Where the daemon looks when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/qsysd.toml";

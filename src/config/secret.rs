@@ -1,29 +1,9 @@
 //! Secrets (tokens, passwords, HMAC keys): given inline or in a file, and never printed.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use super::{invalid, ConfigError};
-
-/// A secret string (token, password, HMAC key). Its `Debug` never prints the value, so a config dump
-/// or a panic message cannot leak it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
+use crate::secret::Secret;
 
 /// A secret given inline or in a file; both at once is ambiguous and refused.
 pub(super) fn read_secret(
@@ -38,7 +18,7 @@ pub(super) fn read_secret(
             format!("set either {key} or {key}_file, not both"),
         )),
         (Some(s), None) if s.is_empty() => Err(invalid(key, "", "must not be empty")),
-        (Some(s), None) => Ok(Some(Secret(s))),
+        (Some(s), None) => Ok(Some(Secret::new(s))),
         (None, Some(f)) => read_secret_file(&format!("{key}_file"), f).map(Some),
         (None, None) => Ok(None),
     }
@@ -52,5 +32,5 @@ pub(super) fn read_secret_file(key: &str, path: &Path) -> Result<Secret, ConfigE
     if s.is_empty() {
         return Err(invalid(key, path.display(), "file is empty"));
     }
-    Ok(Secret(s))
+    Ok(Secret::new(s))
 }

@@ -10,8 +10,8 @@ use tiny_http::Server;
 use super::build::Io;
 use super::StartError;
 use crate::contract::slot_event::SlotEvent;
-use crate::sched::scheduler::{GpuJob, Scheduler};
-use crate::shared::{Event, Shared};
+use crate::sched::scheduler::Scheduler;
+use crate::shared::{Event, GpuJob, Shared};
 use crate::work::poller::Poller;
 
 /// A started thread, by name.

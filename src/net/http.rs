@@ -13,7 +13,7 @@ use ureq::http::Uri;
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
 use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 
-use crate::config::Secret;
+use crate::secret::Secret;
 use crate::sync::Locked;
 
 /// How much of a reply body is kept (for error messages).

@@ -25,27 +25,13 @@ use crossbeam_channel::{never, select, Receiver, Sender, TrySendError};
 use crate::config::{Completion, Endpoint, Handler};
 use crate::fleet::Holder;
 use crate::obs::trouble::Trouble;
-use crate::shared::{Event, Shared, Task};
+use crate::shared::{Event, GpuJob, Shared, Task};
 use crate::store::{Claim, ClaimRequest, Store, StoreError, StoredTask};
 
 /// Below this many unplaced tasks the scheduler takes another batch (up to
 /// [`crate::work::poller::TAKE_BATCH`]) from the poller, so it holds at most `PREFETCH - 1 + TAKE_BATCH`:
 /// enough that the slots freed during one claim transaction all find a task in the next round.
 pub const PREFETCH: usize = 16;
-
-/// A GPU attempt, handed to a dispatch worker once the scheduler has claimed its slot in MySQL.
-#[derive(Debug)]
-pub(crate) struct GpuJob {
-    pub task: Task,
-    pub attempt: u32,
-    /// The GPU's settings as they were when the slot was reserved.
-    pub endpoint: Arc<Endpoint>,
-    pub slot: usize,
-    /// The attempt's lease, from the task or the endpoint.
-    pub lease: Duration,
-    /// When MySQL committed the claim, and so started the lease.
-    pub claimed_at: Instant,
-}
 
 /// What became of one attempt to place a task.
 enum Placed {
@@ -515,7 +501,7 @@ impl<S: Claims> Scheduler<S> {
         if back.is_empty() {
             return;
         }
-        match crate::work::poller::hand_back(&self.client, &self.shared.store, &back) {
+        match self.shared.hand_back(&self.client, &back) {
             Ok(()) => log::info!(count = back.len(); "returned tasks in hand to redis"),
             Err(e) => log::error!(count = back.len(), error:% = e;
                 "could not return tasks to redis; they resume at the next start"),

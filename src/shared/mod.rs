@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use serde_json::{json, Value};
 
-use crate::config::Config;
+use crate::config::{Config, Endpoint};
 use crate::contract::message::Message;
 use crate::contract::slot_event::SlotEvent;
 use crate::contract::token::Signer;
@@ -66,6 +66,20 @@ impl Task {
         task.avoid_gpu = row.last_gpu;
         Ok(task)
     }
+}
+
+/// A GPU attempt, handed to a dispatch worker once the scheduler has claimed its slot in MySQL.
+#[derive(Debug)]
+pub(crate) struct GpuJob {
+    pub task: Task,
+    pub attempt: u32,
+    /// The GPU's settings as they were when the slot was reserved.
+    pub endpoint: Arc<Endpoint>,
+    pub slot: usize,
+    /// The attempt's lease, from the task or the endpoint.
+    pub lease: Duration,
+    /// When MySQL committed the claim, and so started the lease.
+    pub claimed_at: Instant,
 }
 
 /// What the scheduler is told by other threads.
@@ -150,6 +164,32 @@ impl Shared {
             task_id: task_id.to_string(),
             after,
         });
+    }
+
+    /// Gives up this instance's hold on tasks' `pending` rows, then puts the tasks back at the head of
+    /// their queues (earliest ends up first, so `LPUSH` in reverse), so whoever pops them next takes
+    /// them over. In this order a peer never pops a copy whose row this instance still holds (it would
+    /// drop it as a duplicate, and the row would then be held by nobody and in no list). A crash or a
+    /// Redis failure between the two leaves rows that nobody holds: any instance's scheduler adopts
+    /// those ([`crate::sched::scheduler`]'s sweep), so they run anyway.
+    pub(crate) fn hand_back(&self, client: &redis::Client, tasks: &[Task]) -> Result<(), String> {
+        let store = &self.store;
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = tasks.iter().map(|t| t.msg.task_id.clone()).collect();
+        store.release_pending(&ids).map_err(|e| e.to_string())?;
+        crate::pause_point!(store.instance(), "hand-back:released");
+        let mut conn = crate::net::redis::connect(client, Duration::from_secs(11))
+            .map_err(|e| e.to_string())?;
+        let mut pipe = redis::pipe();
+        for t in tasks.iter().rev() {
+            pipe.cmd("LPUSH")
+                .arg(&t.queue)
+                .arg(t.msg.to_json())
+                .ignore();
+        }
+        pipe.query::<()>(&mut conn).map_err(|e| e.to_string())
     }
 
     /// The configuration in force now. Callers hold the `Arc` for one piece of work, so a reload

@@ -22,7 +22,7 @@ use crate::config::{Completion, Endpoint};
 use crate::fleet::HealthChange;
 use crate::net::http::{self, Reply};
 use crate::obs::trouble::Trouble;
-use crate::sched::scheduler::GpuJob;
+use crate::shared::GpuJob;
 use crate::shared::Shared;
 use crate::store::Ending;
 

@@ -75,30 +75,6 @@ pub(crate) fn connect(client: &Client, pop_timeout: Duration) -> Result<Connecti
     )?)
 }
 
-/// Gives up this instance's hold on tasks' `pending` rows, then puts the tasks back at the head of
-/// their queues (earliest ends up first, so `LPUSH` in reverse), so whoever pops them next takes
-/// them over. In this order a peer never pops a copy whose row this instance still holds (it would
-/// drop it as a duplicate, and the row would then be held by nobody and in no list). A crash or a
-/// Redis failure between the two leaves rows that nobody holds: any instance's scheduler adopts
-/// those ([`crate::sched::scheduler`]'s sweep), so they run anyway.
-pub(crate) fn hand_back(client: &Client, store: &Store, tasks: &[Task]) -> Result<(), String> {
-    if tasks.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<String> = tasks.iter().map(|t| t.msg.task_id.clone()).collect();
-    store.release_pending(&ids).map_err(|e| e.to_string())?;
-    crate::pause_point!(store.instance(), "hand-back:released");
-    let mut conn = connect(client, Duration::from_secs(1)).map_err(|e| e.to_string())?;
-    let mut pipe = redis::pipe();
-    for t in tasks.iter().rev() {
-        pipe.cmd("LPUSH")
-            .arg(&t.queue)
-            .arg(t.msg.to_json())
-            .ignore();
-    }
-    pipe.query::<()>(&mut conn).map_err(|e| e.to_string())
-}
-
 /// Moves what a dead instance held back to the head of its queues: first its in-hand lists (in
 /// order), then its `pending` tasks. Returns how many tasks moved.
 pub(crate) fn recover_instance(
@@ -540,7 +516,7 @@ impl Poller {
                 Ok(()) => break,
                 Err(SendTimeoutError::Timeout(b)) if !self.shared.stop.is_stopping() => batch = b,
                 Err(SendTimeoutError::Timeout(back) | SendTimeoutError::Disconnected(back)) => {
-                    if let Err(e) = hand_back(&self.client, &self.shared.store, &back) {
+                    if let Err(e) = self.shared.hand_back(&self.client, &back) {
                         log::error!(error:% = e;
                             "could not return tasks to redis at stop; they resume at next start");
                     }
