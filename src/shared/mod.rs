@@ -292,11 +292,7 @@ impl Shared {
             log::info!(task_id, attempt, source, outcome:? = out; "completion not applied");
             return;
         };
-        self.metrics.attempts.inc(match ending {
-            Ending::Finished => "finished",
-            Ending::Failed { .. } => "failed",
-            Ending::Expired { .. } => "expired",
-        });
+        self.metrics.attempts.inc(ending.outcome());
         match next {
             Next::Retry { .. } => {
                 self.metrics
@@ -314,10 +310,7 @@ impl Shared {
             self.announce(false, gpu, *index, task_id, attempt);
         }
         let gpu = slot.as_ref().map(|(g, _)| g.as_str()).unwrap_or("");
-        let error = match ending {
-            Ending::Finished => "",
-            Ending::Failed { error, .. } | Ending::Expired { error } => error,
-        };
+        let error = ending.error().unwrap_or("");
         match next {
             Next::Done(crate::store::State::Finished) => {
                 log::info!(task_id, attempt, gpu, source; "task finished")

@@ -132,8 +132,6 @@ fn resync_slots(shared: &Shared) {
     }
 }
 
-/// Gives a dead instance's tasks back to the fleet: its in-hand lists and its `pending` tasks go
-/// back to the head of their queues.
 /// Notes whether other instances are alive, so slot events are published only when they are.
 fn watch_peers(shared: &Shared) {
     let dead_after = shared.config().daemon.instance_timeout;
@@ -162,6 +160,8 @@ fn watch_peers(shared: &Shared) {
     }
 }
 
+/// Gives a dead instance's tasks back to the fleet: its in-hand lists and its `pending` tasks go
+/// back to the head of their queues.
 fn recover_dead(shared: &Shared, client: &redis::Client) {
     let config = shared.config();
     let dead = match shared.store.dead_instances(config.daemon.instance_timeout) {

@@ -17,7 +17,7 @@
 //! holds [`crate::sched::scheduler::PREFETCH`] tasks it cannot place, so when every slot is busy this thread
 //! blocks on the send with one batch ([`TAKE_BATCH`]) in hand, and everything else stays in Redis. A batch is recorded in one
 //! MySQL transaction: one log flush for up to 64 tasks. If MySQL fails after a move, the element goes back to the
-//! head of its queue; at a stop, a task in hand goes back to its queue ([`hand_back`]).
+//! head of its queue; at a stop, a task in hand goes back to its queue ([`crate::shared::Shared::hand_back`]).
 
 use std::time::Duration;
 

@@ -1,0 +1,261 @@
+//! Starting attempts: a GPU attempt claims its slot row and its task row together, so a slot runs
+//! one task fleet-wide whichever instance claims it; a handler attempt (no slot) only moves its
+//! task. Renewing a lease keeps an attempt that waited for a worker from expiring mid-call.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use mysql::prelude::Queryable;
+use mysql::{params, Transaction, TxOpts};
+
+use super::{col, padded, placeholders, Store, StoreError};
+
+/// A GPU attempt to start, for [`Store::claim_gpu_attempts`].
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimRequest<'a> {
+    pub task_id: &'a str,
+    /// Attempts the task has used: it must still be `pending` at this count.
+    pub attempts: u32,
+    pub gpu_id: &'a str,
+    pub slot: usize,
+    /// The attempt's lease, from now.
+    pub lease: Duration,
+}
+
+/// Result of trying to claim a slot for a task's next attempt.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claim {
+    Claimed,
+    /// The slot row is held by another task (possibly of another instance).
+    SlotTaken {
+        holder: String,
+        attempt: u32,
+    },
+    /// The task is no longer `pending` at the expected attempt: someone else moved it.
+    NotPending,
+}
+
+/// Locked task rows by id: `(state, attempts)`, updated in memory as the batch claims them.
+type TaskRows = HashMap<String, (Option<String>, u32)>;
+
+/// Locked slot rows by `(gpu_id, slot_index)`: the holder's `(task_id, attempt)`, if any, updated
+/// in memory as the batch claims them.
+type SlotRows = HashMap<(String, u32), Option<(String, u32)>>;
+
+impl Store {
+    /// Moves each `pending` task at `attempts` to `processing` as attempt `attempts + 1` on its GPU
+    /// slot, claiming the slot row, all in one transaction: one log flush and four statements for
+    /// the whole batch (the wall of issue 8 is per-commit and per-statement cost, not rows). Both
+    /// kinds of row are locked first, so each verdict is exact; a task is claimed only with its slot.
+    /// Lock order, here and in [`Store::end_attempts`]: task rows, then slot rows, each by primary
+    /// key (forced: on a small table the optimizer would scan, and lock, every row), so a claim and
+    /// an ending cannot deadlock.
+    pub fn claim_gpu_attempts(&self, reqs: &[ClaimRequest<'_>]) -> Result<Vec<Claim>, StoreError> {
+        if reqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut c = self.conn()?;
+        let mut tx = c.start_transaction(TxOpts::default())?;
+        let mut tasks = lock_claimed_tasks(&mut tx, reqs)?;
+        let mut slots = lock_claimed_slots(&mut tx, reqs)?;
+        let (out, claimed) = judge_claims(reqs, &mut tasks, &mut slots)?;
+        if !claimed.is_empty() {
+            let claimed = padded(claimed);
+            self.occupy_slots(&mut tx, &claimed)?;
+            self.start_gpu_attempts(&mut tx, &claimed)?;
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Writes the claimed slot rows as held by their task's new attempt, here.
+    fn occupy_slots(
+        &self,
+        tx: &mut Transaction<'_>,
+        claimed: &[&ClaimRequest<'_>],
+    ) -> Result<(), StoreError> {
+        let sql = format!(
+            "INSERT INTO gpu_slots (gpu_id, slot_index, task_id, attempt, instance_id, \
+             claimed_at) VALUES {} ON DUPLICATE KEY UPDATE task_id = VALUES(task_id), \
+             attempt = VALUES(attempt), instance_id = VALUES(instance_id), \
+             claimed_at = VALUES(claimed_at)",
+            placeholders(claimed.len(), "(?, ?, ?, ?, ?, NOW(3))")
+        );
+        let params: Vec<mysql::Value> = claimed
+            .iter()
+            .flat_map(|r| {
+                [
+                    r.gpu_id.into(),
+                    (r.slot as u32).into(),
+                    r.task_id.into(),
+                    (r.attempts + 1).into(),
+                    self.instance.as_str().into(),
+                ]
+            })
+            .collect();
+        tx.exec_drop(sql, params)?;
+        Ok(())
+    }
+
+    /// Moves the claimed tasks to `processing` on their slots, in one statement: per-task values
+    /// by `CASE`, since every row was checked `pending` at `attempts` under lock.
+    fn start_gpu_attempts(
+        &self,
+        tx: &mut Transaction<'_>,
+        claimed: &[&ClaimRequest<'_>],
+    ) -> Result<(), StoreError> {
+        let cases = vec!["WHEN ? THEN ?"; claimed.len()].join(" ");
+        let sql = format!(
+            "UPDATE tasks FORCE INDEX (PRIMARY) SET state = 'processing', \
+             attempts = attempts + 1, \
+             gpu_id = CASE task_id {cases} END, slot_index = CASE task_id {cases} END, \
+             dispatched_at = NOW(3), \
+             deadline = NOW(3) + INTERVAL (CASE task_id {cases} END) MICROSECOND, \
+             instance_id = ? WHERE task_id IN ({})",
+            placeholders(claimed.len(), "?")
+        );
+        let mut params: Vec<mysql::Value> = Vec::with_capacity(claimed.len() * 7 + 1);
+        params.extend(
+            claimed
+                .iter()
+                .flat_map(|r| [r.task_id.into(), r.gpu_id.into()]),
+        );
+        params.extend(
+            claimed
+                .iter()
+                .flat_map(|r| [r.task_id.into(), (r.slot as u32).into()]),
+        );
+        params.extend(
+            claimed
+                .iter()
+                .flat_map(|r| [r.task_id.into(), (r.lease.as_micros() as u64).into()]),
+        );
+        params.push(self.instance.as_str().into());
+        params.extend(claimed.iter().map(|r| r.task_id.into()));
+        tx.exec_drop(sql, params)?;
+        Ok(())
+    }
+
+    /// Moves a `pending` task to `processing` for a handler (no slot). False if it was not pending at
+    /// `attempts`.
+    pub(crate) fn start_handler_attempt(
+        &self,
+        task_id: &str,
+        attempts: u32,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut c = self.conn()?;
+        c.exec_drop(
+            "UPDATE tasks SET state = 'processing', attempts = :attempt, dispatched_at = NOW(3), \
+             deadline = NOW(3) + INTERVAL :lease MICROSECOND, instance_id = :inst \
+             WHERE task_id = :id AND state = 'pending' AND attempts = :attempts",
+            params! {
+                "attempt" => attempts + 1, "lease" => lease.as_micros() as u64,
+                "inst" => &self.instance, "id" => task_id, attempts,
+            },
+        )?;
+        Ok(c.affected_rows() == 1)
+    }
+
+    /// Restarts the lease of attempt `attempt` from now: a dispatch that waited for a worker
+    /// must not have its lease run out mid-call. False if the attempt is no longer the task's
+    /// running one (its lease ended while it waited: it must not be sent at all).
+    pub(crate) fn renew_lease(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut c = self.conn()?;
+        c.exec_drop(
+            "UPDATE tasks SET deadline = NOW(3) + INTERVAL ? MICROSECOND \
+             WHERE task_id = ? AND state = 'processing' AND attempts = ?",
+            (lease.as_micros() as u64, task_id, attempt),
+        )?;
+        Ok(c.affected_rows() == 1)
+    }
+}
+
+/// Locks and reads the batch's task rows (first in the lock order).
+fn lock_claimed_tasks(
+    tx: &mut Transaction<'_>,
+    reqs: &[ClaimRequest<'_>],
+) -> Result<TaskRows, StoreError> {
+    let ids: Vec<&str> = padded(reqs.iter().map(|r| r.task_id).collect());
+    let sql = format!(
+        "SELECT task_id, state, attempts FROM tasks FORCE INDEX (PRIMARY) WHERE task_id IN ({}) FOR UPDATE",
+        placeholders(ids.len(), "?")
+    );
+    Ok(tx
+        .exec::<(String, Option<String>, u32), _, _>(sql, &ids)?
+        .into_iter()
+        .map(|(id, state, attempts)| (id, (state, attempts)))
+        .collect())
+}
+
+/// Locks and reads the batch's slot rows (after the task rows).
+fn lock_claimed_slots(
+    tx: &mut Transaction<'_>,
+    reqs: &[ClaimRequest<'_>],
+) -> Result<SlotRows, StoreError> {
+    let mut slots = SlotRows::new();
+    let locks = padded(reqs.to_vec());
+    let sql = format!(
+        "SELECT gpu_id, slot_index, task_id, attempt FROM gpu_slots \
+         FORCE INDEX (PRIMARY) WHERE (gpu_id, slot_index) IN ({}) FOR UPDATE",
+        placeholders(locks.len(), "(?, ?)")
+    );
+    let params: Vec<mysql::Value> = locks
+        .iter()
+        .flat_map(|r| [r.gpu_id.into(), (r.slot as u32).into()])
+        .collect();
+    for mut row in tx.exec::<mysql::Row, _, _>(sql, params)? {
+        let key = (
+            col(&mut row, 0).unwrap_or_default(),
+            col(&mut row, 1).unwrap_or(0),
+        );
+        let holder = col::<String>(&mut row, 2).map(|t| (t, col(&mut row, 3).unwrap_or(0)));
+        slots.insert(key, holder);
+    }
+    Ok(slots)
+}
+
+/// Each request's verdict on the locked rows, in order, and the requests claimed. A claim is
+/// applied to the rows in memory, so a repeat of the slot or the task later in the batch sees it.
+/// A slot row missing from `gpu_slots` is an error: `ensure_slots` writes one per configured slot.
+fn judge_claims<'r, 'a>(
+    reqs: &'r [ClaimRequest<'a>],
+    tasks: &mut TaskRows,
+    slots: &mut SlotRows,
+) -> Result<(Vec<Claim>, Vec<&'r ClaimRequest<'a>>), StoreError> {
+    let mut out = Vec::with_capacity(reqs.len());
+    let mut claimed = Vec::new();
+    for r in reqs {
+        let holder = slots
+            .get_mut(&(r.gpu_id.to_string(), r.slot as u32))
+            .ok_or_else(|| {
+                StoreError::Schema(format!(
+                    "slot row {}/{} is missing from gpu_slots",
+                    r.gpu_id, r.slot
+                ))
+            })?;
+        let task = tasks.get_mut(r.task_id);
+        let verdict = match (&holder, task) {
+            (Some((task_id, attempt)), _) => Claim::SlotTaken {
+                holder: task_id.clone(),
+                attempt: *attempt,
+            },
+            (None, Some((state, attempts)))
+                if state.as_deref() == Some("pending") && *attempts == r.attempts =>
+            {
+                *holder = Some((r.task_id.to_string(), r.attempts + 1));
+                *state = Some("processing".into());
+                claimed.push(r);
+                Claim::Claimed
+            }
+            (None, _) => Claim::NotPending,
+        };
+        out.push(verdict);
+    }
+    Ok((out, claimed))
+}

@@ -1,0 +1,500 @@
+//! Ending attempts, from a callback, a dispatch or handler outcome, or a lease that ran out: the
+//! task becomes terminal or `pending` again for a retry, its slot row is freed and the attempt
+//! kept in `task_attempts`. The rules (stale, duplicate, conflict, retry budget) are a pure
+//! function of the locked row, so they are unit-tested without a server.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use mysql::prelude::Queryable;
+use mysql::{params, Transaction, TxOpts};
+
+use super::{col, padded, placeholders, truncate, State, Store, StoreError, MAX_ERROR};
+
+/// How an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending<'a> {
+    Finished,
+    /// `retryable`: the failure may pass (connection error, timeout, 5xx, a crashed handler);
+    /// otherwise it is the task's own (a 4xx, a `failed` callback) and final.
+    Failed {
+        error: &'a str,
+        retryable: bool,
+    },
+    /// No completion before the lease deadline: always worth another attempt.
+    Expired {
+        error: &'a str,
+    },
+}
+
+impl Ending<'_> {
+    /// The attempt's outcome as the `task_attempts` table and `qsys_attempts_total` name it.
+    pub(crate) fn outcome(&self) -> &'static str {
+        match self {
+            Ending::Finished => "finished",
+            Ending::Failed { .. } => "failed",
+            Ending::Expired { .. } => "expired",
+        }
+    }
+
+    /// Why the attempt did not finish, if it did not.
+    pub(crate) fn error(&self) -> Option<&str> {
+        match self {
+            Ending::Finished => None,
+            Ending::Failed { error, .. } | Ending::Expired { error } => Some(error),
+        }
+    }
+
+    fn retryable(&self) -> bool {
+        matches!(
+            self,
+            Ending::Failed {
+                retryable: true,
+                ..
+            } | Ending::Expired { .. }
+        )
+    }
+
+    /// The terminal state this ending leads to when no retry is left.
+    pub(crate) fn terminal(&self) -> State {
+        match self {
+            Ending::Finished => State::Finished,
+            _ => State::Failed,
+        }
+    }
+}
+
+/// What an applied ending led to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// The task is terminal in this state.
+    Done(State),
+    /// The task is `pending` again and may run after this delay.
+    Retry { after: Duration },
+}
+
+/// Result of ending an attempt, from a callback or a dispatch outcome (docs/contracts.md §5 reply codes).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// The state changed; the GPU slot it held (if any) is free in MySQL.
+    Applied {
+        slot: Option<(String, usize)>,
+        next: Next,
+        /// How long ago the task was first taken (for the end-to-end duration metric).
+        age: Option<Duration>,
+    },
+    /// The task is already in exactly this terminal state from this attempt.
+    Duplicate,
+    /// The attempt named is not the task's current one.
+    Stale {
+        current: u32,
+    },
+    /// The task is in a state this change cannot come from (terminal with another status, or not
+    /// dispatched).
+    Conflict {
+        state: String,
+    },
+    Unknown,
+}
+
+/// An attempt to end, for [`Store::end_attempts`].
+#[derive(Debug, Clone, Copy)]
+pub struct EndRequest<'a> {
+    pub task_id: &'a str,
+    pub attempt: u32,
+    pub ending: Ending<'a>,
+    /// The wait before a retry, should the ending lead to one (by attempts used since the last
+    /// queueing, which only the row knows).
+    pub retry: crate::net::backoff::RetryDelay,
+}
+
+/// A `processing` attempt past its lease deadline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Expired {
+    pub task_id: String,
+    pub attempt: u32,
+    pub gpu_id: Option<String>,
+}
+
+/// A task row as an ending reads it.
+#[derive(Debug, Clone)]
+struct EndRow {
+    /// `"NULL"` for a seed-era row without a state: no ending applies to it.
+    state: String,
+    attempts: u32,
+    gpu: Option<String>,
+    slot: Option<u32>,
+    max_attempts: Option<u32>,
+    attempt_base: u32,
+    /// Since the task was first taken.
+    age_us: Option<i64>,
+    /// Passed back unchanged into `task_attempts.started_at`.
+    dispatched_at: mysql::Value,
+}
+
+/// What ending `req` does to a task in `row`: the task's next state, or why nothing changes. Pure,
+/// so the rules are unit-tested without a server.
+fn judge_ending(row: &EndRow, req: &EndRequest<'_>, default_max: u32) -> Result<Next, Finish> {
+    let ending = req.ending;
+    match State::parse(&row.state) {
+        _ if row.attempts != req.attempt => {
+            return Err(Finish::Stale {
+                current: row.attempts,
+            })
+        }
+        Some(State::Processing) => {}
+        Some(s) if s == ending.terminal() && !matches!(ending, Ending::Expired { .. }) => {
+            return Err(Finish::Duplicate)
+        }
+        _ => {
+            return Err(Finish::Conflict {
+                state: row.state.clone(),
+            })
+        }
+    }
+    // After a requeue, attempts count again from `attempt_base`.
+    let used = req.attempt.saturating_sub(row.attempt_base);
+    if ending.retryable() && used < row.max_attempts.unwrap_or(default_max) {
+        Ok(Next::Retry {
+            after: req.retry.after(used),
+        })
+    } else {
+        Ok(Next::Done(ending.terminal()))
+    }
+}
+
+/// The rows an ending batch changes beyond its own task row, gathered while the verdicts are made
+/// so that each kind is written by one multi-row statement.
+#[derive(Default)]
+struct EndBatch<'a> {
+    /// Tasks finished without an error, the common case.
+    finished: Vec<&'a str>,
+    /// `task_attempts` rows: task, attempt, GPU, slot, instance, start, outcome, error.
+    history: Vec<[mysql::Value; 8]>,
+    /// Slot rows to free: GPU, slot, and the task that must still hold it.
+    freed: Vec<[mysql::Value; 3]>,
+}
+
+impl Store {
+    /// Ends each attempt of `reqs` (see [`EndRequest`]), all in one transaction: the task becomes
+    /// terminal, or `pending` again after its `retry` delay when the ending is retryable and attempts are
+    /// left (`max_attempts` of the task, else `default_max`); its slot row is freed and the attempt
+    /// recorded in `task_attempts`. The rows are locked and read first, the verdicts made in memory
+    /// (`judge_ending`), then applied: a statement per retry or failure, and one multi-row
+    /// statement each for plain finishes, the attempt history and the freed slots. A request
+    /// repeated within the batch sees the earlier one's effect (a duplicate callback is a
+    /// `Duplicate`, as it would be later).
+    pub fn end_attempts(
+        &self,
+        reqs: &[EndRequest<'_>],
+        default_max: u32,
+    ) -> Result<Vec<Finish>, StoreError> {
+        if reqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut c = self.conn()?;
+        let mut tx = c.start_transaction(TxOpts::default())?;
+        let mut rows = lock_ended_tasks(&mut tx, reqs)?;
+        let mut batch = EndBatch::default();
+        let mut out = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            let Some(row) = rows.get_mut(r.task_id) else {
+                out.push(Finish::Unknown);
+                continue;
+            };
+            out.push(match judge_ending(row, r, default_max) {
+                Ok(next) => self.apply_ending(&mut tx, r, row, next, &mut batch)?,
+                Err(verdict) => verdict,
+            });
+        }
+        batch.write(&mut tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Applies one judged ending: the task row's statement now when it is not a plain finish
+    /// (those wait for one statement in `batch`), the attempt's history and freed slot into
+    /// `batch`, and the new state into `row` for a repeat later in the batch.
+    fn apply_ending<'a>(
+        &self,
+        tx: &mut Transaction<'_>,
+        r: &EndRequest<'a>,
+        row: &mut EndRow,
+        next: Next,
+        batch: &mut EndBatch<'a>,
+    ) -> Result<Finish, StoreError> {
+        let error = r.ending.error().map(|e| truncate(e, MAX_ERROR));
+        match next {
+            Next::Retry { after } => tx.exec_drop(
+                // Whoever ends the attempt schedules the retry (a lease may be expired by an
+                // instance other than the one that dispatched).
+                "UPDATE tasks SET state = 'pending', error = :err, deadline = NULL, \
+                 instance_id = :inst, not_before = NOW(3) + INTERVAL :after MICROSECOND \
+                 WHERE task_id = :id",
+                params! { "err" => error, "after" => after.as_micros() as u64,
+                "inst" => &self.instance, "id" => r.task_id },
+            )?,
+            Next::Done(State::Finished) if error.is_none() => batch.finished.push(r.task_id),
+            Next::Done(done) => tx.exec_drop(
+                "UPDATE tasks SET state = ?, error = ?, finished_at = NOW(3), deadline = NULL \
+                 WHERE task_id = ?",
+                (done.as_str(), error, r.task_id),
+            )?,
+        }
+        batch.history.push([
+            r.task_id.into(),
+            row.attempts.into(),
+            row.gpu.clone().into(),
+            row.slot.into(),
+            self.instance.as_str().into(),
+            row.dispatched_at.clone(),
+            r.ending.outcome().into(),
+            error.into(),
+        ]);
+        let slot = match (&row.gpu, row.slot) {
+            (Some(g), Some(s)) => {
+                batch
+                    .freed
+                    .push([g.as_str().into(), s.into(), r.task_id.into()]);
+                Some((g.clone(), s as usize))
+            }
+            _ => None,
+        };
+        row.state = match next {
+            Next::Retry { .. } => State::Pending.as_str().into(),
+            Next::Done(done) => done.as_str().into(),
+        };
+        Ok(Finish::Applied {
+            slot,
+            next,
+            age: row.age_us.map(|us| Duration::from_micros(us.max(0) as u64)),
+        })
+    }
+
+    /// Attempts whose lease deadline has passed, oldest first: this instance's, those held by
+    /// nobody, and those of instances silent for longer than `dead_after`.
+    pub(crate) fn expired(
+        &self,
+        limit: usize,
+        dead_after: Duration,
+    ) -> Result<Vec<Expired>, StoreError> {
+        let mut c = self.conn()?;
+        // Ours, and those of instances whose heartbeat stopped: a live instance expires its own.
+        let rows: Vec<(String, u32, Option<String>)> = c.exec(
+            "SELECT task_id, attempts, gpu_id FROM tasks t WHERE state = 'processing' \
+             AND deadline < NOW(3) AND (instance_id = :me OR instance_id IS NULL OR NOT EXISTS \
+             (SELECT 1 FROM instances i WHERE i.instance_id = t.instance_id \
+              AND i.heartbeat_at > NOW(3) - INTERVAL :dead MICROSECOND)) \
+             ORDER BY deadline LIMIT :limit",
+            params! { "me" => &self.instance, "dead" => dead_after.as_micros() as u64,
+            "limit" => limit as u64 },
+        )?;
+        Ok(rows
+            .into_iter()
+            .map(|(task_id, attempt, gpu_id)| Expired {
+                task_id,
+                attempt,
+                gpu_id,
+            })
+            .collect())
+    }
+
+    /// At start: handler attempts this instance was running died with the previous process, so
+    /// their leases end now. (GPU attempts may still be running on the GPU and keep theirs.)
+    pub(crate) fn expire_orphaned_handlers(&self) -> Result<u64, StoreError> {
+        let mut c = self.conn()?;
+        c.exec_drop(
+            "UPDATE tasks SET deadline = NOW(3) - INTERVAL 1 SECOND WHERE state = 'processing' \
+             AND gpu_id IS NULL AND instance_id = ?",
+            (&self.instance,),
+        )?;
+        Ok(c.affected_rows())
+    }
+
+    /// Fails a task that never ran (unknown type). False if it was not pending.
+    pub(crate) fn fail_pending(&self, task_id: &str, error: &str) -> Result<bool, StoreError> {
+        let mut c = self.conn()?;
+        c.exec_drop(
+            "UPDATE tasks SET state = 'failed', error = ?, finished_at = NOW(3) \
+             WHERE task_id = ? AND state = 'pending'",
+            (truncate(error, MAX_ERROR), task_id),
+        )?;
+        Ok(c.affected_rows() == 1)
+    }
+}
+
+/// Locks and reads the batch's task rows: first, as in [`Store::claim_gpu_attempts`]' lock order
+/// (the slot rows an ending frees are locked last, by the statement that frees them).
+fn lock_ended_tasks(
+    tx: &mut Transaction<'_>,
+    reqs: &[EndRequest<'_>],
+) -> Result<HashMap<String, EndRow>, StoreError> {
+    let ids: Vec<&str> = padded(reqs.iter().map(|r| r.task_id).collect());
+    let sql = format!(
+        "SELECT task_id, state, attempts, gpu_id, slot_index, max_attempts, attempt_base, \
+         TIMESTAMPDIFF(MICROSECOND, created_at, NOW(3)), dispatched_at FROM tasks \
+         FORCE INDEX (PRIMARY) WHERE task_id IN ({}) FOR UPDATE",
+        placeholders(ids.len(), "?")
+    );
+    let mut rows = HashMap::new();
+    for mut r in tx.exec::<mysql::Row, _, _>(sql, &ids)? {
+        let id: String = col(&mut r, 0).unwrap_or_default();
+        let row = EndRow {
+            state: col(&mut r, 1).unwrap_or_else(|| "NULL".into()),
+            attempts: col(&mut r, 2).unwrap_or(0),
+            gpu: col(&mut r, 3),
+            slot: col(&mut r, 4),
+            max_attempts: col(&mut r, 5),
+            attempt_base: col(&mut r, 6).unwrap_or(0),
+            age_us: col(&mut r, 7),
+            dispatched_at: r.take(8).unwrap_or(mysql::Value::NULL),
+        };
+        rows.insert(id, row);
+    }
+    Ok(rows)
+}
+
+impl EndBatch<'_> {
+    /// The gathered rows, one statement per kind (none for an empty kind): finished tasks, then
+    /// the attempt history, then the freed slot rows, after every task row's own statement.
+    fn write(self, tx: &mut Transaction<'_>) -> Result<(), StoreError> {
+        if !self.finished.is_empty() {
+            let finished = padded(self.finished);
+            let sql = format!(
+                "UPDATE tasks FORCE INDEX (PRIMARY) SET state = 'finished', error = NULL, \
+                 finished_at = NOW(3), deadline = NULL WHERE task_id IN ({})",
+                placeholders(finished.len(), "?")
+            );
+            tx.exec_drop(sql, &finished)?;
+        }
+        if !self.history.is_empty() {
+            let history = padded(self.history);
+            let sql = format!(
+                "INSERT INTO task_attempts (task_id, attempt, gpu_id, slot_index, instance_id, \
+                 started_at, ended_at, outcome, error) VALUES {} \
+                 ON DUPLICATE KEY UPDATE ended_at = VALUES(ended_at), outcome = VALUES(outcome), \
+                 error = VALUES(error)",
+                placeholders(history.len(), "(?, ?, ?, ?, ?, ?, NOW(3), ?, ?)")
+            );
+            tx.exec_drop(sql, history.concat())?;
+        }
+        if !self.freed.is_empty() {
+            let freed = padded(self.freed);
+            let sql = format!(
+                "UPDATE gpu_slots FORCE INDEX (PRIMARY) SET task_id = NULL, attempt = NULL, \
+                 instance_id = NULL, claimed_at = NULL WHERE (gpu_id, slot_index, task_id) IN ({})",
+                placeholders(freed.len(), "(?, ?, ?)")
+            );
+            tx.exec_drop(sql, freed.concat())?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(state: &str, attempts: u32, max: Option<u32>, base: u32) -> EndRow {
+        EndRow {
+            state: state.into(),
+            attempts,
+            gpu: Some("g0".into()),
+            slot: Some(1),
+            max_attempts: max,
+            attempt_base: base,
+            age_us: Some(5),
+            dispatched_at: mysql::Value::NULL,
+        }
+    }
+
+    fn req(attempt: u32, ending: Ending<'_>) -> EndRequest<'_> {
+        EndRequest {
+            task_id: "t",
+            attempt,
+            ending,
+            retry: crate::net::backoff::RetryDelay {
+                base: Duration::from_secs(2),
+                max: Duration::from_secs(60),
+                jitter: 1.0,
+            },
+        }
+    }
+
+    #[test]
+    fn endings_by_state_attempt_and_budget() {
+        let oops = Ending::Failed {
+            error: "oops",
+            retryable: true,
+        };
+        let final_fail = Ending::Failed {
+            error: "bad",
+            retryable: false,
+        };
+        let expired = Ending::Expired { error: "lease" };
+        // The delay doubles per attempt used since the task was queued: the second waits 4 s.
+        let retry = Ok(Next::Retry {
+            after: Duration::from_secs(4),
+        });
+        // A running attempt: finished, retried while the budget lasts, then failed for good.
+        let running = row("processing", 2, None, 0);
+        assert_eq!(
+            judge_ending(&running, &req(2, Ending::Finished), 3),
+            Ok(Next::Done(State::Finished))
+        );
+        assert_eq!(judge_ending(&running, &req(2, oops), 3), retry);
+        assert_eq!(judge_ending(&running, &req(2, expired), 3), retry);
+        assert_eq!(
+            judge_ending(&running, &req(2, oops), 2),
+            Ok(Next::Done(State::Failed))
+        );
+        assert_eq!(
+            judge_ending(&running, &req(2, final_fail), 9),
+            Ok(Next::Done(State::Failed))
+        );
+        // The task's own max_attempts wins over the default; a requeue restarts the count.
+        let own = row("processing", 2, Some(2), 0);
+        assert_eq!(
+            judge_ending(&own, &req(2, oops), 9),
+            Ok(Next::Done(State::Failed))
+        );
+        // ... and its first retry waits the base delay (counted from the absolute attempt it
+        // waited 2 s x 2^4).
+        let requeued = row("processing", 5, Some(2), 4);
+        assert_eq!(
+            judge_ending(&requeued, &req(5, oops), 9),
+            Ok(Next::Retry {
+                after: Duration::from_secs(2)
+            })
+        );
+        // Not applied: another attempt, a repeat, a conflicting state.
+        assert_eq!(
+            judge_ending(&running, &req(1, Ending::Finished), 3),
+            Err(Finish::Stale { current: 2 })
+        );
+        let done = row("finished", 2, None, 0);
+        assert_eq!(
+            judge_ending(&done, &req(2, Ending::Finished), 3),
+            Err(Finish::Duplicate)
+        );
+        assert_eq!(
+            judge_ending(&done, &req(2, final_fail), 3),
+            Err(Finish::Conflict {
+                state: "finished".into()
+            })
+        );
+        // A lease never "duplicates" a finished task, and a pending one awaits no result.
+        assert!(matches!(
+            judge_ending(&row("failed", 2, None, 0), &req(2, expired), 3),
+            Err(Finish::Conflict { .. })
+        ));
+        assert!(matches!(
+            judge_ending(&row("pending", 2, None, 0), &req(2, Ending::Finished), 3),
+            Err(Finish::Conflict { .. })
+        ));
+        assert!(matches!(
+            judge_ending(&row("NULL", 2, None, 0), &req(2, Ending::Finished), 3),
+            Err(Finish::Conflict { .. })
+        ));
+    }
+}

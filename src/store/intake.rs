@@ -1,0 +1,169 @@
+//! Recording tasks taken from the queues: a task runs only once it has its row, and a copy of a
+//! task already recorded (handed back to Redis, or left there by a crash) is told apart from a new
+//! one by that row. A queue element that cannot be parsed is kept as a `failed` row, for inspection.
+
+use mysql::prelude::Queryable;
+use mysql::{params, TxOpts};
+
+use super::{padded, placeholders, truncate, Store, StoreError, MAX_ERROR};
+
+/// Longest raw payload kept for a malformed queue element.
+const MAX_RAW: usize = 65_536;
+
+/// What happened when a task taken from a queue was recorded.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Accepted {
+    /// A new row, `pending`, attempt 0.
+    New,
+    /// The row existed and is still `pending`, held by nobody (handed back to Redis at a stop) or
+    /// by this instance (left in Redis by a crash): take it over with the attempts it already used.
+    Resumed { attempts: u32 },
+    /// The row exists in another state: the task is running or done, so this copy is a duplicate.
+    Exists { state: String },
+}
+
+/// A task to record, as taken from a queue.
+#[derive(Debug, Clone, Copy)]
+pub struct NewTask<'a> {
+    pub task_id: &'a str,
+    pub kind: &'a str,
+    pub payload: &'a str,
+    pub max_attempts: Option<u32>,
+    pub timeout_s: Option<u64>,
+}
+
+impl Store {
+    /// Records tasks taken from `queue`, all in one transaction (one log flush for the batch).
+    /// `payload` is the message in the seed's format. A pending row nobody holds (handed back to
+    /// Redis at a stop) or that this instance holds (a copy left in Redis by a crash) is taken
+    /// over; any other existing row makes the copy a duplicate.
+    ///
+    /// The usual batch is all new ids: one multi-row insert whose affected-row count proves it.
+    /// Otherwise each row is looked at in turn; a row this very insert created is then pending and
+    /// held here, so it comes back as `Resumed { attempts: 0 }`, which means the same as `New`.
+    pub fn accept(&self, queue: &str, tasks: &[NewTask<'_>]) -> Result<Vec<Accepted>, StoreError> {
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut c = self.conn()?;
+        let mut tx = c.start_transaction(TxOpts::default())?;
+        // A repeated row is a duplicate key left unchanged: it counts 0 below.
+        let rows = padded(tasks.to_vec());
+        let sql = format!(
+            "INSERT INTO tasks (task_id, queue, state, type, payload, attempts, max_attempts, \
+             timeout_s, instance_id, created_at) VALUES {} \
+             ON DUPLICATE KEY UPDATE task_id = task_id",
+            placeholders(rows.len(), "(?, ?, 'pending', ?, ?, 0, ?, ?, ?, NOW(3))")
+        );
+        let params: Vec<mysql::Value> = rows
+            .iter()
+            .flat_map(|t| {
+                [
+                    t.task_id.into(),
+                    queue.into(),
+                    t.kind.into(),
+                    t.payload.into(),
+                    t.max_attempts.into(),
+                    t.timeout_s.into(),
+                    self.instance.as_str().into(),
+                ]
+            })
+            .collect();
+        tx.exec_drop(sql, params)?;
+        // An existing row is left unchanged by the no-op update and counts 0.
+        if tx.affected_rows() == tasks.len() as u64 {
+            tx.commit()?;
+            return Ok(tasks.iter().map(|_| Accepted::New).collect());
+        }
+        let mut out = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            // Read under lock and decide here: an UPDATE's affected count cannot tell a row it
+            // matched but left unchanged (this insert's own row, same millisecond) from no row.
+            let row: Option<(Option<String>, u32, Option<String>)> = tx.exec_first(
+                "SELECT state, attempts, instance_id FROM tasks WHERE task_id = ? FOR UPDATE",
+                (t.task_id,),
+            )?;
+            out.push(match row {
+                // The seed's table allowed a NULL state; such a row is not ours to resume.
+                Some((Some(state), attempts, holder))
+                    if state == "pending"
+                        && holder.as_deref().is_none_or(|h| h == self.instance) =>
+                {
+                    if holder.is_none() {
+                        tx.exec_drop(
+                            "UPDATE tasks SET instance_id = ?, updated_at = NOW(3) \
+                             WHERE task_id = ?",
+                            (&self.instance, t.task_id),
+                        )?;
+                    }
+                    Accepted::Resumed { attempts }
+                }
+                Some((state, _, _)) => Accepted::Exists {
+                    state: state.unwrap_or_else(|| "NULL".into()),
+                },
+                None => Accepted::Exists {
+                    state: "deleted".into(),
+                },
+            });
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Records a queue element that could not be parsed as `failed`, keeping the raw text for
+    /// inspection. Uses `task_id` if given and free, else a fresh UUID; returns the id used.
+    pub(crate) fn record_malformed(
+        &self,
+        task_id: Option<&str>,
+        queue: &str,
+        raw: &[u8],
+        reason: &str,
+    ) -> Result<String, StoreError> {
+        let mut c = self.conn()?;
+        let text = stored_raw(raw);
+        let mut candidates: Vec<String> = task_id.map(str::to_string).into_iter().collect();
+        candidates.push(uuid::Uuid::new_v4().to_string());
+        let mut refused = None;
+        for id in candidates {
+            let inserted = c.exec_drop(
+                "INSERT INTO tasks (task_id, queue, state, type, payload, error, attempts, \
+                 instance_id, created_at, finished_at) \
+                 VALUES (:id, :queue, 'failed', NULL, :raw, :err, 0, :inst, NOW(3), NOW(3)) \
+                 ON DUPLICATE KEY UPDATE task_id = task_id",
+                params! {
+                    "id" => id.as_str(), queue, "raw" => text.as_str(),
+                    "err" => truncate(&format!("malformed queue message: {reason}"), MAX_ERROR),
+                    "inst" => &self.instance,
+                },
+            );
+            match inserted.map_err(StoreError::from) {
+                Ok(()) if c.affected_rows() == 1 => return Ok(id),
+                // Taken: try the fresh id.
+                Ok(()) => {}
+                // The producer's id is what MySQL refuses (a constraint of the operator's, say):
+                // the row is kept under the fresh id.
+                Err(e) if e.is_rejected_data() => refused = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(refused.unwrap_or_else(|| {
+            StoreError::Schema("a fresh UUID collided with an existing task id".into())
+        }))
+    }
+}
+
+/// A malformed element as kept in `payload`: its text when it is UTF-8 (cut to [`MAX_RAW`]),
+/// else `base64:` and its bytes, so that nothing of it is lost to a lossy decoding.
+fn stored_raw(raw: &[u8]) -> String {
+    use base64::Engine;
+    match std::str::from_utf8(raw) {
+        Ok(text) => truncate(text, MAX_RAW).to_string(),
+        Err(_) => {
+            let cut = &raw[..raw.len().min(MAX_RAW / 4 * 3 - 6)];
+            format!(
+                "base64:{}",
+                base64::engine::general_purpose::STANDARD.encode(cut)
+            )
+        }
+    }
+}
