@@ -178,15 +178,56 @@ impl<'kvs> VisitSource<'kvs> for Fields<'_> {
     }
 }
 
-/// The name a record's target goes by in a line: `qsys::` and the module's own name
-/// (`qsys::work::callback` is `qsys::callback`), so that log lines name the component an operator
-/// knows and stay the same when the module tree is rearranged. Other crates' targets are kept.
-fn component(target: &str) -> std::borrow::Cow<'_, str> {
-    match target.strip_prefix("qsys::") {
-        Some(path) => match path.rsplit_once("::") {
-            Some((_, leaf)) => format!("qsys::{leaf}").into(),
-            None => target.into(),
-        },
+/// The component each module logs as: the names log lines carried before the module tree was
+/// arranged by role, kept so that what operators grep for (`qsys::callback`, `qsys::queue`) does
+/// not change with the tree. The longest matching prefix wins.
+const COMPONENTS: &[(&str, &str)] = &[
+    ("admin::ops", "ops"),
+    ("admin", "admin"),
+    ("config", "config"),
+    ("contract::message", "message"),
+    ("contract::token", "token"),
+    ("daemon::notify", "notify"),
+    ("daemon", "daemon"),
+    ("fleet", "slots"),
+    ("net::backoff", "backoff"),
+    ("net::http", "http"),
+    ("net::redis", "redis"),
+    ("net::server", "listener"),
+    ("obs::logging", "logging"),
+    ("obs::metrics", "metrics"),
+    ("producer::events", "events"),
+    ("producer::follow", "follow"),
+    ("producer::lambda", "lambda"),
+    ("producer::push", "push"),
+    ("sched::scheduler", "scheduler"),
+    ("sched::slotsync", "slotsync"),
+    ("shared::shutdown", "shutdown"),
+    ("shared", "shared"),
+    ("store", "store"),
+    ("work::callback", "callback"),
+    ("work::dispatch", "dispatch"),
+    ("work::handlers", "handlers"),
+    ("work::maintenance", "maintenance"),
+    ("work::poller", "queue"),
+];
+
+/// The name a record's target goes by in a line: `qsys::` and its component ([`COMPONENTS`]),
+/// e.g. `qsys::work::callback::server` is `qsys::callback`. Other crates' targets are kept.
+fn component(target: &str) -> Cow<'_, str> {
+    let Some(path) = target.strip_prefix("qsys::") else {
+        return target.into();
+    };
+    let within = |prefix: &str| {
+        path.strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    };
+    match COMPONENTS
+        .iter()
+        .filter(|(prefix, _)| within(prefix))
+        .max_by_key(|(prefix, _)| prefix.len())
+    {
+        Some((_, name)) => format!("qsys::{name}").into(),
         None => target.into(),
     }
 }
@@ -341,6 +382,25 @@ pub fn init(target: Target, level: LevelFilter) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_name_the_component_not_the_module_path() {
+        for (target, shown) in [
+            ("qsys::work::callback::server", "qsys::callback"),
+            ("qsys::work::callback", "qsys::callback"),
+            ("qsys::work::poller", "qsys::queue"),
+            ("qsys::daemon::build", "qsys::daemon"),
+            ("qsys::daemon::notify", "qsys::notify"),
+            ("qsys::store::endings", "qsys::store"),
+            ("qsys::admin::ops", "qsys::ops"),
+            ("qsys::fleet::placement", "qsys::slots"),
+            ("qsys::storex", "qsys::storex"),
+            ("qsys", "qsys"),
+            ("ureq::unit", "ureq::unit"),
+        ] {
+            assert_eq!(component(target), shown, "{target}");
+        }
+    }
 
     #[test]
     fn targets_parse() {
