@@ -46,7 +46,37 @@ pub(crate) fn admin_url(config: &Config) -> String {
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
-    format!("http://{addr}")
+    let scheme = if config.admin.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://{addr}")
+}
+
+/// The client for the admin API: over TLS it trusts the certificates of `admin.tls_cert` (a
+/// self-signed certificate, or a chain whose intermediate issued the server's), so the operator
+/// needs no CA set up for a listener on loopback.
+fn admin_agent(config: &Config) -> Result<ureq::Agent, String> {
+    let Some(tls) = &config.admin.tls else {
+        return Ok(crate::net::http::agent());
+    };
+    let pem = std::fs::read(&tls.cert).map_err(|e| format!("{}: {e}", tls.cert.display()))?;
+    let roots: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => Some(c.to_owned()),
+            _ => None,
+        })
+        .collect();
+    let config = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(roots)))
+                .build(),
+        )
+        .build();
+    Ok(ureq::Agent::new_with_config(config))
 }
 
 /// `GET <admin>/status` of the running daemon.
@@ -56,7 +86,8 @@ pub fn fetch_status(config: &Config) -> Result<Value, OpsError> {
         url: url.clone(),
         reason,
     };
-    let req = crate::net::http::agent()
+    let agent = admin_agent(config).map_err(admin_err)?;
+    let req = agent
         .get(&url)
         .config()
         .timeout_global(Some(Duration::from_secs(10)))

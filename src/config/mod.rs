@@ -23,6 +23,7 @@ mod env;
 mod producer;
 mod raw;
 mod secret;
+mod tls;
 mod validate;
 
 pub use crate::secret::Secret;
@@ -30,6 +31,7 @@ pub use duration::{format_duration, parse_duration};
 pub(crate) use env::hostname;
 pub use env::{process_env, producer_env, Env};
 pub(crate) use producer::ProducerConfig;
+pub(crate) use tls::TlsFiles;
 
 /// Where the daemon looks when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/qsysd.toml";
@@ -132,6 +134,8 @@ pub(crate) struct CallbackConfig {
     pub public_url: Option<String>,
     pub secret: Secret,
     pub max_body: usize,
+    /// HTTPS instead of HTTP (`tls_cert`, `tls_key`); the files are read again at a reload.
+    pub tls: Option<TlsFiles>,
 }
 
 #[derive(Debug, Clone)]
@@ -193,6 +197,8 @@ pub(crate) struct AdminConfig {
     /// Required as `Authorization: Bearer` on every admin request but `/healthz` when set; must be
     /// set when `listen` is not a loopback address.
     pub token: Option<Secret>,
+    /// HTTPS instead of HTTP (`tls_cert`, `tls_key`); the files are read again at a reload.
+    pub tls: Option<TlsFiles>,
 }
 
 /// When a failed attempt is tried again.
@@ -272,7 +278,7 @@ impl Config {
         // with the listener.
         if self.callback != old.callback {
             self.callback = old.callback.clone();
-            kept.push("callback (listen, public_url, secret, max_body)");
+            kept.push("callback (listen, public_url, secret, max_body, tls_cert, tls_key)");
         }
         let d = &mut self.daemon;
         let o = &old.daemon;

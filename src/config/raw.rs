@@ -53,6 +53,8 @@ pub(super) struct RawCallback {
     pub(super) secret: Option<String>,
     pub(super) secret_file: Option<PathBuf>,
     pub(super) max_body: Option<usize>,
+    pub(super) tls_cert: Option<PathBuf>,
+    pub(super) tls_key: Option<PathBuf>,
 }
 
 /// `[gpu]` (the defaults) and each `[[gpu.endpoints]]` share one shape, so an endpoint can override any
@@ -82,6 +84,8 @@ pub(super) struct RawAdmin {
     pub(super) listen: Option<String>,
     pub(super) token: Option<String>,
     pub(super) token_file: Option<PathBuf>,
+    pub(super) tls_cert: Option<PathBuf>,
+    pub(super) tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]

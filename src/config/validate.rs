@@ -10,6 +10,7 @@ use super::duration::duration;
 use super::env::{hostname, mysql_url, redis_url};
 use super::raw::{Raw, RawAdmin, RawCallback, RawDaemon, RawGpu, RawRedis, RawRetry, RawType};
 use super::secret::read_secret;
+use super::tls::tls_files;
 use super::{
     invalid, AdminConfig, CallbackConfig, Completion, Config, ConfigError, DaemonConfig, Endpoint,
     Env, Handler, HealthPolicy, MysqlConfig, RedisConfig, RetryConfig, Secret,
@@ -232,6 +233,7 @@ fn callback_config(raw: RawCallback, env: &Env) -> Result<CallbackConfig, Config
             }
             n => positive("callback.max_body", n)?,
         },
+        tls: tls_files("callback", raw.tls_cert, raw.tls_key)?,
     })
 }
 
@@ -243,6 +245,7 @@ fn admin_config(raw: RawAdmin) -> Result<AdminConfig, ConfigError> {
             .parse()
             .map_err(|_| invalid("admin.listen", admin_s, "expected IP:PORT"))?,
         token: read_secret("admin.token", raw.token, raw.token_file.as_ref())?,
+        tls: tls_files("admin", raw.tls_cert, raw.tls_key)?,
     };
     if !admin.listen.ip().is_loopback() && admin.token.is_none() {
         return Err(invalid(

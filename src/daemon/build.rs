@@ -3,12 +3,14 @@
 //! matrix rebuilt from MySQL. A failure here leaves nothing running.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tiny_http::Server;
 
 use super::StartError;
-use crate::config::Config;
+use crate::config::{Config, TlsFiles};
 use crate::fleet::SlotMatrix;
+use crate::net::tls::Renewable;
 use crate::store::Store;
 
 /// What the shared state is made of.
@@ -18,8 +20,10 @@ pub(super) struct Built {
     pub(super) io: Io,
 }
 
-/// What the threads are started with: the Redis client and the bound listeners.
+/// What the threads are started with: the Redis client and the bound listeners (and the
+/// certificates of those that serve TLS, which a reload renews).
 pub(super) struct Io {
+    pub(super) certs: Vec<Arc<Renewable>>,
     pub(super) client: redis::Client,
     pub(super) callback: Server,
     pub(super) admin: Server,
@@ -31,8 +35,19 @@ pub(super) fn build(c: &Config) -> Result<Built, StartError> {
     let (store, version) = connect_store(c)?;
     let client = connect_redis(c)?;
     crate::net::server::raise_fd_limit();
-    let (callback, callback_addr) = listen(c.callback.listen, c.callback.max_body)?;
-    let (admin, admin_addr) = listen(c.admin.listen, crate::admin::MAX_BODY)?;
+    let mut certs = Vec::new();
+    let (callback, callback_addr) = listen(
+        c.callback.listen,
+        c.callback.max_body,
+        c.callback.tls.as_ref(),
+        &mut certs,
+    )?;
+    let (admin, admin_addr) = listen(
+        c.admin.listen,
+        crate::admin::MAX_BODY,
+        c.admin.tls.as_ref(),
+        &mut certs,
+    )?;
     // Handler attempts this instance was running died with its previous run. (What it had moved
     // to its in-hand lists is taken again by the poller when it connects.)
     let orphans = store.expire_orphaned_handlers()?;
@@ -48,6 +63,7 @@ pub(super) fn build(c: &Config) -> Result<Built, StartError> {
         store,
         matrix,
         io: Io {
+            certs,
             client,
             callback,
             admin,
@@ -83,12 +99,19 @@ fn connect_redis(c: &Config) -> Result<redis::Client, StartError> {
     Ok(client)
 }
 
-/// A listener on `addr` with its limits, and the address it got (port 0 picks one).
-fn listen(addr: SocketAddr, max_body: usize) -> Result<(Server, SocketAddr), StartError> {
-    let server = crate::net::server::bind(addr, max_body).map_err(|e| StartError::Listen {
-        addr,
-        reason: e.to_string(),
-    })?;
+/// A listener on `addr` with its limits, over TLS when `tls` is set (its certificate joins
+/// `certs`), and the address it got (port 0 picks one).
+fn listen(
+    addr: SocketAddr,
+    max_body: usize,
+    tls: Option<&TlsFiles>,
+    certs: &mut Vec<Arc<Renewable>>,
+) -> Result<(Server, SocketAddr), StartError> {
+    let listen_error = |reason: String| StartError::Listen { addr, reason };
+    let cert = tls.map(Renewable::load).transpose().map_err(listen_error)?;
+    let server = crate::net::server::bind(addr, max_body, cert.as_ref())
+        .map_err(|e| listen_error(e.to_string()))?;
+    certs.extend(cert);
     let bound = server
         .server_addr()
         .to_ip()

@@ -33,6 +33,7 @@ use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError};
 use crate::config::Config;
 use crate::contract::token::Signer;
 use crate::fleet::GpuView;
+use crate::net::tls::Renewable;
 use crate::shared::Shared;
 use crate::store::StoreError;
 use crate::sync::Locked;
@@ -68,6 +69,8 @@ pub struct Daemon {
     done: Receiver<String>,
     threads: Vec<(String, JoinHandle<()>)>,
     dispatch: Mutex<DispatchPool>,
+    /// The certificates of the listeners that serve TLS: a reload reads their files again.
+    certs: Vec<Arc<Renewable>>,
 }
 
 impl Daemon {
@@ -75,13 +78,17 @@ impl Daemon {
     /// thread.
     pub fn start(config: Config) -> Result<Daemon, StartError> {
         let build::Built { store, matrix, io } = build::build(&config)?;
-        let public_url = config
-            .callback
-            .public_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{}/callback", io.callback_addr));
+        let public_url = config.callback.public_url.clone().unwrap_or_else(|| {
+            let scheme = if config.callback.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            format!("{scheme}://{}/callback", io.callback_addr)
+        });
         let signer = Signer::new(config.callback.secret.clone(), public_url);
         let (callback_addr, admin_addr) = (io.callback_addr, io.admin_addr);
+        let certs = io.certs.clone();
         let (shared, events, slot_events) = Shared::new(config, store, matrix, signer);
         let shared = Arc::new(shared);
         let (done_tx, done) = unbounded();
@@ -94,6 +101,7 @@ impl Daemon {
             done,
             threads,
             dispatch: Mutex::new(dispatch),
+            certs,
         };
         notify::ready(&daemon.shared.status_line());
         Ok(daemon)
@@ -154,6 +162,7 @@ impl Daemon {
     /// handlers, timeouts, retry and health settings and the log level change; a removed GPU and
     /// slots beyond a lowered count drain. What needs a restart is kept as it was, with a warning.
     pub fn apply_config(&self, mut new: crate::config::Config) {
+        self.renew_certificates();
         let shared = &self.shared;
         let old = shared.config();
         for key in new.keep_fixed(&old) {
@@ -176,6 +185,18 @@ impl Daemon {
         log::info!(gpus = new.gpus.len(), slots = new.total_slots(); "configuration reloaded");
         shared.set_config(new);
         shared.wake_scheduler();
+    }
+
+    /// Reads the TLS listeners' certificate files again (renewed certificates take effect from
+    /// the next handshake); a file that does not load leaves its listener's certificate as it was.
+    fn renew_certificates(&self) {
+        for cert in &self.certs {
+            match cert.renew() {
+                Ok(()) => log::info!(cert:% = cert.cert_path(); "tls certificate reloaded"),
+                Err(e) => log::error!(cert:% = cert.cert_path(), error = e.as_str();
+                    "tls certificate not reloaded: the one in use stays"),
+            }
+        }
     }
 
     /// Begins a graceful stop.

@@ -5,3 +5,4 @@ pub(crate) mod backoff;
 pub mod http;
 pub(crate) mod redis;
 pub(crate) mod server;
+pub(crate) mod tls;

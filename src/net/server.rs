@@ -9,10 +9,13 @@
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use tiny_http::{Header, Limits, Request, Response, Server};
+
+use crate::net::tls::Renewable;
 
 /// From a request's first byte until its head and body are in memory.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -26,8 +29,13 @@ pub(crate) const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// Most header lines in one request.
 pub(crate) const MAX_HEADERS: usize = 64;
 
-/// Binds `addr` and serves it with the limits above and bodies of at most `max_body` bytes.
-pub(crate) fn bind(addr: SocketAddr, max_body: usize) -> std::io::Result<Server> {
+/// Binds `addr` and serves it with the limits above and bodies of at most `max_body` bytes, over
+/// TLS with `tls`'s certificate when given.
+pub(crate) fn bind(
+    addr: SocketAddr,
+    max_body: usize,
+    tls: Option<&Arc<Renewable>>,
+) -> std::io::Result<Server> {
     let listener = TcpListener::bind(addr)?;
     let limits = Limits {
         max_body,
@@ -37,7 +45,14 @@ pub(crate) fn bind(addr: SocketAddr, max_body: usize) -> std::io::Result<Server>
         idle_timeout: IDLE_TIMEOUT,
         max_connections: MAX_CONNECTIONS,
     };
-    Server::from_listener_with_limits(listener, None, limits).map_err(std::io::Error::other)
+    match tls {
+        None => Server::from_listener_with_limits(listener, None, limits),
+        Some(cert) => {
+            let config = cert.server_config().map_err(std::io::Error::other)?;
+            Server::from_listener_with_tls(listener, config, limits)
+        }
+    }
+    .map_err(std::io::Error::other)
 }
 
 /// True when the request's body was over the listener's limit and so was never read: answer 413.

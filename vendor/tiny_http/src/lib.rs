@@ -124,6 +124,12 @@ mod connection;
 mod request;
 mod response;
 mod ssl;
+
+// qsysd patch: the TLS context type, named once for every constructor.
+#[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
+type SslContextImpl = ();
+#[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
+use crate::ssl::SslContextImpl;
 mod test;
 mod util;
 
@@ -296,38 +302,36 @@ impl Server {
         Self::from_listener_with_limits(listener, ssl_config, Limits::default())
     }
 
+    /// qsysd patch: a TLS server on `listener` with a rustls config the caller built (and may
+    /// keep a handle on, to renew certificates), with explicit [`Limits`].
+    #[cfg(feature = "ssl-rustls")]
+    pub fn from_listener_with_tls<L: Into<Listener>>(
+        listener: L,
+        tls: Arc<rustls::ServerConfig>,
+        limits: Limits,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
+        Self::build(
+            listener.into(),
+            Some(crate::ssl::SslContextImpl::from_config(tls)),
+            limits,
+        )
+    }
+
     /// qsysd patch: `from_listener` with explicit [`Limits`].
     pub fn from_listener_with_limits<L: Into<Listener>>(
         listener: L,
         ssl_config: Option<SslConfig>,
         limits: Limits,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
-        let listener = listener.into();
-        let limits = Arc::new(limits);
-        let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        // building the "close" variable
-        let close_trigger = Arc::new(AtomicBool::new(false));
-
-        // building the TcpListener
-        let (server, local_addr) = {
-            let local_addr = listener.local_addr()?;
-            log::debug!("Server listening on {}", local_addr);
-            (listener, local_addr)
-        };
-
         // building the SSL capabilities
         #[cfg(all(feature = "ssl-openssl", feature = "ssl-rustls"))]
         compile_error!(
             "Features 'ssl-openssl' and 'ssl-rustls' must not be enabled at the same time"
         );
-        #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
-        type SslContext = ();
-        #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
-        type SslContext = crate::ssl::SslContextImpl;
-        let ssl: Option<SslContext> = {
+        let ssl: Option<SslContextImpl> = {
             match ssl_config {
                 #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
-                Some(config) => Some(SslContext::from_pem(
+                Some(config) => Some(SslContextImpl::from_pem(
                     config.certificate,
                     Zeroizing::new(config.private_key),
                 )?),
@@ -338,6 +342,31 @@ impl Server {
                 ),
                 None => None,
             }
+        };
+
+        Self::build(listener.into(), ssl, limits)
+    }
+
+    /// qsysd patch: the server on `listener`, with TLS when `ssl` is given.
+    #[cfg_attr(
+        not(any(feature = "ssl-openssl", feature = "ssl-rustls")),
+        allow(unused_variables)
+    )]
+    fn build(
+        listener: Listener,
+        ssl: Option<SslContextImpl>,
+        limits: Limits,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
+        let limits = Arc::new(limits);
+        let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        // building the "close" variable
+        let close_trigger = Arc::new(AtomicBool::new(false));
+
+        // building the TcpListener
+        let (server, local_addr) = {
+            let local_addr = listener.local_addr()?;
+            log::debug!("Server listening on {}", local_addr);
+            (listener, local_addr)
         };
 
         // creating a task where server.accept() is continuously called

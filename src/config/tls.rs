@@ -1,0 +1,76 @@
+//! A listener's TLS files (`tls_cert`, `tls_key` in `[callback]` or `[admin]`): both or neither,
+//! and checked when the config is read, so a bad file is a config error naming its key rather
+//! than a listener that fails its first handshake.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
+
+use super::{invalid, ConfigError};
+
+/// Where a listener's certificate chain (PEM, the server's certificate first) and its private key
+/// (PEM: PKCS#8, PKCS#1 or SEC1) are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TlsFiles {
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
+}
+
+impl TlsFiles {
+    /// The chain and key as they are in the files now, ready to serve: parsed, and the key
+    /// checked against the chain's first certificate. The error says which file and why.
+    pub(crate) fn load(&self) -> Result<Arc<CertifiedKey>, String> {
+        let cert = self.cert.display();
+        let chain = CertificateDer::pem_file_iter(&self.cert)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("{cert}: {e}"))?;
+        if chain.is_empty() {
+            return Err(format!("{cert}: no PEM certificate in it"));
+        }
+        let key = PrivateKeyDer::from_pem_file(&self.key)
+            .map_err(|e| format!("{}: {e}", self.key.display()))?;
+        let provider = rustls::crypto::ring::default_provider();
+        let signer = provider
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| format!("{}: {e}", self.key.display()))?;
+        let certified = CertifiedKey::new(chain, signer);
+        certified
+            .keys_match()
+            .map_err(|e| format!("{} does not match {cert}: {e}", self.key.display()))?;
+        Ok(Arc::new(certified))
+    }
+}
+
+/// `[section]`'s `tls_cert` and `tls_key`: both or neither, each file readable and the two a pair.
+pub(super) fn tls_files(
+    section: &str,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<Option<TlsFiles>, ConfigError> {
+    let files = match (cert, key) {
+        (None, None) => return Ok(None),
+        (Some(cert), Some(key)) => TlsFiles { cert, key },
+        (Some(cert), None) => {
+            return Err(invalid(
+                format!("{section}.tls_cert"),
+                cert.display(),
+                format!("set {section}.tls_key too (the certificate's private key)"),
+            ))
+        }
+        (None, Some(key)) => {
+            return Err(invalid(
+                format!("{section}.tls_key"),
+                key.display(),
+                format!("set {section}.tls_cert too (the certificate chain)"),
+            ))
+        }
+    };
+    files
+        .load()
+        .map_err(|reason| invalid(format!("{section}.tls_cert"), files.cert.display(), reason))?;
+    Ok(Some(files))
+}
