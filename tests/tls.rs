@@ -92,6 +92,12 @@ fn both_listeners_serve_tls_that_a_verifying_client_accepts_and_reload_renews() 
         let plain = format!("{}/healthz", base.replace("https://", "http://"));
         assert!(!matches!(status(&untrusting, &plain), Ok(200)), "{plain}");
     }
+    // Clients that connect and never start a handshake hold no listener thread.
+    let silent: Vec<std::net::TcpStream> = (0..8)
+        .map(|_| std::net::TcpStream::connect(daemon.callback_addr()).expect("connect"))
+        .collect();
+    assert_eq!(status(&client, &format!("{callback}/healthz")), Ok(200));
+    drop(silent);
     // The admin API and `qsysd status`'s client over TLS.
     assert_eq!(status(&client, &format!("{admin}/status")), Ok(200));
     let (head, tail) = toml.split_once("[admin]\n").expect("an admin section");
