@@ -259,3 +259,80 @@ fn judge_claims<'r, 'a>(
     }
     Ok((out, claimed))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req<'a>(task_id: &'a str, attempts: u32, gpu_id: &'a str, slot: usize) -> ClaimRequest<'a> {
+        ClaimRequest {
+            task_id,
+            attempts,
+            gpu_id,
+            slot,
+            lease: Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn each_claim_sees_the_ones_before_it_in_the_batch() {
+        let mut tasks: TaskRows = [
+            ("a".to_string(), (Some("pending".to_string()), 0)),
+            ("b".to_string(), (Some("pending".to_string()), 1)),
+            ("c".to_string(), (Some("pending".to_string()), 0)),
+            ("done".to_string(), (Some("finished".to_string()), 1)),
+        ]
+        .into();
+        let mut slots: SlotRows = [
+            (("g0".to_string(), 0), None),
+            (("g0".to_string(), 1), Some(("peer".to_string(), 4))),
+            (("g1".to_string(), 0), None),
+        ]
+        .into();
+        let reqs = [
+            req("a", 0, "g0", 0),
+            // The same slot again: a's claim above holds it now.
+            req("c", 0, "g0", 0),
+            // Held by another task in MySQL.
+            req("c", 0, "g0", 1),
+            // Not at the attempt count the scheduler read, or not pending at all.
+            req("b", 0, "g1", 0),
+            req("done", 1, "g1", 0),
+            // The same task twice: its first claim moved it to processing.
+            req("a", 0, "g1", 0),
+            req("c", 0, "g1", 0),
+        ];
+        let (verdicts, claimed) = judge_claims(&reqs, &mut tasks, &mut slots).expect("judged");
+        assert_eq!(
+            verdicts,
+            [
+                Claim::Claimed,
+                Claim::SlotTaken {
+                    holder: "a".into(),
+                    attempt: 1
+                },
+                Claim::SlotTaken {
+                    holder: "peer".into(),
+                    attempt: 4
+                },
+                Claim::NotPending,
+                Claim::NotPending,
+                Claim::NotPending,
+                Claim::Claimed,
+            ]
+        );
+        let ids: Vec<&str> = claimed.iter().map(|r| r.task_id).collect();
+        assert_eq!(ids, ["a", "c"]);
+        assert_eq!(slots[&("g1".to_string(), 0)], Some(("c".to_string(), 1)));
+        assert_eq!(tasks["c"].0.as_deref(), Some("processing"));
+    }
+
+    #[test]
+    fn a_slot_row_missing_from_mysql_is_an_error_not_a_claim() {
+        let mut tasks: TaskRows = [("a".to_string(), (Some("pending".to_string()), 0))].into();
+        let mut slots = SlotRows::new();
+        let e =
+            judge_claims(&[req("a", 0, "g9", 3)], &mut tasks, &mut slots).expect_err("no slot row");
+        assert!(e.to_string().contains("slot row g9/3 is missing"), "{e}");
+    }
+}
