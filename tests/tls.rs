@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -26,22 +25,7 @@ fn certificate(dir: &Path, name: &str) -> (PathBuf, PathBuf, String) {
 
 /// A client that trusts only `pem`'s certificate.
 fn trusting(pem: &str) -> ureq::Agent {
-    let roots: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(pem.as_bytes())
-        .filter_map(|item| match item {
-            Ok(ureq::tls::PemItem::Certificate(c)) => Some(c.to_owned()),
-            _ => None,
-        })
-        .collect();
-    let config = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(10)))
-        .tls_config(
-            ureq::tls::TlsConfig::builder()
-                .root_certs(ureq::tls::RootCerts::Specific(Arc::new(roots)))
-                .build(),
-        )
-        .build();
-    ureq::Agent::new_with_config(config)
+    qsys::http::agent_trusting(pem.as_bytes())
 }
 
 fn status(agent: &ureq::Agent, url: &str) -> Result<u16, String> {

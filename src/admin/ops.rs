@@ -54,29 +54,14 @@ pub(crate) fn admin_url(config: &Config) -> String {
     format!("{scheme}://{addr}")
 }
 
-/// The client for the admin API: over TLS it trusts the certificates of `admin.tls_cert` (a
-/// self-signed certificate, or a chain whose intermediate issued the server's), so the operator
-/// needs no CA set up for a listener on loopback.
+/// The client for the admin API: over TLS it trusts the certificates of `admin.tls_cert`, so the
+/// operator needs no CA set up for a listener on loopback.
 fn admin_agent(config: &Config) -> Result<ureq::Agent, String> {
     let Some(tls) = &config.admin.tls else {
         return Ok(crate::net::http::agent());
     };
     let pem = std::fs::read(&tls.cert).map_err(|e| format!("{}: {e}", tls.cert.display()))?;
-    let roots: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
-        .filter_map(|item| match item {
-            Ok(ureq::tls::PemItem::Certificate(c)) => Some(c.to_owned()),
-            _ => None,
-        })
-        .collect();
-    let config = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .tls_config(
-            ureq::tls::TlsConfig::builder()
-                .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(roots)))
-                .build(),
-        )
-        .build();
-    Ok(ureq::Agent::new_with_config(config))
+    Ok(crate::net::http::agent_trusting(&pem))
 }
 
 /// `GET <admin>/status` of the running daemon.

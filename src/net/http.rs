@@ -94,6 +94,28 @@ pub fn agent() -> ureq::Agent {
     )
 }
 
+/// A client that trusts only the certificates in `pem` (a self-signed certificate, or a chain
+/// that holds the server's issuer): how `qsysd status` reaches an HTTPS admin listener without a
+/// CA set up for it. A request may take 30 s at most unless it sets its own bound.
+pub fn agent_trusting(pem: &[u8]) -> ureq::Agent {
+    let roots: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => Some(c.to_owned()),
+            _ => None,
+        })
+        .collect();
+    let config = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(roots)))
+                .build(),
+        )
+        .build();
+    ureq::Agent::new_with_config(config)
+}
+
 /// One agent per endpoint. ureq keeps an agent's idle connections in one list that every request
 /// scans for its host; with a whole fleet behind one agent that scan cost more than the request.
 #[derive(Default)]

@@ -152,17 +152,28 @@ impl<S: Claims> Scheduler<S> {
         let rows = self.store.pending_tasks()?;
         let n = rows.len();
         for row in rows {
-            let wait = row.wait;
-            let id = row.task_id.clone();
-            match Task::from_stored(row) {
-                Ok(t) if wait.is_zero() => self.pending.push_back(t),
-                Ok(_) => self.delayed.push(Reverse((Instant::now() + wait, id))),
-                Err(e) => {
-                    log::error!(task_id = id.as_str(), error = e.as_str(); "cannot resume task")
-                }
+            if let Some(t) = self.take_up(row) {
+                self.pending.push_back(t);
             }
         }
         Ok(n)
+    }
+
+    /// A row this instance now holds, as a task: due now (returned), waiting for its backoff
+    /// (timed), or unreadable (logged and left to its lease or an operator).
+    fn take_up(&mut self, row: StoredTask) -> Option<Task> {
+        let (id, wait) = (row.task_id.clone(), row.wait);
+        match Task::from_stored(row) {
+            Ok(t) if wait.is_zero() => Some(t),
+            Ok(_) => {
+                self.delayed.push(Reverse((Instant::now() + wait, id)));
+                None
+            }
+            Err(e) => {
+                log::error!(task_id = id.as_str(), error = e.as_str(); "cannot resume task");
+                None
+            }
+        }
     }
 
     /// No `pending` row stays so for good (issue 14): adopts rows nobody holds (a stop whose
@@ -204,14 +215,7 @@ impl<S: Claims> Scheduler<S> {
             if held.contains(row.task_id.as_str()) {
                 continue;
             }
-            let (id, wait) = (row.task_id.clone(), row.wait);
-            match Task::from_stored(row) {
-                Ok(t) if wait.is_zero() => taken.push(t),
-                Ok(_) => self.delayed.push(Reverse((Instant::now() + wait, id))),
-                Err(e) => {
-                    log::error!(task_id = id.as_str(), error = e.as_str(); "cannot resume task")
-                }
-            }
+            taken.extend(self.take_up(row));
         }
         if !taken.is_empty() {
             log::warn!(count = taken.len(); "took up pending tasks that no thread held");
