@@ -26,22 +26,31 @@ impl Store {
         result
     }
 }
+
 /// Whether `table` has `column`: MySQL has no `ADD COLUMN IF NOT EXISTS`, so a step asks first.
 fn column_exists(c: &mut PooledConn, table: &str, column: &str) -> Result<bool, StoreError> {
-    let n: Option<u64> = c.exec_first(
-        "SELECT COUNT(*) FROM information_schema.columns \
-         WHERE table_schema = DATABASE() AND table_name = ? AND column_name = ?",
-        (table, column),
-    )?;
-    Ok(n.unwrap_or(0) > 0)
+    schema_has(c, "columns", "column_name", table, column)
 }
 
 /// Whether `table` has the index `index`, for the same reason as [`column_exists`].
 fn index_exists(c: &mut PooledConn, table: &str, index: &str) -> Result<bool, StoreError> {
+    schema_has(c, "statistics", "index_name", table, index)
+}
+
+/// Whether `information_schema.<view>` lists `name` (in its `field`) for `table` of this database.
+fn schema_has(
+    c: &mut PooledConn,
+    view: &str,
+    field: &str,
+    table: &str,
+    name: &str,
+) -> Result<bool, StoreError> {
     let n: Option<u64> = c.exec_first(
-        "SELECT COUNT(*) FROM information_schema.statistics \
-         WHERE table_schema = DATABASE() AND table_name = ? AND index_name = ?",
-        (table, index),
+        format!(
+            "SELECT COUNT(*) FROM information_schema.{view} \
+             WHERE table_schema = DATABASE() AND table_name = ? AND {field} = ?"
+        ),
+        (table, name),
     )?;
     Ok(n.unwrap_or(0) > 0)
 }
