@@ -32,7 +32,7 @@ pub fn requeue(store: &Store, client: &redis::Client, task_id: &str) -> Result<b
     let Some((queue, payload)) = store.requeue(task_id)? else {
         return Ok(false);
     };
-    let mut conn = crate::net::redis::connect(client, Duration::from_secs(10))?;
+    let mut conn = crate::net::redis::connect(client, crate::net::redis::Timeouts::SHORT)?;
     redis::cmd("RPUSH")
         .arg(&queue)
         .arg(&payload)

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tiny_http::Server;
 
@@ -94,7 +95,10 @@ fn connect_store(c: &Config) -> Result<(Store, u32), StartError> {
 /// A Redis client whose server answered a `PING`.
 fn connect_redis(c: &Config) -> Result<redis::Client, StartError> {
     let client = redis::Client::open(c.redis.url.as_str())?;
-    let mut conn = crate::net::redis::connect(&client, c.redis.pop_timeout)?;
+    let mut conn = crate::net::redis::connect(
+        &client,
+        crate::net::redis::Timeouts::reading(c.redis.pop_timeout + Duration::from_secs(10)),
+    )?;
     redis::cmd("PING").query::<String>(&mut conn)?;
     Ok(client)
 }

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::config::{ConfigError, Env, ProducerConfig};
+use crate::net::redis::Timeouts;
 use crate::producer::events::{self, Batch, Invalid, Outgoing, Rules};
 use crate::producer::follow::{self, WaitError};
 
@@ -85,7 +86,14 @@ impl Pusher {
         let conn = match &mut self.conn {
             Some(c) => c,
             None => {
-                let c = crate::net::redis::connect(&self.client, IO_TIMEOUT)?;
+                let c = crate::net::redis::connect(
+                    &self.client,
+                    Timeouts {
+                        read: IO_TIMEOUT,
+                        write: IO_TIMEOUT,
+                        ..Timeouts::SHORT
+                    },
+                )?;
                 self.conn.insert(c)
             }
         };

@@ -30,6 +30,7 @@ use serde_json::value::RawValue;
 use crate::config::Endpoint;
 use crate::contract::slot_event::SlotEvent;
 use crate::net::backoff::Backoff;
+use crate::net::redis::Timeouts;
 use crate::obs::trouble::Trouble;
 use crate::shared::Shared;
 
@@ -274,7 +275,10 @@ pub(crate) fn run_publisher(
         pipe.cmd("PUBLISH").arg(&channel).arg(text).ignore();
         let c = match conn.as_mut() {
             Some(c) => c,
-            None => match crate::net::redis::connect(&client, Duration::from_secs(11)) {
+            None => match crate::net::redis::connect(
+                &client,
+                Timeouts::reading(Duration::from_secs(11)),
+            ) {
                 Ok(c) => conn.insert(c),
                 Err(e) => {
                     // Others resync from MySQL; dropping events costs latency, never a slot.
@@ -302,7 +306,14 @@ pub(crate) fn run_subscriber(shared: Arc<Shared>, client: redis::Client) {
     let mut warnings = Warnings::default();
     while !shared.stop.is_closing() {
         shared.tick("qsys-slotsub");
-        let mut conn = match crate::net::redis::connect(&client, Duration::from_secs(2)) {
+        let mut conn = match crate::net::redis::connect(
+            &client,
+            Timeouts {
+                // A short connect: this loop notices a stop between attempts.
+                connect: Duration::from_secs(2),
+                ..Timeouts::SHORT
+            },
+        ) {
             Ok(c) => c,
             Err(e) => {
                 log::warn!(error:% = e; "cannot subscribe to slot events");

@@ -22,6 +22,7 @@ use crate::contract::slot_event::SlotEvent;
 use crate::contract::token::Signer;
 use crate::fleet::SlotMatrix;
 use crate::net::backoff::{Backoff, RetryDelay};
+use crate::net::redis::Timeouts;
 use crate::obs::trouble::Trouble;
 use crate::shared::shutdown::Shutdown;
 use crate::store::{EndRequest, Ending, Finish, Next, Store, StoreError, StoredTask};
@@ -180,8 +181,9 @@ impl Shared {
         let ids: Vec<String> = tasks.iter().map(|t| t.msg.task_id.clone()).collect();
         store.release_pending(&ids).map_err(|e| e.to_string())?;
         crate::pause_point!(store.instance(), "hand-back:released");
-        let mut conn = crate::net::redis::connect(client, Duration::from_secs(11))
-            .map_err(|e| e.to_string())?;
+        let mut conn =
+            crate::net::redis::connect(client, Timeouts::reading(Duration::from_secs(11)))
+                .map_err(|e| e.to_string())?;
         let mut pipe = redis::pipe();
         for t in tasks.iter().rev() {
             pipe.cmd("LPUSH")

@@ -26,6 +26,7 @@ use redis::{Client, Connection};
 
 use crate::contract::message;
 use crate::net::backoff::Backoff;
+use crate::net::redis::Timeouts;
 use crate::obs::trouble::Trouble;
 use crate::shared::{Shared, Task};
 use crate::store::{Accepted, NewTask, Store, StoreError};
@@ -71,7 +72,7 @@ pub(crate) enum QueueError {
 pub(crate) fn connect(client: &Client, pop_timeout: Duration) -> Result<Connection, QueueError> {
     Ok(crate::net::redis::connect(
         client,
-        pop_timeout + Duration::from_secs(10),
+        Timeouts::reading(pop_timeout + Duration::from_secs(10)),
     )?)
 }
 
