@@ -133,6 +133,60 @@ fn both_listeners_serve_tls_that_a_verifying_client_accepts_and_reload_renews() 
 }
 
 #[test]
+fn a_client_that_trickles_its_handshake_is_cut_off() {
+    use std::io::{Read, Write};
+    let env = TestEnv::new("tlstrickle");
+    let dir = tempdir("tlstrickle");
+    let (cert, key, pem) = certificate(&dir, "server");
+    let toml = with_tls(
+        &env.config_toml(&["http://127.0.0.1:1/run".to_string()], ""),
+        &cert,
+        &key,
+    );
+    let daemon = env.start(&toml);
+    let mut sock = std::net::TcpStream::connect(daemon.callback_addr()).expect("connect");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    // A TLS record header announcing a 16 KiB handshake message, then a byte every 500 ms:
+    // each socket read gets something well within its timeout, so only a deadline on the whole
+    // handshake ends it.
+    sock.write_all(&[0x16, 0x03, 0x01, 0x40, 0x00])
+        .expect("header");
+    let started = std::time::Instant::now();
+    let cut = loop {
+        if started.elapsed() > Duration::from_secs(30) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        if sock.write_all(&[0]).is_err() {
+            break true;
+        }
+        match sock.read(&mut [0; 64]) {
+            Ok(0) => break true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => break true,
+        }
+    };
+    let took = started.elapsed();
+    assert!(cut, "the trickling handshake was never cut off");
+    // The listener's request deadline is 10 s (net::server::REQUEST_TIMEOUT).
+    assert!(took < Duration::from_secs(16), "cut off after {took:?}");
+    assert_eq!(
+        status(
+            &trusting(&pem),
+            &format!(
+                "https://127.0.0.1:{}/healthz",
+                daemon.callback_addr().port()
+            )
+        ),
+        Ok(200)
+    );
+    stop(daemon);
+}
+
+#[test]
 fn half_set_or_unreadable_tls_files_are_config_errors_naming_the_key() {
     let env = TestEnv::new("tlscfg");
     let dir = tempdir("tlscfg");
@@ -160,7 +214,10 @@ fn half_set_or_unreadable_tls_files_are_config_errors_naming_the_key() {
     );
     let mismatched = with_tls(&base, &cert, &other_key);
     let e = err(mismatched);
-    assert!(e.contains("does not match"), "{e}");
+    assert!(
+        e.starts_with("callback.tls_key = ") && e.contains("does not match"),
+        "{e}"
+    );
     // The pair that matches is accepted.
     env.config(&with_tls(&base, &cert, &key));
 }

@@ -23,26 +23,42 @@ impl TlsFiles {
     /// The chain and key as they are in the files now, ready to serve: parsed, and the key
     /// checked against the chain's first certificate. The error says which file and why.
     pub(crate) fn load(&self) -> Result<Arc<CertifiedKey>, String> {
+        self.load_each().map_err(|e| match e {
+            TlsFileError::Cert(why) | TlsFileError::Key(why) => why,
+        })
+    }
+
+    /// [`TlsFiles::load`], saying which of the two files is at fault.
+    fn load_each(&self) -> Result<Arc<CertifiedKey>, TlsFileError> {
         let cert = self.cert.display();
         let chain = CertificateDer::pem_file_iter(&self.cert)
             .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| format!("{cert}: {e}"))?;
+            .map_err(|e| TlsFileError::Cert(format!("{cert}: {e}")))?;
         if chain.is_empty() {
-            return Err(format!("{cert}: no PEM certificate in it"));
+            return Err(TlsFileError::Cert(format!(
+                "{cert}: no PEM certificate in it"
+            )));
         }
-        let key = PrivateKeyDer::from_pem_file(&self.key)
-            .map_err(|e| format!("{}: {e}", self.key.display()))?;
+        let key_error =
+            |e: &dyn std::fmt::Display| TlsFileError::Key(format!("{}: {e}", self.key.display()));
+        let key = PrivateKeyDer::from_pem_file(&self.key).map_err(|e| key_error(&e))?;
         let provider = rustls::crypto::ring::default_provider();
         let signer = provider
             .key_provider
             .load_private_key(key)
-            .map_err(|e| format!("{}: {e}", self.key.display()))?;
+            .map_err(|e| key_error(&e))?;
         let certified = CertifiedKey::new(chain, signer);
         certified
             .keys_match()
-            .map_err(|e| format!("{} does not match {cert}: {e}", self.key.display()))?;
+            .map_err(|e| key_error(&format!("does not match {cert}: {e}")))?;
         Ok(Arc::new(certified))
     }
+}
+
+/// Which TLS file would not load, and why.
+enum TlsFileError {
+    Cert(String),
+    Key(String),
 }
 
 /// `[section]`'s `tls_cert` and `tls_key`: both or neither, each file readable and the two a pair.
@@ -69,8 +85,17 @@ pub(super) fn tls_files(
             ))
         }
     };
-    files
-        .load()
-        .map_err(|reason| invalid(format!("{section}.tls_cert"), files.cert.display(), reason))?;
-    Ok(Some(files))
+    match files.load_each() {
+        Ok(_) => Ok(Some(files)),
+        Err(TlsFileError::Cert(why)) => Err(invalid(
+            format!("{section}.tls_cert"),
+            files.cert.display(),
+            why,
+        )),
+        Err(TlsFileError::Key(why)) => Err(invalid(
+            format!("{section}.tls_key"),
+            files.key.display(),
+            why,
+        )),
+    }
 }

@@ -162,7 +162,6 @@ impl Daemon {
     /// handlers, timeouts, retry and health settings and the log level change; a removed GPU and
     /// slots beyond a lowered count drain. What needs a restart is kept as it was, with a warning.
     pub fn apply_config(&self, mut new: crate::config::Config) {
-        self.renew_certificates();
         let shared = &self.shared;
         let old = shared.config();
         for key in new.keep_fixed(&old) {
@@ -180,6 +179,7 @@ impl Daemon {
                 return;
             }
         }
+        self.renew_certificates();
         shared.slots().reconfigure(&new.gpus);
         log::set_max_level(new.daemon.log_level);
         log::info!(gpus = new.gpus.len(), slots = new.total_slots(); "configuration reloaded");

@@ -399,7 +399,11 @@ impl Server {
                                 Some(ref ssl) => {
                                     // trying to apply SSL over the connection
                                     // if an error occurs, we just close the socket and resume listening
-                                    let sock = match ssl.accept(sock) {
+                                    let sock = match ssl.accept(
+                                        sock,
+                                        limits.request_timeout,
+                                        limits.idle_timeout,
+                                    ) {
                                         Ok(s) => s,
                                         Err(_) => continue,
                                     };

@@ -95,6 +95,9 @@ impl OpenSslContext {
     pub fn accept(
         &self,
         stream: Connection,
+        // qsysd patch: the handshake bounds of the rustls context; not applied here.
+        _limit: std::time::Duration,
+        _idle: std::time::Duration,
     ) -> Result<OpenSslStream, Box<dyn Error + Send + Sync + 'static>> {
         use openssl::ssl::Ssl;
         let session = Ssl::new(&self.0).expect("Failed to create new OpenSSL session");
