@@ -41,10 +41,20 @@ macro_rules! pause_point {
     };
 }
 
-/// Counts a [`obs::trouble::Trouble`], raises it on `/healthz` when it is an outage, and logs it
-/// at `level` with the error and any further key-values, from the caller's module (so the log line
-/// names the component): `trouble!(warn, shared, Trouble::Redis, e; "redis unavailable", k = v)`.
+/// Counts a [`obs::trouble::Trouble`] and logs it at `level` with the error and any further
+/// key-values, from the caller's module (so the log line names the component):
+/// `trouble!(warn, shared, Trouble::Mysql, e; "mysql error claiming slots", count = n)`.
 macro_rules! trouble {
+    ($level:ident, $shared:expr, $kind:expr, $error:expr; $msg:literal $(, $($kv:tt)+)?) => {{
+        let error = &$error;
+        $shared.count($kind);
+        log::$level!(error:% = error $(, $($kv)+)?; $msg);
+    }};
+}
+
+/// [`trouble!`] from the thread that judges a dependency's health: also raises it as a
+/// `/healthz` problem (and pauses what needs it) until `Shared::cleared`.
+macro_rules! outage {
     ($level:ident, $shared:expr, $kind:expr, $error:expr; $msg:literal $(, $($kv:tt)+)?) => {{
         let error = &$error;
         $shared.raise($kind, error);

@@ -1,6 +1,7 @@
-//! Trouble: the kinds of failure qsysd counts (`qsys_errors_total{kind}`), of which losing Redis
-//! or MySQL also makes `/healthz` answer 503 until it works again. The `trouble!` macro (lib.rs)
-//! counts, raises and logs one in a single call, so no site can do one and forget another.
+//! Trouble: the kinds of failure qsysd counts (`qsys_errors_total{kind}`). The macros in lib.rs
+//! count and log one in a single call (`trouble!`), or for the threads that judge a dependency's
+//! health (the heartbeat for MySQL, the poller for Redis) also raise it as a `/healthz` problem
+//! until it works again (`outage!`), so no site can do one and forget another.
 
 /// A kind of failure, by its `kind` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,12 +30,6 @@ impl Trouble {
             Trouble::SlotEvent => "slot_event",
         }
     }
-
-    /// Whether this trouble makes the daemon unhealthy while it lasts: a lost dependency does;
-    /// one task's or one peer's failure does not.
-    pub(crate) fn is_outage(self) -> bool {
-        matches!(self, Trouble::Mysql | Trouble::Redis)
-    }
 }
 
 #[cfg(test)]
@@ -42,7 +37,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_kind_has_its_label_and_only_dependencies_are_outages() {
+    fn every_kind_has_its_label() {
         let all = [
             Trouble::Dispatch,
             Trouble::Handler,
@@ -52,11 +47,5 @@ mod tests {
         ];
         let labels: Vec<&str> = all.iter().map(|t| t.label()).collect();
         assert_eq!(labels, Trouble::LABELS);
-        let outages: Vec<&str> = all
-            .iter()
-            .filter(|t| t.is_outage())
-            .map(|t| t.label())
-            .collect();
-        assert_eq!(outages, ["mysql", "redis"]);
     }
 }

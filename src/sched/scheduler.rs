@@ -338,8 +338,9 @@ impl<S: Claims> Scheduler<S> {
                         Placed::Done
                     }
                     None => {
-                        // The policy may depend on the task (a retry avoids its last GPU), so a
-                        // miss ends the round's GPU placements only when no slot is free at all.
+                        // Today a miss means no slot is free (a retry falls back to its last
+                        // GPU), but a policy that weighs the task may miss with slots free: the
+                        // round's GPU placements end only when none is.
                         gpu_full = !self.shared.slots().has_free();
                         Placed::Wait(task)
                     }

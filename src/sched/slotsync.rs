@@ -341,7 +341,7 @@ pub(crate) fn run_subscriber(shared: Arc<Shared>, client: redis::Client) {
                     // The GPUs in force now: a reload may have changed them.
                     let read = read(msg.get_payload_bytes(), &me, &shared.config().gpus);
                     for (sender, why) in &read.refused {
-                        shared.raise(Trouble::SlotEvent, why);
+                        shared.count(Trouble::SlotEvent);
                         warn(&mut warnings, sender.as_deref(), why);
                     }
                     let mut freed = false;

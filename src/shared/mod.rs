@@ -387,15 +387,19 @@ impl Shared {
         )
     }
 
-    /// Counts `kind` and, for an outage, makes `/healthz` report `error` until
-    /// [`Shared::cleared`]. Sites that also log use `trouble!`.
-    pub(crate) fn raise(&self, kind: Trouble, error: &dyn std::fmt::Display) {
+    /// Counts `kind` in `qsys_errors_total`. Sites that also log use `trouble!`.
+    pub(crate) fn count(&self, kind: Trouble) {
         self.metrics.errors.inc(kind.label());
-        if kind.is_outage() {
-            self.problems
-                .locked()
-                .insert(kind.label(), error.to_string());
-        }
+    }
+
+    /// Counts `kind` and makes `/healthz` (and the maintenance thread, which waits while MySQL is
+    /// out) see it as failing with `error` until [`Shared::cleared`]: for the threads that judge a
+    /// dependency's health. Sites that also log use `outage!`.
+    pub(crate) fn raise(&self, kind: Trouble, error: &dyn std::fmt::Display) {
+        self.count(kind);
+        self.problems
+            .locked()
+            .insert(kind.label(), error.to_string());
     }
 
     /// `kind` works again.

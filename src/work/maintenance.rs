@@ -83,7 +83,7 @@ pub(crate) fn run_heartbeat(shared: Arc<Shared>) {
         shared.tick("qsys-heartbeat");
         match shared.store.heartbeat() {
             Ok(()) => shared.cleared(Trouble::Mysql),
-            Err(e) => trouble!(warn, shared, Trouble::Mysql, e; "mysql unavailable"),
+            Err(e) => outage!(warn, shared, Trouble::Mysql, e; "mysql unavailable"),
         }
         let next = Instant::now() + Duration::from_secs(1);
         while Instant::now() < next && !shared.stop.is_closing() {

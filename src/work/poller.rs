@@ -449,7 +449,7 @@ impl Poller {
 
     fn redis_trouble(&self, e: &dyn std::fmt::Display, backoff: &mut Backoff) {
         let wait = backoff.next_delay();
-        trouble!(warn, self.shared, Trouble::Redis, e; "redis unavailable", retry_in:? = wait);
+        outage!(warn, self.shared, Trouble::Redis, e; "redis unavailable", retry_in:? = wait);
         self.shared.stop.sleep(wait);
     }
 
@@ -478,10 +478,10 @@ impl Poller {
         if let Some(e) = &recorded.outage {
             let wait = backoff.next_delay();
             match &cleared {
-                Ok(()) => trouble!(warn, self.shared, Trouble::Mysql, e;
+                Ok(()) => outage!(warn, self.shared, Trouble::Mysql, e;
                     "mysql unavailable: tasks returned to their queue",
                     queue, count = recorded.unrecorded.len(), retry_in:? = wait),
-                Err(re) => trouble!(warn, self.shared, Trouble::Mysql, e;
+                Err(re) => outage!(warn, self.shared, Trouble::Mysql, e;
                     "mysql unavailable; tasks stay in the in-hand list until reconnect",
                     queue, redis_error:% = re),
             }
