@@ -212,6 +212,11 @@ fn half_set_or_unreadable_tls_files_are_config_errors_naming_the_key() {
         e.starts_with("callback.tls_cert = \"/nonexistent.crt\""),
         "{e}"
     );
+    // A path to a device that never ends is refused, not read forever.
+    let endless = with_tls(&base, Path::new("/dev/zero"), &key);
+    let e = err(endless);
+    assert!(e.starts_with("callback.tls_cert = \"/dev/zero\""), "{e}");
+    assert!(e.contains("larger than"), "{e}");
     let mismatched = with_tls(&base, &cert, &other_key);
     let e = err(mismatched);
     assert!(

@@ -60,8 +60,9 @@ fn admin_agent(config: &Config) -> Result<ureq::Agent, String> {
     let Some(tls) = &config.admin.tls else {
         return Ok(crate::net::http::agent());
     };
-    let pem = std::fs::read(&tls.cert).map_err(|e| format!("{}: {e}", tls.cert.display()))?;
-    Ok(crate::net::http::agent_trusting(&pem))
+    let pem = crate::config::read_capped(&tls.cert, 1 << 20)
+        .map_err(|e| format!("{}: {e}", tls.cert.display()))?;
+    Ok(crate::net::http::agent_trusting(pem.as_bytes()))
 }
 
 /// `GET <admin>/status` of the running daemon.

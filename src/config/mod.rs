@@ -241,13 +241,39 @@ pub struct Config {
     pub daemon: DaemonConfig,
 }
 
+/// Largest config file read: far above any real one, so a path that names `/dev/zero` or a huge
+/// file is an error, not a start-up that never ends.
+const MAX_CONFIG_FILE: u64 = 4 << 20;
+
+/// The file at `path` as text, if it is at most `max` bytes: every file the config names (the
+/// config itself, secrets, TLS files) is read through here.
+pub(crate) fn read_capped(path: &Path, max: u64) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(max + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {max} bytes"),
+        ));
+    }
+    Ok(text)
+}
+
+/// The config file at `path`, for the daemon and the producer alike.
+fn read_config_file(path: &Path) -> Result<String, ConfigError> {
+    read_capped(path, MAX_CONFIG_FILE).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 impl Config {
     /// Reads, overrides and validates the file at `path`.
     pub fn load(path: &Path, env: &Env) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = read_config_file(path)?;
         Config::from_toml(&text, path, env)
     }
 
@@ -749,6 +775,18 @@ mod tests {
             .to_string();
         assert!(e.contains("QUEUE_NAME") && e.contains("a b"), "{e}");
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn files_that_never_end_are_refused_not_read_forever() {
+        let e = Config::load(Path::new("/dev/zero"), &Env::new()).expect_err("refused");
+        assert!(e.to_string().contains("larger than"), "{e}");
+        let e = err(&MINIMAL.replace(
+            "secret = \"0123456789abcdef\"",
+            "secret_file = \"/dev/zero\"",
+        ));
+        assert!(e.starts_with("callback.secret_file = \"/dev/zero\""), "{e}");
+        assert!(e.contains("larger than"), "{e}");
     }
 
     #[test]

@@ -8,7 +8,10 @@ use serde::Deserialize;
 use super::env::mysql_url;
 use super::raw::{RawMysql, RawRedis};
 use super::validate::redis_config;
-use super::{invalid, parse_error, ConfigError, Env, MysqlConfig, RedisConfig, DEFAULT_PATH};
+use super::{
+    invalid, parse_error, read_config_file, ConfigError, Env, MysqlConfig, RedisConfig,
+    DEFAULT_PATH,
+};
 use crate::contract::names::{is_key_name, NAME_RULE};
 
 /// What a producer (`qsys-push`) reads of a config: `[redis]`, the names in `[types]`, and `[mysql]`
@@ -43,10 +46,7 @@ impl ProducerConfig {
         let raw: ProducerOnly = match path {
             None => ProducerOnly::default(),
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
+                let text = read_config_file(path)?;
                 toml::from_str(&text).map_err(|e| parse_error(path, &e))?
             }
         };

@@ -26,7 +26,8 @@ pub(super) fn read_secret(
 
 /// The secret in the file at `key` (one trailing newline dropped); empty is refused.
 pub(super) fn read_secret_file(key: &str, path: &Path) -> Result<Secret, ConfigError> {
-    let text = std::fs::read_to_string(path)
+    // A secret is a line; 64 KiB is room for any key, and bounds a path to a device.
+    let text = super::read_capped(path, 64 << 10)
         .map_err(|e| invalid(key, path.display(), format!("cannot read: {e}")))?;
     let s = text.trim_end_matches(['\n', '\r']).to_string();
     if s.is_empty() {

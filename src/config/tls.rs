@@ -9,7 +9,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
 
-use super::{invalid, ConfigError};
+use super::{invalid, read_capped, ConfigError};
+
+/// Largest certificate chain or key file read (a long chain is a few tens of KiB).
+const MAX_TLS_FILE: u64 = 1 << 20;
 
 /// Where a listener's certificate chain (PEM, the server's certificate first) and its private key
 /// (PEM: PKCS#8, PKCS#1 or SEC1) are.
@@ -31,9 +34,11 @@ impl TlsFiles {
     /// [`TlsFiles::load`], saying which of the two files is at fault.
     fn load_each(&self) -> Result<Arc<CertifiedKey>, TlsFileError> {
         let cert = self.cert.display();
-        let chain = CertificateDer::pem_file_iter(&self.cert)
-            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| TlsFileError::Cert(format!("{cert}: {e}")))?;
+        let cert_error = |e: &dyn std::fmt::Display| TlsFileError::Cert(format!("{cert}: {e}"));
+        let pem = read_capped(&self.cert, MAX_TLS_FILE).map_err(|e| cert_error(&e))?;
+        let chain = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| cert_error(&e))?;
         if chain.is_empty() {
             return Err(TlsFileError::Cert(format!(
                 "{cert}: no PEM certificate in it"
@@ -41,7 +46,8 @@ impl TlsFiles {
         }
         let key_error =
             |e: &dyn std::fmt::Display| TlsFileError::Key(format!("{}: {e}", self.key.display()));
-        let key = PrivateKeyDer::from_pem_file(&self.key).map_err(|e| key_error(&e))?;
+        let pem = read_capped(&self.key, MAX_TLS_FILE).map_err(|e| key_error(&e))?;
+        let key = PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| key_error(&e))?;
         let provider = rustls::crypto::ring::default_provider();
         let signer = provider
             .key_provider
