@@ -1,5 +1,6 @@
 //! Runs the fake GPU fleet ([`fakefleet`]) on fixed local ports for the quickstart demo and the
-//! benchmark. Prints one endpoint URL per line, then serves until SIGINT/SIGTERM or `--for`.
+//! benchmark. Prints one endpoint URL per line, then serves until SIGINT/SIGTERM or `--for`. GPU
+//! i's cancel endpoint is its URL's `/g<i>` prefix plus `/cancel`.
 //!
 //! `cargo run --example fake-fleet -- --gpus 4 --base-port 9100 --delay-ms 200-2000`
 
@@ -41,6 +42,12 @@ struct Args {
     /// Callbacks made at once (the fleet's caller threads).
     #[arg(long, default_value_t = 16)]
     callers: usize,
+    /// Heartbeat every running task at this interval (0: none).
+    #[arg(long, default_value_t = 0)]
+    heartbeat_ms: u64,
+    /// Size of the result each finished task carries (0: none).
+    #[arg(long, default_value_t = 0)]
+    result_bytes: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -69,6 +76,9 @@ fn main() -> anyhow::Result<()> {
         token: a.token,
         base_port: a.base_port,
         callers: a.callers,
+        heartbeat: (a.heartbeat_ms > 0).then(|| Duration::from_millis(a.heartbeat_ms)),
+        result_bytes: a.result_bytes,
+        ..FleetConfig::default()
     })?;
     for url in fleet.urls() {
         println!("{url}");

@@ -30,6 +30,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 target/debug/examples/fake-fleet --gpus 4 --base-port 9100 --delay-ms 300-1500 \
+  --heartbeat-ms 250 --result-bytes 200 \
   > "$demo/fleet.urls" 2> "$demo/fleet.log" &
 pids+=($!)
 for _ in $(seq 50); do [ "$(wc -l < "$demo/fleet.urls")" -ge 4 ] && break; sleep 0.1; done
@@ -45,6 +46,8 @@ listen = "127.0.0.1:8000"
 secret = "demo-secret-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 [gpu]
 slots = 4
+# The fake GPUs heartbeat every 250 ms: one silent for 10 s has died.
+heartbeat_timeout = "10s"
 [types.start_transcribe]
 handler = "gpu"
 [types.send_email]
@@ -61,7 +64,8 @@ instance_id = "demo"
 TOML
 i=0
 while read -r url; do
-  printf '[[gpu.endpoints]]\nid = "g%d"\nurl = "%s"\n' "$i" "$url" >> "$demo/qsysd.toml"
+  printf '[[gpu.endpoints]]\nid = "g%d"\nurl = "%s"\ncancel_url = "%s/cancel"\n' \
+    "$i" "$url" "${url%%/ai/*}" >> "$demo/qsysd.toml"
   i=$((i + 1))
 done < "$demo/fleet.urls"
 
@@ -76,7 +80,7 @@ for _ in $(seq 100); do grep -q "qsysd starting" "$demo/qsysd.log" 2>/dev/null &
 push() { target/debug/qsys-push --config "$demo/qsysd.toml" "$@" > /dev/null; }
 echo "quickstart: pushing 40 transcriptions, 3 emails, 2 reports, 2 cleanups"
 for n in $(seq 1 40); do
-  push --type start_transcribe --data "{\"s3_bucket\":\"esales-et-callrecordings\",\"s3_key\":\"recordings/2025/07/01/call-$n.wav\",\"call_session\":\"1751353080.$n\"}"
+  push --type start_transcribe --task-id "demo-call-$n" --data "{\"s3_bucket\":\"esales-et-callrecordings\",\"s3_key\":\"recordings/2025/07/01/call-$n.wav\",\"call_session\":\"1751353080.$n\"}"
 done
 for n in 1 2 3; do push --type send_email --data "{\"user_id\":$n,\"email\":\"user$n@example.com\",\"subject\":\"Test Email\"}"; done
 push --type generate_report --data '{"user_id":456,"report_type":"monthly"}'
@@ -85,9 +89,19 @@ push --type cleanup --data '{"user_id":789}'
 push --type cleanup --queue demo:task_queue_2 --data '{"user_id":0}'
 
 sql() { mariadb -h 127.0.0.1 -u root qsys_demo -N -B -e "$1"; }
+# Two cancels: the last transcription, still waiting (it never runs), and one a GPU is running
+# (the GPU's cancel_url stops it and frees its slot).
+target/debug/qsysd --config "$demo/qsysd.toml" cancel demo-call-40 --reason "demo: not needed"
+running=""
+for _ in $(seq 50); do
+  running=$(sql "SELECT task_id FROM tasks WHERE state='processing' AND gpu_id IS NOT NULL LIMIT 1")
+  [ -n "$running" ] && break
+  sleep 0.1
+done
+[ -n "$running" ] && target/debug/qsysd --config "$demo/qsysd.toml" cancel "$running" --reason "demo: wrong file"
 total=47
 while :; do
-  done_n=$(sql "SELECT COUNT(*) FROM tasks WHERE state IN ('finished','failed')")
+  done_n=$(sql "SELECT COUNT(*) FROM tasks WHERE state IN ('finished','failed','cancelled')")
   busy=$(sql "SELECT IFNULL(GROUP_CONCAT(CONCAT(gpu_id,'=',n) ORDER BY gpu_id SEPARATOR ' '), 'none') FROM (SELECT gpu_id, COUNT(*) n FROM tasks WHERE state='processing' AND gpu_id IS NOT NULL GROUP BY gpu_id) t")
   waiting=$(redis-cli -h 127.0.0.1 LLEN demo:task_queue_1)
   printf '\rquickstart: %2d/%d done | in redis: %2s | GPU slots busy: %-28s' "$done_n" "$total" "$waiting" "${busy:-none}"
@@ -103,9 +117,12 @@ mariadb -h 127.0.0.1 -u root qsys_demo -t -e \
 echo "Transcriptions per GPU (least-loaded first, 4 slots each):"
 mariadb -h 127.0.0.1 -u root qsys_demo -t -e \
   "SELECT gpu_id, COUNT(*) AS tasks FROM tasks WHERE type='start_transcribe' GROUP BY gpu_id"
-echo "Failures:"
+echo "Failures and cancels:"
 mariadb -h 127.0.0.1 -u root qsys_demo -t -e \
-  "SELECT task_id, type, error FROM tasks WHERE state='failed'"
+  "SELECT task_id, type, state, error FROM tasks WHERE state IN ('failed','cancelled')"
+echo "A result (the fake GPU's transcript), from qsysd task:"
+target/debug/qsysd --config "$demo/qsysd.toml" task demo-call-1 | grep -E '^(state|result)'
+
 if $keep; then
   echo "quickstart: the demo keeps running (Ctrl-C stops it):"
   echo "  dashboard   http://127.0.0.1:8001/"

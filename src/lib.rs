@@ -81,7 +81,7 @@ mod work;
 
 // What the binaries and the tests use; everything else is `pub(crate)`.
 
-/// The operator's commands (`qsysd status`, `drain`, `requeue`, `task`).
+/// The operator's commands (`qsysd status`, `drain`, `requeue`, `cancel`, `task`).
 pub use admin::ops;
 /// Configuration: the file, the seed's environment variables, and their validation.
 pub use config::{
@@ -106,7 +106,7 @@ pub use producer::{lambda, push};
 pub use sched::scheduler::PREFETCH;
 /// The MySQL store, for the schema tests.
 pub use store::{
-    Accepted, Claim, ClaimRequest, EndRequest, Ending, Finish, NewTask, Next, State, Store,
+    Accepted, Cancel, Claim, ClaimRequest, EndRequest, Ending, Finish, NewTask, Next, State, Store,
     StoreError, SCHEMA_VERSION,
 };
 pub use work::poller::TAKE_BATCH;

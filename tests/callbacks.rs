@@ -3,35 +3,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use common::{callback_target, stop, transcriptions, wait_for, TestEnv};
+use common::{call, callback_target, stop, transcriptions, wait_for, TestEnv};
 use fakefleet::{Fleet, FleetConfig};
-
-/// A raw HTTP/1.1 exchange; returns (status, body).
-fn call(addr: SocketAddr, method: &str, target: &str, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        s,
-        "{method} {target} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (status, body)
-}
 
 #[test]
 fn every_reply_code_and_nothing_changes_without_authority() {
@@ -77,7 +52,7 @@ fn every_reply_code_and_nothing_changes_without_authority() {
     );
     let huge = format!(
         r#"{{"task_id":"cb-0","status":"finished","x":"{}"}}"#,
-        "a".repeat(70_000)
+        "a".repeat(140_000)
     );
     assert_eq!(call(addr, "POST", &t1, &huge).0, 413);
     assert_eq!(call(addr, "GET", "/callback", "").0, 405);

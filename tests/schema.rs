@@ -44,6 +44,7 @@ fn claim_one(
         gpu_id,
         slot,
         lease: std::time::Duration::from_secs(60),
+        heartbeat: None,
     };
     store.claim_gpu_attempts(&[req]).expect("claim").remove(0)
 }
@@ -239,6 +240,7 @@ fn batched_claims_and_endings_give_one_verdict_each() {
         gpu_id,
         slot,
         lease,
+        heartbeat: None,
     };
     assert_eq!(claim_one(&store, "e", 0, "g1", 1), Claim::Claimed);
     let got = store
@@ -306,12 +308,12 @@ fn batched_claims_and_endings_give_one_verdict_each() {
     let got = store
         .end_attempts(
             &[
-                end("a", 1, Ending::Finished),
-                end("a", 1, Ending::Finished), // the same callback twice in one batch
+                end("a", 1, Ending::Finished { result: None }),
+                end("a", 1, Ending::Finished { result: None }), // the same callback twice in one batch
                 end("d", 1, flaky),
-                end("e", 2, Ending::Finished), // a stale attempt
-                end("zz", 1, Ending::Finished),
-                end("b", 0, Ending::Finished), // never dispatched
+                end("e", 2, Ending::Finished { result: None }), // a stale attempt
+                end("zz", 1, Ending::Finished { result: None }),
+                end("b", 0, Ending::Finished { result: None }), // never dispatched
             ],
             3,
         )

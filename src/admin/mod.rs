@@ -8,7 +8,8 @@
 //!   `qsysd status` and the dashboard show);
 //! - `GET /tasks/<id>`: one task and its attempts;
 //! - `GET /`: the dashboard, one static page (`src/dashboard.html`) that polls `/status`;
-//! - `POST /gpus/<id>/drain`, `POST /gpus/<id>/undrain`, `POST /tasks/<id>/requeue`: the operator's
+//! - `POST /gpus/<id>/drain`, `POST /gpus/<id>/undrain`, `POST /tasks/<id>/requeue`,
+//!   `POST /tasks/<id>/cancel` (optional `{"reason": "..."}` or `?reason=`): the operator's
 //!   actions, each logged;
 //! - `GET /openapi.json`: the OpenAPI 3.1 description of both listeners (`docs/openapi.json`).
 //!
@@ -37,7 +38,7 @@ use dashboard::{page, DASHBOARD, LOGIN};
 use crate::net::server::{not_allowed, reply};
 use crate::shared::Shared;
 
-/// Largest request body the admin listener reads: actions carry none worth reading.
+/// Largest request body the admin listener reads: only a cancel's reason is worth reading.
 pub(crate) const MAX_BODY: usize = 4096;
 
 /// Serves until the stop reaches its closing stage.
@@ -117,16 +118,23 @@ fn route(shared: &Shared, client: &redis::Client, req: Request) {
     if !authorized(shared, &req, None) {
         return reply(req, 401, &json!({ "error": "admin token required" }));
     }
-    // Actions carry no body worth reading; the listener has read (or refused) it already.
+    // The listener has read (or refused) the body already.
     if crate::net::server::body_refused(&req, MAX_BODY) {
         let body = json!({ "error": format!("body larger than {MAX_BODY} bytes") });
         return reply(req, 413, &body);
     }
-    api(shared, client, req, &method, &parts);
+    api(shared, client, req, &method, &parts, query);
 }
 
 /// One authorized API request, by method and decoded path segments.
-fn api(shared: &Shared, client: &redis::Client, req: Request, method: &Method, parts: &[&str]) {
+fn api(
+    shared: &Shared,
+    client: &redis::Client,
+    mut req: Request,
+    method: &Method,
+    parts: &[&str],
+    query: &str,
+) {
     let (status, body) = match (method, parts) {
         (Method::Get, ["metrics"]) => {
             return text(req, metrics::metrics(shared), "text/plain; version=0.0.4")
@@ -141,10 +149,14 @@ fn api(shared: &Shared, client: &redis::Client, req: Request, method: &Method, p
         (Method::Post, ["gpus", gpu, "drain"]) => drain(shared, gpu, true),
         (Method::Post, ["gpus", gpu, "undrain"]) => drain(shared, gpu, false),
         (Method::Post, ["tasks", id, "requeue"]) => requeue(shared, client, id),
+        (Method::Post, ["tasks", id, "cancel"]) => match cancel_reason(&mut req, query) {
+            Ok(reason) => cancel(shared, id, reason.as_deref()),
+            Err(e) => (400, json!({ "error": e })),
+        },
         (_, ["" | "metrics" | "status" | "openapi.json"]) | (_, ["tasks", _]) => {
             return not_allowed(req, "GET")
         }
-        (_, ["gpus", _, "drain" | "undrain"]) | (_, ["tasks", _, "requeue"]) => {
+        (_, ["gpus", _, "drain" | "undrain"]) | (_, ["tasks", _, "requeue" | "cancel"]) => {
             return not_allowed(req, "POST")
         }
         _ => (404, json!({ "error": "not found" })),
@@ -169,6 +181,43 @@ fn requeue(shared: &Shared, client: &redis::Client, id: &str) -> (u16, Value) {
             409,
             json!({ "error": "task is not terminal (or unknown)", "task_id": id }),
         ),
+        Err(e) => (503, json!({ "error": e.to_string() })),
+    }
+}
+
+/// A cancel's reason: `?reason=`, else a JSON body's `reason` (an empty body is none).
+fn cancel_reason(req: &mut Request, query: &str) -> Result<Option<String>, String> {
+    if let Some((_, r)) = url::form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "reason")
+    {
+        return Ok(Some(r.into_owned()));
+    }
+    let body = crate::net::server::read_body(req, MAX_BODY).unwrap_or_default();
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let v: Value = serde_json::from_slice(&body).map_err(|e| format!("body is not JSON: {e}"))?;
+    match v.get("reason") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err("reason must be a string".into()),
+    }
+}
+
+/// Cancels a task, logged; a running attempt of this instance is stopped within a second (the
+/// canceller's round), one of another instance by that instance.
+fn cancel(shared: &Shared, id: &str, reason: Option<&str>) -> (u16, Value) {
+    match ops::cancel(&shared.store, id, reason) {
+        Ok(outcome) => {
+            let label = match &outcome {
+                crate::store::Cancel::Cancelled { .. } => "cancelled",
+                crate::store::Cancel::Requested => "requested",
+                crate::store::Cancel::Terminal { .. } => "terminal",
+            };
+            shared.metrics.cancels.inc(label);
+            let reason = reason.unwrap_or("");
+            log::warn!(task_id = id, reason, outcome:? = outcome; "task cancel from the admin api");
+            ops::cancel_reply(id, &outcome)
+        }
         Err(e) => (503, json!({ "error": e.to_string() })),
     }
 }

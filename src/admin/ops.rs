@@ -1,10 +1,11 @@
-//! The operator's commands (`qsysd status`, `drain`, `undrain`, `requeue`, `task`), run by the
+//! The operator's commands (`qsysd status`, `drain`, `undrain`, `requeue`, `cancel`, `task`), run by the
 //! `qsysd` binary in the operator's shell, not by the daemon.
 //!
 //! `status` asks the running daemon's admin API (live slot and health state exists only there);
 //! the others work on MySQL (and Redis, for requeue) directly, so they also work while no daemon
 //! runs, and every running instance picks the change up within a second (drains) or when it next
-//! pops the queue (requeues). The daemon's admin API calls [`requeue`] too.
+//! pops the queue (requeues), or within a second (cancels of running attempts). The daemon's admin
+//! API calls [`requeue`] and [`cancel`] too.
 
 use std::fmt::Write;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::config::Config;
-use crate::store::{AttemptRecord, Store, StoreError, TaskRecord};
+use crate::store::{AttemptRecord, Cancel, State, Store, StoreError, TaskRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpsError {
@@ -38,6 +39,48 @@ pub fn requeue(store: &Store, client: &redis::Client, task_id: &str) -> Result<b
         .arg(&payload)
         .query::<()>(&mut conn)?;
     Ok(true)
+}
+
+/// Longest cancel reason kept: it becomes the task's error.
+pub const MAX_REASON: usize = 1000;
+
+/// Cancels a task (see [`Cancel`]); `reason` (an operator's words, at most [`MAX_REASON`]
+/// bytes, cut there) becomes its error as `cancelled: <reason>`.
+pub fn cancel(store: &Store, task_id: &str, reason: Option<&str>) -> Result<Cancel, OpsError> {
+    let reason = reason.map(str::trim).filter(|r| !r.is_empty());
+    let reason = crate::store::truncate(reason.unwrap_or("by an operator"), MAX_REASON);
+    Ok(store.cancel(task_id, &format!("cancelled: {reason}"))?)
+}
+
+/// What a cancel did, in words, for the CLI.
+pub fn describe_cancel(outcome: &Cancel) -> String {
+    match outcome {
+        Cancel::Cancelled { was: None } => "cancelled before qsysd took it: it will not run".into(),
+        Cancel::Cancelled { was: Some(_) } => "cancelled: it had not started".into(),
+        Cancel::Requested => "cancel requested: its running attempt is being stopped".into(),
+        Cancel::Terminal { state } => format!("already {state}; not cancelled"),
+    }
+}
+
+/// The admin API's answer to a cancel: 200 cancelled, 202 being stopped, 409 already terminal.
+pub(crate) fn cancel_reply(task_id: &str, outcome: &Cancel) -> (u16, Value) {
+    match outcome {
+        Cancel::Cancelled { was } => (
+            200,
+            serde_json::json!({ "task_id": task_id, "state": State::Cancelled.as_str(),
+                                "was": was.map_or("unknown", State::as_str) }),
+        ),
+        Cancel::Requested => (
+            202,
+            serde_json::json!({ "task_id": task_id, "state": State::Processing.as_str(),
+                                "cancel_requested": true }),
+        ),
+        Cancel::Terminal { state } => (
+            409,
+            serde_json::json!({ "error": "task is already terminal", "task_id": task_id,
+                                "state": state }),
+        ),
+    }
 }
 
 /// The admin API's base URL for a config (a wildcard listen address is reached on loopback).
@@ -168,6 +211,20 @@ pub fn task_report(task: &TaskRecord, attempts: &[AttemptRecord]) -> String {
     let _ = writeln!(out, "finished  {}", o(&task.finished_at));
     if let Some(e) = &task.error {
         let _ = writeln!(out, "error     {e}");
+    }
+    if let Some(at) = &task.cancel_requested_at {
+        let _ = writeln!(out, "cancel    asked {at}");
+    }
+    if let Some(at) = &task.heartbeat_at {
+        let progress = task
+            .progress
+            .map(|p| format!("{:.0}%", p * 100.0))
+            .unwrap_or_else(|| "-".into());
+        let message = task.progress_message.as_deref().unwrap_or("");
+        let _ = writeln!(out, "heartbeat {at}  progress {progress}  {message}");
+    }
+    if let Some(r) = &task.result {
+        let _ = writeln!(out, "result    {r}");
     }
     let _ = writeln!(
         out,

@@ -22,6 +22,12 @@ fn health_name(h: Health) -> &'static str {
 
 /// The `/status` document.
 pub(crate) fn status(shared: &Shared) -> Value {
+    let mut problems = shared.problems();
+    // Heartbeats may land on any instance: MySQL has them all.
+    let live = shared.store.liveness().unwrap_or_else(|e| {
+        problems.insert("mysql", e.to_string());
+        Default::default()
+    });
     let gpus: Vec<Value> = shared
         .slots()
         .view()
@@ -33,10 +39,20 @@ pub(crate) fn status(shared: &Shared) -> Value {
                 .iter()
                 .enumerate()
                 .map(|(i, c)| match c {
-                    Some(h) => json!({
-                        "slot": i, "task_id": h.task_id, "attempt": h.attempt,
-                        "running_s": (h.since.elapsed().as_secs_f64() * 10.0).round() / 10.0,
-                    }),
+                    Some(h) => {
+                        let mut cell = json!({
+                            "slot": i, "task_id": h.task_id, "attempt": h.attempt,
+                            "running_s": (h.since.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+                        });
+                        if let Some(l) = live.get(&h.task_id) {
+                            cell["heartbeat_at"] = json!(l.heartbeat_at);
+                            cell["heartbeat_age_s"] = json!(l.heartbeat_age_s);
+                            cell["progress"] = json!(l.progress);
+                            cell["message"] = json!(l.message);
+                            cell["cancelling"] = json!(l.cancelling);
+                        }
+                        cell
+                    }
                     None => json!({ "slot": i }),
                 })
                 .collect();
@@ -61,11 +77,11 @@ pub(crate) fn status(shared: &Shared) -> Value {
         .iter()
         .map(|(q, n)| json!({ "name": q, "depth": n }))
         .collect();
-    let mut states: BTreeMap<String, u64> = ["pending", "processing", "finished", "failed"]
-        .iter()
-        .map(|s| (s.to_string(), 0))
-        .collect();
-    let mut problems = shared.problems();
+    let mut states: BTreeMap<String, u64> =
+        ["pending", "processing", "finished", "failed", "cancelled"]
+            .iter()
+            .map(|s| (s.to_string(), 0))
+            .collect();
     match shared.store.counts() {
         Ok(rows) => {
             for (state, _, n) in rows {
@@ -91,6 +107,7 @@ pub(crate) fn status(shared: &Shared) -> Value {
             "finished": m.attempts.get("finished"),
             "failed": m.attempts.get("failed"),
             "expired": m.attempts.get("expired"),
+            "cancelled": m.attempts.get("cancelled"),
         },
         "recent_failures": failures,
         "problems": problems,

@@ -39,10 +39,11 @@ struct Args {
     /// exists); the seed's REDIS_*, DB_*, TASK_QUEUES and QUEUE_NAME variables override it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Print {"task_id","queue","type"} objects, one a line, instead of bare ids.
+    /// Print {"task_id","queue","type"} objects, one a line, instead of bare ids; with --wait,
+    /// once each task has ended, with its "state", "error" and "result".
     #[arg(long)]
     json: bool,
-    /// Follow the tasks in MySQL until each is finished or failed.
+    /// Follow the tasks in MySQL until each is finished, failed or cancelled.
     #[arg(long)]
     wait: bool,
     /// How long --wait waits at most, e.g. 90s, 30m.

@@ -38,12 +38,22 @@ enum Command {
     Requeue {
         /// Task ids.
         task_ids: Vec<String>,
-        /// With --since: every task in this state ("failed" or "finished").
+        /// With --since: every task in this state ("failed", "finished" or "cancelled").
         #[arg(long, requires = "since")]
         state: Option<String>,
         /// With --state: that ended within this long, e.g. "1h".
         #[arg(long, requires = "state")]
         since: Option<String>,
+    },
+    /// Stop tasks: one still queued or waiting never runs; a running one is stopped (its GPU's
+    /// cancel_url, its exec program killed) and ends `cancelled`.
+    Cancel {
+        /// Task ids.
+        #[arg(required = true)]
+        task_ids: Vec<String>,
+        /// Why: kept as the task's error ("cancelled: TEXT").
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
     },
     /// One task's row and every attempt.
     Task {
@@ -136,7 +146,7 @@ fn command(config: &Config, cmd: Command) -> anyhow::Result<()> {
                     Some(s) if s.is_terminal() => s,
                     _ => {
                         return Err(UsageError(format!(
-                            "--state {state:?}: expected failed or finished"
+                            "--state {state:?}: expected failed, finished or cancelled"
                         ))
                         .into())
                     }
@@ -160,6 +170,27 @@ fn command(config: &Config, cmd: Command) -> anyhow::Result<()> {
             }
             if refused > 0 {
                 anyhow::bail!("{refused} of {} tasks not requeued", task_ids.len());
+            }
+        }
+        Command::Cancel { task_ids, reason } => {
+            if reason.as_ref().is_some_and(|r| r.len() > ops::MAX_REASON) {
+                return Err(
+                    UsageError(format!("--reason: at most {} bytes", ops::MAX_REASON)).into(),
+                );
+            }
+            let store = ops::store(config)?;
+            let mut refused = 0;
+            for id in &task_ids {
+                let outcome = ops::cancel(&store, id, reason.as_deref())?;
+                if matches!(outcome, qsys::Cancel::Terminal { .. }) {
+                    refused += 1;
+                    eprintln!("qsysd: {id}: {}", ops::describe_cancel(&outcome));
+                } else {
+                    println!("{id}: {}", ops::describe_cancel(&outcome));
+                }
+            }
+            if refused > 0 {
+                anyhow::bail!("{refused} of {} tasks not cancelled", task_ids.len());
             }
         }
         Command::Task { task_id, json } => {

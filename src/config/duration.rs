@@ -57,3 +57,14 @@ pub(super) fn duration(
     }
     Ok(d)
 }
+
+/// `key`'s duration for a feature that is off unless set: absent or `"0"` is `None`.
+pub(super) fn optional_duration(
+    key: &str,
+    value: Option<&String>,
+) -> Result<Option<Duration>, ConfigError> {
+    match value.map(String::as_str) {
+        None | Some("0") => Ok(None),
+        Some(_) => duration(key, value, "").map(Some),
+    }
+}

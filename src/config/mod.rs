@@ -134,6 +134,8 @@ pub(crate) struct CallbackConfig {
     pub public_url: Option<String>,
     pub secret: Secret,
     pub max_body: usize,
+    /// Largest `result` a `finished` callback may carry (compact JSON bytes); over it, 413.
+    pub max_result_bytes: usize,
     /// HTTPS instead of HTTP (`tls_cert`, `tls_key`); the files are read again at a reload.
     pub tls: Option<TlsFiles>,
 }
@@ -149,6 +151,12 @@ pub struct Endpoint {
     pub bearer_token: Option<Secret>,
     pub request_timeout: Duration,
     pub task_timeout: Duration,
+    /// With heartbeats on: an attempt not heard of (dispatch, heartbeat) for this long expires,
+    /// however long `task_timeout` is. `None`: only the lease counts.
+    pub heartbeat_timeout: Option<Duration>,
+    /// Where a cancel of a running attempt is POSTed (`{"task_id", "attempt"}`); `None`: the
+    /// attempt's slot waits for its callback or its lease.
+    pub cancel_url: Option<String>,
 }
 
 /// How a task type is run.
@@ -531,6 +539,69 @@ mod tests {
         );
         let e = err(&body(0));
         assert!(e.contains("callback.max_body"), "{e}");
+        // The default body has room for the largest result plus the rest of the callback.
+        let c = load(MINIMAL).expect("default");
+        assert_eq!(c.callback.max_result_bytes, 65_536);
+        assert_eq!(c.callback.max_body, 131_072);
+        let results =
+            |n: usize| MINIMAL.replace("secret = ", &format!("max_result_bytes = {n}\nsecret = "));
+        assert_eq!(
+            load(&results(1 << 20)).expect("1 MiB").callback.max_body,
+            (1 << 20) + 65_536
+        );
+        let e = err(&results((4 << 20) + 1));
+        assert!(
+            e.contains("callback.max_result_bytes") && e.contains("4194305"),
+            "{e}"
+        );
+        let e = err(&body(1000));
+        assert!(
+            e.contains("callback.max_body") && e.contains("max_result_bytes"),
+            "{e}"
+        );
+    }
+
+    /// Heartbeat timeouts and cancel URLs: set in `[gpu]` for all, overridden per endpoint,
+    /// `"0"` turns heartbeats off.
+    #[test]
+    fn heartbeat_timeouts_and_cancel_urls_default_from_gpu() {
+        let text = MINIMAL
+            .replace(
+                "[[gpu.endpoints]]",
+                "[gpu]\nheartbeat_timeout = \"20s\"\ncancel_url = \"http://127.0.0.1:9000/cancel\"\n\
+                 [[gpu.endpoints]]",
+            )
+            .replace(
+                "url = \"http://127.0.0.1:9000/run\"",
+                "url = \"http://127.0.0.1:9000/run\"\n[[gpu.endpoints]]\nid = \"g1\"\n\
+                 url = \"http://127.0.0.1:9001/run\"\nheartbeat_timeout = \"0\"\n\
+                 cancel_url = \"http://127.0.0.1:9001/stop\"",
+            );
+        let c = load(&text).expect("valid");
+        assert_eq!(c.gpus[0].heartbeat_timeout, Some(Duration::from_secs(20)));
+        assert_eq!(
+            c.gpus[0].cancel_url.as_deref(),
+            Some("http://127.0.0.1:9000/cancel")
+        );
+        assert_eq!(c.gpus[1].heartbeat_timeout, None);
+        assert_eq!(
+            c.gpus[1].cancel_url.as_deref(),
+            Some("http://127.0.0.1:9001/stop")
+        );
+        assert_eq!(
+            load(MINIMAL).expect("default").gpus[0].heartbeat_timeout,
+            None
+        );
+        let e = err(&text.replace(
+            "heartbeat_timeout = \"20s\"",
+            "heartbeat_timeout = \"soon\"",
+        ));
+        assert!(
+            e.contains("gpu.heartbeat_timeout") && e.contains("soon"),
+            "{e}"
+        );
+        let e = err(&text.replace("http://127.0.0.1:9001/stop", "ftp://x/stop"));
+        assert!(e.contains("gpu.endpoints[1].cancel_url"), "{e}");
     }
 
     /// Every response-mode slot has a dispatch thread of its own, beside the callback-mode share.

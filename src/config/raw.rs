@@ -53,6 +53,7 @@ pub(super) struct RawCallback {
     pub(super) secret: Option<String>,
     pub(super) secret_file: Option<PathBuf>,
     pub(super) max_body: Option<usize>,
+    pub(super) max_result_bytes: Option<usize>,
     pub(super) tls_cert: Option<PathBuf>,
     pub(super) tls_key: Option<PathBuf>,
 }
@@ -75,6 +76,8 @@ pub(super) struct RawGpu {
     pub(super) bearer_token_file: Option<PathBuf>,
     pub(super) request_timeout: Option<String>,
     pub(super) task_timeout: Option<String>,
+    pub(super) heartbeat_timeout: Option<String>,
+    pub(super) cancel_url: Option<String>,
     pub(super) endpoints: Option<Vec<RawGpu>>,
 }
 

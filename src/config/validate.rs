@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::duration::duration;
+use super::duration::{duration, optional_duration};
 use super::env::{hostname, mysql_url, redis_url};
 use super::raw::{Raw, RawAdmin, RawCallback, RawDaemon, RawGpu, RawRedis, RawRetry, RawType};
 use super::secret::read_secret;
@@ -38,6 +38,11 @@ fn completion(key: &str, v: &str) -> Result<Completion, ConfigError> {
 
 /// Largest `callback.max_body`.
 const MAX_CALLBACK_BODY: usize = 16 << 20;
+/// Largest `callback.max_result_bytes`: the callback writer commits up to this much result text
+/// per transaction, which must stay well inside MySQL's default 16 MiB packet.
+pub(crate) const MAX_RESULT_BYTES: usize = 4 << 20;
+/// Room in a callback body beyond its result, for the default `callback.max_body`.
+const BODY_BEYOND_RESULT: usize = 64 << 10;
 
 fn positive(key: &str, v: usize) -> Result<usize, ConfigError> {
     if v == 0 {
@@ -221,18 +226,41 @@ fn callback_config(raw: RawCallback, env: &Env) -> Result<CallbackConfig, Config
             "must be at least 16 characters",
         ));
     }
+    let max_result_bytes = match raw.max_result_bytes.unwrap_or(65_536) {
+        n if n > MAX_RESULT_BYTES => {
+            return Err(invalid(
+                "callback.max_result_bytes",
+                n,
+                format!("must be at most {MAX_RESULT_BYTES}"),
+            ))
+        }
+        n => positive("callback.max_result_bytes", n)?,
+    };
+    // Bodies are read into memory before they are judged: a callback is a few hundred bytes
+    // plus its result.
+    let max_body = match raw.max_body {
+        Some(n) if n > MAX_CALLBACK_BODY => {
+            return Err(invalid("callback.max_body", n, "must be at most 16777216"))
+        }
+        Some(n) if n < max_result_bytes => {
+            return Err(invalid(
+                "callback.max_body",
+                n,
+                format!(
+                    "must be at least callback.max_result_bytes ({max_result_bytes}): \
+                     a callback carries its result"
+                ),
+            ))
+        }
+        Some(n) => n,
+        None => max_result_bytes + BODY_BEYOND_RESULT,
+    };
     Ok(CallbackConfig {
         listen,
         public_url,
         secret,
-        max_body: match raw.max_body.unwrap_or(65_536) {
-            // Bodies are read into memory before they are judged; a callback is a few hundred
-            // bytes, so 16 MiB is room for any result an endpoint adds.
-            n if n > MAX_CALLBACK_BODY => {
-                return Err(invalid("callback.max_body", n, "must be at most 16777216"))
-            }
-            n => positive("callback.max_body", n)?,
-        },
+        max_body,
+        max_result_bytes,
         tls: tls_files("callback", raw.tls_cert, raw.tls_key)?,
     })
 }
@@ -264,6 +292,8 @@ struct GpuDefaults {
     token: Option<Secret>,
     request_timeout: Duration,
     task_timeout: Duration,
+    heartbeat_timeout: Option<Duration>,
+    cancel_url: Option<String>,
 }
 
 /// `[gpu]` and its `[[gpu.endpoints]]`; `BEARER_TOKEN` overrides the default token.
@@ -315,6 +345,14 @@ fn gpu_config(mut d: RawGpu, env: &Env) -> Result<(Vec<Arc<Endpoint>>, HealthPol
         token: default_token,
         request_timeout: default_request,
         task_timeout: default_task,
+        heartbeat_timeout: optional_duration(
+            "gpu.heartbeat_timeout",
+            d.heartbeat_timeout.as_ref(),
+        )?,
+        cancel_url: match &d.cancel_url {
+            Some(u) => Some(http_url("gpu.cancel_url", u)?),
+            None => None,
+        },
     };
     let mut gpus: Vec<Arc<Endpoint>> = Vec::with_capacity(endpoints.len());
     for (i, e) in endpoints.into_iter().enumerate() {
@@ -391,6 +429,14 @@ fn endpoint(i: usize, e: RawGpu, d: &GpuDefaults) -> Result<Endpoint, ConfigErro
         task_timeout: match &e.task_timeout {
             Some(_) => duration(&k("task_timeout"), e.task_timeout.as_ref(), "")?,
             None => d.task_timeout,
+        },
+        heartbeat_timeout: match &e.heartbeat_timeout {
+            Some(_) => optional_duration(&k("heartbeat_timeout"), e.heartbeat_timeout.as_ref())?,
+            None => d.heartbeat_timeout,
+        },
+        cancel_url: match &e.cancel_url {
+            Some(u) => Some(http_url(&k("cancel_url"), u)?),
+            None => d.cancel_url.clone(),
         },
         id,
     })

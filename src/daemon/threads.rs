@@ -96,7 +96,12 @@ pub(super) fn is_worker(name: &str) -> bool {
     !name.starts_with("qsys-callback")
         && !matches!(
             name,
-            "qsys-maintenance" | "qsys-heartbeat" | "qsys-admin" | "qsys-slotpub" | "qsys-slotsub"
+            "qsys-maintenance"
+                | "qsys-heartbeat"
+                | "qsys-admin"
+                | "qsys-slotpub"
+                | "qsys-slotsub"
+                | "qsys-canceller"
         )
 }
 
@@ -133,6 +138,11 @@ pub(super) fn start_all(
     start(
         "qsys-maintenance",
         Box::new(move || crate::work::maintenance::run(s, cl)),
+    )?;
+    let s = Arc::clone(shared);
+    start(
+        "qsys-canceller",
+        Box::new(move || crate::work::cancel::run(s)),
     )?;
     let s = Arc::clone(shared);
     start(

@@ -499,6 +499,8 @@ mod tests {
                     bearer_token: None,
                     request_timeout: Duration::from_secs(1),
                     task_timeout: Duration::from_secs(60),
+                    heartbeat_timeout: None,
+                    cancel_url: None,
                 })
             })
             .collect()

@@ -129,7 +129,8 @@ impl Agents {
     }
 }
 
-/// POSTs `body` as JSON. `connect` bounds the connection, `total` the whole exchange.
+/// POSTs `body` as JSON. `connect` bounds the connection, `total` the whole exchange; the
+/// reply's first 2 KiB are kept.
 pub fn post_json(
     agent: &ureq::Agent,
     url: &str,
@@ -137,6 +138,19 @@ pub fn post_json(
     body: &str,
     connect: Duration,
     total: Duration,
+) -> Result<Reply, ureq::Error> {
+    post_json_keeping(agent, url, token, body, (connect, total), MAX_REPLY)
+}
+
+/// [`post_json`] keeping the reply's first `keep` bytes: a response-mode GPU's answer is its
+/// task's result.
+pub(crate) fn post_json_keeping(
+    agent: &ureq::Agent,
+    url: &str,
+    token: Option<&Secret>,
+    body: &str,
+    (connect, total): (Duration, Duration),
+    keep: u64,
 ) -> Result<Reply, ureq::Error> {
     let req = agent
         .post(url)
@@ -151,7 +165,7 @@ pub fn post_json(
     // Only the start of the reply is kept; one cut short still has a status worth reporting.
     let mut buf = Vec::new();
     let _ = std::io::Read::read_to_end(
-        &mut std::io::Read::take(resp.body_mut().as_reader(), MAX_REPLY),
+        &mut std::io::Read::take(resp.body_mut().as_reader(), keep),
         &mut buf,
     );
     Ok(Reply {

@@ -111,6 +111,7 @@ const BUCKETS: &[f64] = &[
 pub(crate) const CALLBACK_RESULTS: &[&str] = &[
     "applied",
     "duplicate",
+    "cancelled",
     "stale",
     "conflict",
     "unknown",
@@ -120,11 +121,27 @@ pub(crate) const CALLBACK_RESULTS: &[&str] = &[
     "unavailable",
 ];
 
+/// Results of a heartbeat, as the `result` label of `qsys_heartbeats_total` (one that fails
+/// its token or its parse counts in `qsys_callbacks_total`, before it is known to be one).
+pub(crate) const HEARTBEAT_RESULTS: &[&str] = &[
+    "applied",
+    "cancelling",
+    "stale",
+    "conflict",
+    "unknown",
+    "unavailable",
+];
+
+/// What operators' cancels found, as the `result` label of `qsys_cancels_total`.
+pub(crate) const CANCEL_RESULTS: &[&str] = &["cancelled", "requested", "terminal"];
+
 #[derive(Debug)]
 pub(crate) struct Metrics {
     pub dispatch_seconds: Histogram,
     pub task_seconds: Histogram,
     pub callbacks: Labeled,
+    pub heartbeats: Labeled,
+    pub cancels: Labeled,
     pub attempts: Labeled,
     pub retries: AtomicU64,
     pub errors: Labeled,
@@ -136,7 +153,9 @@ impl Default for Metrics {
             dispatch_seconds: Histogram::new(BUCKETS),
             task_seconds: Histogram::new(BUCKETS),
             callbacks: Labeled::new("result", CALLBACK_RESULTS),
-            attempts: Labeled::new("outcome", &["finished", "failed", "expired"]),
+            heartbeats: Labeled::new("result", HEARTBEAT_RESULTS),
+            cancels: Labeled::new("result", CANCEL_RESULTS),
+            attempts: Labeled::new("outcome", &["finished", "failed", "expired", "cancelled"]),
             retries: AtomicU64::new(0),
             errors: Labeled::new("kind", crate::obs::trouble::Trouble::LABELS),
         }
@@ -159,6 +178,16 @@ impl Metrics {
         self.callbacks.render(
             "qsys_callbacks_total",
             "Callbacks received, by result.",
+            out,
+        );
+        self.heartbeats.render(
+            "qsys_heartbeats_total",
+            "Heartbeats (running callbacks) received, by result.",
+            out,
+        );
+        self.cancels.render(
+            "qsys_cancels_total",
+            "Cancels asked of this instance's admin API, by what they found.",
             out,
         );
         self.attempts

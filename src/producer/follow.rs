@@ -1,5 +1,6 @@
 //! `qsys-push --wait`: follows pushed tasks in MySQL's `tasks` table until each is terminal
-//! (`finished` or `failed`) or a deadline passes.
+//! (`finished`, `failed` or `cancelled`) or a deadline passes; with `--json`, each task's final
+//! state, error and result (from `task_results`) are kept for one line per task.
 //!
 //! Runs on the CLI's main thread and only reads: every ~250 ms one `SELECT ... WHERE task_id IN
 //! (...)` per 500 ids not yet terminal. A task without a row is still in Redis (or the daemon has
@@ -38,6 +39,16 @@ pub(crate) struct Tally {
     pub total: usize,
     pub finished: usize,
     pub failed: usize,
+    pub cancelled: usize,
+}
+
+/// A task's end as `--wait --json` prints it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Ended {
+    pub state: String,
+    pub error: Option<String>,
+    /// The stored result, as JSON text.
+    pub result: Option<String>,
 }
 
 /// How the wait ended.
@@ -46,6 +57,8 @@ pub(crate) struct Summary {
     pub tally: Tally,
     /// Failed tasks with their recorded error, in push order.
     pub failed: Vec<(String, String)>,
+    /// Every task that ended, by id (kept only when results were asked for).
+    pub ended: HashMap<String, Ended>,
     /// Tasks not terminal when the deadline passed, in push order.
     pub unfinished: Vec<String>,
     /// Ids that already belonged to a task running or done before the push, with its state:
@@ -56,6 +69,7 @@ pub(crate) struct Summary {
 
 impl Summary {
     pub(crate) fn all_finished(&self) -> bool {
+        // `finished` counts only finished tasks: a cancelled one is not.
         self.tally.finished == self.tally.total && self.known.is_empty()
     }
 
@@ -67,8 +81,13 @@ impl Summary {
         } else {
             format!(", {} already known", self.known.len())
         };
+        let cancelled = if t.cancelled == 0 {
+            String::new()
+        } else {
+            format!(", {} cancelled", t.cancelled)
+        };
         let mut lines = vec![format!(
-            "{} tasks: {} finished, {} failed, {} not done{known} ({:.1}s)",
+            "{} tasks: {} finished, {} failed{cancelled}, {} not done{known} ({:.1}s)",
             t.total,
             t.finished,
             t.failed,
@@ -150,38 +169,65 @@ pub(crate) fn known_before(mysql: &MysqlConfig, ids: &[String]) -> HashMap<Strin
     known
 }
 
-/// Terminal rows among `ids`: `task_id -> (state, error)`.
+/// Terminal rows among `ids`, with their results when `results` (only then is the result
+/// table read: a task's result may be large).
 fn poll(
     conn: &mut mysql::Conn,
     ids: &[String],
-) -> Result<HashMap<String, (String, String)>, WaitError> {
+    results: bool,
+) -> Result<HashMap<String, Ended>, WaitError> {
     let mut done = HashMap::new();
+    let result = if results {
+        "(SELECT result FROM task_results r WHERE r.task_id = t.task_id)"
+    } else {
+        "NULL"
+    };
     for chunk in ids.chunks(IDS_PER_QUERY) {
         let marks = vec!["?"; chunk.len()].join(",");
-        let rows: Vec<(String, String, Option<String>)> = conn.exec(
+        let rows: Vec<(String, String, Option<String>, Option<String>)> = conn.exec(
             format!(
-                "SELECT task_id, state, error FROM tasks \
-                 WHERE state IN ('finished', 'failed') AND task_id IN ({marks})"
+                "SELECT task_id, state, error, {result} FROM tasks t \
+                 WHERE state IN ('finished', 'failed', 'cancelled') AND task_id IN ({marks})"
             ),
             chunk.to_vec(),
         )?;
-        for (id, state, error) in rows {
-            done.insert(id, (state, error.unwrap_or_default()));
+        for (id, state, error, result) in rows {
+            done.insert(
+                id,
+                Ended {
+                    state,
+                    error,
+                    result,
+                },
+            );
         }
     }
     Ok(done)
 }
 
+/// What to follow, and how.
+pub(crate) struct Follow<'a> {
+    pub ids: &'a [String],
+    /// Ids ([`known_before`]) not waited for: they are reported as already known.
+    pub known: &'a HashMap<String, String>,
+    pub timeout: Duration,
+    /// Keep each task's end, result included, for `--json`.
+    pub results: bool,
+}
+
 /// Waits until every task of `ids` is terminal or `timeout` passes, calling `progress` after each
 /// poll. Fails only when MySQL cannot be reached at the start or stays unreachable for 30 s.
-/// Ids in `known` ([`known_before`]) are not waited for: they are reported as already known.
 pub(crate) fn wait(
     mysql: &MysqlConfig,
-    ids: &[String],
-    known: &HashMap<String, String>,
-    timeout: Duration,
+    follow: &Follow<'_>,
     mut progress: impl FnMut(&Tally),
 ) -> Result<Summary, WaitError> {
+    let Follow {
+        ids,
+        known,
+        timeout,
+        results,
+    } = *follow;
     let started = Instant::now();
     let deadline = started + timeout;
     let mut tally = Tally {
@@ -198,14 +244,15 @@ pub(crate) fn wait(
         .cloned()
         .collect();
     let mut failed = Vec::new();
+    let mut ended = HashMap::new();
     let mut conn: Option<mysql::Conn> = None;
     let mut answered = false;
     let mut failing_since: Option<Instant> = None;
     loop {
         let result = match conn.as_mut() {
-            Some(c) => poll(c, &pending),
+            Some(c) => poll(c, &pending, results),
             None => connect(mysql).and_then(|mut c| {
-                let r = poll(&mut c, &pending);
+                let r = poll(&mut c, &pending, results);
                 conn = Some(c);
                 r
             }),
@@ -215,6 +262,9 @@ pub(crate) fn wait(
                 answered = true;
                 failing_since = None;
                 settle(&mut pending, &done, &mut tally, &mut failed);
+                if results {
+                    ended.extend(done);
+                }
             }
             Err(e) if not_yet(&e) => {
                 answered = true;
@@ -239,6 +289,7 @@ pub(crate) fn wait(
     Ok(Summary {
         tally,
         failed,
+        ended,
         unfinished: pending,
         known,
         elapsed: started.elapsed(),
@@ -249,14 +300,18 @@ pub(crate) fn wait(
 /// ones' errors).
 fn settle(
     pending: &mut Vec<String>,
-    done: &HashMap<String, (String, String)>,
+    done: &HashMap<String, Ended>,
     tally: &mut Tally,
     failed: &mut Vec<(String, String)>,
 ) {
     pending.retain(|id| match done.get(id) {
-        Some((state, error)) if state == "failed" => {
+        Some(e) if e.state == "failed" => {
             tally.failed += 1;
-            failed.push((id.clone(), error.clone()));
+            failed.push((id.clone(), e.error.clone().unwrap_or_default()));
+            false
+        }
+        Some(e) if e.state == "cancelled" => {
+            tally.cancelled += 1;
             false
         }
         Some(_) => {
@@ -312,7 +367,7 @@ impl ProgressBar {
 /// `[#########...........]  45/100  finished 40  failed 5  12s`
 pub(crate) fn render(t: &Tally, elapsed: Duration) -> String {
     const WIDTH: usize = 30;
-    let done = t.finished + t.failed;
+    let done = t.finished + t.failed + t.cancelled;
     let filled = (done * WIDTH).checked_div(t.total).unwrap_or(WIDTH);
     format!(
         "[{}{}] {done}/{}  finished {}  failed {}  {}s",
@@ -335,6 +390,7 @@ mod tests {
             total: 100,
             finished: 40,
             failed: 5,
+            cancelled: 0,
         };
         let bar = render(&t, Duration::from_secs(12));
         assert_eq!(
@@ -357,8 +413,10 @@ mod tests {
                 total: 14,
                 finished: 1,
                 failed: 12,
+                cancelled: 0,
             },
             failed: (0..12).map(|i| (format!("f{i}"), "boom".into())).collect(),
+            ended: HashMap::new(),
             unfinished: vec!["u0".into()],
             known: Vec::new(),
             elapsed: Duration::from_millis(1500),
@@ -382,8 +440,10 @@ mod tests {
                 total: 2,
                 finished: 1,
                 failed: 0,
+                cancelled: 0,
             },
             failed: Vec::new(),
+            ended: HashMap::new(),
             unfinished: Vec::new(),
             known: vec![("old".into(), "finished".into())],
             elapsed: Duration::from_millis(100),

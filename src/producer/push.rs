@@ -303,7 +303,13 @@ fn run(req: &Request, env: &Env) -> Result<u8, PushError> {
         _ => Default::default(),
     };
     Pusher::new(&config.redis.url)?.push(&messages)?;
-    if let Err(e) = print_receipts(&messages, req.json) {
+    // With --wait --json, each task's line comes once it has ended, with its end.
+    let receipts = if req.wait.is_some() && req.json {
+        Ok(())
+    } else {
+        print_receipts(&messages, req.json)
+    };
+    if let Err(e) = receipts {
         eprintln!(
             "qsys-push: pushed {} tasks but cannot print their ids: {e}",
             messages.len()
@@ -316,14 +322,56 @@ fn run(req: &Request, env: &Env) -> Result<u8, PushError> {
     let ids: Vec<String> = messages.iter().map(|m| m.task_id.clone()).collect();
     let started = Instant::now();
     let mut bar = follow::ProgressBar::new(std::io::stderr().is_terminal());
-    let summary = follow::wait(&mysql, &ids, &known, timeout, |tally| {
-        bar.draw(tally, started)
-    })?;
+    let follow = follow::Follow {
+        ids: &ids,
+        known: &known,
+        timeout,
+        results: req.json,
+    };
+    let summary = follow::wait(&mysql, &follow, |tally| bar.draw(tally, started))?;
     bar.clear();
     for line in summary.report(timeout) {
         eprintln!("qsys-push: {line}");
     }
+    if req.json {
+        if let Err(e) = print_ends(&messages, &summary) {
+            eprintln!("qsys-push: cannot print the tasks' ends: {e}");
+            return Ok(1);
+        }
+    }
     Ok(if summary.all_finished() { 0 } else { 1 })
+}
+
+/// `--wait --json`: one line per task, in push order: its receipt with its final `state`
+/// (`null` when it did not end in time, the old state for an id already known), `error` and
+/// `result` (the endpoint's JSON).
+fn print_ends(messages: &[Outgoing], summary: &follow::Summary) -> std::io::Result<()> {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let known: std::collections::HashMap<&str, &str> = summary
+        .known
+        .iter()
+        .map(|(id, s)| (id.as_str(), s.as_str()))
+        .collect();
+    for m in messages {
+        let end = summary.ended.get(&m.task_id);
+        let result: Option<serde_json::Value> = end
+            .and_then(|e| e.result.as_deref())
+            .and_then(|r| serde_json::from_str(r).ok());
+        let state = end
+            .map(|e| e.state.as_str())
+            .or_else(|| known.get(m.task_id.as_str()).copied());
+        let line = serde_json::json!({
+            "task_id": m.task_id,
+            "queue": m.queue,
+            "type": m.kind,
+            "state": state,
+            "error": end.and_then(|e| e.error.as_deref()),
+            "result": result,
+        });
+        serde_json::to_writer(&mut out, &line)?;
+        writeln!(out)?;
+    }
+    out.flush()
 }
 
 /// The checked messages of the request's input: its arguments, its file or stdin (not a

@@ -428,6 +428,7 @@ impl<S: Claims> Scheduler<S> {
                 gpu_id: &j.endpoint.id,
                 slot: j.slot,
                 lease: j.lease,
+                heartbeat: j.endpoint.heartbeat_timeout,
             })
             .collect();
         let claims = self.store.claim_gpu_attempts(&reqs);

@@ -102,6 +102,9 @@ pub(crate) struct Shared {
     pub events: Sender<Event>,
     /// Process groups of running `exec` handlers, killed if the grace period runs out.
     pub children: Mutex<HashSet<i32>>,
+    /// Attempts `(task_id, attempt)` an operator cancelled, for an `exec` run here to stop
+    /// ([`crate::work::cancel`]).
+    pub cancels: Mutex<HashSet<(String, u32)>>,
     /// What is wrong right now, by dependency ("redis", "mysql"), for `/healthz` and the log.
     pub problems: Mutex<BTreeMap<&'static str, String>>,
     /// Set by SIGHUP; the supervisor reloads the config file.
@@ -141,6 +144,7 @@ impl Shared {
             stop: Shutdown::new(),
             events,
             children: Mutex::default(),
+            cancels: Mutex::default(),
             problems: Mutex::default(),
             reload_requested: AtomicBool::new(false),
             progress: Mutex::default(),
@@ -317,6 +321,9 @@ impl Shared {
             Next::Done(crate::store::State::Finished) => {
                 log::info!(task_id, attempt, gpu, source; "task finished")
             }
+            Next::Done(crate::store::State::Cancelled) => {
+                log::warn!(task_id, attempt, gpu, source; "task cancelled")
+            }
             Next::Done(_) => log::warn!(task_id, attempt, gpu, source, error; "task failed"),
             Next::Retry { after } => {
                 log::warn!(task_id, attempt, gpu, source, error, retry_in:? = after;
@@ -409,6 +416,13 @@ impl Shared {
 
     pub(crate) fn problems(&self) -> BTreeMap<&'static str, String> {
         self.problems.locked().clone()
+    }
+
+    /// Whether an operator cancelled attempt `attempt` of `task_id`, which runs here.
+    pub(crate) fn cancel_asked(&self, task_id: &str, attempt: u32) -> bool {
+        self.cancels
+            .locked()
+            .contains(&(task_id.to_string(), attempt))
     }
 
     pub(crate) fn kill_children(&self) {

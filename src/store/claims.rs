@@ -20,6 +20,14 @@ pub struct ClaimRequest<'a> {
     pub slot: usize,
     /// The attempt's lease, from now.
     pub lease: Duration,
+    /// The GPU's `heartbeat_timeout`: the attempt must be heard of within it.
+    pub heartbeat: Option<Duration>,
+}
+
+/// The deadline an attempt starts with: its lease, or sooner when its GPU must heartbeat. Each
+/// heartbeat then pushes it on, never past the lease.
+pub(crate) fn first_deadline(lease: Duration, heartbeat: Option<Duration>) -> Duration {
+    heartbeat.map_or(lease, |h| h.min(lease))
 }
 
 /// Result of trying to claim a slot for a task's next attempt.
@@ -110,11 +118,13 @@ impl Store {
              attempts = attempts + 1, \
              gpu_id = CASE task_id {cases} END, slot_index = CASE task_id {cases} END, \
              dispatched_at = NOW(3), \
+             lease_until = NOW(3) + INTERVAL (CASE task_id {cases} END) MICROSECOND, \
              deadline = NOW(3) + INTERVAL (CASE task_id {cases} END) MICROSECOND, \
+             heartbeat_at = NULL, progress = NULL, progress_message = NULL, \
              instance_id = ? WHERE task_id IN ({})",
             placeholders(claimed.len(), "?")
         );
-        let mut params: Vec<mysql::Value> = Vec::with_capacity(claimed.len() * 7 + 1);
+        let mut params: Vec<mysql::Value> = Vec::with_capacity(claimed.len() * 9 + 1);
         params.extend(
             claimed
                 .iter()
@@ -130,6 +140,10 @@ impl Store {
                 .iter()
                 .flat_map(|r| [r.task_id.into(), (r.lease.as_micros() as u64).into()]),
         );
+        params.extend(claimed.iter().flat_map(|r| {
+            let first = first_deadline(r.lease, r.heartbeat);
+            [r.task_id.into(), (first.as_micros() as u64).into()]
+        }));
         params.push(self.instance.as_str().into());
         params.extend(claimed.iter().map(|r| r.task_id.into()));
         tx.exec_drop(sql, params)?;
@@ -147,7 +161,8 @@ impl Store {
         let mut c = self.conn()?;
         c.exec_drop(
             "UPDATE tasks SET state = 'processing', attempts = :attempt, dispatched_at = NOW(3), \
-             deadline = NOW(3) + INTERVAL :lease MICROSECOND, instance_id = :inst \
+             deadline = NOW(3) + INTERVAL :lease MICROSECOND, lease_until = NULL, \
+             heartbeat_at = NULL, progress = NULL, progress_message = NULL, instance_id = :inst \
              WHERE task_id = :id AND state = 'pending' AND attempts = :attempts",
             params! {
                 "attempt" => attempts + 1, "lease" => lease.as_micros() as u64,
@@ -165,12 +180,19 @@ impl Store {
         task_id: &str,
         attempt: u32,
         lease: Duration,
+        heartbeat: Option<Duration>,
     ) -> Result<bool, StoreError> {
         let mut c = self.conn()?;
         c.exec_drop(
-            "UPDATE tasks SET deadline = NOW(3) + INTERVAL ? MICROSECOND \
+            "UPDATE tasks SET lease_until = NOW(3) + INTERVAL ? MICROSECOND, \
+             deadline = NOW(3) + INTERVAL ? MICROSECOND \
              WHERE task_id = ? AND state = 'processing' AND attempts = ?",
-            (lease.as_micros() as u64, task_id, attempt),
+            (
+                lease.as_micros() as u64,
+                first_deadline(lease, heartbeat).as_micros() as u64,
+                task_id,
+                attempt,
+            ),
         )?;
         Ok(c.affected_rows() == 1)
     }
@@ -271,7 +293,16 @@ mod tests {
             gpu_id,
             slot,
             lease: Duration::from_secs(60),
+            heartbeat: None,
         }
+    }
+
+    #[test]
+    fn a_heartbeat_timeout_only_ever_shortens_the_first_deadline() {
+        let s = Duration::from_secs;
+        assert_eq!(first_deadline(s(60), None), s(60));
+        assert_eq!(first_deadline(s(60), Some(s(10))), s(10));
+        assert_eq!(first_deadline(s(5), Some(s(10))), s(5));
     }
 
     #[test]

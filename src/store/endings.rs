@@ -14,33 +14,33 @@ use super::{col, padded, placeholders, truncate, State, Store, StoreError, MAX_E
 /// How an attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ending<'a> {
-    Finished,
+    /// With the result the endpoint sent, as JSON text, if any.
+    Finished { result: Option<&'a str> },
     /// `retryable`: the failure may pass (connection error, timeout, 5xx, a crashed handler);
     /// otherwise it is the task's own (a 4xx, a `failed` callback) and final.
-    Failed {
-        error: &'a str,
-        retryable: bool,
-    },
+    Failed { error: &'a str, retryable: bool },
     /// No completion before the lease deadline: always worth another attempt.
-    Expired {
-        error: &'a str,
-    },
+    Expired { error: &'a str },
+    /// The attempt was stopped: its GPU confirmed a cancel, its `exec` program was killed, its
+    /// `http` request abandoned.
+    Cancelled,
 }
 
 impl Ending<'_> {
     /// The attempt's outcome as the `task_attempts` table and `qsys_attempts_total` name it.
     pub(crate) fn outcome(&self) -> &'static str {
         match self {
-            Ending::Finished => "finished",
+            Ending::Finished { .. } => "finished",
             Ending::Failed { .. } => "failed",
             Ending::Expired { .. } => "expired",
+            Ending::Cancelled => "cancelled",
         }
     }
 
     /// Why the attempt did not finish, if it did not.
     pub(crate) fn error(&self) -> Option<&str> {
         match self {
-            Ending::Finished => None,
+            Ending::Finished { .. } | Ending::Cancelled => None,
             Ending::Failed { error, .. } | Ending::Expired { error } => Some(error),
         }
     }
@@ -58,7 +58,8 @@ impl Ending<'_> {
     /// The terminal state this ending leads to when no retry is left.
     pub(crate) fn terminal(&self) -> State {
         match self {
-            Ending::Finished => State::Finished,
+            Ending::Finished { .. } => State::Finished,
+            Ending::Cancelled => State::Cancelled,
             _ => State::Failed,
         }
     }
@@ -114,6 +115,8 @@ pub(crate) struct Expired {
     pub task_id: String,
     pub attempt: u32,
     pub gpu_id: Option<String>,
+    /// The deadline was a heartbeat's, before the lease's end: the attempt fell silent.
+    pub silent: bool,
 }
 
 /// A task row as an ending reads it.
@@ -126,6 +129,8 @@ struct EndRow {
     slot: Option<u32>,
     max_attempts: Option<u32>,
     attempt_base: u32,
+    /// An operator cancelled the task while this attempt ran: however it ends, it ends the task.
+    cancel_requested: bool,
     /// Since the task was first taken.
     age_us: Option<i64>,
     /// Passed back unchanged into `task_attempts.started_at`.
@@ -152,6 +157,10 @@ fn judge_ending(row: &EndRow, req: &EndRequest<'_>, default_max: u32) -> Result<
             })
         }
     }
+    // A cancelled task stays cancelled, whatever its attempt made of it meanwhile.
+    if row.cancel_requested || ending == Ending::Cancelled {
+        return Ok(Next::Done(State::Cancelled));
+    }
     // After a requeue, attempts count again from `attempt_base`.
     let used = req.attempt.saturating_sub(row.attempt_base);
     if ending.retryable() && used < row.max_attempts.unwrap_or(default_max) {
@@ -169,6 +178,8 @@ fn judge_ending(row: &EndRow, req: &EndRequest<'_>, default_max: u32) -> Result<
 struct EndBatch<'a> {
     /// Tasks finished without an error, the common case.
     finished: Vec<&'a str>,
+    /// `task_results` rows: task, result.
+    results: Vec<[mysql::Value; 2]>,
     /// `task_attempts` rows: task, attempt, GPU, slot, instance, start, outcome, error.
     history: Vec<[mysql::Value; 8]>,
     /// Slot rows to free: GPU, slot, and the task that must still hold it.
@@ -224,6 +235,15 @@ impl Store {
         batch: &mut EndBatch<'a>,
     ) -> Result<Finish, StoreError> {
         let error = r.ending.error().map(|e| truncate(e, MAX_ERROR));
+        if let (
+            Next::Done(State::Finished),
+            Ending::Finished {
+                result: Some(result),
+            },
+        ) = (next, r.ending)
+        {
+            batch.results.push([r.task_id.into(), result.into()]);
+        }
         match next {
             Next::Retry { after } => tx.exec_drop(
                 // Whoever ends the attempt schedules the retry (a lease may be expired by an
@@ -235,12 +255,26 @@ impl Store {
                 "inst" => &self.instance, "id" => r.task_id },
             )?,
             Next::Done(State::Finished) if error.is_none() => batch.finished.push(r.task_id),
+            // The operator's reason is already the task's error; a GPU that cancelled unasked
+            // says so.
+            Next::Done(State::Cancelled) => tx.exec_drop(
+                "UPDATE tasks SET state = 'cancelled', error = COALESCE(?, error), \
+                 finished_at = NOW(3), deadline = NULL WHERE task_id = ?",
+                (
+                    (!row.cancel_requested).then_some("cancelled by its gpu, unasked"),
+                    r.task_id,
+                ),
+            )?,
             Next::Done(done) => tx.exec_drop(
                 "UPDATE tasks SET state = ?, error = ?, finished_at = NOW(3), deadline = NULL \
                  WHERE task_id = ?",
                 (done.as_str(), error, r.task_id),
             )?,
         }
+        let outcome = match next {
+            Next::Done(State::Cancelled) => Ending::Cancelled.outcome(),
+            _ => r.ending.outcome(),
+        };
         batch.history.push([
             r.task_id.into(),
             row.attempts.into(),
@@ -248,7 +282,7 @@ impl Store {
             row.slot.into(),
             self.instance.as_str().into(),
             row.dispatched_at.clone(),
-            r.ending.outcome().into(),
+            outcome.into(),
             error.into(),
         ]);
         let slot = match (&row.gpu, row.slot) {
@@ -280,8 +314,9 @@ impl Store {
     ) -> Result<Vec<Expired>, StoreError> {
         let mut c = self.conn()?;
         // Ours, and those of instances whose heartbeat stopped: a live instance expires its own.
-        let rows: Vec<(String, u32, Option<String>)> = c.exec(
-            "SELECT task_id, attempts, gpu_id FROM tasks t WHERE state = 'processing' \
+        let rows: Vec<(String, u32, Option<String>, bool)> = c.exec(
+            "SELECT task_id, attempts, gpu_id, COALESCE(deadline < lease_until, 0) FROM tasks t \
+             WHERE state = 'processing' \
              AND deadline < NOW(3) AND (instance_id = :me OR instance_id IS NULL OR NOT EXISTS \
              (SELECT 1 FROM instances i WHERE i.instance_id = t.instance_id \
               AND i.heartbeat_at > NOW(3) - INTERVAL :dead MICROSECOND)) \
@@ -291,10 +326,11 @@ impl Store {
         )?;
         Ok(rows
             .into_iter()
-            .map(|(task_id, attempt, gpu_id)| Expired {
+            .map(|(task_id, attempt, gpu_id, silent)| Expired {
                 task_id,
                 attempt,
                 gpu_id,
+                silent,
             })
             .collect())
     }
@@ -332,7 +368,8 @@ fn lock_ended_tasks(
     let ids: Vec<&str> = padded(reqs.iter().map(|r| r.task_id).collect());
     let sql = format!(
         "SELECT task_id, state, attempts, gpu_id, slot_index, max_attempts, attempt_base, \
-         TIMESTAMPDIFF(MICROSECOND, created_at, NOW(3)), dispatched_at FROM tasks \
+         TIMESTAMPDIFF(MICROSECOND, created_at, NOW(3)), dispatched_at, \
+         cancel_requested_at IS NOT NULL FROM tasks \
          FORCE INDEX (PRIMARY) WHERE task_id IN ({}) FOR UPDATE",
         placeholders(ids.len(), "?")
     );
@@ -348,6 +385,7 @@ fn lock_ended_tasks(
             attempt_base: col(&mut r, 6).unwrap_or(0),
             age_us: col(&mut r, 7),
             dispatched_at: r.take(8).unwrap_or(mysql::Value::NULL),
+            cancel_requested: col(&mut r, 9).unwrap_or(false),
         };
         rows.insert(id, row);
     }
@@ -366,6 +404,15 @@ impl EndBatch<'_> {
                 placeholders(finished.len(), "?")
             );
             tx.exec_drop(sql, &finished)?;
+        }
+        if !self.results.is_empty() {
+            let results = padded(self.results);
+            let sql = format!(
+                "INSERT INTO task_results (task_id, result, stored_at) VALUES {} \
+                 ON DUPLICATE KEY UPDATE result = VALUES(result), stored_at = VALUES(stored_at)",
+                placeholders(results.len(), "(?, ?, NOW(3))")
+            );
+            tx.exec_drop(sql, results.concat())?;
         }
         if !self.history.is_empty() {
             let history = padded(self.history);
@@ -403,6 +450,7 @@ mod tests {
             slot: Some(1),
             max_attempts: max,
             attempt_base: base,
+            cancel_requested: false,
             age_us: Some(5),
             dispatched_at: mysql::Value::NULL,
         }
@@ -439,7 +487,7 @@ mod tests {
         // A running attempt: finished, retried while the budget lasts, then failed for good.
         let running = row("processing", 2, None, 0);
         assert_eq!(
-            judge_ending(&running, &req(2, Ending::Finished), 3),
+            judge_ending(&running, &req(2, Ending::Finished { result: None }), 3),
             Ok(Next::Done(State::Finished))
         );
         assert_eq!(judge_ending(&running, &req(2, oops), 3), retry);
@@ -469,12 +517,12 @@ mod tests {
         );
         // Not applied: another attempt, a repeat, a conflicting state.
         assert_eq!(
-            judge_ending(&running, &req(1, Ending::Finished), 3),
+            judge_ending(&running, &req(1, Ending::Finished { result: None }), 3),
             Err(Finish::Stale { current: 2 })
         );
         let done = row("finished", 2, None, 0);
         assert_eq!(
-            judge_ending(&done, &req(2, Ending::Finished), 3),
+            judge_ending(&done, &req(2, Ending::Finished { result: None }), 3),
             Err(Finish::Duplicate)
         );
         assert_eq!(
@@ -489,11 +537,19 @@ mod tests {
             Err(Finish::Conflict { .. })
         ));
         assert!(matches!(
-            judge_ending(&row("pending", 2, None, 0), &req(2, Ending::Finished), 3),
+            judge_ending(
+                &row("pending", 2, None, 0),
+                &req(2, Ending::Finished { result: None }),
+                3
+            ),
             Err(Finish::Conflict { .. })
         ));
         assert!(matches!(
-            judge_ending(&row("NULL", 2, None, 0), &req(2, Ending::Finished), 3),
+            judge_ending(
+                &row("NULL", 2, None, 0),
+                &req(2, Ending::Finished { result: None }),
+                3
+            ),
             Err(Finish::Conflict { .. })
         ));
     }

@@ -98,9 +98,27 @@ impl Store {
                     }
                     Accepted::Resumed { attempts }
                 }
-                Some((state, _, _)) => Accepted::Exists {
-                    state: state.unwrap_or_else(|| "NULL".into()),
-                },
+                Some((state, _, _)) => {
+                    // Cancelled before it was taken: the row waited without its message, which
+                    // it keeps now, for `qsysd task` and a requeue.
+                    if state.as_deref() == Some("cancelled") {
+                        tx.exec_drop(
+                            "UPDATE tasks SET queue = ?, type = ?, payload = ?, max_attempts = ?, \
+                             timeout_s = ? WHERE task_id = ? AND payload IS NULL",
+                            (
+                                queue,
+                                t.kind,
+                                t.payload,
+                                t.max_attempts,
+                                t.timeout_s,
+                                t.task_id,
+                            ),
+                        )?;
+                    }
+                    Accepted::Exists {
+                        state: state.unwrap_or_else(|| "NULL".into()),
+                    }
+                }
                 None => Accepted::Exists {
                     state: "deleted".into(),
                 },

@@ -14,7 +14,8 @@
 //! EXISTS`, a MariaDB extension): they look at `information_schema` first, so each step is idempotent.
 //!
 //! By role: [`schema`] creates and migrates the tables, [`intake`] records tasks taken from the
-//! queues, [`claims`] starts attempts, [`endings`] ends them, [`pending`] keeps track of which
+//! queues, [`claims`] starts attempts, [`heartbeats`] keeps them alive, [`endings`] ends them,
+//! [`cancels`] stops them, [`pending`] keeps track of which
 //! instance holds each waiting task, [`fleet`] holds slot rows, drains and instances, and
 //! [`records`] answers the operator's and the dashboard's questions.
 
@@ -23,9 +24,11 @@ use std::time::Duration;
 use mysql::prelude::Queryable;
 use mysql::{Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, PooledConn};
 
+mod cancels;
 mod claims;
 mod endings;
 mod fleet;
+mod heartbeats;
 mod intake;
 #[cfg(test)]
 mod offline;
@@ -33,8 +36,11 @@ mod pending;
 mod records;
 mod schema;
 
+pub use cancels::Cancel;
+pub(crate) use cancels::Cancelling;
 pub use claims::{Claim, ClaimRequest};
 pub use endings::{EndRequest, Ending, Finish, Next};
+pub(crate) use heartbeats::{Beat, Beaten};
 pub use intake::{Accepted, NewTask};
 pub(crate) use pending::StoredTask;
 pub use records::State;

@@ -16,6 +16,8 @@ pub enum State {
     Processing,
     Finished,
     Failed,
+    /// Stopped by an operator (`qsysd cancel`): it never ran, or its attempt was stopped.
+    Cancelled,
 }
 
 impl State {
@@ -25,6 +27,7 @@ impl State {
             State::Processing => "processing",
             State::Finished => "finished",
             State::Failed => "failed",
+            State::Cancelled => "cancelled",
         }
     }
 
@@ -34,17 +37,18 @@ impl State {
             "processing" => State::Processing,
             "finished" => State::Finished,
             "failed" => State::Failed,
+            "cancelled" => State::Cancelled,
             _ => return None,
         })
     }
 
     pub fn is_terminal(self) -> bool {
-        matches!(self, State::Finished | State::Failed)
+        matches!(self, State::Finished | State::Failed | State::Cancelled)
     }
 }
 
 /// A task row for `qsysd task` and `/tasks/<id>`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TaskRecord {
     pub task_id: String,
     pub queue: Option<String>,
@@ -61,6 +65,33 @@ pub struct TaskRecord {
     pub finished_at: Option<String>,
     pub instance_id: Option<String>,
     pub requeues: u32,
+    /// The running attempt's last heartbeat, its progress (0 to 1) and message.
+    pub heartbeat_at: Option<String>,
+    pub progress: Option<f64>,
+    pub progress_message: Option<String>,
+    /// When an operator cancelled the task while an attempt ran.
+    pub cancel_requested_at: Option<String>,
+    /// What the endpoint returned, as JSON text.
+    #[serde(serialize_with = "as_json")]
+    pub result: Option<String>,
+}
+
+/// A stored result is JSON qsysd checked when it took it: shown as that JSON, not as a string.
+fn as_json<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    use serde::Serialize;
+    let parsed: Option<serde_json::Value> = v.as_deref().and_then(|t| serde_json::from_str(t).ok());
+    parsed.serialize(s)
+}
+
+/// A running attempt's liveness, for the slot cells of `/status` and the dashboard.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub(crate) struct Liveness {
+    pub heartbeat_at: Option<String>,
+    /// Seconds since the last heartbeat.
+    pub heartbeat_age_s: Option<f64>,
+    pub progress: Option<f64>,
+    pub message: Option<String>,
+    pub cancelling: bool,
 }
 
 /// One row of `task_attempts`.
@@ -104,7 +135,10 @@ impl Store {
         let row: Option<mysql::Row> = c.exec_first(
             "SELECT task_id, queue, state, type, gpu_id, slot_index, attempts, error, payload, \
              CAST(created_at AS CHAR), CAST(dispatched_at AS CHAR), CAST(finished_at AS CHAR), \
-             instance_id, requeues FROM tasks WHERE task_id = ?",
+             instance_id, requeues, CAST(heartbeat_at AS CHAR), progress, progress_message, \
+             CAST(cancel_requested_at AS CHAR), \
+             (SELECT result FROM task_results r WHERE r.task_id = t.task_id) \
+             FROM tasks t WHERE task_id = ?",
             (task_id,),
         )?;
         Ok(row.map(|mut r| TaskRecord {
@@ -122,7 +156,40 @@ impl Store {
             finished_at: col(&mut r, 11),
             instance_id: col(&mut r, 12),
             requeues: col(&mut r, 13).unwrap_or(0),
+            heartbeat_at: col(&mut r, 14),
+            progress: col(&mut r, 15),
+            progress_message: col(&mut r, 16),
+            cancel_requested_at: col(&mut r, 17),
+            result: col(&mut r, 18),
         }))
+    }
+
+    /// Heartbeats, progress and cancels of the running attempts that have any, by task id.
+    pub(crate) fn liveness(
+        &self,
+    ) -> Result<std::collections::HashMap<String, Liveness>, StoreError> {
+        let mut c = self.conn()?;
+        let rows: Vec<mysql::Row> = c.query(
+            "SELECT task_id, CAST(heartbeat_at AS CHAR), \
+             TIMESTAMPDIFF(MICROSECOND, heartbeat_at, NOW(3)), progress, progress_message, \
+             cancel_requested_at IS NOT NULL FROM tasks WHERE state = 'processing' \
+             AND (heartbeat_at IS NOT NULL OR cancel_requested_at IS NOT NULL)",
+        )?;
+        Ok(rows
+            .into_iter()
+            .map(|mut r| {
+                let id: String = col(&mut r, 0).unwrap_or_default();
+                let age: Option<i64> = col(&mut r, 2);
+                let live = Liveness {
+                    heartbeat_at: col(&mut r, 1),
+                    heartbeat_age_s: age.map(|us| (us.max(0) as f64 / 1e5).round() / 10.0),
+                    progress: col(&mut r, 3),
+                    message: col(&mut r, 4),
+                    cancelling: col(&mut r, 5).unwrap_or(false),
+                };
+                (id, live)
+            })
+            .collect())
     }
 
     /// The attempts of one task, oldest first.
@@ -180,16 +247,19 @@ impl Store {
     }
 
     /// Makes a terminal task `pending` again for a fresh set of attempts (its history stays), held
-    /// by nobody, and returns its queue and message for the caller to push. `None`: unknown, or not
-    /// terminal (a pending task nobody holds is returned too, so a requeue cut short can be re-run).
+    /// by nobody, and returns its queue and message for the caller to push. `None`: unknown, not
+    /// terminal, or without a message (cancelled before it was ever taken) (a pending task nobody holds is returned too, so a requeue cut short can be re-run).
     pub fn requeue(&self, task_id: &str) -> Result<Option<(String, String)>, StoreError> {
         let mut c = self.conn()?;
         let mut tx = c.start_transaction(TxOpts::default())?;
         tx.exec_drop(
             "UPDATE tasks SET state = 'pending', attempt_base = attempts, requeues = requeues + 1, \
              error = NULL, finished_at = NULL, deadline = NULL, not_before = NULL, \
-             instance_id = NULL WHERE task_id = ? \
-             AND (state IN ('finished', 'failed') OR (state = 'pending' AND instance_id IS NULL))",
+             instance_id = NULL, cancel_requested_at = NULL, heartbeat_at = NULL, \
+             progress = NULL, progress_message = NULL WHERE task_id = ? \
+             AND queue IS NOT NULL AND payload IS NOT NULL \
+             AND (state IN ('finished', 'failed', 'cancelled') \
+                  OR (state = 'pending' AND instance_id IS NULL))",
             (task_id,),
         )?;
         if tx.affected_rows() == 0 {
@@ -200,6 +270,8 @@ impl Store {
             "SELECT queue, payload FROM tasks WHERE task_id = ?",
             (task_id,),
         )?;
+        // The next run's result replaces it; until then there is none.
+        tx.exec_drop("DELETE FROM task_results WHERE task_id = ?", (task_id,))?;
         tx.commit()?;
         Ok(row.and_then(|(q, p)| Some((q?, p?))))
     }
@@ -216,6 +288,7 @@ mod tests {
             State::Processing,
             State::Finished,
             State::Failed,
+            State::Cancelled,
         ] {
             assert_eq!(State::parse(s.as_str()), Some(s));
         }

@@ -8,7 +8,7 @@ use mysql::PooledConn;
 use super::{Store, StoreError};
 
 /// The newest schema version this build knows.
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 
 impl Store {
     /// Creates or upgrades the schema to [`SCHEMA_VERSION`]. Safe to run from several instances at
@@ -105,7 +105,43 @@ fn migrate_locked(c: &mut PooledConn) -> Result<u32, StoreError> {
     if current < 4 {
         migrate_v4(c)?;
     }
+    if current < 5 {
+        migrate_v5(c)?;
+    }
     Ok(SCHEMA_VERSION)
+}
+
+/// A task's life with the GPU (issue 16): a cancel asked of a running attempt, the attempt's
+/// last heartbeat and progress, the lease end heartbeats never push past, and results (a table
+/// of their own, so `tasks` rows stay narrow for the scans of `/status` and the sweeps).
+fn migrate_v5(c: &mut PooledConn) -> Result<(), StoreError> {
+    for (name, ddl) in [
+        ("cancel_requested_at", "DATETIME(3) NULL"),
+        ("heartbeat_at", "DATETIME(3) NULL"),
+        ("progress", "DOUBLE NULL"),
+        (
+            "progress_message",
+            "VARCHAR(1000) CHARACTER SET utf8mb4 NULL",
+        ),
+        ("lease_until", "DATETIME(3) NULL"),
+    ] {
+        if !column_exists(c, "tasks", name)? {
+            c.query_drop(format!("ALTER TABLE tasks ADD COLUMN {name} {ddl}"))?;
+        }
+    }
+    let id = match exact_collation(c)? {
+        Some(collation) => format!("VARCHAR(255) CHARACTER SET utf8mb4 COLLATE {collation}"),
+        None => "VARBINARY(255)".to_string(),
+    };
+    c.query_drop(format!(
+        "CREATE TABLE IF NOT EXISTS task_results (
+            task_id {id} NOT NULL PRIMARY KEY,
+            result MEDIUMTEXT CHARACTER SET utf8mb4 NOT NULL,
+            stored_at DATETIME(3) NOT NULL
+        ) ENGINE=InnoDB DEFAULT CHARACTER SET utf8mb4"
+    ))?;
+    c.query_drop("INSERT INTO qsys_schema (version) VALUES (5)")?;
+    Ok(())
 }
 
 /// The identity columns of every table, with their length: (table, column, length, nullable).

@@ -102,7 +102,10 @@ pub(crate) fn run_worker(shared: Arc<Shared>, jobs: Receiver<GpuJob>, agents: Ar
         // The lease counts from the send: one that ran out while the job waited was ended and
         // retried elsewhere already, and sending now would run the task twice at once.
         if job.claimed_at.elapsed() > LEASE_SLACK {
-            match shared.store.renew_lease(task_id, job.attempt, job.lease) {
+            match shared
+                .store
+                .renew_lease(task_id, job.attempt, job.lease, ep.heartbeat_timeout)
+            {
                 Ok(true) => {}
                 Ok(false) => {
                     log::warn!(task_id, gpu = ep.id.as_str(), attempt = job.attempt;
@@ -124,13 +127,19 @@ pub(crate) fn run_worker(shared: Arc<Shared>, jobs: Receiver<GpuJob>, agents: Ar
                 .unwrap_or(ep.task_timeout),
         };
         let started = Instant::now();
-        let sent = http::post_json(
+        // A response-mode answer is the result: kept up to one byte past its limit, so one
+        // over it is told apart from one that fits.
+        let keep = match ep.completion {
+            Completion::Callback => 2048,
+            Completion::Response => shared.config().callback.max_result_bytes as u64 + 1,
+        };
+        let sent = http::post_json_keeping(
             &agents.get(&ep.id),
             &ep.url,
             ep.bearer_token.as_ref(),
             &body,
-            ep.request_timeout,
-            total,
+            (ep.request_timeout, total),
+            keep,
         );
         let maybe_delivered = sent.as_ref().is_err_and(http::maybe_delivered);
         let result = sent.map_err(|e| http::describe(&e));
@@ -152,6 +161,10 @@ pub(crate) fn run_worker(shared: Arc<Shared>, jobs: Receiver<GpuJob>, agents: Ar
             HealthChange::None => {}
         }
         let verdict = judge(ep, &result, maybe_delivered);
+        let kept = match (&verdict, &result) {
+            (Verdict::Finished, Ok(reply)) => response_result(&shared, task_id, &reply.body),
+            _ => None,
+        };
         let ending = match &verdict {
             Verdict::AwaitCallback if result.is_err() => {
                 log::warn!(task_id, gpu = ep.id.as_str(), attempt = job.attempt;
@@ -163,7 +176,9 @@ pub(crate) fn run_worker(shared: Arc<Shared>, jobs: Receiver<GpuJob>, agents: Ar
                     "dispatched; awaiting callback");
                 continue;
             }
-            Verdict::Finished => Ending::Finished,
+            Verdict::Finished => Ending::Finished {
+                result: kept.as_deref(),
+            },
             Verdict::Failed { error, retryable } => Ending::Failed {
                 error,
                 retryable: *retryable,
@@ -171,6 +186,22 @@ pub(crate) fn run_worker(shared: Arc<Shared>, jobs: Receiver<GpuJob>, agents: Ar
         };
         shared.end_attempt_patiently(task_id, job.attempt, ending, "dispatch", PATIENCE);
     }
+}
+
+/// A response-mode answer's body as the task's result: its JSON, compacted, when it is JSON (and
+/// not `null`) and within `callback.max_result_bytes`. Over the limit the task still finished (the
+/// GPU did the work): the result is dropped, and said so.
+fn response_result(shared: &Shared, task_id: &str, body: &str) -> Option<String> {
+    let max = shared.config().callback.max_result_bytes;
+    if body.len() > max {
+        log::warn!(task_id, max;
+            "response-mode answer over callback.max_result_bytes: the task finished, its result is not kept");
+        return None;
+    }
+    let value: Value = serde_json::from_str(body)
+        .ok()
+        .filter(|v: &Value| !v.is_null())?;
+    Some(value.to_string())
 }
 
 /// How long a dispatch worker keeps trying to record an outcome through a MySQL outage before it
@@ -191,6 +222,8 @@ mod tests {
             bearer_token: None,
             request_timeout: Duration::from_secs(1),
             task_timeout: Duration::from_secs(60),
+            heartbeat_timeout: None,
+            cancel_url: None,
         }
     }
 

@@ -1,9 +1,10 @@
 //! The maintenance thread (`qsys-maintenance`): the slow, periodic work.
 //!
 //! - Leases: an attempt with no completion by its deadline (`gpu.task_timeout`, the task's
-//!   `timeout_s`, or an exec/http handler's timeout plus a margin) ends as `expired`; its slot frees
-//!   and the task is retried (preferring another GPU) or fails after its attempts. A late callback
-//!   for it then gets 409.
+//!   `timeout_s`, or an exec/http handler's timeout plus a margin; sooner, `heartbeat_timeout`
+//!   after the last word from a GPU that must heartbeat) ends as `expired`; its slot frees and
+//!   the task is retried (preferring another GPU) or fails after its attempts (or is
+//!   `cancelled`, if an operator cancelled it). A late callback for it then gets 409.
 //! - Health probes: a GPU whose ejection cooldown is over gets a `GET` of its `health_url`; any
 //!   answer below 500 readmits it with one slot, anything else ejects it again for longer.
 //! - Heartbeat: on a thread of its own ([`run_heartbeat`]), so nothing here can delay it.
@@ -205,8 +206,19 @@ fn expire_leases(shared: &Shared) {
             return;
         }
     };
+    let config = shared.config();
     for e in expired {
         let error = match &e.gpu_id {
+            Some(g) if e.silent => {
+                let timeout = config
+                    .gpus
+                    .iter()
+                    .find(|ep| &ep.id == g)
+                    .and_then(|ep| ep.heartbeat_timeout)
+                    .map(crate::config::format_duration)
+                    .unwrap_or_else(|| "its heartbeat timeout".into());
+                format!("no heartbeat from gpu {g} for {timeout}")
+            }
             Some(g) => format!("no completion from gpu {g} before the lease ran out"),
             None => "the handler did not finish before its lease ran out".to_string(),
         };

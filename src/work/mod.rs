@@ -1,7 +1,8 @@
 //! The threads that move and run tasks: the poller, the dispatch and handler pools, the callback
-//! server and writer, and the maintenance thread.
+//! server and writer, the canceller and the maintenance thread.
 
 pub(crate) mod callback;
+pub(crate) mod cancel;
 pub(crate) mod dispatch;
 pub(crate) mod handlers;
 pub(crate) mod maintenance;

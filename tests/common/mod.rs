@@ -138,6 +138,10 @@ shutdown_grace = "10s"
         Daemon::start(self.config(toml)).unwrap_or_else(|e| panic!("daemon start: {e}"))
     }
 
+    pub fn redis_client(&self) -> redis::Client {
+        redis::Client::open(self.redis_url.as_str()).expect("valid redis url")
+    }
+
     pub fn redis_conn(&self) -> redis::Connection {
         let c = self
             .redis
@@ -346,6 +350,30 @@ pub fn callback_target(task_id: &str, attempt: u32) -> String {
     let signer = qsys::Signer::new(qsys::Secret::new(SECRET), "http://unused/callback");
     let url = signer.callback_url(task_id, attempt);
     url[url.find("/callback").expect("path")..].to_string()
+}
+
+/// A raw HTTP/1.1 exchange with a listener of the daemon; returns (status, body).
+pub fn call(addr: std::net::SocketAddr, method: &str, target: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
 }
 
 /// Stops a daemon and waits for it, failing the test if a thread died.

@@ -1,5 +1,5 @@
 //! The callback server (`qsys-callback`): `tiny_http` on `callback.listen`, serving `POST /callback`
-//! and `GET /healthz`.
+//! (completions, and heartbeats: `"status": "running"`) and `GET /healthz`.
 //!
 //! A callback must carry the per-attempt token that qsysd put in the `callback_url` it sent
 //! ([`crate::contract::token`]); without it the answer is 401 and nothing changes. A few threads

@@ -33,6 +33,15 @@ pub(crate) fn verify(shared: &Shared, url: &str, body: &[u8]) -> Result<(Report,
             "unauthorized",
         ));
     }
+    // Checked once the token is: a forged callback learns nothing, not even this limit.
+    let max = shared.config().callback.max_result_bytes;
+    if report.result.as_ref().is_some_and(|r| r.len() > max) {
+        return Err((
+            413,
+            json!({ "error": format!("result larger than {max} bytes"), "task_id": report.task_id }),
+            "too_large",
+        ));
+    }
     Ok((report, attempt))
 }
 

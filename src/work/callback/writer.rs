@@ -1,8 +1,9 @@
 //! The callback writer (`qsys-callback-writer`): ends the attempts of every verified callback
-//! waiting in one transaction, then answers each by its typed result.
+//! waiting in one transaction, records heartbeats a batch at a time, then answers each by its
+//! typed result.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use serde_json::json;
@@ -12,14 +13,20 @@ use crate::contract::report::{Outcome, Report};
 use crate::net::server::reply;
 use crate::obs::trouble::Trouble;
 use crate::shared::Shared;
-use crate::store::{Ending, Finish, StoreError};
+use crate::store::{Beat, Beaten, Ending, Finish, Next, State, StoreError};
 
 /// Most callbacks one writer transaction takes.
 const WRITE_BATCH: usize = 256;
+/// Most result text one ending transaction carries: well inside MySQL's default 16 MiB packet,
+/// whatever `callback.max_result_bytes` is (at most 4 MiB, so a batch always takes one).
+const RESULT_BUDGET: usize = 8 << 20;
+/// How long a heartbeat may wait for others to share its transaction. Heartbeats are not
+/// urgent, and a fleet's arrive spread out: without the wait each would be a commit of its own.
+const HEARTBEAT_LINGER: Duration = Duration::from_millis(250);
 
-/// How the writer ends attempts: [`Shared::end_attempts`] (MySQL first, then the slots, the
-/// metrics and the scheduler) in production; a trait so the writer's batching and answers are
-/// unit-tested with an in-memory model (below).
+/// How the writer reaches MySQL: [`Shared::end_attempts`] (MySQL first, then the slots, the
+/// metrics and the scheduler) and the store's heartbeat batch in production; a trait so the
+/// writer's batching and answers are unit-tested with an in-memory model (below).
 pub(crate) trait Endings {
     /// Ends each `(task_id, attempt, ending)` in one transaction; the results in that order.
     fn end_attempts(
@@ -27,6 +34,9 @@ pub(crate) trait Endings {
         ends: &[(&str, u32, Ending<'_>)],
         source: &str,
     ) -> Result<Vec<Finish>, StoreError>;
+
+    /// Records each heartbeat in one transaction; the results in that order.
+    fn beat(&self, beats: &[Beat<'_>]) -> Result<Vec<Beaten>, StoreError>;
 
     /// The transaction failed: counted (the heartbeat judges whether MySQL is out).
     fn failed(&self);
@@ -41,36 +51,152 @@ impl Endings for Shared {
         Shared::end_attempts(self, ends, source)
     }
 
+    fn beat(&self, beats: &[Beat<'_>]) -> Result<Vec<Beaten>, StoreError> {
+        let config = self.config();
+        self.store.beat(beats, |gpu| {
+            config
+                .gpus
+                .iter()
+                .find(|g| g.id == gpu)
+                .and_then(|g| g.heartbeat_timeout)
+        })
+    }
+
     fn failed(&self) {
         self.count(Trouble::Mysql);
     }
 }
 
 /// The callback writer (`qsys-callback-writer`): ends every verified callback waiting, up to
-/// [`WRITE_BATCH`], in one MySQL transaction, and only then answers each (a 200 means recorded).
-/// One commit for many callbacks is what lets completions keep up with a busy fleet: one transaction
-/// per callback made MariaDB's CPU the ceiling (BENCHMARKS.md). Runs until every callback thread is
-/// gone, so nothing received is left unanswered.
+/// [`WRITE_BATCH`] (and [`RESULT_BUDGET`] of results), in one MySQL transaction, and only then
+/// answers each (a 200 means recorded). One commit for many callbacks is what lets completions
+/// keep up with a busy fleet: one transaction per callback made MariaDB's CPU the ceiling
+/// (BENCHMARKS.md). Heartbeats gather for up to [`HEARTBEAT_LINGER`] and are written together,
+/// also answered once committed. Runs until every callback thread is gone, so nothing received
+/// is left unanswered.
 pub(crate) fn run_writer(shared: Arc<Shared>, verified: Receiver<Verified>) {
+    let mut carried: Option<Verified> = None;
+    let mut beats: Vec<Verified> = Vec::new();
+    let mut beats_since = Instant::now();
     loop {
         shared.tick("qsys-callback-writer");
-        let first = match verified.recv_timeout(Duration::from_millis(200)) {
-            Ok(v) => v,
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => break,
+        let wait = if beats.is_empty() {
+            Duration::from_millis(200)
+        } else {
+            HEARTBEAT_LINGER.saturating_sub(beats_since.elapsed())
         };
-        let batch: Vec<Verified> = std::iter::once(first)
-            .chain(verified.try_iter().take(WRITE_BATCH - 1))
-            .collect();
-        let reports: Vec<(&Report, u32)> = batch.iter().map(|v| (&v.report, v.attempt)).collect();
-        let answers = write_batch(&*shared, &reports);
-        drop(reports);
-        for (v, (status, body, label)) in batch.into_iter().zip(answers) {
-            shared.metrics.callbacks.inc(label);
-            reply(v.req, status, &body);
+        let first = match carried.take() {
+            Some(v) => Some(v),
+            None => match verified.recv_timeout(wait) {
+                Ok(v) => Some(v),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => {
+                    write_beats(&shared, std::mem::take(&mut beats));
+                    break;
+                }
+            },
+        };
+        let mut ends = Vec::new();
+        let mut result_bytes = 0;
+        for v in first.into_iter().chain(verified.try_iter()) {
+            if v.report.status == Outcome::Running {
+                if beats.is_empty() {
+                    beats_since = Instant::now();
+                }
+                beats.push(v);
+                if beats.len() >= WRITE_BATCH {
+                    write_beats(&shared, std::mem::take(&mut beats));
+                }
+                continue;
+            }
+            let size = v.report.result.as_ref().map_or(0, String::len);
+            if !ends.is_empty()
+                && (ends.len() >= WRITE_BATCH || result_bytes + size > RESULT_BUDGET)
+            {
+                carried = Some(v);
+                break;
+            }
+            result_bytes += size;
+            ends.push(v);
+        }
+        if !ends.is_empty() {
+            let reports: Vec<(&Report, u32)> =
+                ends.iter().map(|v| (&v.report, v.attempt)).collect();
+            let answers = write_batch(&*shared, &reports);
+            drop(reports);
+            answer_all(&shared, ends, answers, |m| &m.callbacks);
+        }
+        if !beats.is_empty() && beats_since.elapsed() >= HEARTBEAT_LINGER {
+            write_beats(&shared, std::mem::take(&mut beats));
         }
     }
     log::debug!("callback writer stopped");
+}
+
+/// Replies to each request with its answer, counting each under its label.
+fn answer_all(
+    shared: &Shared,
+    batch: Vec<Verified>,
+    answers: Vec<Answer>,
+    counter: impl Fn(&crate::obs::metrics::Metrics) -> &crate::obs::metrics::Labeled,
+) {
+    for (v, (status, body, label)) in batch.into_iter().zip(answers) {
+        counter(&shared.metrics).inc(label);
+        reply(v.req, status, &body);
+    }
+}
+
+/// Records a batch of heartbeats in one transaction and answers each.
+fn write_beats(shared: &Shared, batch: Vec<Verified>) {
+    if batch.is_empty() {
+        return;
+    }
+    let reports: Vec<(&Report, u32)> = batch.iter().map(|v| (&v.report, v.attempt)).collect();
+    let answers = beat_batch(shared, &reports);
+    drop(reports);
+    answer_all(shared, batch, answers, |m| &m.heartbeats);
+}
+
+/// Records a batch of verified heartbeats in one transaction and answers each, in order: by its
+/// own result, or all 503 when the transaction failed.
+fn beat_batch(store: &impl Endings, batch: &[(&Report, u32)]) -> Vec<Answer> {
+    let beats: Vec<Beat<'_>> = batch
+        .iter()
+        .map(|&(r, attempt)| Beat {
+            task_id: &r.task_id,
+            attempt,
+            progress: r.progress,
+            message: r.message.as_deref(),
+        })
+        .collect();
+    let result = store.beat(&beats);
+    if result.is_err() {
+        store.failed();
+    }
+    batch
+        .iter()
+        .enumerate()
+        .map(|(i, &(report, attempt))| {
+            let task_id = report.task_id.as_str();
+            match result.as_ref().map(|out| &out[i]) {
+                Ok(Beaten::Applied) => (
+                    200,
+                    json!({ "task_id": task_id, "state": "processing" }),
+                    "applied",
+                ),
+                Ok(Beaten::Cancelling) => (
+                    409,
+                    json!({ "error": "task cancelled: stop it", "task_id": task_id,
+                            "cancel": true }),
+                    "cancelling",
+                ),
+                Ok(Beaten::Unknown) => unknown(task_id),
+                Ok(Beaten::Stale { current }) => stale(task_id, attempt, *current),
+                Ok(Beaten::NotRunning { state }) => conflict(task_id, state),
+                Err(e) => unavailable(task_id, e),
+            }
+        })
+        .collect()
 }
 
 /// Ends the attempts of a batch of verified callbacks in one transaction and answers each, in the
@@ -95,8 +221,12 @@ fn write_batch(ender: &impl Endings, batch: &[(&Report, u32)]) -> Vec<Answer> {
 /// final, not retried.
 fn ending(report: &Report) -> Ending<'_> {
     match report.status {
-        Outcome::Finished => Ending::Finished,
-        Outcome::Failed => Ending::Failed {
+        Outcome::Finished => Ending::Finished {
+            result: report.result.as_deref(),
+        },
+        Outcome::Cancelled => Ending::Cancelled,
+        // Heartbeats never reach here; were one to, it would end nothing it should not.
+        Outcome::Failed | Outcome::Running => Ending::Failed {
             error: report
                 .error
                 .as_deref()
@@ -106,10 +236,55 @@ fn ending(report: &Report) -> Ending<'_> {
     }
 }
 
+fn unknown(task_id: &str) -> Answer {
+    (
+        404,
+        json!({ "error": "unknown task", "task_id": task_id }),
+        "unknown",
+    )
+}
+
+fn stale(task_id: &str, attempt: u32, current: u32) -> Answer {
+    (
+        409,
+        json!({ "error": "stale attempt", "task_id": task_id, "attempt": attempt,
+                "current_attempt": current }),
+        "stale",
+    )
+}
+
+fn conflict(task_id: &str, state: &str) -> Answer {
+    (
+        409,
+        json!({ "error": "task is not awaiting this result", "task_id": task_id,
+                "state": state }),
+        "conflict",
+    )
+}
+
+fn unavailable(task_id: &str, e: &StoreError) -> Answer {
+    log::error!(task_id, error:% = e; "callback could not be recorded");
+    (
+        503,
+        json!({ "error": "database unavailable, retry later" }),
+        "unavailable",
+    )
+}
+
 /// The answer to a verified callback, given what ending its attempt did (docs/contracts.md §5 reply codes).
 fn answer(report: &Report, attempt: u32, result: Result<&Finish, &StoreError>) -> Answer {
     let task_id = report.task_id.as_str();
     match result {
+        // The task was cancelled while this attempt ran: the attempt is over and its slot free,
+        // but the task stays cancelled, whatever the GPU made of it.
+        Ok(Finish::Applied {
+            next: Next::Done(State::Cancelled),
+            ..
+        }) if report.status != Outcome::Cancelled => (
+            409,
+            json!({ "error": "task was cancelled", "task_id": task_id, "state": "cancelled" }),
+            "cancelled",
+        ),
         Ok(Finish::Applied { .. }) => (
             200,
             json!({ "task_id": task_id, "state": report.status.as_str() }),
@@ -120,31 +295,10 @@ fn answer(report: &Report, attempt: u32, result: Result<&Finish, &StoreError>) -
             json!({ "task_id": task_id, "state": report.status.as_str(), "duplicate": true }),
             "duplicate",
         ),
-        Ok(Finish::Unknown) => (
-            404,
-            json!({ "error": "unknown task", "task_id": task_id }),
-            "unknown",
-        ),
-        Ok(Finish::Stale { current }) => (
-            409,
-            json!({ "error": "stale attempt", "task_id": task_id, "attempt": attempt,
-                    "current_attempt": current }),
-            "stale",
-        ),
-        Ok(Finish::Conflict { state }) => (
-            409,
-            json!({ "error": "task is not awaiting this result", "task_id": task_id,
-                    "state": state }),
-            "conflict",
-        ),
-        Err(e) => {
-            log::error!(task_id, error:% = e; "callback could not be recorded");
-            (
-                503,
-                json!({ "error": "database unavailable, retry later" }),
-                "unavailable",
-            )
-        }
+        Ok(Finish::Unknown) => unknown(task_id),
+        Ok(Finish::Stale { current }) => stale(task_id, attempt, *current),
+        Ok(Finish::Conflict { state }) => conflict(task_id, state),
+        Err(e) => unavailable(task_id, e),
     }
 }
 
@@ -179,7 +333,7 @@ mod tests {
             Ok(ends
                 .iter()
                 .map(|&(id, attempt, ending)| {
-                    let finished = ending == Ending::Finished;
+                    let finished = matches!(ending, Ending::Finished { .. });
                     match tasks.get_mut(id) {
                         None => Finish::Unknown,
                         Some((current, _)) if *current != attempt => {
@@ -207,6 +361,27 @@ mod tests {
                 .collect())
         }
 
+        fn beat(&self, beats: &[Beat<'_>]) -> Result<Vec<Beaten>, StoreError> {
+            *self.transactions.borrow_mut() += 1;
+            if self.down {
+                return Err(StoreError::Schema("mysql is down (test)".into()));
+            }
+            let tasks = self.tasks.borrow();
+            Ok(beats
+                .iter()
+                .map(|b| match tasks.get(b.task_id) {
+                    None => Beaten::Unknown,
+                    Some((current, _)) if *current != b.attempt => {
+                        Beaten::Stale { current: *current }
+                    }
+                    Some((_, Some(_))) => Beaten::NotRunning {
+                        state: "finished".into(),
+                    },
+                    Some((_, None)) => Beaten::Applied,
+                })
+                .collect())
+        }
+
         fn failed(&self) {
             *self.outages.borrow_mut() += 1;
         }
@@ -217,6 +392,9 @@ mod tests {
             task_id: id.into(),
             status,
             error: None,
+            progress: None,
+            message: None,
+            result: None,
         }
     }
 
@@ -291,6 +469,67 @@ mod tests {
                 retryable: false
             }
         );
-        assert_eq!(ending(&report("a", Outcome::Finished)), Ending::Finished);
+        assert_eq!(
+            ending(&report("a", Outcome::Finished)),
+            Ending::Finished { result: None }
+        );
+        let mut done = report("a", Outcome::Finished);
+        done.result = Some("[1]".into());
+        assert_eq!(
+            ending(&done),
+            Ending::Finished {
+                result: Some("[1]")
+            }
+        );
+        assert_eq!(ending(&report("a", Outcome::Cancelled)), Ending::Cancelled);
+    }
+
+    #[test]
+    fn heartbeats_are_one_transaction_answered_each_by_its_own_result() {
+        let store = MemEndings::default();
+        store.tasks.borrow_mut().extend([
+            ("a".to_string(), (1, None)),
+            ("b".to_string(), (2, None)),
+            ("c".to_string(), (1, Some(true))),
+        ]);
+        let beats: Vec<Report> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|id| report(id, Outcome::Running))
+            .collect();
+        let batch: Vec<(&Report, u32)> = beats.iter().map(|r| (r, 1)).collect();
+        let answers = beat_batch(&store, &batch);
+        assert_eq!(
+            statuses(&answers),
+            [
+                (200, "applied"),
+                (409, "stale"),
+                (409, "conflict"),
+                (404, "unknown")
+            ]
+        );
+        assert_eq!(*store.transactions.borrow(), 1);
+        let down = MemEndings {
+            down: true,
+            ..MemEndings::default()
+        };
+        let answers = beat_batch(&down, &batch[..1]);
+        assert_eq!(statuses(&answers), [(503, "unavailable")]);
+        assert_eq!(*down.outages.borrow(), 1);
+    }
+
+    /// A finished or failed callback for a task cancelled meanwhile ends the attempt (the slot
+    /// frees) but is told the task is cancelled; the GPU's own `cancelled` is applied.
+    #[test]
+    fn a_callback_after_a_cancel_is_told_the_task_was_cancelled() {
+        let cancelled = Finish::Applied {
+            slot: None,
+            next: Next::Done(State::Cancelled),
+            age: None,
+        };
+        let (status, body, label) = answer(&report("a", Outcome::Finished), 1, Ok(&cancelled));
+        assert_eq!((status, label), (409, "cancelled"));
+        assert_eq!(body["state"], "cancelled");
+        let (status, _, label) = answer(&report("a", Outcome::Cancelled), 1, Ok(&cancelled));
+        assert_eq!((status, label), (200, "applied"));
     }
 }

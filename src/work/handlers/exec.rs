@@ -204,8 +204,9 @@ pub(crate) fn run_exec(
         }
     };
 
-    let status = wait(&mut child, &mut pipes, Instant::now() + timeout);
-    if status.is_none() {
+    let cancelled = || shared.cancel_asked(&task.msg.task_id, task.attempts + 1);
+    let status = wait(&mut child, &mut pipes, Instant::now() + timeout, cancelled);
+    if !matches!(status, Run::Exited(_)) {
         kill_group(&mut child, group.pgid);
     }
     drop(group);
@@ -221,32 +222,46 @@ pub(crate) fn run_exec(
     verdict(status, timeout, &stderr_tail)
 }
 
-/// Services the pipes until the program ends (its status) or `deadline` passes (`None`).
-fn wait(child: &mut Child, pipes: &mut Pipes, deadline: Instant) -> Option<ExitStatus> {
+/// How a program's run ended.
+enum Run {
+    Exited(ExitStatus),
+    /// Its deadline passed (or it could not be waited for).
+    TimedOut,
+    /// An operator cancelled its task.
+    Cancelled,
+}
+
+/// Services the pipes until the program ends, `deadline` passes or `cancelled` says so (asked
+/// every [`TICK`]).
+fn wait(
+    child: &mut Child,
+    pipes: &mut Pipes,
+    deadline: Instant,
+    cancelled: impl Fn() -> bool,
+) -> Run {
     loop {
         match child.try_wait() {
-            Ok(Some(status)) => return Some(status),
+            Ok(Some(status)) => return Run::Exited(status),
             Ok(None) => {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    return None;
+                    return Run::TimedOut;
+                }
+                if cancelled() {
+                    return Run::Cancelled;
                 }
                 pipes.pump(left.min(TICK));
             }
             Err(e) => {
                 log::error!(error:% = e; "waiting for exec handler failed");
-                return None;
+                return Run::TimedOut;
             }
         }
     }
 }
 
-/// A run's outcome from its exit status (`None`: timed out), with its stderr's tail.
-fn verdict(
-    status: Option<ExitStatus>,
-    timeout: Duration,
-    stderr_tail: &str,
-) -> Result<(), Failure> {
+/// A run's outcome, with its stderr's tail.
+fn verdict(status: Run, timeout: Duration, stderr_tail: &str) -> Result<(), Failure> {
     let with_stderr = |what: String| {
         if stderr_tail.is_empty() {
             what
@@ -255,12 +270,17 @@ fn verdict(
         }
     };
     match status {
-        None => Err(retryable(with_stderr(format!(
+        Run::TimedOut => Err(retryable(with_stderr(format!(
             "timed out after {} (process group killed)",
             crate::config::format_duration(timeout)
         )))),
-        Some(s) if s.success() => Ok(()),
-        Some(s) => Err(retryable(with_stderr(match (s.code(), s.signal()) {
+        // The task is cancelled whatever this says; the attempt's history keeps it.
+        Run::Cancelled => Err(Failure {
+            error: with_stderr("cancelled (process group killed)".into()),
+            retryable: false,
+        }),
+        Run::Exited(s) if s.success() => Ok(()),
+        Run::Exited(s) => Err(retryable(with_stderr(match (s.code(), s.signal()) {
             (Some(code), _) => format!("exit status {code}"),
             (None, Some(sig)) => format!("killed by signal {sig}"),
             _ => "ended abnormally".to_string(),

@@ -9,6 +9,10 @@
 //!   the run ends, so a descendant that keeps them open holds neither a thread nor the worker.
 //! - `http`: the task JSON is POSTed to the configured URL; 2xx = finished.
 //!
+//! A cancel ([`crate::work::cancel`]) kills an `exec` program's process group within a tick of
+//! its loop; an `http` handler's request is abandoned (its attempt ended at once, its answer,
+//! when it comes, changes nothing).
+//!
 //! Each worker takes a task from the scheduler's rendezvous channel, moves it to `processing`, runs
 //! it, records the end through [`crate::shared::Shared::end_attempt_patiently`] and wakes the scheduler, which may then hand it the
 //! next one.
@@ -128,7 +132,7 @@ fn run_one(shared: &Shared, agent: &ureq::Agent, task: &Task) {
         shared.count(Trouble::Handler);
     }
     let ending = match &result {
-        Ok(()) => Ending::Finished,
+        Ok(()) => Ending::Finished { result: None },
         Err(f) => Ending::Failed {
             error: &f.error,
             retryable: f.retryable,
