@@ -542,6 +542,68 @@ fn wait_follows_tasks_through_qsysd_to_finished() {
     stop(daemon);
 }
 
+/// Issue 16: `--wait --json` prints one line per task once it has ended: its state, error and the
+/// endpoint's result, which round-trips unchanged; a task cancelled before qsysd took it is
+/// reported cancelled and the exit status says not all finished.
+#[test]
+fn wait_json_prints_each_tasks_end_with_its_result() {
+    let env = TestEnv::new("pushresults");
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 2,
+        delay: (Duration::from_millis(10), Duration::from_millis(60)),
+        result_bytes: 500,
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let (daemon, cfg) = daemon_setup(&env, &fleet);
+    let store =
+        qsys::ops::store(&env.config(&std::fs::read_to_string(&cfg).expect("cfg"))).expect("store");
+    qsys::ops::cancel(&store, "r-3", Some("not this one")).expect("cancel");
+    let text: String = (0..4)
+        .map(|i| format!("{}\n", with_id(&format!("r-{i}"))))
+        .collect();
+    let out = push(
+        &[
+            "--config",
+            path(&cfg),
+            "--wait",
+            "--json",
+            "--timeout",
+            "60s",
+        ],
+        &text,
+        &[],
+    );
+    assert_eq!(out.code, 1, "one task was cancelled: {}", out.stderr);
+    let lines: Vec<Value> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 4, "{}", out.stdout);
+    for (i, line) in lines.iter().enumerate() {
+        let id = format!("r-{i}");
+        assert_eq!(line["task_id"], id.as_str());
+        assert_eq!(line["type"], "start_transcribe");
+        if i == 3 {
+            // Cancelled before the push: the row was there first, so the copy is already known.
+            assert_eq!(line["state"], "cancelled", "{line}");
+            continue;
+        }
+        assert_eq!(line["state"], "finished", "{line}");
+        assert_eq!(line["error"], Value::Null);
+        let sent = fleet.stats().result_of(&id).expect("the gpu sent a result");
+        assert_eq!(line["result"], sent, "{line}");
+    }
+    assert!(
+        out.stderr
+            .contains("4 tasks: 3 finished, 0 failed, 0 not done, 1 already known"),
+        "{}",
+        out.stderr
+    );
+    stop(daemon);
+}
+
 fn with_id(id: &str) -> Value {
     json!({"type": "start_transcribe", "data": {"task_id": id}})
 }

@@ -288,3 +288,93 @@ fn pending_rows_in_no_memory_and_no_list_are_taken_up() {
     assert_eq!(fleet.stats().seen().len(), 2);
     stop(daemon);
 }
+
+/// Issue 16: a cancel that arrives after the poller moved the element out of its queue and
+/// before it recorded it (paused there) finds no row, and leaves a `cancelled` one under the id:
+/// the poller, let go, finds the id taken by a terminal task and drops the copy. It never runs.
+#[test]
+fn a_cancel_between_the_move_and_the_record_still_stops_the_task() {
+    let env = TestEnv::new("wincancel");
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 1,
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let toml = as_instance(&env.config_toml(fleet.urls(), ""), "win-cancel", "10s");
+    let daemon = env.start(&toml);
+    testing::arm("win-cancel", "poller:moved");
+    let tasks = transcriptions("wc", 2);
+    env.push_raw("q1", &tasks[..1]);
+    assert!(testing::wait_reached(
+        "win-cancel",
+        "poller:moved",
+        Duration::from_secs(20)
+    ));
+    // In the window: out of the queue, in no table.
+    assert_eq!(env.llen("q1"), 0);
+    assert_eq!(env.count("task_id LIKE 'wc-%'"), 0);
+    let store = qsys::ops::store(&env.config(&toml)).expect("store");
+    assert_eq!(
+        qsys::ops::cancel(&store, "wc-0", None).expect("cancel"),
+        qsys::Cancel::Cancelled { was: None }
+    );
+    testing::release("win-cancel", "poller:moved");
+    env.push_raw("q1", &tasks[1..]);
+    assert!(wait_for(Duration::from_secs(20), || {
+        env.count("task_id = 'wc-1' AND state = 'finished'") == 1
+    }));
+    assert!(
+        fleet.stats().body("wc-0").is_none(),
+        "the cancelled task ran"
+    );
+    assert_eq!(env.count("task_id = 'wc-0' AND state = 'cancelled'"), 1);
+    stop(daemon);
+}
+
+/// Issue 16: a cancel between the slot's claim and the dispatch's send (paused there): the GPU
+/// has not got the task when it is asked to stop it (404), so the slot stays held; the task,
+/// sent once let go, runs, and the cancel sent again five seconds later stops it. The task ends
+/// `cancelled` and the one-slot GPU never runs two at once.
+#[test]
+fn a_cancel_between_the_claim_and_the_send_is_sent_again_until_the_gpu_stops_it() {
+    let env = TestEnv::new("wincancelsend");
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 1,
+        delay: (Duration::from_secs(60), Duration::from_secs(60)),
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let extra = format!(
+        "[gpu]\nslots = 1\ncancel_url = \"{}\"\n",
+        fleet.cancel_url(0)
+    );
+    let toml = as_instance(&env.config_toml(fleet.urls(), &extra), "win-cs", "10s");
+    let daemon = env.start(&toml);
+    testing::arm("win-cs", "dispatch:before-send");
+    env.push_raw("q1", &transcriptions("cs", 2));
+    assert!(testing::wait_reached(
+        "win-cs",
+        "dispatch:before-send",
+        Duration::from_secs(20)
+    ));
+    let store = qsys::ops::store(&env.config(&toml)).expect("store");
+    assert_eq!(
+        qsys::ops::cancel(&store, "cs-0", None).expect("cancel"),
+        qsys::Cancel::Requested
+    );
+    // Asked while the GPU has nothing: 404, the slot stays held and cs-1 waits.
+    assert!(wait_for(Duration::from_secs(5), || {
+        !fleet.stats().cancels().is_empty()
+    }));
+    assert_eq!(fleet.stats().cancels()[0].2, 404);
+    testing::release("win-cs", "dispatch:before-send");
+    assert!(wait_for(Duration::from_secs(15), || {
+        env.count("task_id = 'cs-0' AND state = 'cancelled'") == 1
+    }));
+    assert_eq!(fleet.stats().cancels().last().map(|c| c.2), Some(200));
+    assert!(wait_for(Duration::from_secs(10), || {
+        fleet.stats().body("cs-1").is_some()
+    }));
+    assert_eq!(fleet.stats().max_running(0), 1);
+    stop(daemon);
+}

@@ -469,6 +469,50 @@ mod tests {
         }
     }
 
+    /// Whatever ends the attempt of a task an operator cancelled ends the task `cancelled`: never
+    /// finished, never retried; a `cancelled` report repeats as a duplicate.
+    #[test]
+    fn a_cancelled_task_ends_cancelled_however_its_attempt_ends() {
+        let mut running = row("processing", 1, None, 0);
+        running.cancel_requested = true;
+        let cancelled = Ok(Next::Done(State::Cancelled));
+        for ending in [
+            Ending::Finished { result: Some("1") },
+            Ending::Failed {
+                error: "oops",
+                retryable: true,
+            },
+            Ending::Expired { error: "lease" },
+            Ending::Cancelled,
+        ] {
+            assert_eq!(
+                judge_ending(&running, &req(1, ending), 3),
+                cancelled,
+                "{ending:?}"
+            );
+        }
+        // A GPU that stopped a task unasked ends it cancelled too.
+        assert_eq!(
+            judge_ending(
+                &row("processing", 1, None, 0),
+                &req(1, Ending::Cancelled),
+                3
+            ),
+            cancelled
+        );
+        let done = row("cancelled", 1, None, 0);
+        assert_eq!(
+            judge_ending(&done, &req(1, Ending::Cancelled), 3),
+            Err(Finish::Duplicate)
+        );
+        assert_eq!(
+            judge_ending(&done, &req(1, Ending::Finished { result: None }), 3),
+            Err(Finish::Conflict {
+                state: "cancelled".into()
+            })
+        );
+    }
+
     #[test]
     fn endings_by_state_attempt_and_budget() {
         let oops = Ending::Failed {

@@ -463,6 +463,8 @@ impl Poller {
         mut raws: Vec<Vec<u8>>,
         backoff: &mut Backoff,
     ) -> Result<(), Duration> {
+        // Moved into the in-hand list, not yet recorded: a cancel arriving now finds no row.
+        crate::pause_point!(self.shared.store.instance(), "poller:moved");
         let config = self.shared.config();
         let parsed: Vec<Parsed> = raws
             .iter()
