@@ -121,7 +121,8 @@ echo "Failures and cancels:"
 mariadb -h 127.0.0.1 -u root qsys_demo -t -e \
   "SELECT task_id, type, state, error FROM tasks WHERE state IN ('failed','cancelled')"
 echo "A result (the fake GPU's transcript), from qsysd task:"
-target/debug/qsysd --config "$demo/qsysd.toml" task demo-call-1 | grep -E '^(state|result)'
+done_id=$(sql "SELECT task_id FROM tasks WHERE state='finished' AND type='start_transcribe' LIMIT 1")
+target/debug/qsysd --config "$demo/qsysd.toml" task "$done_id" | grep -E '^(task|state|result)'
 
 if $keep; then
   echo "quickstart: the demo keeps running (Ctrl-C stops it):"

@@ -68,7 +68,7 @@ fn hostile_requests(path: &str) -> Vec<(&'static str, Vec<u8>, u16)> {
         ),
         (
             "content-length over the limit, no body",
-            head("Content-Length: 70000\r\n"),
+            head("Content-Length: 200000\r\n"),
             413,
         ),
         (

@@ -196,6 +196,9 @@ fn cancel_reason(req: &mut Request, query: &str) -> Result<Option<String>, Strin
         return Ok(None);
     }
     let v: Value = serde_json::from_slice(&body).map_err(|e| format!("body is not JSON: {e}"))?;
+    if !v.is_object() {
+        return Err("body must be a JSON object".into());
+    }
     match v.get("reason") {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -217,6 +220,9 @@ fn cancel(shared: &Shared, id: &str, reason: Option<&str>) -> (u16, Value) {
             let reason = reason.unwrap_or("");
             log::warn!(task_id = id, reason, outcome:? = outcome; "task cancel from the admin api");
             ops::cancel_reply(id, &outcome)
+        }
+        Err(e @ (ops::OpsError::BadTaskId { .. } | ops::OpsError::LongReason(_))) => {
+            (400, json!({ "error": e.to_string() }))
         }
         Err(e) => (503, json!({ "error": e.to_string() })),
     }

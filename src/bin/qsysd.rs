@@ -173,11 +173,8 @@ fn command(config: &Config, cmd: Command) -> anyhow::Result<()> {
             }
         }
         Command::Cancel { task_ids, reason } => {
-            if reason.as_ref().is_some_and(|r| r.len() > ops::MAX_REASON) {
-                return Err(
-                    UsageError(format!("--reason: at most {} bytes", ops::MAX_REASON)).into(),
-                );
-            }
+            let ids: Vec<&str> = task_ids.iter().map(String::as_str).collect();
+            ops::check_cancel(&ids, reason.as_deref()).map_err(|e| UsageError(e.to_string()))?;
             let store = ops::store(config)?;
             let mut refused = 0;
             for id in &task_ids {

@@ -134,7 +134,7 @@ pub(crate) struct CallbackConfig {
     pub public_url: Option<String>,
     pub secret: Secret,
     pub max_body: usize,
-    /// Largest `result` a `finished` callback may carry (compact JSON bytes); over it, 413.
+    /// Largest `result` a `finished` callback may carry (its bytes as sent); over it, 413.
     pub max_result_bytes: usize,
     /// HTTPS instead of HTTP (`tls_cert`, `tls_key`); the files are read again at a reload.
     pub tls: Option<TlsFiles>,
@@ -312,7 +312,10 @@ impl Config {
         // with the listener.
         if self.callback != old.callback {
             self.callback = old.callback.clone();
-            kept.push("callback (listen, public_url, secret, max_body, tls_cert, tls_key)");
+            kept.push(
+                "callback (listen, public_url, secret, max_body, max_result_bytes, tls_cert, \
+                 tls_key)",
+            );
         }
         let d = &mut self.daemon;
         let o = &old.daemon;
@@ -602,6 +605,21 @@ mod tests {
         );
         let e = err(&text.replace("http://127.0.0.1:9001/stop", "ftp://x/stop"));
         assert!(e.contains("gpu.endpoints[1].cancel_url"), "{e}");
+        // A response-mode endpoint ends its attempt with its answer: [gpu]'s timeout skips it,
+        // its own is refused.
+        let response = text.replace("heartbeat_timeout = \"0\"", "completion = \"response\"");
+        assert_eq!(
+            load(&response).expect("valid").gpus[1].heartbeat_timeout,
+            None
+        );
+        let e = err(&text.replace(
+            "heartbeat_timeout = \"0\"",
+            "completion = \"response\"\nheartbeat_timeout = \"5s\"",
+        ));
+        assert!(
+            e.contains("gpu.endpoints[1].heartbeat_timeout") && e.contains("response"),
+            "{e}"
+        );
     }
 
     /// Every response-mode slot has a dispatch thread of its own, beside the callback-mode share.

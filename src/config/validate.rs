@@ -407,6 +407,11 @@ fn endpoint(i: usize, e: RawGpu, d: &GpuDefaults) -> Result<Endpoint, ConfigErro
         e.bearer_token.clone(),
         e.bearer_token_file.as_ref(),
     )?;
+    let completion_mode = match &e.completion {
+        Some(c) => completion(&k("completion"), c)?,
+        None => d.completion,
+    };
+    let heartbeat = heartbeat_timeout(&k, e.heartbeat_timeout.as_ref(), completion_mode, d)?;
     Ok(Endpoint {
         url: http_url(&k("url"), url)?,
         health_url: match &e.health_url {
@@ -417,10 +422,7 @@ fn endpoint(i: usize, e: RawGpu, d: &GpuDefaults) -> Result<Endpoint, ConfigErro
             Some(n) => slot_count(&k("slots"), n)?,
             None => d.slots,
         },
-        completion: match &e.completion {
-            Some(c) => completion(&k("completion"), c)?,
-            None => d.completion,
-        },
+        completion: completion_mode,
         bearer_token: token.or_else(|| d.token.clone()),
         request_timeout: match &e.request_timeout {
             Some(_) => duration(&k("request_timeout"), e.request_timeout.as_ref(), "")?,
@@ -430,16 +432,37 @@ fn endpoint(i: usize, e: RawGpu, d: &GpuDefaults) -> Result<Endpoint, ConfigErro
             Some(_) => duration(&k("task_timeout"), e.task_timeout.as_ref(), "")?,
             None => d.task_timeout,
         },
-        heartbeat_timeout: match &e.heartbeat_timeout {
-            Some(_) => optional_duration(&k("heartbeat_timeout"), e.heartbeat_timeout.as_ref())?,
-            None => d.heartbeat_timeout,
-        },
+        heartbeat_timeout: heartbeat,
         cancel_url: match &e.cancel_url {
             Some(u) => Some(http_url(&k("cancel_url"), u)?),
             None => d.cancel_url.clone(),
         },
         id,
     })
+}
+
+/// An endpoint's heartbeat timeout: its own, else `[gpu]`'s. Only for `callback` mode: a
+/// `response`-mode attempt ends with its answer, and one expired while its call still runs would
+/// be retried beside it, one task too many on that GPU; `[gpu]`'s does not reach such an endpoint,
+/// and its own is refused.
+fn heartbeat_timeout(
+    k: &impl Fn(&str) -> String,
+    value: Option<&String>,
+    mode: Completion,
+    d: &GpuDefaults,
+) -> Result<Option<Duration>, ConfigError> {
+    let own = optional_duration(&k("heartbeat_timeout"), value)?;
+    match (mode, own) {
+        (Completion::Response, Some(_)) => Err(invalid(
+            k("heartbeat_timeout"),
+            value.map_or("", String::as_str),
+            "only for completion = \"callback\": a response-mode attempt ends with its answer",
+        )),
+        (Completion::Response, None) => Ok(None),
+        (Completion::Callback, Some(t)) => Ok(Some(t)),
+        (Completion::Callback, None) if value.is_some() => Ok(None),
+        (Completion::Callback, None) => Ok(d.heartbeat_timeout),
+    }
 }
 
 /// `[retry]`.

@@ -370,12 +370,17 @@ pub(crate) fn render(t: &Tally, elapsed: Duration) -> String {
     let done = t.finished + t.failed + t.cancelled;
     let filled = (done * WIDTH).checked_div(t.total).unwrap_or(WIDTH);
     format!(
-        "[{}{}] {done}/{}  finished {}  failed {}  {}s",
+        "[{}{}] {done}/{}  finished {}  failed {}{}  {}s",
         "#".repeat(filled),
         ".".repeat(WIDTH - filled),
         t.total,
         t.finished,
         t.failed,
+        if t.cancelled > 0 {
+            format!("  cancelled {}", t.cancelled)
+        } else {
+            String::new()
+        },
         elapsed.as_secs()
     )
 }

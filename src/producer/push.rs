@@ -328,7 +328,17 @@ fn run(req: &Request, env: &Env) -> Result<u8, PushError> {
         timeout,
         results: req.json,
     };
-    let summary = follow::wait(&mysql, &follow, |tally| bar.draw(tally, started))?;
+    let summary = match follow::wait(&mysql, &follow, |tally| bar.draw(tally, started)) {
+        Ok(s) => s,
+        Err(e) => {
+            bar.clear();
+            // The tasks are pushed: their ids must not be lost with the wait.
+            if req.json {
+                let _ = print_receipts(&messages, true);
+            }
+            return Err(e.into());
+        }
+    };
     bar.clear();
     for line in summary.report(timeout) {
         eprintln!("qsys-push: {line}");

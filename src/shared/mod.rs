@@ -298,7 +298,13 @@ impl Shared {
             log::info!(task_id, attempt, source, outcome:? = out; "completion not applied");
             return;
         };
-        self.metrics.attempts.inc(ending.outcome());
+        // As `task_attempts` records it: an attempt of a task cancelled meanwhile is `cancelled`,
+        // however it ended.
+        let outcome = match next {
+            Next::Done(crate::store::State::Cancelled) => Ending::Cancelled.outcome(),
+            _ => ending.outcome(),
+        };
+        self.metrics.attempts.inc(outcome);
         match next {
             Next::Retry { .. } => {
                 self.metrics

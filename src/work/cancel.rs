@@ -10,7 +10,8 @@
 //! - on a GPU without one: nothing to send; the callback or the lease ends the attempt, and the
 //!   task is `cancelled` then;
 //! - in an `exec` handler: its id goes into [`Shared::cancels`], which the run checks every few
-//!   milliseconds, and the program's process group is killed;
+//!   milliseconds, and the program's process group is killed (a GPU attempt's goes there too: a
+//!   dispatch not sent yet is then not sent);
 //! - in an `http` handler: the request cannot be recalled, so it is abandoned: the attempt ends
 //!   now and the handler's answer, when it comes, changes nothing.
 //!
@@ -32,6 +33,9 @@ use crate::sync::Locked;
 const TICK: Duration = Duration::from_millis(500);
 /// How long before a cancel the GPU did not confirm is sent again.
 const RETRY: Duration = Duration::from_secs(5);
+/// How long before an attempt whose GPU had no `cancel_url` is looked at again: a reload may
+/// have given it one.
+const RECHECK: Duration = Duration::from_secs(30);
 /// The longest a cancel call may take, whatever the endpoint's `request_timeout`: one GPU that
 /// does not answer must not hold up the cancels of the others for long.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -67,13 +71,11 @@ fn round(shared: &Shared, agent: &ureq::Agent, acted: &mut Acted) {
     let now = Instant::now();
     for c in &marked {
         let key = (c.task_id.clone(), c.attempt);
-        if acted
-            .get(&key)
-            .is_some_and(|next| next.is_none_or(|t| now < t))
-        {
+        let seen = acted.get(&key);
+        if seen.is_some_and(|next| next.is_none_or(|t| now < t)) {
             continue;
         }
-        let next = act(shared, agent, &config, c);
+        let next = act(shared, agent, &config, c, seen.is_none());
         acted.insert(key, next);
     }
     // What is no longer marked has ended: forget it.
@@ -88,8 +90,15 @@ fn round(shared: &Shared, agent: &ureq::Agent, acted: &mut Acted) {
         .retain(|(id, attempt)| live.contains(&(id.as_str(), *attempt)));
 }
 
-/// Stops one cancelled attempt as its kind allows; when to try again, if ever.
-fn act(shared: &Shared, agent: &ureq::Agent, config: &Config, c: &Cancelling) -> Option<Instant> {
+/// Stops one cancelled attempt as its kind allows (`first`: the first time it is looked at);
+/// when to try again, if ever.
+fn act(
+    shared: &Shared,
+    agent: &ureq::Agent,
+    config: &Config,
+    c: &Cancelling,
+    first: bool,
+) -> Option<Instant> {
     let task_id = c.task_id.as_str();
     let Some(gpu) = &c.gpu_id else {
         let kind = c.kind.as_deref().unwrap_or("");
@@ -105,11 +114,18 @@ fn act(shared: &Shared, agent: &ureq::Agent, config: &Config, c: &Cancelling) ->
             .insert((c.task_id.clone(), c.attempt));
         return None;
     };
+    // A dispatch not sent yet sees the mark and is not sent at all.
+    shared
+        .cancels
+        .locked()
+        .insert((c.task_id.clone(), c.attempt));
     let endpoint = config.gpus.iter().find(|g| &g.id == gpu);
     let Some((endpoint, url)) = endpoint.and_then(|e| Some((e, e.cancel_url.as_ref()?))) else {
-        log::info!(task_id, gpu = gpu.as_str(), attempt = c.attempt;
-            "task cancelled; its gpu has no cancel_url: the slot is held until its callback or lease");
-        return None;
+        if first {
+            log::info!(task_id, gpu = gpu.as_str(), attempt = c.attempt;
+                "task cancelled; its gpu has no cancel_url: the slot is held until its callback or lease");
+        }
+        return Some(Instant::now() + RECHECK);
     };
     let body = json!({ "task_id": task_id, "attempt": c.attempt }).to_string();
     let timeout = endpoint.request_timeout.min(CANCEL_TIMEOUT);

@@ -116,6 +116,19 @@ pub(crate) fn run_worker(shared: Arc<Shared>, jobs: Receiver<GpuJob>, agents: Ar
                     "mysql error renewing a lease; sent under the claim's lease"),
             }
         }
+        // Cancelled before it was sent: the GPU never had it, so the slot frees now.
+        if shared.cancel_asked(task_id, job.attempt) {
+            log::warn!(task_id, gpu = ep.id.as_str(), attempt = job.attempt;
+                "task cancelled before its dispatch was sent; not sent");
+            shared.end_attempt_patiently(
+                task_id,
+                job.attempt,
+                Ending::Cancelled,
+                "cancel",
+                PATIENCE,
+            );
+            continue;
+        }
         let body = request_body(&job, &shared.signer.callback_url(task_id, job.attempt));
         let total = match ep.completion {
             Completion::Callback => ep.request_timeout,
@@ -188,7 +201,7 @@ pub(crate) fn run_worker(shared: Arc<Shared>, jobs: Receiver<GpuJob>, agents: Ar
     }
 }
 
-/// A response-mode answer's body as the task's result: its JSON, compacted, when it is JSON (and
+/// A response-mode answer's body as the task's result: its JSON as sent, when it is JSON (and
 /// not `null`) and within `callback.max_result_bytes`. Over the limit the task still finished (the
 /// GPU did the work): the result is dropped, and said so.
 fn response_result(shared: &Shared, task_id: &str, body: &str) -> Option<String> {
@@ -198,10 +211,9 @@ fn response_result(shared: &Shared, task_id: &str, body: &str) -> Option<String>
             "response-mode answer over callback.max_result_bytes: the task finished, its result is not kept");
         return None;
     }
-    let value: Value = serde_json::from_str(body)
-        .ok()
-        .filter(|v: &Value| !v.is_null())?;
-    Some(value.to_string())
+    // Kept as the endpoint wrote it, like a callback's result.
+    let raw: &serde_json::value::RawValue = serde_json::from_str(body).ok()?;
+    (raw.get() != "null").then(|| raw.get().to_string())
 }
 
 /// How long a dispatch worker keeps trying to record an outcome through a MySQL outage before it
