@@ -336,7 +336,7 @@ command = ["/bin/sh", "-c", "echo 'render failed: <img src=x onerror=alert(1)> &
         10,
         "g1 drained",
         "const g = document.querySelector('[data-gpu=\"g1\"]');
-         return g.dataset.health === 'drained' && g.querySelector('button').textContent === 'undrain';",
+         return g.dataset.health === 'drained' && g.querySelector('.gpu-foot button').textContent === 'undrain';",
     );
 
     // g5 goes away and gets ejected; the rest runs a backlog.

@@ -185,25 +185,26 @@ fn requeue(shared: &Shared, client: &redis::Client, id: &str) -> (u16, Value) {
     }
 }
 
-/// A cancel's reason: `?reason=`, else a JSON body's `reason` (an empty body is none).
+/// A cancel's reason: `?reason=`, else a JSON body's `reason`. A body, when there is one, must be
+/// a JSON object whose `reason` (if any) is a string, whatever the query says.
 fn cancel_reason(req: &mut Request, query: &str) -> Result<Option<String>, String> {
-    if let Some((_, r)) = url::form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "reason")
-    {
-        return Ok(Some(r.into_owned()));
-    }
     let body = crate::net::server::read_body(req, MAX_BODY).unwrap_or_default();
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(None);
-    }
-    let v: Value = serde_json::from_slice(&body).map_err(|e| format!("body is not JSON: {e}"))?;
-    if !v.is_object() {
-        return Err("body must be a JSON object".into());
-    }
-    match v.get("reason") {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err("reason must be a string".into()),
-    }
+    let from_body = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        let v: Value =
+            serde_json::from_slice(&body).map_err(|e| format!("body is not JSON: {e}"))?;
+        let obj = v.as_object().ok_or("body must be a JSON object")?;
+        match obj.get("reason") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(_) => return Err("reason must be a string".into()),
+        }
+    };
+    let from_query = url::form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "reason")
+        .map(|(_, r)| r.into_owned());
+    Ok(from_query.or(from_body))
 }
 
 /// Cancels a task, logged; a running attempt of this instance is stopped within a second (the
@@ -221,9 +222,7 @@ fn cancel(shared: &Shared, id: &str, reason: Option<&str>) -> (u16, Value) {
             log::warn!(task_id = id, reason, outcome:? = outcome; "task cancel from the admin api");
             ops::cancel_reply(id, &outcome)
         }
-        Err(e @ (ops::OpsError::BadTaskId { .. } | ops::OpsError::LongReason(_))) => {
-            (400, json!({ "error": e.to_string() }))
-        }
+        Err(e @ ops::OpsError::BadTaskId { .. }) => (400, json!({ "error": e.to_string() })),
         Err(e) => (503, json!({ "error": e.to_string() })),
     }
 }

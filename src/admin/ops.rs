@@ -28,8 +28,6 @@ pub enum OpsError {
     /// Not a task id qsysd could ever have recorded (empty, over 255 bytes, control characters).
     #[error("task id {id:?}: {reason}")]
     BadTaskId { id: String, reason: String },
-    #[error("cancel reason: at most {MAX_REASON} bytes, got {0}")]
-    LongReason(usize),
 }
 
 /// Makes a terminal task pending again and pushes it back to the tail of its queue. False if the
@@ -49,13 +47,10 @@ pub fn requeue(store: &Store, client: &redis::Client, task_id: &str) -> Result<b
 /// Longest cancel reason kept: it becomes the task's error.
 pub const MAX_REASON: usize = 1000;
 
-/// Whether `reason` and each of `task_ids` can be a cancel's: checked before anything is
-/// cancelled, so a bad one in a list leaves the others untouched. An id no element could carry
-/// (empty, over 255 bytes, control characters) is the caller's mistake, not MySQL's to refuse.
-pub fn check_cancel(task_ids: &[&str], reason: Option<&str>) -> Result<(), OpsError> {
-    if let Some(r) = reason.filter(|r| r.len() > MAX_REASON) {
-        return Err(OpsError::LongReason(r.len()));
-    }
+/// Whether each of `task_ids` can be a cancel's: checked before anything is cancelled, so a bad
+/// one in a list leaves the others untouched. An id no element could carry (empty, over 255
+/// bytes, control characters) is the caller's mistake, not MySQL's to refuse.
+pub fn check_cancel(task_ids: &[&str]) -> Result<(), OpsError> {
     for id in task_ids {
         crate::contract::message::check_task_id(id).map_err(|reason| OpsError::BadTaskId {
             id: id.to_string(),
@@ -65,12 +60,12 @@ pub fn check_cancel(task_ids: &[&str], reason: Option<&str>) -> Result<(), OpsEr
     Ok(())
 }
 
-/// Cancels a task (see [`Cancel`]); `reason` (an operator's words, at most [`MAX_REASON`]
+/// Cancels a task (see [`Cancel`]); `reason` (an operator's words, cut at [`MAX_REASON`]
 /// bytes) becomes its error as `cancelled: <reason>`.
 pub fn cancel(store: &Store, task_id: &str, reason: Option<&str>) -> Result<Cancel, OpsError> {
-    check_cancel(&[task_id], reason)?;
+    check_cancel(&[task_id])?;
     let reason = reason.map(str::trim).filter(|r| !r.is_empty());
-    let reason = reason.unwrap_or("by an operator");
+    let reason = crate::store::truncate(reason.unwrap_or("by an operator"), MAX_REASON);
     Ok(store.cancel(task_id, &format!("cancelled: {reason}"))?)
 }
 

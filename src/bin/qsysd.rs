@@ -174,7 +174,7 @@ fn command(config: &Config, cmd: Command) -> anyhow::Result<()> {
         }
         Command::Cancel { task_ids, reason } => {
             let ids: Vec<&str> = task_ids.iter().map(String::as_str).collect();
-            ops::check_cancel(&ids, reason.as_deref()).map_err(|e| UsageError(e.to_string()))?;
+            ops::check_cancel(&ids).map_err(|e| UsageError(e.to_string()))?;
             let store = ops::store(config)?;
             let mut refused = 0;
             for id in &task_ids {
