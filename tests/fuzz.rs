@@ -189,6 +189,7 @@ fn whatever_the_parser_accepts_mysql_stores() {
             payload: &payload,
             max_attempts: m.max_attempts,
             timeout_s: m.timeout_s,
+            wait: None,
         };
         store
             .accept("q", &[row])

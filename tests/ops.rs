@@ -103,6 +103,39 @@ fn dashboard_queries_are_valid_and_use_these_metrics(env: &TestEnv, exported: &s
     );
 }
 
+/// The alert rules shipped in `packaging/prometheus/qsysd-alerts.yml` (issue 17): `promtool check
+/// rules` accepts them and every `qsys_` metric they use is one `exported` has.
+fn alert_rules_are_valid_and_use_these_metrics(exported: &str) {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/packaging/prometheus/qsysd-alerts.yml"
+    );
+    let text = std::fs::read_to_string(path).expect("alert rules");
+    assert!(
+        text.contains("qsys_queue_oldest_seconds"),
+        "the latency alert"
+    );
+    for name in text
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("qsys_"))
+    {
+        assert!(
+            exported.contains(&format!("\n{name}{{")) || exported.contains(&format!("\n{name} ")),
+            "the alert rules use {name}, which /metrics does not export"
+        );
+    }
+    let out = Command::new("promtool")
+        .args(["check", "rules", path])
+        .output()
+        .expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn metrics_pass_promtool_and_status_shows_everything() {
     let env = TestEnv::new("metrics");
@@ -135,6 +168,7 @@ fn metrics_pass_promtool_and_status_shows_everything() {
         assert!(text.contains(want), "no {want} in\n{text}");
     }
     dashboard_queries_are_valid_and_use_these_metrics(&env, &text);
+    alert_rules_are_valid_and_use_these_metrics(&text);
     let metrics = env.dir.join("metrics.txt");
     std::fs::write(&metrics, &text).expect("write");
     let promtool = Command::new("promtool")

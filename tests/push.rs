@@ -73,15 +73,29 @@ fn path(p: &Path) -> &str {
     p.to_str().expect("utf8 path")
 }
 
-/// The list's elements, checked to be exactly the seed's format; `(type, data)` of each.
+/// The list's elements, checked to be exactly the seed's format plus the `enqueued_at` stamp
+/// (issue 17: a top-level field the seed's worker ignores), a moment ago; `(type, data)` of each.
 fn seed_elements(env: &TestEnv, queue: &str) -> Vec<(String, Value)> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
     env.lrange(queue)
         .iter()
         .map(|raw| {
             let v: Value = serde_json::from_str(raw).expect("json element");
             let obj = v.as_object().expect("object");
             let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
-            assert_eq!(keys, ["data", "type"], "exactly the seed's fields: {raw}");
+            assert_eq!(
+                keys,
+                ["data", "enqueued_at", "type"],
+                "exactly the seed's fields and the stamp: {raw}"
+            );
+            let stamp = v["enqueued_at"].as_f64().expect("a number");
+            assert!(
+                (now - 120.0..=now + 1.0).contains(&stamp),
+                "stamped at the push: {raw}"
+            );
             assert!(
                 raw.starts_with("{\"type\":"),
                 "type first, as the seed: {raw}"

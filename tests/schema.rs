@@ -27,6 +27,7 @@ fn new_task(id: &str) -> qsys::NewTask<'_> {
         payload: "{}",
         max_attempts: None,
         timeout_s: None,
+        wait: None,
     }
 }
 

@@ -6,18 +6,10 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{stop, transcriptions, wait_for, TestEnv};
+use common::{as_instance, stop, transcriptions, wait_for, TestEnv};
 use fakefleet::{Fleet, FleetConfig};
 use mysql::prelude::Queryable;
 use qsys::testing;
-
-fn as_instance(toml: &str, id: &str, grace: &str) -> String {
-    toml.replace("instance_id = \"test\"", &format!("instance_id = \"{id}\""))
-        .replace(
-            "shutdown_grace = \"10s\"",
-            &format!("shutdown_grace = \"{grace}\""),
-        )
-}
 
 /// A graceful stop while a peer is live, paused inside the hand-back: the stopping instance has
 /// released its `pending` rows and not yet pushed them to Redis. Left there (as a crash there

@@ -11,12 +11,30 @@ use crate::sync::Locked;
 /// Reads one per-GPU number off a slot-matrix row.
 type GpuGauge = fn(&crate::fleet::GpuView) -> u64;
 
+/// Counts with a type label only for the configured types: any other a producer ever sent is
+/// one `other`, so the label set is bounded by the config, not by the queues' history.
+fn bounded_types(
+    counts: crate::store::Counts,
+    config: &crate::config::Config,
+) -> std::collections::BTreeMap<(String, String), u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for ((state, kind), n) in counts {
+        let kind = if config.types.contains_key(&kind) {
+            kind
+        } else {
+            "other".to_string()
+        };
+        *out.entry((state, kind)).or_insert(0) += n;
+    }
+    out
+}
+
 /// The `/metrics` document.
 pub(crate) fn metrics(shared: &Shared) -> String {
     let mut out = String::new();
     out.push_str("# HELP qsys_tasks Tasks in MySQL, by state and type.\n# TYPE qsys_tasks gauge\n");
-    if let Ok(rows) = shared.store.counts() {
-        for (state, kind, n) in rows {
+    if let Ok(counts) = shared.store.counts() {
+        for ((state, kind), n) in bounded_types(counts, &shared.config()) {
             let _ = writeln!(
                 out,
                 "qsys_tasks{{state=\"{}\",type=\"{}\"}} {n}",
@@ -30,6 +48,33 @@ pub(crate) fn metrics(shared: &Shared) -> String {
     );
     for (q, n) in shared.queue_depths.locked().iter() {
         let _ = writeln!(out, "qsys_queue_depth{{queue=\"{}\"}} {n}", label(q));
+    }
+    out.push_str(
+        "# HELP qsys_queue_oldest_seconds Age of the task at the head of a Redis queue: from its \
+         enqueued_at, else from when this instance first saw it there.\n\
+         # TYPE qsys_queue_oldest_seconds gauge\n",
+    );
+    for (q, age) in shared.queue_ages.locked().iter() {
+        let _ = writeln!(
+            out,
+            "qsys_queue_oldest_seconds{{queue=\"{}\"}} {age:.3}",
+            label(q)
+        );
+    }
+    let paused = shared.paused();
+    out.push_str(
+        "# HELP qsys_queue_paused 1 for a paused queue.\n# TYPE qsys_queue_paused gauge\n",
+    );
+    for q in &shared.config().redis.queues {
+        let on = u8::from(paused.queues.contains(q));
+        let _ = writeln!(out, "qsys_queue_paused{{queue=\"{}\"}} {on}", label(q));
+    }
+    out.push_str(
+        "# HELP qsys_type_paused 1 for a paused task type.\n# TYPE qsys_type_paused gauge\n",
+    );
+    for t in shared.config().types.keys() {
+        let on = u8::from(paused.types.contains(t));
+        let _ = writeln!(out, "qsys_type_paused{{type=\"{}\"}} {on}", label(t));
     }
     let view = shared.slots().view();
     let gauges: [(&str, &str, GpuGauge); 4] = [

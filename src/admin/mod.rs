@@ -9,8 +9,9 @@
 //! - `GET /tasks/<id>`: one task and its attempts;
 //! - `GET /`: the dashboard, one static page (`src/dashboard.html`) that polls `/status`;
 //! - `POST /gpus/<id>/drain`, `POST /gpus/<id>/undrain`, `POST /tasks/<id>/requeue`,
-//!   `POST /tasks/<id>/cancel` (optional `{"reason": "..."}` or `?reason=`): the operator's
-//!   actions, each logged;
+//!   `POST /tasks/<id>/cancel` (optional `{"reason": "..."}` or `?reason=`),
+//!   `POST /queues/<q>/pause|resume`, `POST /types/<t>/pause|resume`: the operator's actions,
+//!   each logged;
 //! - `GET /openapi.json`: the OpenAPI 3.1 description of both listeners (`docs/openapi.json`).
 //!
 //! With `admin.token` set, every request but `/healthz` needs `Authorization: Bearer <token>`;
@@ -149,6 +150,18 @@ fn api(
         (Method::Post, ["gpus", gpu, "drain"]) => drain(shared, gpu, true),
         (Method::Post, ["gpus", gpu, "undrain"]) => drain(shared, gpu, false),
         (Method::Post, ["tasks", id, "requeue"]) => requeue(shared, client, id),
+        (Method::Post, ["queues", name, verb @ ("pause" | "resume")]) => pause(
+            shared,
+            crate::store::PauseKind::Queue,
+            name,
+            *verb == "pause",
+        ),
+        (Method::Post, ["types", name, verb @ ("pause" | "resume")]) => pause(
+            shared,
+            crate::store::PauseKind::Type,
+            name,
+            *verb == "pause",
+        ),
         (Method::Post, ["tasks", id, "cancel"]) => match cancel_reason(&mut req, query) {
             Ok(reason) => cancel(shared, id, reason.as_deref()),
             Err(e) => (400, json!({ "error": e })),
@@ -156,9 +169,9 @@ fn api(
         (_, ["" | "metrics" | "status" | "openapi.json"]) | (_, ["tasks", _]) => {
             return not_allowed(req, "GET")
         }
-        (_, ["gpus", _, "drain" | "undrain"]) | (_, ["tasks", _, "requeue" | "cancel"]) => {
-            return not_allowed(req, "POST")
-        }
+        (_, ["gpus", _, "drain" | "undrain"])
+        | (_, ["tasks", _, "requeue" | "cancel"])
+        | (_, ["queues" | "types", _, "pause" | "resume"]) => return not_allowed(req, "POST"),
         _ => (404, json!({ "error": "not found" })),
     };
     reply(req, status, &body);
@@ -223,6 +236,26 @@ fn cancel(shared: &Shared, id: &str, reason: Option<&str>) -> (u16, Value) {
             ops::cancel_reply(id, &outcome)
         }
         Err(e @ ops::OpsError::BadTaskId { .. }) => (400, json!({ "error": e.to_string() })),
+        Err(e) => (503, json!({ "error": e.to_string() })),
+    }
+}
+
+/// Pauses or resumes a configured queue or type in MySQL, then here at once (every other
+/// instance within a second).
+fn pause(shared: &Shared, kind: crate::store::PauseKind, name: &str, paused: bool) -> (u16, Value) {
+    let config = shared.config();
+    if let Err(e) = ops::pausable(&config, kind, name) {
+        return (404, json!({ "error": e.to_string() }));
+    }
+    let by = format!("admin@{}", config.daemon.instance_id);
+    match shared.store.set_paused(kind, name, paused, &by) {
+        Ok(_) => {
+            if let Ok(all) = shared.store.paused() {
+                shared.set_paused(all);
+            }
+            log::warn!(kind = kind.as_str(), name, paused; "pause changed from the admin api");
+            (200, json!({ kind.as_str(): name, "paused": paused }))
+        }
         Err(e) => (503, json!({ "error": e.to_string() })),
     }
 }

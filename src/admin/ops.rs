@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::config::Config;
-use crate::store::{AttemptRecord, Cancel, State, Store, StoreError, TaskRecord};
+use crate::store::{AttemptRecord, Cancel, PauseKind, State, Store, StoreError, TaskRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpsError {
@@ -28,6 +28,8 @@ pub enum OpsError {
     /// Not a task id qsysd could ever have recorded (empty, over 255 bytes, control characters).
     #[error("task id {id:?}: {reason}")]
     BadTaskId { id: String, reason: String },
+    #[error("{0}")]
+    Busy(&'static str),
 }
 
 /// Makes a terminal task pending again and pushes it back to the tail of its queue. False if the
@@ -192,9 +194,30 @@ pub fn status_table(doc: &Value) -> String {
             s(&g["last_error"])
         );
     }
-    let _ = writeln!(out, "\n{:<32} {:>9}", "QUEUE", "WAITING");
+    let _ = writeln!(out, "\n{:<32} {:>9} {:>9}", "QUEUE", "WAITING", "OLDEST");
     for q in doc["queues"].as_array().into_iter().flatten() {
-        let _ = writeln!(out, "{:<32} {:>9}", s(&q["name"]), s(&q["depth"]));
+        let oldest = q["oldest_s"]
+            .as_f64()
+            .map(|a| crate::config::format_duration(std::time::Duration::from_secs(a as u64)))
+            .unwrap_or_else(|| "-".into());
+        let paused = if q["paused"] == true { "  paused" } else { "" };
+        let _ = writeln!(
+            out,
+            "{:<32} {:>9} {:>9}{paused}",
+            s(&q["name"]),
+            s(&q["depth"]),
+            oldest
+        );
+    }
+    let paused: Vec<String> = doc["types"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| t["paused"] == true)
+        .map(|t| s(&t["name"]))
+        .collect();
+    if !paused.is_empty() {
+        let _ = writeln!(out, "\nPAUSED TYPES  {}", paused.join(", "));
     }
     let _ = writeln!(out, "\n{:<12} {:>9}", "STATE", "TASKS");
     if let Some(states) = doc["states"].as_object() {
@@ -283,6 +306,60 @@ pub fn store(config: &Config) -> Result<Store, OpsError> {
     )?;
     store.migrate()?;
     Ok(store)
+}
+
+/// Checks that `name` is a configured queue or type, for a pause or a resume.
+pub(crate) fn pausable(config: &Config, kind: PauseKind, name: &str) -> Result<(), OpsError> {
+    let known = match kind {
+        PauseKind::Queue => config.redis.queues.iter().any(|q| q == name),
+        PauseKind::Type => config.types.contains_key(name),
+    };
+    if known {
+        Ok(())
+    } else {
+        Err(OpsError::NotFound {
+            what: match kind {
+                PauseKind::Queue => "queue",
+                PauseKind::Type => "task type",
+            },
+            id: name.to_string(),
+        })
+    }
+}
+
+/// Pauses or resumes a configured queue or type fleet-wide (persisted): every instance honours
+/// it within a second. True when it changed anything.
+pub fn set_paused(
+    config: &Config,
+    kind: PauseKind,
+    name: &str,
+    paused: bool,
+) -> Result<bool, OpsError> {
+    pausable(config, kind, name)?;
+    let by = format!("cli@{}", crate::config::hostname());
+    Ok(store(config)?.set_paused(kind, name, paused, &by)?)
+}
+
+/// `qsysd prune`: deletes every task past its state's retention (or, with `dry_run`, counts
+/// them), by state. Holds the fleet-wide prune lock, so a daemon's prune waits its turn.
+pub fn prune(config: &Config, dry_run: bool) -> Result<Vec<(State, u64)>, OpsError> {
+    let store = store(config)?;
+    // Rows that ended up to a minute ago can then count: only rolled-up rows are deleted.
+    store.roll_up()?;
+    let retention = &config.retention;
+    if dry_run {
+        return retention
+            .states()
+            .into_iter()
+            .map(|(state, keep)| Ok((state, store.prunable(state, keep)?)))
+            .collect();
+    }
+    match store.with_prune_lock(|| store.prune(retention, |_| true))? {
+        Some(done) => Ok(done?),
+        None => Err(OpsError::Busy(
+            "another instance is pruning; try again in a minute",
+        )),
+    }
 }
 
 /// Drains or undrains `gpu` fleet-wide (persisted): it must be a configured GPU.

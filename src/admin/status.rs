@@ -71,11 +71,29 @@ pub(crate) fn status(shared: &Shared) -> Value {
             })
         })
         .collect();
+    let paused = shared.paused();
+    let ages = shared.queue_ages.locked().clone();
     let queues: Vec<Value> = shared
         .queue_depths
         .locked()
         .iter()
-        .map(|(q, n)| json!({ "name": q, "depth": n }))
+        .map(|(q, n)| {
+            json!({ "name": q, "depth": n, "oldest_s": ages.get(q).copied().unwrap_or(0.0),
+                    "paused": paused.queues.contains(q) })
+        })
+        .collect();
+    let config = shared.config();
+    let types: Vec<Value> = config
+        .types
+        .iter()
+        .map(|(name, h)| {
+            let handler = match h {
+                crate::config::Handler::Gpu => "gpu",
+                crate::config::Handler::Exec { .. } => "exec",
+                crate::config::Handler::Http { .. } => "http",
+            };
+            json!({ "name": name, "handler": handler, "paused": paused.types.contains(name) })
+        })
         .collect();
     let mut states: BTreeMap<String, u64> =
         ["pending", "processing", "finished", "failed", "cancelled"]
@@ -83,8 +101,8 @@ pub(crate) fn status(shared: &Shared) -> Value {
             .map(|s| (s.to_string(), 0))
             .collect();
     match shared.store.counts() {
-        Ok(rows) => {
-            for (state, _, n) in rows {
+        Ok(counts) => {
+            for ((state, _), n) in counts {
                 *states.entry(state).or_insert(0) += n;
             }
         }
@@ -102,6 +120,7 @@ pub(crate) fn status(shared: &Shared) -> Value {
         "summary": shared.status_line(),
         "gpus": gpus,
         "queues": queues,
+        "types": types,
         "states": states,
         "throughput": {
             "finished": m.attempts.get("finished"),

@@ -46,6 +46,12 @@ struct Args {
     /// Follow the tasks in MySQL until each is finished, failed or cancelled.
     #[arg(long)]
     wait: bool,
+    /// Run the tasks at this time: RFC 3339 (2026-12-01T14:30:00Z) or Unix seconds.
+    #[arg(long, value_name = "TIME", conflicts_with = "in_")]
+    at: Option<String>,
+    /// Run the tasks this long after the push, e.g. 10m, 2h.
+    #[arg(long = "in", id = "in_", value_name = "D", value_parser = qsys::parse_duration)]
+    in_: Option<Duration>,
     /// How long --wait waits at most, e.g. 90s, 30m.
     #[arg(long, value_name = "D", requires = "wait", value_parser = qsys::parse_duration, default_value = "1h")]
     timeout: Duration,
@@ -75,6 +81,14 @@ fn main() -> ExitCode {
         queue: args.queue,
         json: args.json,
         wait: args.wait.then_some(args.timeout),
+        due: match (args.at, args.in_) {
+            (Some(at), _) => Some(push::Due::At(match at.trim().parse::<f64>() {
+                Ok(n) => serde_json::Value::from(n),
+                Err(_) => serde_json::Value::String(at),
+            })),
+            (None, Some(d)) => Some(push::Due::After(d.as_secs_f64())),
+            (None, None) => None,
+        },
     };
     ExitCode::from(push::cli(&request, &env))
 }

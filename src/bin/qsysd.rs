@@ -55,12 +55,46 @@ enum Command {
         #[arg(long, value_name = "TEXT")]
         reason: Option<String>,
     },
+    /// Stop taking from a queue (its tasks stay in Redis) or running a type (its tasks wait in
+    /// MySQL): persisted, fleet-wide, honoured within a second.
+    Pause(Target),
+    /// Take from a paused queue, or run a paused type, again.
+    Resume(Target),
+    /// Delete the tasks past their state's retention ([retention]), with their attempts and
+    /// results, and print how many by state.
+    Prune {
+        /// Only count them.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// One task's row and every attempt.
     Task {
         task_id: String,
         #[arg(long)]
         json: bool,
     },
+}
+
+/// What `pause` and `resume` name: one queue or one task type.
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct Target {
+    /// A configured queue.
+    #[arg(long)]
+    queue: Option<String>,
+    /// A configured task type.
+    #[arg(long = "type", value_name = "TYPE")]
+    kind: Option<String>,
+}
+
+impl Target {
+    fn named(&self) -> (qsys::PauseKind, &str) {
+        match (&self.queue, &self.kind) {
+            (Some(q), _) => (qsys::PauseKind::Queue, q),
+            (None, Some(t)) => (qsys::PauseKind::Type, t),
+            (None, None) => unreachable!("clap requires one of --queue and --type"),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -108,6 +142,20 @@ fn main() -> ExitCode {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct UsageError(String);
+
+/// `qsysd pause` / `qsysd resume`.
+fn pause(config: &Config, target: &Target, paused: bool) -> anyhow::Result<()> {
+    let (kind, name) = target.named();
+    let changed = ops::set_paused(config, kind, name, paused)?;
+    let what = match kind {
+        qsys::PauseKind::Queue => "queue",
+        qsys::PauseKind::Type => "type",
+    };
+    let now = if paused { "paused" } else { "resumed" };
+    let note = if changed { "" } else { " (it already was)" };
+    println!("{what} {name} {now}{note}");
+    Ok(())
+}
 
 fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let mut daemon = qsys::Daemon::start(config)?;
@@ -188,6 +236,18 @@ fn command(config: &Config, cmd: Command) -> anyhow::Result<()> {
             }
             if refused > 0 {
                 anyhow::bail!("{refused} of {} tasks not cancelled", task_ids.len());
+            }
+        }
+        Command::Pause(target) => pause(config, &target, true)?,
+        Command::Resume(target) => pause(config, &target, false)?,
+        Command::Prune { dry_run } => {
+            let counts = ops::prune(config, dry_run)?;
+            let verb = if dry_run { "would delete" } else { "deleted" };
+            for (state, n) in &counts {
+                println!("{state:<10} {n:>10} {verb}", state = state.as_str());
+            }
+            if counts.is_empty() {
+                println!("every state is kept for ever ([retention]): nothing to prune");
             }
         }
         Command::Task { task_id, json } => {

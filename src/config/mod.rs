@@ -245,6 +245,8 @@ pub struct Config {
     pub gpus: Vec<Arc<Endpoint>>,
     pub(crate) health: HealthPolicy,
     pub(crate) retry: RetryConfig,
+    /// How long terminal tasks are kept (`[retention]`).
+    pub(crate) retention: crate::store::Retention,
     pub types: BTreeMap<String, Handler>,
     pub daemon: DaemonConfig,
 }
@@ -562,6 +564,29 @@ mod tests {
             e.contains("callback.max_body") && e.contains("max_result_bytes"),
             "{e}"
         );
+    }
+
+    /// `[retention]`: the defaults, `"0"` to keep for ever, nothing under an hour.
+    #[test]
+    fn retention_defaults_forever_and_the_minimum() {
+        let day = |n: u64| Some(Duration::from_secs(n * 86_400));
+        let r = load(MINIMAL).expect("default").retention;
+        assert_eq!(
+            (r.finished, r.failed, r.cancelled),
+            (day(14), day(90), day(90))
+        );
+        let r = load(&format!(
+            "{MINIMAL}\n[retention]\nfinished = \"2h\"\nfailed = \"0\"\n"
+        ))
+        .expect("valid")
+        .retention;
+        assert_eq!(r.finished, Some(Duration::from_secs(7200)));
+        assert_eq!(r.failed, None);
+        assert_eq!(r.states().len(), 2);
+        let e = err(&format!("{MINIMAL}\n[retention]\ncancelled = \"5m\"\n"));
+        assert!(e.contains("retention.cancelled") && e.contains("5m"), "{e}");
+        let e = err(&format!("{MINIMAL}\n[retention]\nkept = \"1d\"\n"));
+        assert!(e.contains("kept"), "{e}");
     }
 
     /// Heartbeat timeouts and cancel URLs: set in `[gpu]` for all, overridden per endpoint,

@@ -22,6 +22,8 @@ pub(super) struct Raw {
     pub(super) gpu: RawGpu,
     #[serde(default)]
     pub(super) retry: RawRetry,
+    #[serde(default)]
+    pub(super) retention: RawRetention,
     pub(super) types: Option<BTreeMap<String, RawType>>,
     #[serde(default)]
     pub(super) daemon: RawDaemon,
@@ -97,6 +99,14 @@ pub(super) struct RawRetry {
     pub(super) max_attempts: Option<u32>,
     pub(super) backoff: Option<String>,
     pub(super) backoff_max: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRetention {
+    pub(super) finished: Option<String>,
+    pub(super) failed: Option<String>,
+    pub(super) cancelled: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use super::duration::{duration, optional_duration};
 use super::env::{hostname, mysql_url, redis_url};
-use super::raw::{Raw, RawAdmin, RawCallback, RawDaemon, RawGpu, RawRedis, RawRetry, RawType};
+use super::raw::{
+    Raw, RawAdmin, RawCallback, RawDaemon, RawGpu, RawRedis, RawRetention, RawRetry, RawType,
+};
 use super::secret::read_secret;
 use super::tls::tls_files;
 use super::{
@@ -169,6 +171,7 @@ pub(super) fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
     let admin = admin_config(raw.admin)?;
     let (gpus, health) = gpu_config(raw.gpu, env)?;
     let retry = retry_config(&raw.retry)?;
+    let retention = retention_config(&raw.retention)?;
     let types = types_config(raw.types, &gpus)?;
     let daemon = daemon_config(raw.daemon, &gpus)?;
     Ok(Config {
@@ -179,8 +182,33 @@ pub(super) fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
         gpus,
         health,
         retry,
+        retention,
         types,
         daemon,
+    })
+}
+
+/// Shortest retention: the counts roll a row up within a minute of its end, and only rolled-up
+/// rows are deleted.
+const MIN_RETENTION: Duration = Duration::from_secs(3600);
+
+/// `[retention]`: each terminal state's retention, `"0"` to keep for ever; at least an hour.
+fn retention_config(raw: &RawRetention) -> Result<crate::store::Retention, ConfigError> {
+    let keep = |key: &str, value: &Option<String>, default: &str| {
+        let value = value.clone().unwrap_or_else(|| default.to_string());
+        match optional_duration(key, Some(&value))? {
+            Some(d) if d < MIN_RETENTION => Err(invalid(
+                key,
+                &value,
+                "must be at least 1h (or \"0\": keep for ever)",
+            )),
+            d => Ok(d),
+        }
+    };
+    Ok(crate::store::Retention {
+        finished: keep("retention.finished", &raw.finished, "14d")?,
+        failed: keep("retention.failed", &raw.failed, "90d")?,
+        cancelled: keep("retention.cancelled", &raw.cancelled, "90d")?,
     })
 }
 

@@ -16,6 +16,17 @@ pub(crate) const MAX_ATTEMPTS: u64 = 1000;
 /// Longest lease a message may ask for (`timeout_s`): 30 days. The column is a signed 32-bit
 /// `INT`; a larger value made MySQL refuse the whole batch the element came in.
 pub(crate) const MAX_TIMEOUT_S: u64 = 30 * 24 * 3600;
+/// Longest wait a message may ask for (`delay_s`, or `run_at` from now): ten years.
+pub(crate) const MAX_DELAY_S: f64 = 10.0 * 365.0 * 86_400.0;
+
+/// When a delayed task may run (`run_at` or `delay_s`, docs/contracts.md §3).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Due {
+    /// At this time, in Unix seconds.
+    At(f64),
+    /// This many seconds after `enqueued_at`, or after qsysd takes it when there is none.
+    After(f64),
+}
 
 /// One task as taken from a queue.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,6 +39,10 @@ pub struct Message {
     pub data: Map<String, Value>,
     pub max_attempts: Option<u32>,
     pub timeout_s: Option<u64>,
+    /// Not before then.
+    pub due: Option<Due>,
+    /// When the producer pushed it, in Unix seconds (`qsys-push` stamps it).
+    pub enqueued_at: Option<f64>,
 }
 
 /// Why an element was refused, and the task id if it could be read.
@@ -150,6 +165,14 @@ pub fn parse(raw: &[u8], new_id: impl FnOnce() -> String) -> Result<Message, Mal
         .map(|n| u32::try_from(n).expect("at most MAX_ATTEMPTS"));
     let timeout_s =
         bounded_int(&obj, "timeout_s", MAX_TIMEOUT_S).map_err(|e| malformed(id.clone(), e))?;
+    let due = due_of(&obj).map_err(|e| malformed(id.clone(), e))?;
+    let enqueued_at = match obj.get("enqueued_at") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            crate::contract::time::unix_seconds(v)
+                .map_err(|e| malformed(id.clone(), format!("enqueued_at: {e}")))?,
+        ),
+    };
 
     let (task_id, id_assigned) = match id {
         Some(id) => (id, false),
@@ -163,7 +186,28 @@ pub fn parse(raw: &[u8], new_id: impl FnOnce() -> String) -> Result<Message, Mal
         data,
         max_attempts,
         timeout_s,
+        due,
+        enqueued_at,
     })
+}
+
+/// `run_at` (Unix seconds or RFC 3339) or `delay_s` (seconds), at most one of them.
+fn due_of(obj: &Map<String, Value>) -> Result<Option<Due>, String> {
+    let at = obj.get("run_at").filter(|v| !v.is_null());
+    let after = obj.get("delay_s").filter(|v| !v.is_null());
+    match (at, after) {
+        (Some(_), Some(_)) => Err("give run_at or delay_s, not both".into()),
+        (Some(v), None) => crate::contract::time::unix_seconds(v)
+            .map(|t| Some(Due::At(t)))
+            .map_err(|e| format!("run_at: {e}")),
+        (None, Some(v)) => match v.as_f64() {
+            Some(s) if (0.0..=MAX_DELAY_S).contains(&s) => Ok(Some(Due::After(s))),
+            _ => Err(format!(
+                "delay_s must be a number of seconds from 0 to {MAX_DELAY_S}, got {v}"
+            )),
+        },
+        (None, None) => Ok(None),
+    }
 }
 
 impl Message {
@@ -179,7 +223,26 @@ impl Message {
         if let Some(n) = self.timeout_s {
             obj.insert("timeout_s".into(), n.into());
         }
+        match self.due {
+            Some(Due::At(t)) => obj.insert("run_at".into(), t.into()),
+            Some(Due::After(s)) => obj.insert("delay_s".into(), s.into()),
+            None => None,
+        };
+        if let Some(t) = self.enqueued_at {
+            obj.insert("enqueued_at".into(), t.into());
+        }
         Value::Object(obj).to_string()
+    }
+
+    /// How long from `now` (Unix seconds) until the task may run, if that is in the future, at
+    /// most [`MAX_DELAY_S`]. A `delay_s` counts from `enqueued_at` when the message has one (the
+    /// producer's push), else from now (qsysd taking it).
+    pub(crate) fn wait_from(&self, now: f64) -> Option<std::time::Duration> {
+        let secs = match self.due? {
+            Due::At(t) => t - now,
+            Due::After(s) => self.enqueued_at.map_or(s, |at| at + s - now),
+        };
+        (secs > 0.0).then(|| std::time::Duration::from_secs_f64(secs.min(MAX_DELAY_S)))
     }
 }
 
@@ -232,6 +295,54 @@ mod tests {
         assert!(parse(br#"{"type":"x","max_attempts":0}"#, id).is_err());
         assert!(parse(br#"{"type":"x","timeout_s":"60"}"#, id).is_err());
         assert!(parse(br#"{"type":"x","max_attempts":1.5}"#, id).is_err());
+    }
+
+    /// Delays (issue 17): `run_at` as Unix seconds or RFC 3339, or `delay_s`; `enqueued_at`. Each
+    /// survives the round trip through the stored payload.
+    #[test]
+    fn delays_and_enqueue_stamps() {
+        let m = parse(
+            br#"{"type":"x","delay_s":90,"enqueued_at":1796135400.5}"#,
+            id,
+        )
+        .expect("ok");
+        assert_eq!(m.due, Some(Due::After(90.0)));
+        assert_eq!(m.enqueued_at, Some(1_796_135_400.5));
+        // Counted from the producer's stamp.
+        assert_eq!(
+            m.wait_from(1_796_135_430.5),
+            Some(std::time::Duration::from_secs(60))
+        );
+        let unstamped = parse(br#"{"type":"x","delay_s":90}"#, id).expect("ok");
+        assert_eq!(
+            unstamped.wait_from(5.0),
+            Some(std::time::Duration::from_secs(90))
+        );
+        let back = parse(m.to_json().as_bytes(), id).expect("round trip");
+        assert_eq!((back.due, back.enqueued_at), (m.due, m.enqueued_at));
+        let m = parse(br#"{"type":"x","run_at":"2026-12-01T14:30:00Z"}"#, id).expect("ok");
+        assert_eq!(m.due, Some(Due::At(1_796_135_400.0)));
+        assert_eq!(
+            m.wait_from(1_796_135_300.0),
+            Some(std::time::Duration::from_secs(100))
+        );
+        // Due already: no wait.
+        assert_eq!(m.wait_from(1_796_135_400.0), None);
+        assert_eq!(
+            parse(br#"{"type":"x","run_at":1}"#, id).expect("ok").due,
+            Some(Due::At(1.0))
+        );
+        for bad in [
+            &br#"{"type":"x","run_at":1,"delay_s":1}"#[..],
+            br#"{"type":"x","run_at":"soon"}"#,
+            br#"{"type":"x","run_at":-1}"#,
+            br#"{"type":"x","delay_s":-1}"#,
+            br#"{"type":"x","delay_s":"60"}"#,
+            br#"{"type":"x","delay_s":1e12}"#,
+            br#"{"type":"x","enqueued_at":"yesterday"}"#,
+        ] {
+            assert!(parse(bad, id).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
     }
 
     /// Every numeric field at 0, 1, its maximum, maximum + 1, negative and far beyond any

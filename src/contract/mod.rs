@@ -6,4 +6,5 @@ pub(crate) mod message;
 pub(crate) mod names;
 pub(crate) mod report;
 pub(crate) mod slot_event;
+pub(crate) mod time;
 pub(crate) mod token;

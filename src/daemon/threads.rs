@@ -102,6 +102,7 @@ pub(super) fn is_worker(name: &str) -> bool {
                 | "qsys-slotpub"
                 | "qsys-slotsub"
                 | "qsys-canceller"
+                | "qsys-retention"
         )
 }
 
@@ -138,6 +139,11 @@ pub(super) fn start_all(
     start(
         "qsys-maintenance",
         Box::new(move || crate::work::maintenance::run(s, cl)),
+    )?;
+    let s = Arc::clone(shared);
+    start(
+        "qsys-retention",
+        Box::new(move || crate::work::retention::run(s)),
     )?;
     let s = Arc::clone(shared);
     start(

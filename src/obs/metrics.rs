@@ -107,6 +107,12 @@ const BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
 ];
 
+/// Seconds a task waited from its producer's stamp to its first dispatch: up to a day.
+const WAIT_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 21600.0,
+    86400.0,
+];
+
 /// Results of a callback, as the `result` label of `qsys_callbacks_total`.
 pub(crate) const CALLBACK_RESULTS: &[&str] = &[
     "applied",
@@ -139,6 +145,7 @@ pub(crate) const CANCEL_RESULTS: &[&str] = &["cancelled", "requested", "terminal
 pub(crate) struct Metrics {
     pub dispatch_seconds: Histogram,
     pub task_seconds: Histogram,
+    pub queue_wait_seconds: Histogram,
     pub callbacks: Labeled,
     pub heartbeats: Labeled,
     pub cancels: Labeled,
@@ -152,6 +159,7 @@ impl Default for Metrics {
         Metrics {
             dispatch_seconds: Histogram::new(BUCKETS),
             task_seconds: Histogram::new(BUCKETS),
+            queue_wait_seconds: Histogram::new(WAIT_BUCKETS),
             callbacks: Labeled::new("result", CALLBACK_RESULTS),
             heartbeats: Labeled::new("result", HEARTBEAT_RESULTS),
             cancels: Labeled::new("result", CANCEL_RESULTS),
@@ -173,6 +181,11 @@ impl Metrics {
         self.task_seconds.render(
             "qsys_task_duration_seconds",
             "Time from a task being taken to its terminal state.",
+            out,
+        );
+        self.queue_wait_seconds.render(
+            "qsys_queue_wait_seconds",
+            "Time from a task's enqueued_at (stamped by qsys-push) to its first dispatch.",
             out,
         );
         self.callbacks.render(

@@ -38,6 +38,8 @@ const TASK_FIELDS: &[&str] = &[
     "queue_name",
     "max_attempts",
     "timeout_s",
+    "run_at",
+    "delay_s",
 ];
 
 /// How tasks are checked and where they go.
@@ -47,6 +49,19 @@ pub(crate) struct Rules {
     pub default_queue: String,
     /// The task types the daemon knows; `None` accepts any.
     pub types: Option<BTreeSet<String>>,
+    /// Stamped on every task as `enqueued_at` (Unix seconds), for the queue's latency.
+    pub stamp: Option<f64>,
+    /// `--at` / `--in`: the due time of the tasks that give none of their own.
+    pub due: Option<Due>,
+}
+
+/// When tasks may run, as `qsys-push --at TIME` or `--in D` says.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Due {
+    /// `run_at`: Unix seconds, or the RFC 3339 text as given.
+    At(Value),
+    /// `delay_s`: seconds after `enqueued_at`.
+    After(f64),
 }
 
 /// One message ready to push.
@@ -391,6 +406,7 @@ impl<'r> Batch<'r> {
                 Err(e) => self.problem(&at(place, field), e),
             }
         }
+        self.due_fields(place, &t, &mut extra);
         // A part is `None` only after its problem was recorded, so nothing is dropped silently.
         let (Some(kind), Some(mut data), Some(task_id), Some(queue)) = (kind, data, task_id, queue)
         else {
@@ -412,6 +428,40 @@ impl<'r> Batch<'r> {
             kind,
             json,
         });
+    }
+
+    /// The task's `run_at` or `delay_s` (checked as qsysd checks them), else the `--at`/`--in`
+    /// of the command line; then the `enqueued_at` stamp. Appended to `extra`.
+    fn due_fields(&mut self, place: &str, t: &Map<String, Value>, extra: &mut String) {
+        let own: Map<String, Value> = ["run_at", "delay_s"]
+            .iter()
+            .filter_map(|k| Some((k.to_string(), t.get(*k)?.clone())))
+            .filter(|(_, v)| !v.is_null())
+            .collect();
+        let fields = if own.is_empty() {
+            match &self.rules.due {
+                Some(Due::At(v)) => Map::from_iter([("run_at".to_string(), v.clone())]),
+                Some(Due::After(s)) => Map::from_iter([("delay_s".to_string(), Value::from(*s))]),
+                None => Map::new(),
+            }
+        } else {
+            own
+        };
+        let mut check = fields.clone();
+        check.insert("type".into(), Value::String("x".into()));
+        if let Err(m) = crate::contract::message::parse(
+            Value::Object(check).to_string().as_bytes(),
+            String::new,
+        ) {
+            let field = fields.keys().next().cloned().unwrap_or_default();
+            return self.problem(&at(place, &field), m.reason);
+        }
+        for (k, v) in fields {
+            extra.push_str(&format!(",\"{k}\":{v}"));
+        }
+        if let Some(t) = self.rules.stamp {
+            extra.push_str(&format!(",\"enqueued_at\":{t:.3}"));
+        }
     }
 
     /// The task's `type`: a short non-empty string without control characters, one the config
@@ -591,6 +641,8 @@ mod tests {
         Rules {
             default_queue: "q1".into(),
             types: None,
+            stamp: None,
+            due: None,
         }
     }
 
@@ -908,6 +960,8 @@ mod tests {
         let r = Rules {
             default_queue: "q1".into(),
             types: Some(["start_transcribe".to_string(), "send_email".to_string()].into()),
+            stamp: None,
+            due: None,
         };
         assert!(event(&r, task("send_email", "1")).is_ok());
         let e = event(

@@ -60,6 +60,8 @@ pub fn run(api: &str, config: Option<&Path>, env: &Env) -> u8 {
             let rules = Rules {
                 default_queue: c.default_queue,
                 types: c.types,
+                stamp: Some(crate::contract::time::now_unix()),
+                due: None,
             };
             Ok((rules, pusher))
         });

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::{ConfigError, Env, ProducerConfig};
 use crate::net::redis::Timeouts;
+pub use crate::producer::events::Due;
 use crate::producer::events::{self, Batch, Invalid, Outgoing, Rules};
 use crate::producer::follow::{self, WaitError};
 
@@ -252,6 +253,8 @@ pub struct Request {
     pub json: bool,
     /// `--wait`: follow the tasks until each is terminal, at most this long.
     pub wait: Option<Duration>,
+    /// `--at` / `--in`: when the tasks (those that say nothing of their own) may run.
+    pub due: Option<Due>,
 }
 
 /// Runs `qsys-push`: messages to stderr, ids to stdout. Returns the exit status: 0 pushed (and,
@@ -291,6 +294,8 @@ fn run(req: &Request, env: &Env) -> Result<u8, PushError> {
             None => config.default_queue.clone(),
         },
         types: config.types.clone(),
+        stamp: Some(crate::contract::time::now_unix()),
+        due: req.due.clone(),
     };
     let messages = messages(&req.input, &rules)?;
     // Before the push: an id whose task is already running or done is dropped by qsysd as a
@@ -444,6 +449,8 @@ mod tests {
         Rules {
             default_queue: "q".into(),
             types: None,
+            stamp: None,
+            due: None,
         }
     }
 

@@ -48,12 +48,17 @@ pub(crate) trait Claims {
     fn pending_tasks(&self) -> Result<Vec<StoredTask>, StoreError>;
     /// One `pending` row this instance holds, when it still is.
     fn pending_task(&self, task_id: &str) -> Result<Option<StoredTask>, StoreError>;
-    /// `pending` rows nobody has held for `older_than`, now held here.
+    /// `pending` rows nobody has held for `older_than`, not of a `paused` type, now held here.
     fn adopt_orphans(
         &self,
         older_than: Duration,
         limit: usize,
+        paused: &[String],
     ) -> Result<Vec<StoredTask>, StoreError>;
+    /// Delayed (or let-go) `pending` rows that are due, not of a `paused` type, now held here.
+    fn adopt_due(&self, limit: usize, paused: &[String]) -> Result<Vec<StoredTask>, StoreError>;
+    /// Gives up this instance's hold on `pending` rows of a paused type.
+    fn let_go(&self, task_ids: &[String]) -> Result<(), StoreError>;
     /// This instance's `pending` rows untouched for `older_than`.
     fn stale_pending(
         &self,
@@ -77,8 +82,15 @@ impl Claims for Store {
         &self,
         older_than: Duration,
         limit: usize,
+        paused: &[String],
     ) -> Result<Vec<StoredTask>, StoreError> {
-        Store::adopt_orphans(self, older_than, limit)
+        Store::adopt_orphans(self, older_than, limit, paused)
+    }
+    fn adopt_due(&self, limit: usize, paused: &[String]) -> Result<Vec<StoredTask>, StoreError> {
+        Store::adopt_due(self, limit, paused)
+    }
+    fn let_go(&self, task_ids: &[String]) -> Result<(), StoreError> {
+        Store::let_go(self, task_ids)
     }
     fn stale_pending(
         &self,
@@ -110,10 +122,14 @@ pub(crate) struct Scheduler<S: Claims = Store> {
     delayed: BinaryHeap<Reverse<(Instant, String)>>,
     /// When [`Scheduler::sweep`] last ran.
     swept: Instant,
+    /// When [`Scheduler::adopt_due`] last looked.
+    due_checked: Instant,
 }
 
 /// How often the scheduler looks for `pending` rows nobody is working on.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// How often it looks for delayed tasks that are due: they run within this of their time.
+const DUE_EVERY: Duration = Duration::from_millis(500);
 /// A row nobody holds is adopted once it has been so for this long: a hand-back releases its rows
 /// a moment before it pushes them to Redis, where a peer takes them over the usual way.
 const ORPHAN_AFTER: Duration = Duration::from_secs(5);
@@ -143,6 +159,7 @@ impl<S: Claims> Scheduler<S> {
             retry_at: None,
             delayed: BinaryHeap::new(),
             swept: Instant::now(),
+            due_checked: Instant::now() - DUE_EVERY,
         }
     }
 
@@ -187,8 +204,9 @@ impl<S: Claims> Scheduler<S> {
         }
         self.swept = Instant::now();
         let room = PREFETCH * 4;
+        let paused = self.paused_types();
         let store = &self.store;
-        let mut found = match store.adopt_orphans(ORPHAN_AFTER, room) {
+        let mut found = match store.adopt_orphans(ORPHAN_AFTER, room, &paused) {
             Ok(rows) => {
                 if !rows.is_empty() {
                     log::warn!(count = rows.len(); "adopted pending tasks that no instance held");
@@ -220,6 +238,34 @@ impl<S: Claims> Scheduler<S> {
         if !taken.is_empty() {
             log::warn!(count = taken.len(); "took up pending tasks that no thread held");
             self.pending.extend(taken);
+        }
+    }
+
+    /// The task types paused now.
+    fn paused_types(&self) -> Vec<String> {
+        self.shared.paused().types.into_iter().collect()
+    }
+
+    /// Takes up delayed tasks that are due (and the tasks of a type resumed), earliest first,
+    /// while the hand has room: they wait in MySQL, held by nobody, until then.
+    fn adopt_due(&mut self) {
+        if self.due_checked.elapsed() < DUE_EVERY || self.pending.len() >= PREFETCH {
+            return;
+        }
+        self.due_checked = Instant::now();
+        let paused = self.paused_types();
+        match self.store.adopt_due(PREFETCH - self.pending.len(), &paused) {
+            Ok(rows) => {
+                for row in rows {
+                    let id = row.task_id.clone();
+                    match Task::from_stored(row) {
+                        Ok(t) => self.pending.push_back(t),
+                        Err(e) => log::error!(task_id = id.as_str(), error = e.as_str();
+                            "cannot take up a due task"),
+                    }
+                }
+            }
+            Err(e) => log::warn!(error:% = e; "mysql error looking for due tasks"),
         }
     }
 
@@ -268,6 +314,7 @@ impl<S: Claims> Scheduler<S> {
         while !self.shared.stop.is_stopping() {
             self.shared.tick("qsys-scheduler");
             self.sweep();
+            self.adopt_due();
             self.release_due();
             self.place_pending();
             let rx = if self.pending.len() < PREFETCH && !poller_gone {
@@ -319,10 +366,17 @@ impl<S: Claims> Scheduler<S> {
         self.retry_at = None;
         let (mut gpu_full, mut workers_busy) = (false, false);
         let mut jobs = Vec::new();
+        let paused = self.shared.paused().types;
+        let mut let_go = Vec::new();
         for _ in 0..self.pending.len() {
             let task = self.pending.pop_front().expect("len checked");
             let handler = self.shared.config().types.get(&task.msg.kind).cloned();
             let placed = match handler {
+                // Waits in MySQL, held by nobody, until the type is resumed.
+                _ if paused.contains(&task.msg.kind) => {
+                    let_go.push(task.msg.task_id);
+                    Placed::Done
+                }
                 None => self.fail_unknown(task),
                 Some(Handler::Gpu) if gpu_full => Placed::Wait(task),
                 Some(Handler::Gpu) => match self.reserve(&task) {
@@ -360,6 +414,10 @@ impl<S: Claims> Scheduler<S> {
             if self.retry_at.is_some() {
                 break;
             }
+        }
+        if let Err(e) = self.store.let_go(&let_go) {
+            // Held here and in no memory: the sweep takes them up in 30 s and lets go again.
+            log::warn!(error:% = e, count = let_go.len(); "cannot let go of paused tasks");
         }
         self.claim(jobs);
     }
@@ -456,6 +514,7 @@ impl<S: Claims> Scheduler<S> {
                 Claim::Claimed => {
                     self.shared
                         .announce(true, &ep.id, job.slot, task_id, job.attempt);
+                    self.shared.first_dispatch(&job.task.msg, job.attempt);
                     log::info!(task_id, gpu = ep.id.as_str(), slot = job.slot,
                         attempt = job.attempt, queue = job.task.queue.as_str(); "slot claimed");
                     // Unbounded (jobs never outnumber claimed slots); it fails only if every
@@ -538,6 +597,8 @@ mod tests {
         failed: Mutex<Vec<(String, String)>>,
         /// Requests per claim transaction, in order.
         rounds: Mutex<Vec<usize>>,
+        /// Tasks let go (a paused type).
+        let_go: Mutex<Vec<String>>,
         down: bool,
     }
 
@@ -552,8 +613,20 @@ mod tests {
         fn pending_task(&self, _: &str) -> Result<Option<StoredTask>, StoreError> {
             Ok(None)
         }
-        fn adopt_orphans(&self, _: Duration, _: usize) -> Result<Vec<StoredTask>, StoreError> {
+        fn adopt_orphans(
+            &self,
+            _: Duration,
+            _: usize,
+            _: &[String],
+        ) -> Result<Vec<StoredTask>, StoreError> {
             Ok(Vec::new())
+        }
+        fn adopt_due(&self, _: usize, _: &[String]) -> Result<Vec<StoredTask>, StoreError> {
+            Ok(Vec::new())
+        }
+        fn let_go(&self, task_ids: &[String]) -> Result<(), StoreError> {
+            self.let_go.locked().extend(task_ids.iter().cloned());
+            Ok(())
         }
         fn stale_pending(&self, _: Duration, _: usize) -> Result<Vec<StoredTask>, StoreError> {
             Ok(Vec::new())
@@ -750,6 +823,26 @@ mod tests {
         assert!(r.gpu_jobs.try_recv().is_err());
         assert!(hand(&r).is_empty());
         assert_eq!(r.sched.shared.slots().busy(), 0);
+    }
+
+    /// A task of a paused type is let go (it waits in MySQL, held by nobody) and does not hold
+    /// up the others.
+    #[test]
+    fn a_paused_type_is_let_go_and_the_rest_runs() {
+        let mut r = rig(pending(&["p1", "g1"]));
+        r.sched.shared.set_paused(crate::store::Paused {
+            types: ["email".to_string()].into(),
+            ..Default::default()
+        });
+        r.sched.pending.push_back(task("p1", "email"));
+        r.sched.pending.push_back(task("g1", "start_transcribe"));
+        r.sched.place_pending();
+        assert_eq!(*r.sched.store.let_go.locked(), ["p1"]);
+        assert_eq!(
+            r.gpu_jobs.try_recv().expect("g1 placed").task.msg.task_id,
+            "g1"
+        );
+        assert!(hand(&r).is_empty());
     }
 
     #[test]

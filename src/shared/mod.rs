@@ -123,6 +123,13 @@ pub(crate) struct Shared {
     /// scheduler's hand, what this instance holds in memory (the scheduler's sweep leaves these
     /// rows alone).
     pub in_transit: Mutex<HashSet<String>>,
+    /// The queues and types paused now (`paused` in MySQL, read every second).
+    pub paused: RwLock<crate::store::Paused>,
+    /// For tasks without an `enqueued_at`: when this instance first saw each queue's head
+    /// element, by queue (a hash of the element, and when).
+    pub heads: Mutex<BTreeMap<String, (u64, Instant)>>,
+    /// Age of the oldest waiting task per queue, as last measured, in seconds.
+    pub queue_ages: Mutex<BTreeMap<String, f64>>,
 }
 
 impl Shared {
@@ -154,8 +161,37 @@ impl Shared {
             // Until the first check: publishing to nobody is harmless, staying silent is not.
             peers: AtomicBool::new(true),
             in_transit: Mutex::default(),
+            paused: RwLock::default(),
+            heads: Mutex::default(),
+            queue_ages: Mutex::default(),
         };
         (shared, events_rx, slot_rx)
+    }
+
+    /// What is paused now.
+    pub(crate) fn paused(&self) -> crate::store::Paused {
+        self.paused.reading().clone()
+    }
+
+    /// Puts `paused` in force here (the maintenance thread, every second, and an admin action
+    /// at once).
+    pub(crate) fn set_paused(&self, paused: crate::store::Paused) {
+        let changed = *self.paused.reading() != paused;
+        if changed {
+            log::info!(queues:? = paused.queues, types:? = paused.types; "paused queues and types");
+            *self.paused.writing() = paused;
+            self.wake_scheduler();
+        }
+    }
+
+    /// Counts the wait of a task from its producer's `enqueued_at` to its first dispatch.
+    pub(crate) fn first_dispatch(&self, msg: &Message, attempt: u32) {
+        if let (1, Some(at)) = (attempt, msg.enqueued_at) {
+            let waited = crate::contract::time::now_unix() - at;
+            self.metrics
+                .queue_wait_seconds
+                .observe(Duration::from_secs_f64(waited.max(0.0)));
+        }
     }
 
     pub(crate) fn lock_in_transit(&self) -> MutexGuard<'_, HashSet<String>> {

@@ -30,6 +30,9 @@ pub struct NewTask<'a> {
     pub payload: &'a str,
     pub max_attempts: Option<u32>,
     pub timeout_s: Option<u64>,
+    /// A delayed task's wait: its new row is `pending` from now plus this, held by nobody, so
+    /// no instance keeps it in memory (the scheduler adopts it when it is due).
+    pub wait: Option<std::time::Duration>,
 }
 
 impl Store {
@@ -51,9 +54,12 @@ impl Store {
         let rows = padded(tasks.to_vec());
         let sql = format!(
             "INSERT INTO tasks (task_id, queue, state, type, payload, attempts, max_attempts, \
-             timeout_s, instance_id, created_at) VALUES {} \
+             timeout_s, instance_id, created_at, not_before) VALUES {} \
              ON DUPLICATE KEY UPDATE task_id = task_id",
-            placeholders(rows.len(), "(?, ?, 'pending', ?, ?, 0, ?, ?, ?, NOW(3))")
+            placeholders(
+                rows.len(),
+                "(?, ?, 'pending', ?, ?, 0, ?, ?, ?, NOW(3), NOW(3) + INTERVAL ? MICROSECOND)"
+            )
         );
         let params: Vec<mysql::Value> = rows
             .iter()
@@ -65,7 +71,11 @@ impl Store {
                     t.payload.into(),
                     t.max_attempts.into(),
                     t.timeout_s.into(),
-                    self.instance.as_str().into(),
+                    match t.wait {
+                        Some(_) => mysql::Value::NULL,
+                        None => self.instance.as_str().into(),
+                    },
+                    t.wait.map(|w| w.as_micros() as u64).into(),
                 ]
             })
             .collect();

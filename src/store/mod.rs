@@ -15,7 +15,8 @@
 //!
 //! By role: [`schema`] creates and migrates the tables, [`intake`] records tasks taken from the
 //! queues, [`claims`] starts attempts, [`heartbeats`] keeps them alive, [`endings`] ends them,
-//! [`cancels`] stops them, [`pending`] keeps track of which
+//! [`cancels`] stops them, [`paused`] holds paused queues and types, [`retention`] deletes old
+//! tasks, [`totals`] counts them at a cost that does not grow, [`pending`] keeps track of which
 //! instance holds each waiting task, [`fleet`] holds slot rows, drains and instances, and
 //! [`records`] answers the operator's and the dashboard's questions.
 
@@ -32,9 +33,12 @@ mod heartbeats;
 mod intake;
 #[cfg(test)]
 mod offline;
+mod paused;
 mod pending;
 mod records;
+mod retention;
 mod schema;
+mod totals;
 
 pub use cancels::Cancel;
 pub(crate) use cancels::Cancelling;
@@ -42,10 +46,13 @@ pub use claims::{Claim, ClaimRequest};
 pub use endings::{EndRequest, Ending, Finish, Next};
 pub(crate) use heartbeats::{Beat, Beaten};
 pub use intake::{Accepted, NewTask};
+pub use paused::{PauseKind, Paused};
 pub(crate) use pending::StoredTask;
 pub use records::State;
 pub(crate) use records::{AttemptRecord, TaskRecord};
+pub use retention::Retention;
 pub use schema::SCHEMA_VERSION;
+pub(crate) use totals::Counts;
 
 /// A shared handle on the database; cheap to clone.
 #[derive(Clone)]

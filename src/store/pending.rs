@@ -82,31 +82,80 @@ impl Store {
 
     /// Takes over `pending` rows that nobody has held for `older_than` (released at a stop whose
     /// hand-back to Redis never happened, or a dead instance's whose re-push failed), up to
-    /// `limit`, oldest first, and returns them to be scheduled here. Rows are locked, so two
-    /// instances sweeping at once adopt each row once. Rows without a payload (written by the
-    /// seed's worker before qsysd) cannot run and are left as they are.
+    /// `limit`, oldest first, and returns them to be scheduled here. Not a delayed task before
+    /// its time, nor a task of a type in `paused`. Rows without a payload (written by the seed's
+    /// worker before qsysd) cannot run and are left as they are.
     pub(crate) fn adopt_orphans(
         &self,
         older_than: Duration,
         limit: usize,
+        paused: &[String],
+    ) -> Result<Vec<StoredTask>, StoreError> {
+        self.adopt(
+            "",
+            "updated_at < NOW(3) - INTERVAL ? MICROSECOND \
+             AND (not_before IS NULL OR not_before <= NOW(3))",
+            vec![(older_than.as_micros() as u64).into()],
+            "created_at, task_id",
+            (limit, paused),
+        )
+    }
+
+    /// Takes over delayed tasks that are due (and rows a paused type let go of, once it is
+    /// resumed): `not_before` passed, of a type not in `paused`; up to `limit`, earliest due
+    /// first, then in the order they were taken. No age is waited for, unlike
+    /// [`Store::adopt_orphans`]: they were let go on purpose, not by a hand-back on its way to
+    /// Redis. Read through `idx_tasks_due`, so a million waiting cost nothing until they are due.
+    pub(crate) fn adopt_due(
+        &self,
+        limit: usize,
+        paused: &[String],
+    ) -> Result<Vec<StoredTask>, StoreError> {
+        self.adopt(
+            "FORCE INDEX (idx_tasks_due)",
+            "not_before <= NOW(3)",
+            Vec::new(),
+            "not_before, created_at, task_id",
+            (limit, paused),
+        )
+    }
+
+    /// Takes over, for this instance, `pending` rows held by nobody that have a payload and meet
+    /// `filter` (with `params`), not of a `paused` type, up to `limit` in `order`. The rows are
+    /// locked, so two instances adopting at once take each row once.
+    fn adopt(
+        &self,
+        hint: &str,
+        filter: &str,
+        mut params: Vec<mysql::Value>,
+        order: &str,
+        (limit, paused): (usize, &[String]),
     ) -> Result<Vec<StoredTask>, StoreError> {
         let mut c = self.conn()?;
         let mut tx = c.start_transaction(TxOpts::default())?;
+        let not_paused = if paused.is_empty() {
+            String::new()
+        } else {
+            params.extend(paused.iter().map(|t| t.as_str().into()));
+            format!(
+                " AND (type IS NULL OR type NOT IN ({}))",
+                placeholders(paused.len(), "?")
+            )
+        };
+        params.push((limit as u64).into());
         let rows: Vec<StoredRow> = tx.exec(
             format!(
-                "{} WHERE state = 'pending' AND instance_id IS NULL AND payload IS NOT NULL \
-                 AND updated_at < NOW(3) - INTERVAL ? MICROSECOND \
-                 ORDER BY created_at, task_id LIMIT ? FOR UPDATE",
+                "{} {hint} WHERE state = 'pending' AND instance_id IS NULL AND payload IS NOT NULL \
+                 AND {filter}{not_paused} ORDER BY {order} LIMIT ? FOR UPDATE",
                 Self::STORED
             ),
-            (older_than.as_micros() as u64, limit as u64),
+            params,
         )?;
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let ids: Vec<mysql::Value> = rows.iter().map(|r| r.0.as_str().into()).collect();
         let mut params = vec![mysql::Value::from(self.instance.as_str())];
-        params.extend(ids);
+        params.extend(rows.iter().map(|r| r.0.as_str().into()));
         tx.exec_drop(
             format!(
                 "UPDATE tasks SET instance_id = ? WHERE state = 'pending' AND instance_id IS NULL \
@@ -117,6 +166,27 @@ impl Store {
         )?;
         tx.commit()?;
         Ok(rows.into_iter().map(Self::stored).collect())
+    }
+
+    /// Lets go of `pending` tasks of a paused type: held by nobody and due now, so that
+    /// [`Store::adopt_due`] takes them up once the type is resumed, and meanwhile no instance
+    /// keeps them in memory.
+    pub(crate) fn let_go(&self, task_ids: &[String]) -> Result<(), StoreError> {
+        if task_ids.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn()?;
+        let mut params = vec![mysql::Value::from(self.instance.as_str())];
+        params.extend(task_ids.iter().map(|id| id.as_str().into()));
+        c.exec_drop(
+            format!(
+                "UPDATE tasks SET instance_id = NULL, not_before = COALESCE(not_before, NOW(3)) \
+                 WHERE state = 'pending' AND instance_id = ? AND task_id IN ({})",
+                placeholders(task_ids.len(), "?")
+            ),
+            params,
+        )?;
+        Ok(())
     }
 
     /// This instance's `pending` rows untouched for `older_than`, up to `limit`, oldest first:

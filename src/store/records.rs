@@ -21,7 +21,8 @@ pub enum State {
 }
 
 impl State {
-    pub(crate) fn as_str(self) -> &'static str {
+    /// As `tasks.state` holds it.
+    pub fn as_str(self) -> &'static str {
         match self {
             State::Pending => "pending",
             State::Processing => "processing",
@@ -118,17 +119,6 @@ pub(crate) struct Failure {
 }
 
 impl Store {
-    /// Number of tasks by state and type.
-    pub(crate) fn counts(&self) -> Result<Vec<(String, String, u64)>, StoreError> {
-        let mut c = self.conn()?;
-        let rows: Vec<(Option<String>, Option<String>, u64)> =
-            c.query("SELECT state, type, COUNT(*) FROM tasks GROUP BY state, type")?;
-        Ok(rows
-            .into_iter()
-            .map(|(s, t, n)| (s.unwrap_or_default(), t.unwrap_or_default(), n))
-            .collect())
-    }
-
     /// One task as stored, if it exists.
     pub fn task(&self, task_id: &str) -> Result<Option<TaskRecord>, StoreError> {
         let mut c = self.conn()?;
@@ -252,6 +242,13 @@ impl Store {
     pub fn requeue(&self, task_id: &str) -> Result<Option<(String, String)>, StoreError> {
         let mut c = self.conn()?;
         let mut tx = c.start_transaction(TxOpts::default())?;
+        // A terminal row already rolled up into the totals leaves its state: taken back out.
+        let mark = super::totals::hold_mark(&mut tx)?;
+        let was: Option<(Option<String>, Option<String>, bool)> = tx.exec_first(
+            "SELECT state, type, COALESCE(finished_at <= ?, 0) FROM tasks WHERE task_id = ? \
+             FOR UPDATE",
+            (&mark, task_id),
+        )?;
         tx.exec_drop(
             "UPDATE tasks SET state = 'pending', attempt_base = attempts, requeues = requeues + 1, \
              error = NULL, finished_at = NULL, deadline = NULL, not_before = NULL, \
@@ -265,6 +262,11 @@ impl Store {
         if tx.affected_rows() == 0 {
             tx.rollback()?;
             return Ok(None);
+        }
+        if let Some((Some(state), kind, true)) = was {
+            if State::parse(&state).is_some_and(State::is_terminal) {
+                super::totals::take_back(&mut tx, &[(state, kind, 1)])?;
+            }
         }
         let row: Option<(Option<String>, Option<String>)> = tx.exec_first(
             "SELECT queue, payload FROM tasks WHERE task_id = ?",

@@ -8,7 +8,7 @@ use mysql::PooledConn;
 use super::{Store, StoreError};
 
 /// The newest schema version this build knows.
-pub const SCHEMA_VERSION: u32 = 5;
+pub const SCHEMA_VERSION: u32 = 6;
 
 impl Store {
     /// Creates or upgrades the schema to [`SCHEMA_VERSION`]. Safe to run from several instances at
@@ -108,7 +108,54 @@ fn migrate_locked(c: &mut PooledConn) -> Result<u32, StoreError> {
     if current < 5 {
         migrate_v5(c)?;
     }
+    if current < 6 {
+        migrate_v6(c)?;
+    }
     Ok(SCHEMA_VERSION)
+}
+
+/// Running for months (issue 17): delayed tasks waiting held by nobody are found by their due
+/// time (`idx_tasks_due`); paused queues and types; terminal counts rolled up into `task_totals`
+/// up to the time in `task_totals_mark`, so counting costs the same with 100 rows or 100 million.
+fn migrate_v6(c: &mut PooledConn) -> Result<(), StoreError> {
+    if !index_exists(c, "tasks", "idx_tasks_due")? {
+        c.query_drop("CREATE INDEX idx_tasks_due ON tasks (state, instance_id, not_before)")?;
+    }
+    let exact = exact_collation(c)?;
+    let id = |len: u32| match &exact {
+        Some(collation) => format!("VARCHAR({len}) CHARACTER SET utf8mb4 COLLATE {collation}"),
+        None => format!("VARBINARY({len})"),
+    };
+    c.query_drop(format!(
+        "CREATE TABLE IF NOT EXISTS paused (
+            kind VARCHAR(8) NOT NULL,
+            name {} NOT NULL,
+            paused_at DATETIME(3) NOT NULL,
+            paused_by VARCHAR(128) CHARACTER SET utf8mb4 NULL,
+            PRIMARY KEY (kind, name)
+        ) ENGINE=InnoDB DEFAULT CHARACTER SET utf8mb4",
+        id(255)
+    ))?;
+    c.query_drop(format!(
+        "CREATE TABLE IF NOT EXISTS task_totals (
+            state VARCHAR(20) NOT NULL,
+            type {} NOT NULL,
+            n BIGINT NOT NULL,
+            PRIMARY KEY (state, type)
+        ) ENGINE=InnoDB DEFAULT CHARACTER SET utf8mb4",
+        id(100)
+    ))?;
+    c.query_drop(
+        "CREATE TABLE IF NOT EXISTS task_totals_mark (
+            id TINYINT NOT NULL PRIMARY KEY,
+            through DATETIME(3) NOT NULL
+        ) ENGINE=InnoDB",
+    )?;
+    c.query_drop(
+        "INSERT IGNORE INTO task_totals_mark (id, through) VALUES (1, '1970-01-01 00:00:00')",
+    )?;
+    c.query_drop("INSERT INTO qsys_schema (version) VALUES (6)")?;
+    Ok(())
 }
 
 /// A task's life with the GPU (issue 16): a cancel asked of a running attempt, the attempt's

@@ -8,17 +8,21 @@
 //! - Health probes: a GPU whose ejection cooldown is over gets a `GET` of its `health_url`; any
 //!   answer below 500 readmits it with one slot, anything else ejects it again for longer.
 //! - Heartbeat: on a thread of its own ([`run_heartbeat`]), so nothing here can delay it.
-//! - Queue depths: one pipelined `LLEN` per second, for `STATUS=` and `/status`.
+//! - Queue depths and ages: one pipelined `LLEN` and `LINDEX 0` per queue each second, for
+//!   `STATUS=`, `/status` and `qsys_queue_oldest_seconds` (the head's `enqueued_at`, else when
+//!   this instance first saw it there).
 //! - Failover: an instance silent for `daemon.instance_timeout` is dead. Its in-hand lists go back
 //!   to the head of their queues, its `pending` tasks go back to Redis, and its attempts' leases are
 //!   expired here on schedule (callbacks for them apply wherever they land).
 //! - Slot resync: every few seconds the slot mirror is compared with MySQL, the authority, in case
 //!   a slot event between instances was lost.
 //! - Drains: the GPUs an operator drained (`gpu_state` in MySQL, set by `qsysd drain` from any
-//!   host), applied to the slot matrix within a second.
+//!   host), applied to the slot matrix within a second; paused queues and types (`qsysd pause`)
+//!   likewise, to the poller and the scheduler.
 //!
 //! Every call here is bounded (MySQL and HTTP timeouts), and the loop ends with the stop.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -63,6 +67,10 @@ pub(crate) fn run(shared: Arc<Shared>, client: redis::Client) {
                     Ok(d) => shared.slots().set_drained(&d),
                     Err(e) => log::warn!(error:% = e; "cannot read drained gpus"),
                 }
+                match shared.store.paused() {
+                    Ok(p) => shared.set_paused(p),
+                    Err(e) => log::warn!(error:% = e; "cannot read paused queues and types"),
+                }
             }
         }
         probe_due(&shared, &agent);
@@ -106,13 +114,63 @@ fn measure_queues(shared: &Shared, client: &redis::Client, conn: &mut Option<red
     };
     let mut pipe = redis::pipe();
     for q in &queues {
-        pipe.cmd("LLEN").arg(q);
+        pipe.cmd("LLEN").arg(q).cmd("LINDEX").arg(q).arg(0);
     }
-    match pipe.query::<Vec<u64>>(c) {
-        Ok(lens) => {
-            *shared.queue_depths.locked() = queues.into_iter().zip(lens).collect();
+    match pipe.query::<Vec<redis::Value>>(c) {
+        Ok(replies) => {
+            let mut depths = Vec::with_capacity(queues.len());
+            let mut ages = BTreeMap::new();
+            let mut heads = shared.heads.locked();
+            let mut replies = replies.into_iter();
+            for q in queues {
+                let (Some(len), Some(head)) = (replies.next(), replies.next()) else {
+                    break;
+                };
+                let depth: u64 = redis::from_redis_value(len).unwrap_or(0);
+                let head: Option<Vec<u8>> = redis::from_redis_value(head).ok().flatten();
+                ages.insert(q.clone(), head_age(&mut heads, &q, head.as_deref()));
+                depths.push((q, depth));
+            }
+            drop(heads);
+            *shared.queue_depths.locked() = depths;
+            *shared.queue_ages.locked() = ages;
         }
         Err(_) => *conn = None,
+    }
+}
+
+/// How long the task at the head of `queue` has waited, in seconds: from its `enqueued_at`
+/// (stamped by `qsys-push`), else from when this instance first saw it there (`heads`). 0 for an
+/// empty queue.
+fn head_age(heads: &mut BTreeMap<String, (u64, Instant)>, queue: &str, head: Option<&[u8]>) -> f64 {
+    let Some(raw) = head else {
+        heads.remove(queue);
+        return 0.0;
+    };
+    #[derive(serde::Deserialize)]
+    struct Stamp {
+        enqueued_at: Option<serde_json::Value>,
+    }
+    let stamped = serde_json::from_slice::<Stamp>(raw)
+        .ok()
+        .and_then(|s| s.enqueued_at)
+        .and_then(|v| crate::contract::time::unix_seconds(&v).ok());
+    if let Some(at) = stamped {
+        heads.remove(queue);
+        return (crate::contract::time::now_unix() - at).max(0.0);
+    }
+    let hash = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        raw.hash(&mut h);
+        h.finish()
+    };
+    match heads.get(queue) {
+        Some((seen, since)) if *seen == hash => since.elapsed().as_secs_f64(),
+        _ => {
+            heads.insert(queue.to_string(), (hash, Instant::now()));
+            0.0
+        }
     }
 }
 
@@ -260,4 +318,25 @@ pub(crate) fn probe(agent: &ureq::Agent, url: &str, token: Option<&crate::config
         .build();
     let req = crate::net::http::authorize(req, token);
     matches!(req.call(), Ok(r) if r.status().as_u16() < 500)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_heads_age_is_its_stamp_else_since_it_was_first_seen() {
+        let mut heads = BTreeMap::new();
+        let now = crate::contract::time::now_unix();
+        let stamped = format!(r#"{{"type":"x","enqueued_at":{}}}"#, now - 90.0);
+        let age = head_age(&mut heads, "q", Some(stamped.as_bytes()));
+        assert!((89.0..=91.0).contains(&age), "{age}");
+        // Unstamped: 0 when first seen, then counting while the same element stays at the head.
+        assert_eq!(head_age(&mut heads, "q", Some(b"{\"type\":\"x\"}")), 0.0);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(head_age(&mut heads, "q", Some(b"{\"type\":\"x\"}")) >= 0.02);
+        assert_eq!(head_age(&mut heads, "q", Some(b"{\"type\":\"y\"}")), 0.0);
+        assert_eq!(head_age(&mut heads, "q", None), 0.0);
+        assert!(heads.is_empty());
+    }
 }

@@ -7,3 +7,4 @@ pub(crate) mod dispatch;
 pub(crate) mod handlers;
 pub(crate) mod maintenance;
 pub(crate) mod poller;
+pub(crate) mod retention;

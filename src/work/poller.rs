@@ -250,15 +250,19 @@ fn record(store: &Store, queue: &str, raws: &[Vec<u8>], parsed: Vec<Parsed>) -> 
         return out;
     }
     let payloads: Vec<String> = msgs.iter().map(|(_, m)| m.to_json()).collect();
+    let now = crate::contract::time::now_unix();
+    let waits: Vec<Option<Duration>> = msgs.iter().map(|(_, m)| m.wait_from(now)).collect();
     let rows: Vec<NewTask<'_>> = msgs
         .iter()
         .zip(&payloads)
-        .map(|((_, m), payload)| NewTask {
+        .zip(&waits)
+        .map(|(((_, m), payload), wait)| NewTask {
             task_id: &m.task_id,
             kind: &m.kind,
             payload,
             max_attempts: m.max_attempts,
             timeout_s: m.timeout_s,
+            wait: *wait,
         })
         .collect();
     let verdicts = match accept_each(store, queue, &rows) {
@@ -270,10 +274,11 @@ fn record(store: &Store, queue: &str, raws: &[Vec<u8>], parsed: Vec<Parsed>) -> 
         }
     };
     drop(rows);
-    for ((i, msg), verdict) in msgs.into_iter().zip(verdicts) {
-        let attempts = match verdict {
-            Ok(Accepted::New) => 0,
-            Ok(Accepted::Resumed { attempts }) => attempts,
+    let mut release = Vec::new();
+    for (((i, msg), verdict), wait) in msgs.into_iter().zip(verdicts).zip(waits) {
+        let (attempts, new) = match verdict {
+            Ok(Accepted::New) => (0, true),
+            Ok(Accepted::Resumed { attempts }) => (attempts, false),
             Ok(Accepted::Exists { state }) => {
                 log::warn!(task_id = msg.task_id.as_str(), queue, state = state.as_str();
                     "task id already known and not pending here: duplicate dropped");
@@ -292,8 +297,21 @@ fn record(store: &Store, queue: &str, raws: &[Vec<u8>], parsed: Vec<Parsed>) -> 
                 continue;
             }
         };
+        // A delayed task waits in MySQL held by nobody, not here: the scheduler adopts it when
+        // it is due (a copy taken again after a crash is let go the same way).
+        if let Some(wait) = wait {
+            log::debug!(task_id = msg.task_id.as_str(), queue, wait:? = wait; "task delayed");
+            if !new {
+                release.push(msg.task_id);
+            }
+            continue;
+        }
         log::debug!(task_id = msg.task_id.as_str(), queue, kind = msg.kind.as_str(); "task taken");
         out.tasks.push(Task::new(msg, queue, attempts));
+    }
+    if let Err(e) = store.release_pending(&release) {
+        // Held here and in no memory: the sweep takes them up (and keeps their wait) in 30 s.
+        log::warn!(queue, error:% = e; "cannot let go of delayed tasks taken again");
     }
     out
 }
@@ -357,11 +375,13 @@ impl Poller {
         let queues = &config.redis.queues;
         let me = &config.daemon.instance_id;
         let in_hand: Vec<String> = queues.iter().map(|q| in_hand_key(&config, me, q)).collect();
-        let block = if queues.len() == 1 {
-            config.redis.pop_timeout.as_secs_f64()
-        } else {
-            0.1
-        };
+        // With one queue to take from, a take blocks, but never past a second: a pause is
+        // honoured within one. With several, each is looked at every 100 ms.
+        let block = config
+            .redis
+            .pop_timeout
+            .min(Duration::from_secs(1))
+            .as_secs_f64();
         let script = redis::Script::new(TAKE_SCRIPT);
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut conn: Option<Connection> = None;
@@ -389,21 +409,33 @@ impl Poller {
                     }
                 },
             };
+            // Paused queues are not taken from: their tasks stay in Redis.
+            let paused = self.shared.paused().queues;
+            let active: Vec<usize> = (0..queues.len())
+                .filter(|&i| !paused.contains(&queues[i]))
+                .collect();
+            let Some(&first) = active.first() else {
+                self.shared.stop.sleep(Duration::from_millis(250));
+                continue;
+            };
             let taken = script
-                .key(queues)
-                .key(&in_hand)
+                .key(active.iter().map(|&i| &queues[i]).collect::<Vec<_>>())
+                .key(active.iter().map(|&i| &in_hand[i]).collect::<Vec<_>>())
                 .arg(TAKE_BATCH)
                 .invoke::<Option<(usize, Vec<Vec<u8>>)>>(c)
                 .and_then(|got| match got {
-                    Some((i, raws)) => Ok(Some((i.saturating_sub(1).min(queues.len() - 1), raws))),
+                    Some((i, raws)) => {
+                        let at = i.saturating_sub(1).min(active.len() - 1);
+                        Ok(Some((active[at], raws)))
+                    }
                     None => redis::cmd("BLMOVE")
-                        .arg(&queues[0])
-                        .arg(&in_hand[0])
+                        .arg(&queues[first])
+                        .arg(&in_hand[first])
                         .arg("LEFT")
                         .arg("RIGHT")
-                        .arg(block)
+                        .arg(if active.len() == 1 { block } else { 0.1 })
                         .query::<Option<Vec<u8>>>(c)
-                        .map(|v| v.map(|raw| (0, vec![raw]))),
+                        .map(|v| v.map(|raw| (first, vec![raw]))),
                 });
             match taken {
                 Ok(None) => backoff.reset(),

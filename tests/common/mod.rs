@@ -376,6 +376,15 @@ pub fn call(addr: std::net::SocketAddr, method: &str, target: &str, body: &str) 
     (status, body)
 }
 
+/// `toml` (from [`TestEnv::config_toml`]) as instance `id` with a shutdown grace of `grace`.
+pub fn as_instance(toml: &str, id: &str, grace: &str) -> String {
+    toml.replace("instance_id = \"test\"", &format!("instance_id = \"{id}\""))
+        .replace(
+            "shutdown_grace = \"10s\"",
+            &format!("shutdown_grace = \"{grace}\""),
+        )
+}
+
 /// Stops a daemon and waits for it, failing the test if a thread died.
 pub fn stop(d: Daemon) {
     d.stop();

@@ -118,6 +118,7 @@ fn run_one(shared: &Shared, agent: &ureq::Agent, task: &Task) {
     }
     log::info!(task_id, kind = task.msg.kind.as_str(), attempt, queue = task.queue.as_str();
         "handler started");
+    shared.first_dispatch(&task.msg, attempt);
     let input = task_json(task, attempt);
     let result = match handler {
         Some(Handler::Exec { command, env, .. }) => {
