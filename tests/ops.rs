@@ -403,7 +403,11 @@ fn the_openapi_document_and_the_routes_agree() {
     let paths = file["paths"].as_object().expect("paths");
     let mut called = 0;
     for (path, item) in paths {
-        let concrete = path.replace("{id}", "oa-0").replace("{gpu}", "g0");
+        let concrete = path
+            .replace("{id}", "oa-0")
+            .replace("{gpu}", "g0")
+            .replace("{queue}", &env.queue("q1"))
+            .replace("{type}", "start_transcribe");
         let on_callback = item["servers"].as_array().is_some_and(|s| {
             s.iter()
                 .any(|v| v["url"].as_str().is_some_and(|u| u.contains("{callback}")))
