@@ -76,7 +76,7 @@ fn a_task_cancelled_while_still_in_redis_never_runs_and_can_be_requeued() {
     assert_eq!(error.as_deref(), Some("cancelled: wrong file"));
     // The element, when taken, gave the row its message: a requeue runs it.
     assert_eq!(
-        env.count("task_id = 'early-1' AND payload IS NOT NULL AND type = 'start_transcribe'"),
+        env.count("task_id = 'early-1' AND payload IS NOT NULL AND queue IS NOT NULL"),
         1
     );
     assert!(ops::requeue(&store, &env.redis_client(), "early-1").expect("requeue"));

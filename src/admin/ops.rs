@@ -196,10 +196,12 @@ pub fn status_table(doc: &Value) -> String {
     }
     let _ = writeln!(out, "\n{:<32} {:>9} {:>9}", "QUEUE", "WAITING", "OLDEST");
     for q in doc["queues"].as_array().into_iter().flatten() {
-        let oldest = q["oldest_s"]
-            .as_f64()
-            .map(|a| crate::config::format_duration(std::time::Duration::from_secs(a as u64)))
-            .unwrap_or_else(|| "-".into());
+        let oldest = match (q["depth"].as_u64(), q["oldest_s"].as_f64()) {
+            (Some(d), Some(a)) if d > 0 => {
+                crate::config::format_duration(std::time::Duration::from_secs(a as u64))
+            }
+            _ => "-".into(),
+        };
         let paused = if q["paused"] == true { "  paused" } else { "" };
         let _ = writeln!(
             out,

@@ -234,6 +234,15 @@ impl Message {
         Value::Object(obj).to_string()
     }
 
+    /// Makes a `delay_s` without an `enqueued_at` a `run_at` counted from `now`, when qsysd first
+    /// takes the task: the stored message (and any copy handed back to Redis) then keeps its
+    /// time instead of waiting the delay again each time it is taken.
+    pub(crate) fn fix_due(&mut self, now: f64) {
+        if let (Some(Due::After(s)), None) = (self.due, self.enqueued_at) {
+            self.due = Some(Due::At(now + s));
+        }
+    }
+
     /// How long from `now` (Unix seconds) until the task may run, if that is in the future, at
     /// most [`MAX_DELAY_S`]. A `delay_s` counts from `enqueued_at` when the message has one (the
     /// producer's push), else from now (qsysd taking it).
@@ -313,10 +322,17 @@ mod tests {
             m.wait_from(1_796_135_430.5),
             Some(std::time::Duration::from_secs(60))
         );
-        let unstamped = parse(br#"{"type":"x","delay_s":90}"#, id).expect("ok");
+        let mut unstamped = parse(br#"{"type":"x","delay_s":90}"#, id).expect("ok");
         assert_eq!(
             unstamped.wait_from(5.0),
             Some(std::time::Duration::from_secs(90))
+        );
+        // Once taken, its time is fixed: a copy taken again later does not wait anew.
+        unstamped.fix_due(5.0);
+        assert_eq!(unstamped.due, Some(Due::At(95.0)));
+        assert_eq!(
+            unstamped.wait_from(50.0),
+            Some(std::time::Duration::from_secs(45))
         );
         let back = parse(m.to_json().as_bytes(), id).expect("round trip");
         assert_eq!((back.due, back.enqueued_at), (m.due, m.enqueued_at));

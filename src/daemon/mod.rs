@@ -36,7 +36,7 @@ use crate::fleet::GpuView;
 use crate::net::tls::Renewable;
 use crate::shared::Shared;
 use crate::store::StoreError;
-use crate::sync::Locked;
+use crate::sync::{Locked, ReadWrite};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -89,7 +89,10 @@ impl Daemon {
         let signer = Signer::new(config.callback.secret.clone(), public_url);
         let (callback_addr, admin_addr) = (io.callback_addr, io.admin_addr);
         let certs = io.certs.clone();
+        // Paused queues and types are in force from the first take, not a second later.
+        let paused = store.paused()?;
         let (shared, events, slot_events) = Shared::new(config, store, matrix, signer);
+        *shared.paused.writing() = paused;
         let shared = Arc::new(shared);
         let (done_tx, done) = unbounded();
         let (threads, dispatch) = threads::start_all(&shared, io, events, slot_events, &done_tx)?;

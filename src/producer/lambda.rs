@@ -60,12 +60,13 @@ pub fn run(api: &str, config: Option<&Path>, env: &Env) -> u8 {
             let rules = Rules {
                 default_queue: c.default_queue,
                 types: c.types,
-                stamp: Some(crate::contract::time::now_unix()),
+                // Stamped per invocation, below: a warm container lives for hours.
+                stamp: None,
                 due: None,
             };
             Ok((rules, pusher))
         });
-    let (rules, mut pusher) = match init {
+    let (mut rules, mut pusher) = match init {
         Ok(x) => x,
         Err(e) => {
             eprintln!("qsys-push: {e}");
@@ -85,6 +86,7 @@ pub fn run(api: &str, config: Option<&Path>, env: &Env) -> u8 {
             }
         };
         let id = &inv.request_id;
+        rules.stamp = Some(crate::contract::time::now_unix());
         let posted = match handle(&inv.event, &rules, &mut pusher) {
             Ok((answer, n)) => {
                 eprintln!("qsys-push: request {id}: pushed {n} tasks");

@@ -254,8 +254,14 @@ impl<S: Claims> Scheduler<S> {
         }
         self.due_checked = Instant::now();
         let paused = self.paused_types();
-        match self.store.adopt_due(PREFETCH - self.pending.len(), &paused) {
+        let room = PREFETCH - self.pending.len();
+        match self.store.adopt_due(room, &paused) {
             Ok(rows) => {
+                // As many due as there was room: more may be waiting, so look again as soon
+                // as the hand has room (a burst comes due at the pace tasks are placed).
+                if rows.len() == room {
+                    self.due_checked = Instant::now() - DUE_EVERY;
+                }
                 for row in rows {
                     let id = row.task_id.clone();
                     match Task::from_stored(row) {

@@ -184,9 +184,10 @@ impl Shared {
         }
     }
 
-    /// Counts the wait of a task from its producer's `enqueued_at` to its first dispatch.
+    /// Counts the wait of a task from its producer's `enqueued_at` to its first dispatch (not a
+    /// delayed task's: it waited on purpose).
     pub(crate) fn first_dispatch(&self, msg: &Message, attempt: u32) {
-        if let (1, Some(at)) = (attempt, msg.enqueued_at) {
+        if let (1, Some(at), None) = (attempt, msg.enqueued_at, msg.due) {
             let waited = crate::contract::time::now_unix() - at;
             self.metrics
                 .queue_wait_seconds

@@ -110,19 +110,13 @@ impl Store {
                 }
                 Some((state, _, _)) => {
                     // Cancelled before it was taken: the row waited without its message, which
-                    // it keeps now, for `qsysd task` and a requeue.
+                    // it keeps now, for `qsysd task` and a requeue. Not its type: the row may be
+                    // in the rolled-up counts already, under the type it had (none).
                     if state.as_deref() == Some("cancelled") {
                         tx.exec_drop(
-                            "UPDATE tasks SET queue = ?, type = ?, payload = ?, max_attempts = ?, \
+                            "UPDATE tasks SET queue = ?, payload = ?, max_attempts = ?, \
                              timeout_s = ? WHERE task_id = ? AND payload IS NULL",
-                            (
-                                queue,
-                                t.kind,
-                                t.payload,
-                                t.max_attempts,
-                                t.timeout_s,
-                                t.task_id,
-                            ),
+                            (queue, t.payload, t.max_attempts, t.timeout_s, t.task_id),
                         )?;
                     }
                     Accepted::Exists {

@@ -55,6 +55,17 @@ impl Store {
                 "DELETE FROM paused WHERE kind = ? AND name = ?",
                 (kind.as_str(), name),
             )?;
+            let changed = c.affected_rows() > 0;
+            // The tasks a pause let go are due now: every instance's next look takes them up.
+            if kind == PauseKind::Type {
+                c.exec_drop(
+                    "UPDATE tasks FORCE INDEX (idx_tasks_due) SET not_before = NOW(3) \
+                     WHERE state = 'pending' AND instance_id IS NULL AND not_before = ? \
+                     AND type = ?",
+                    (super::pending::PAUSED, name),
+                )?;
+            }
+            return Ok(changed);
         }
         Ok(c.affected_rows() > 0)
     }

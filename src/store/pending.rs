@@ -9,6 +9,9 @@ use mysql::TxOpts;
 
 use super::{placeholders, Store, StoreError};
 
+/// The due time of a paused type's tasks while it is paused: later than any real one.
+pub(crate) const PAUSED: &str = "9999-12-31 00:00:00";
+
 /// A `pending` task as stored: enough to schedule it again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct StoredTask {
@@ -103,7 +106,7 @@ impl Store {
 
     /// Takes over delayed tasks that are due (and rows a paused type let go of, once it is
     /// resumed): `not_before` passed, of a type not in `paused`; up to `limit`, earliest due
-    /// first, then in the order they were taken. No age is waited for, unlike
+    /// first (those due at the same instant by task id). No age is waited for, unlike
     /// [`Store::adopt_orphans`]: they were let go on purpose, not by a hand-back on its way to
     /// Redis. Read through `idx_tasks_due`, so a million waiting cost nothing until they are due.
     pub(crate) fn adopt_due(
@@ -115,7 +118,8 @@ impl Store {
             "FORCE INDEX (idx_tasks_due)",
             "not_before <= NOW(3)",
             Vec::new(),
-            "not_before, created_at, task_id",
+            // The index's own order: no sort, however many are due.
+            "not_before, task_id",
             (limit, paused),
         )
     }
@@ -168,19 +172,20 @@ impl Store {
         Ok(rows.into_iter().map(Self::stored).collect())
     }
 
-    /// Lets go of `pending` tasks of a paused type: held by nobody and due now, so that
-    /// [`Store::adopt_due`] takes them up once the type is resumed, and meanwhile no instance
-    /// keeps them in memory.
+    /// Lets go of `pending` tasks of a paused type (due ones: they were in the scheduler's
+    /// hand): held by nobody, and due at [`PAUSED`], out of every sweep's range, so that however
+    /// large a paused type's backlog grows no read of due or orphaned rows passes over it, and no
+    /// instance keeps it in memory. A resume makes them due now ([`Store::set_paused`]).
     pub(crate) fn let_go(&self, task_ids: &[String]) -> Result<(), StoreError> {
         if task_ids.is_empty() {
             return Ok(());
         }
         let mut c = self.conn()?;
-        let mut params = vec![mysql::Value::from(self.instance.as_str())];
+        let mut params = vec![mysql::Value::from(PAUSED), self.instance.as_str().into()];
         params.extend(task_ids.iter().map(|id| id.as_str().into()));
         c.exec_drop(
             format!(
-                "UPDATE tasks SET instance_id = NULL, not_before = COALESCE(not_before, NOW(3)) \
+                "UPDATE tasks SET instance_id = NULL, not_before = ? \
                  WHERE state = 'pending' AND instance_id = ? AND task_id IN ({})",
                 placeholders(task_ids.len(), "?")
             ),

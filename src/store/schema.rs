@@ -121,6 +121,24 @@ fn migrate_v6(c: &mut PooledConn) -> Result<(), StoreError> {
     if !index_exists(c, "tasks", "idx_tasks_due")? {
         c.query_drop("CREATE INDEX idx_tasks_due ON tasks (state, instance_id, not_before)")?;
     }
+    // Two indexes gain the type, so that every count reads an index alone, never the rows: the
+    // seed's (state), which keeps its name, for the tasks in flight (a backlog of delayed or
+    // paused ones, say), and (state, finished_at) for the rollup and the rows since its mark.
+    for (name, before, after) in [
+        ("idx_tasks_state", 1, "(state, type)"),
+        ("idx_tasks_state_finished", 2, "(state, finished_at, type)"),
+    ] {
+        let columns: Option<u64> = c.exec_first(
+            "SELECT COUNT(*) FROM information_schema.statistics WHERE table_schema = DATABASE() \
+             AND table_name = 'tasks' AND index_name = ?",
+            (name,),
+        )?;
+        if columns == Some(before) {
+            c.query_drop(format!(
+                "ALTER TABLE tasks DROP INDEX {name}, ADD INDEX {name} {after}"
+            ))?;
+        }
+    }
     let exact = exact_collation(c)?;
     let id = |len: u32| match &exact {
         Some(collation) => format!("VARCHAR({len}) CHARACTER SET utf8mb4 COLLATE {collation}"),

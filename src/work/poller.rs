@@ -249,8 +249,11 @@ fn record(store: &Store, queue: &str, raws: &[Vec<u8>], parsed: Vec<Parsed>) -> 
         out.unrecorded.sort_unstable();
         return out;
     }
-    let payloads: Vec<String> = msgs.iter().map(|(_, m)| m.to_json()).collect();
     let now = crate::contract::time::now_unix();
+    for (_, m) in &mut msgs {
+        m.fix_due(now);
+    }
+    let payloads: Vec<String> = msgs.iter().map(|(_, m)| m.to_json()).collect();
     let waits: Vec<Option<Duration>> = msgs.iter().map(|(_, m)| m.wait_from(now)).collect();
     let rows: Vec<NewTask<'_>> = msgs
         .iter()
