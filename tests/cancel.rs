@@ -335,8 +335,7 @@ fn running_handlers_are_stopped_from_the_cli() {
         pid = pidfile.display()
     );
     let toml = env.config_toml(&[], &extra);
-    let cfg = env.dir.join("qsysd.toml");
-    std::fs::write(&cfg, &toml).expect("config");
+    let cfg = env.config_file("qsysd.toml", &toml);
     let daemon = env.start(&toml);
     env.push_raw(
         "q1",

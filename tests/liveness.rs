@@ -90,8 +90,7 @@ fn heartbeats_show_progress_keep_an_attempt_alive_and_never_stretch_its_lease() 
     })
     .expect("fleet");
     let toml = env.config_toml(fleet.urls(), "[gpu]\nheartbeat_timeout = \"1s\"\n");
-    let cfg = env.dir.join("qsysd.toml");
-    std::fs::write(&cfg, &toml).expect("config");
+    let cfg = env.config_file("qsysd.toml", &toml);
     let daemon = env.start(&toml);
     // hb-1's own lease (timeout_s) ends before its work does: heartbeats cannot save it.
     env.push_raw(

@@ -39,8 +39,7 @@ fn run(bin: &str, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
 }
 
 fn write_config(env: &TestEnv, name: &str, toml: &str) -> String {
-    let p = env.dir.join(name);
-    std::fs::write(&p, toml).expect("config");
+    let p = env.config_file(name, toml);
     p.to_str().expect("utf8").to_string()
 }
 

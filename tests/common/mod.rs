@@ -134,6 +134,13 @@ shutdown_grace = "10s"
             .unwrap_or_else(|e| panic!("test config invalid: {e}\n{toml}"))
     }
 
+    /// `toml` written to `name` in the test's directory, for the binaries' `--config`.
+    pub fn config_file(&self, name: &str, toml: &str) -> std::path::PathBuf {
+        let p = self.dir.join(name);
+        std::fs::write(&p, toml).expect("write config");
+        p
+    }
+
     pub fn start(&self, toml: &str) -> Daemon {
         Daemon::start(self.config(toml)).unwrap_or_else(|e| panic!("daemon start: {e}"))
     }
