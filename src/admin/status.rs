@@ -1,12 +1,13 @@
 //! The `/status` document: GPUs and their slots, queues, counts by state, recent failures (what
 //! `qsysd status` and the dashboard show).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde_json::{json, Value};
 
 use crate::fleet::Health;
 use crate::shared::Shared;
+use crate::store::Liveness;
 use crate::sync::Locked;
 
 /// How many failures `/status` lists.
@@ -20,42 +21,39 @@ fn health_name(h: Health) -> &'static str {
     }
 }
 
-/// The `/status` document.
-pub(crate) fn status(shared: &Shared) -> Value {
-    let mut problems = shared.problems();
-    // Heartbeats may land on any instance: MySQL has them all.
-    let live = shared.store.liveness().unwrap_or_else(|e| {
-        problems.insert("mysql", e.to_string());
-        Default::default()
-    });
-    let gpus: Vec<Value> = shared
+/// One GPU's slot cells: the task in each, with its heartbeat's progress when it has one.
+fn cells(g: &crate::fleet::GpuView, live: &HashMap<String, Liveness>) -> Vec<Value> {
+    g.cells
+        .iter()
+        .enumerate()
+        .map(|(i, c)| match c {
+            Some(h) => {
+                let mut cell = json!({
+                    "slot": i, "task_id": h.task_id, "attempt": h.attempt,
+                    "running_s": (h.since.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+                });
+                if let Some(l) = live.get(&h.task_id) {
+                    cell["heartbeat_at"] = json!(l.heartbeat_at);
+                    cell["heartbeat_age_s"] = json!(l.heartbeat_age_s);
+                    cell["progress"] = json!(l.progress);
+                    cell["message"] = json!(l.message);
+                    cell["cancelling"] = json!(l.cancelling);
+                }
+                cell
+            }
+            None => json!({ "slot": i }),
+        })
+        .collect()
+}
+
+/// The GPUs with their slots (a removed GPU only while it still runs something).
+fn gpus(shared: &Shared, live: &HashMap<String, Liveness>) -> Vec<Value> {
+    shared
         .slots()
         .view()
         .into_iter()
         .filter(|g| !(g.retired && g.cells.iter().all(Option::is_none)))
         .map(|g| {
-            let cells: Vec<Value> = g
-                .cells
-                .iter()
-                .enumerate()
-                .map(|(i, c)| match c {
-                    Some(h) => {
-                        let mut cell = json!({
-                            "slot": i, "task_id": h.task_id, "attempt": h.attempt,
-                            "running_s": (h.since.elapsed().as_secs_f64() * 10.0).round() / 10.0,
-                        });
-                        if let Some(l) = live.get(&h.task_id) {
-                            cell["heartbeat_at"] = json!(l.heartbeat_at);
-                            cell["heartbeat_age_s"] = json!(l.heartbeat_age_s);
-                            cell["progress"] = json!(l.progress);
-                            cell["message"] = json!(l.message);
-                            cell["cancelling"] = json!(l.cancelling);
-                        }
-                        cell
-                    }
-                    None => json!({ "slot": i }),
-                })
-                .collect();
             json!({
                 "id": g.id,
                 "health": health_name(g.health),
@@ -67,13 +65,17 @@ pub(crate) fn status(shared: &Shared) -> Value {
                 "dispatched": g.dispatched,
                 "failures": g.failed,
                 "last_error": g.last_error,
-                "cells": cells,
+                "cells": cells(&g, live),
             })
         })
-        .collect();
+        .collect()
+}
+
+/// The queues (depth, oldest age, paused) and the task types (handler, paused).
+fn queues_and_types(shared: &Shared) -> (Vec<Value>, Vec<Value>) {
     let paused = shared.paused();
     let ages = shared.queue_ages.locked().clone();
-    let queues: Vec<Value> = shared
+    let queues = shared
         .queue_depths
         .locked()
         .iter()
@@ -82,8 +84,8 @@ pub(crate) fn status(shared: &Shared) -> Value {
                     "paused": paused.queues.contains(q) })
         })
         .collect();
-    let config = shared.config();
-    let types: Vec<Value> = config
+    let types = shared
+        .config()
         .types
         .iter()
         .map(|(name, h)| {
@@ -95,6 +97,19 @@ pub(crate) fn status(shared: &Shared) -> Value {
             json!({ "name": name, "handler": handler, "paused": paused.types.contains(name) })
         })
         .collect();
+    (queues, types)
+}
+
+/// The `/status` document.
+pub(crate) fn status(shared: &Shared) -> Value {
+    let mut problems = shared.problems();
+    // Heartbeats may land on any instance: MySQL has them all.
+    let live = shared.store.liveness().unwrap_or_else(|e| {
+        problems.insert("mysql", e.to_string());
+        Default::default()
+    });
+    let gpus = gpus(shared, &live);
+    let (queues, types) = queues_and_types(shared);
     let mut states: BTreeMap<String, u64> =
         ["pending", "processing", "finished", "failed", "cancelled"]
             .iter()

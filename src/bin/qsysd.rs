@@ -143,6 +143,68 @@ fn main() -> ExitCode {
 #[error("{0}")]
 struct UsageError(String);
 
+/// `qsysd requeue`: the ids given, and those of `--state` that ended within `--since`.
+fn requeue(
+    config: &Config,
+    mut task_ids: Vec<String>,
+    state: Option<String>,
+    since: Option<String>,
+) -> anyhow::Result<()> {
+    let store = ops::store(config)?;
+    if let (Some(state), Some(since)) = (state, since) {
+        let state = match qsys::State::parse(&state) {
+            Some(s) if s.is_terminal() => s,
+            _ => {
+                return Err(UsageError(format!(
+                    "--state {state:?}: expected failed, finished or cancelled"
+                ))
+                .into())
+            }
+        };
+        let since = qsys::parse_duration(&since)
+            .map_err(|e| UsageError(format!("--since {since:?}: {e}")))?;
+        task_ids.extend(store.terminal_since(state, since)?);
+    }
+    if task_ids.is_empty() {
+        return Err(UsageError("no task ids given (or --state and --since)".into()).into());
+    }
+    let client = redis::Client::open(config.redis.url.as_str())?;
+    let mut refused = 0;
+    for id in &task_ids {
+        if ops::requeue(&store, &client, id)? {
+            println!("{id}");
+        } else {
+            refused += 1;
+            eprintln!("qsysd: {id}: unknown or not terminal; not requeued");
+        }
+    }
+    if refused > 0 {
+        anyhow::bail!("{refused} of {} tasks not requeued", task_ids.len());
+    }
+    Ok(())
+}
+
+/// `qsysd cancel`: every id checked first, then each cancelled; exit 1 if one was terminal.
+fn cancel(config: &Config, task_ids: &[String], reason: Option<&str>) -> anyhow::Result<()> {
+    let ids: Vec<&str> = task_ids.iter().map(String::as_str).collect();
+    ops::check_cancel(&ids).map_err(|e| UsageError(e.to_string()))?;
+    let store = ops::store(config)?;
+    let mut refused = 0;
+    for id in task_ids {
+        let outcome = ops::cancel(&store, id, reason)?;
+        if matches!(outcome, qsys::Cancel::Terminal { .. }) {
+            refused += 1;
+            eprintln!("qsysd: {id}: {}", ops::describe_cancel(&outcome));
+        } else {
+            println!("{id}: {}", ops::describe_cancel(&outcome));
+        }
+    }
+    if refused > 0 {
+        anyhow::bail!("{refused} of {} tasks not cancelled", task_ids.len());
+    }
+    Ok(())
+}
+
 /// `qsysd pause` / `qsysd resume`.
 fn pause(config: &Config, target: &Target, paused: bool) -> anyhow::Result<()> {
     let (kind, name) = target.named();
@@ -184,60 +246,11 @@ fn command(config: &Config, cmd: Command) -> anyhow::Result<()> {
             println!("{gpu} undrained");
         }
         Command::Requeue {
-            mut task_ids,
+            task_ids,
             state,
             since,
-        } => {
-            let store = ops::store(config)?;
-            if let (Some(state), Some(since)) = (state, since) {
-                let state = match qsys::State::parse(&state) {
-                    Some(s) if s.is_terminal() => s,
-                    _ => {
-                        return Err(UsageError(format!(
-                            "--state {state:?}: expected failed, finished or cancelled"
-                        ))
-                        .into())
-                    }
-                };
-                let since = qsys::parse_duration(&since)
-                    .map_err(|e| UsageError(format!("--since {since:?}: {e}")))?;
-                task_ids.extend(store.terminal_since(state, since)?);
-            }
-            if task_ids.is_empty() {
-                return Err(UsageError("no task ids given (or --state and --since)".into()).into());
-            }
-            let client = redis::Client::open(config.redis.url.as_str())?;
-            let mut refused = 0;
-            for id in &task_ids {
-                if ops::requeue(&store, &client, id)? {
-                    println!("{id}");
-                } else {
-                    refused += 1;
-                    eprintln!("qsysd: {id}: unknown or not terminal; not requeued");
-                }
-            }
-            if refused > 0 {
-                anyhow::bail!("{refused} of {} tasks not requeued", task_ids.len());
-            }
-        }
-        Command::Cancel { task_ids, reason } => {
-            let ids: Vec<&str> = task_ids.iter().map(String::as_str).collect();
-            ops::check_cancel(&ids).map_err(|e| UsageError(e.to_string()))?;
-            let store = ops::store(config)?;
-            let mut refused = 0;
-            for id in &task_ids {
-                let outcome = ops::cancel(&store, id, reason.as_deref())?;
-                if matches!(outcome, qsys::Cancel::Terminal { .. }) {
-                    refused += 1;
-                    eprintln!("qsysd: {id}: {}", ops::describe_cancel(&outcome));
-                } else {
-                    println!("{id}: {}", ops::describe_cancel(&outcome));
-                }
-            }
-            if refused > 0 {
-                anyhow::bail!("{refused} of {} tasks not cancelled", task_ids.len());
-            }
-        }
+        } => requeue(config, task_ids, state, since)?,
+        Command::Cancel { task_ids, reason } => cancel(config, &task_ids, reason.as_deref())?,
         Command::Pause(target) => pause(config, &target, true)?,
         Command::Resume(target) => pause(config, &target, false)?,
         Command::Prune { dry_run } => {

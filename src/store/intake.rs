@@ -85,51 +85,60 @@ impl Store {
             tx.commit()?;
             return Ok(tasks.iter().map(|_| Accepted::New).collect());
         }
-        let mut out = Vec::with_capacity(tasks.len());
-        for t in tasks {
-            // Read under lock and decide here: an UPDATE's affected count cannot tell a row it
-            // matched but left unchanged (this insert's own row, same millisecond) from no row.
-            let row: Option<(Option<String>, u32, Option<String>)> = tx.exec_first(
-                "SELECT state, attempts, instance_id FROM tasks WHERE task_id = ? FOR UPDATE",
-                (t.task_id,),
-            )?;
-            out.push(match row {
-                // The seed's table allowed a NULL state; such a row is not ours to resume.
-                Some((Some(state), attempts, holder))
-                    if state == "pending"
-                        && holder.as_deref().is_none_or(|h| h == self.instance) =>
-                {
-                    if holder.is_none() {
-                        tx.exec_drop(
-                            "UPDATE tasks SET instance_id = ?, updated_at = NOW(3) \
-                             WHERE task_id = ?",
-                            (&self.instance, t.task_id),
-                        )?;
-                    }
-                    Accepted::Resumed { attempts }
-                }
-                Some((state, _, _)) => {
-                    // Cancelled before it was taken: the row waited without its message, which
-                    // it keeps now, for `qsysd task` and a requeue. Not its type: the row may be
-                    // in the rolled-up counts already, under the type it had (none).
-                    if state.as_deref() == Some("cancelled") {
-                        tx.exec_drop(
-                            "UPDATE tasks SET queue = ?, payload = ?, max_attempts = ?, \
-                             timeout_s = ? WHERE task_id = ? AND payload IS NULL",
-                            (queue, t.payload, t.max_attempts, t.timeout_s, t.task_id),
-                        )?;
-                    }
-                    Accepted::Exists {
-                        state: state.unwrap_or_else(|| "NULL".into()),
-                    }
-                }
-                None => Accepted::Exists {
-                    state: "deleted".into(),
-                },
-            });
-        }
+        let out = tasks
+            .iter()
+            .map(|t| self.accept_one(&mut tx, queue, t))
+            .collect::<Result<Vec<_>, _>>()?;
         tx.commit()?;
         Ok(out)
+    }
+
+    /// One row of a batch that was not all new: read under lock and decided here (an UPDATE's
+    /// affected count cannot tell a row it matched but left unchanged, this insert's own row in
+    /// the same millisecond, from no row).
+    fn accept_one(
+        &self,
+        tx: &mut mysql::Transaction<'_>,
+        queue: &str,
+        t: &NewTask<'_>,
+    ) -> Result<Accepted, StoreError> {
+        let row: Option<(Option<String>, u32, Option<String>)> = tx.exec_first(
+            "SELECT state, attempts, instance_id FROM tasks WHERE task_id = ? FOR UPDATE",
+            (t.task_id,),
+        )?;
+        Ok(match row {
+            // The seed's table allowed a NULL state; such a row is not ours to resume.
+            Some((Some(state), attempts, holder))
+                if state == "pending" && holder.as_deref().is_none_or(|h| h == self.instance) =>
+            {
+                if holder.is_none() {
+                    tx.exec_drop(
+                        "UPDATE tasks SET instance_id = ?, updated_at = NOW(3) \
+                         WHERE task_id = ?",
+                        (&self.instance, t.task_id),
+                    )?;
+                }
+                Accepted::Resumed { attempts }
+            }
+            Some((state, _, _)) => {
+                // Cancelled before it was taken: the row waited without its message, which
+                // it keeps now, for `qsysd task` and a requeue. Not its type: the row may be
+                // in the rolled-up counts already, under the type it had (none).
+                if state.as_deref() == Some("cancelled") {
+                    tx.exec_drop(
+                        "UPDATE tasks SET queue = ?, payload = ?, max_attempts = ?, \
+                         timeout_s = ? WHERE task_id = ? AND payload IS NULL",
+                        (queue, t.payload, t.max_attempts, t.timeout_s, t.task_id),
+                    )?;
+                }
+                Accepted::Exists {
+                    state: state.unwrap_or_else(|| "NULL".into()),
+                }
+            }
+            None => Accepted::Exists {
+                state: "deleted".into(),
+            },
+        })
     }
 
     /// Records a queue element that could not be parsed as `failed`, keeping the raw text for

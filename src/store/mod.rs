@@ -49,7 +49,7 @@ pub use intake::{Accepted, NewTask};
 pub use paused::{PauseKind, Paused};
 pub(crate) use pending::StoredTask;
 pub use records::State;
-pub(crate) use records::{AttemptRecord, TaskRecord};
+pub(crate) use records::{AttemptRecord, Liveness, TaskRecord};
 pub use retention::Retention;
 pub use schema::SCHEMA_VERSION;
 pub(crate) use totals::Counts;

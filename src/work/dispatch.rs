@@ -94,39 +94,42 @@ pub(crate) fn endpoint_error(ep: &Endpoint, result: &Result<Reply, String>) -> O
 /// A job that waited longer than this for a worker has its lease restarted before it is sent.
 const LEASE_SLACK: Duration = Duration::from_secs(1);
 
+/// Whether `job` may still be sent: its lease, if it waited for a worker, is renewed from now
+/// (one that ran out meanwhile was ended and retried elsewhere already, and sending now would run
+/// the task twice at once); an attempt an operator cancelled meanwhile is ended instead, its slot
+/// freed (the GPU never had it).
+fn still_to_send(shared: &Shared, job: &GpuJob) -> bool {
+    let (ep, task_id) = (&job.endpoint, job.task.msg.task_id.as_str());
+    if job.claimed_at.elapsed() > LEASE_SLACK {
+        match shared
+            .store
+            .renew_lease(task_id, job.attempt, job.lease, ep.heartbeat_timeout)
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                log::warn!(task_id, gpu = ep.id.as_str(), attempt = job.attempt;
+                    "lease ended before the dispatch was sent; not sent");
+                return false;
+            }
+            Err(e) => log::warn!(task_id, error:% = e;
+                "mysql error renewing a lease; sent under the claim's lease"),
+        }
+    }
+    if shared.cancel_asked(task_id, job.attempt) {
+        log::warn!(task_id, gpu = ep.id.as_str(), attempt = job.attempt;
+            "task cancelled before its dispatch was sent; not sent");
+        shared.end_attempt_patiently(task_id, job.attempt, Ending::Cancelled, "cancel", PATIENCE);
+        return false;
+    }
+    true
+}
+
 pub(crate) fn run_worker(shared: Arc<Shared>, jobs: Receiver<GpuJob>, agents: Arc<http::Agents>) {
     while let Ok(job) = jobs.recv() {
         let ep = &job.endpoint;
         let task_id = job.task.msg.task_id.as_str();
         crate::pause_point!(shared.store.instance(), "dispatch:before-send");
-        // The lease counts from the send: one that ran out while the job waited was ended and
-        // retried elsewhere already, and sending now would run the task twice at once.
-        if job.claimed_at.elapsed() > LEASE_SLACK {
-            match shared
-                .store
-                .renew_lease(task_id, job.attempt, job.lease, ep.heartbeat_timeout)
-            {
-                Ok(true) => {}
-                Ok(false) => {
-                    log::warn!(task_id, gpu = ep.id.as_str(), attempt = job.attempt;
-                        "lease ended before the dispatch was sent; not sent");
-                    continue;
-                }
-                Err(e) => log::warn!(task_id, error:% = e;
-                    "mysql error renewing a lease; sent under the claim's lease"),
-            }
-        }
-        // Cancelled before it was sent: the GPU never had it, so the slot frees now.
-        if shared.cancel_asked(task_id, job.attempt) {
-            log::warn!(task_id, gpu = ep.id.as_str(), attempt = job.attempt;
-                "task cancelled before its dispatch was sent; not sent");
-            shared.end_attempt_patiently(
-                task_id,
-                job.attempt,
-                Ending::Cancelled,
-                "cancel",
-                PATIENCE,
-            );
+        if !still_to_send(&shared, &job) {
             continue;
         }
         let body = request_body(&job, &shared.signer.callback_url(task_id, job.attempt));

@@ -182,6 +182,54 @@ impl Recorded {
             }
         }
     }
+
+    /// Acts on each verdict: a task to hand on, a duplicate to drop, a row MySQL refused to fail,
+    /// an outage to try again. A delayed task waits in MySQL held by nobody, not here: the
+    /// scheduler adopts it when it is due; a copy taken again after a crash is let go the same
+    /// way (returned, to be released).
+    fn settle(
+        &mut self,
+        store: &Store,
+        queue: &str,
+        raws: &[Vec<u8>],
+        verdicts: impl Iterator<Item = Verdict>,
+    ) -> Vec<String> {
+        let mut release = Vec::new();
+        for (((i, msg), verdict), wait) in verdicts {
+            let (attempts, new) = match verdict {
+                Ok(Accepted::New) => (0, true),
+                Ok(Accepted::Resumed { attempts }) => (attempts, false),
+                Ok(Accepted::Exists { state }) => {
+                    log::warn!(task_id = msg.task_id.as_str(), queue, state = state.as_str();
+                        "task id already known and not pending here: duplicate dropped");
+                    continue;
+                }
+                Err(e) if e.is_rejected_data() && self.outage.is_none() => {
+                    let reason = format!("mysql refused the task: {e}");
+                    self.refuse(store, queue, i, &raws[i], Some(&msg.task_id), &reason);
+                    continue;
+                }
+                Err(e) => {
+                    if self.outage.is_none() {
+                        self.outage = Some(e);
+                    }
+                    self.unrecorded.push(i);
+                    continue;
+                }
+            };
+            if let Some(wait) = wait {
+                log::debug!(task_id = msg.task_id.as_str(), queue, wait:? = wait; "task delayed");
+                if !new {
+                    release.push(msg.task_id);
+                }
+                continue;
+            }
+            log::debug!(task_id = msg.task_id.as_str(), queue, kind = msg.kind.as_str();
+                "task taken");
+            self.tasks.push(Task::new(msg, queue, attempts));
+        }
+        release
+    }
 }
 
 /// Records `rows` in one transaction; when MySQL refuses it for one row's data, row by row, each
@@ -277,47 +325,24 @@ fn record(store: &Store, queue: &str, raws: &[Vec<u8>], parsed: Vec<Parsed>) -> 
         }
     };
     drop(rows);
-    let mut release = Vec::new();
-    for (((i, msg), verdict), wait) in msgs.into_iter().zip(verdicts).zip(waits) {
-        let (attempts, new) = match verdict {
-            Ok(Accepted::New) => (0, true),
-            Ok(Accepted::Resumed { attempts }) => (attempts, false),
-            Ok(Accepted::Exists { state }) => {
-                log::warn!(task_id = msg.task_id.as_str(), queue, state = state.as_str();
-                    "task id already known and not pending here: duplicate dropped");
-                continue;
-            }
-            Err(e) if e.is_rejected_data() && out.outage.is_none() => {
-                let reason = format!("mysql refused the task: {e}");
-                out.refuse(store, queue, i, &raws[i], Some(&msg.task_id), &reason);
-                continue;
-            }
-            Err(e) => {
-                if out.outage.is_none() {
-                    out.outage = Some(e);
-                }
-                out.unrecorded.push(i);
-                continue;
-            }
-        };
-        // A delayed task waits in MySQL held by nobody, not here: the scheduler adopts it when
-        // it is due (a copy taken again after a crash is let go the same way).
-        if let Some(wait) = wait {
-            log::debug!(task_id = msg.task_id.as_str(), queue, wait:? = wait; "task delayed");
-            if !new {
-                release.push(msg.task_id);
-            }
-            continue;
-        }
-        log::debug!(task_id = msg.task_id.as_str(), queue, kind = msg.kind.as_str(); "task taken");
-        out.tasks.push(Task::new(msg, queue, attempts));
-    }
+    let release = out.settle(
+        store,
+        queue,
+        raws,
+        msgs.into_iter().zip(verdicts).zip(waits),
+    );
     if let Err(e) = store.release_pending(&release) {
         // Held here and in no memory: the sweep takes them up (and keeps their wait) in 30 s.
         log::warn!(queue, error:% = e; "cannot let go of delayed tasks taken again");
     }
     out
 }
+
+/// A recorded element, its verdict, and its wait if it is a delayed task.
+type Verdict = (
+    ((usize, message::Message), Result<Accepted, StoreError>),
+    Option<Duration>,
+);
 
 /// Records one refused element as `failed` with `reason`. `Err` only for an outage: a row that
 /// MySQL refuses even under a fresh id cannot be recorded at all, so the element is only kept in
@@ -354,6 +379,49 @@ impl Drop for InTransit<'_> {
             set.remove(id);
         }
     }
+}
+
+/// The queues the poller may take from now, with their in-hand lists: `active` indexes both.
+struct Lists<'a> {
+    queues: &'a [String],
+    in_hand: &'a [String],
+    active: &'a [usize],
+}
+
+/// Moves a batch from the first non-empty active queue (in priority order) into its in-hand list:
+/// the queue's index and the elements. When all are empty, blocks on the first (up to `block`
+/// when it is the only one, else 100 ms).
+fn move_batch(
+    c: &mut Connection,
+    script: &redis::Script,
+    lists: &Lists<'_>,
+    block: f64,
+) -> redis::RedisResult<Option<(usize, Vec<Vec<u8>>)>> {
+    let Lists {
+        queues,
+        in_hand,
+        active,
+    } = *lists;
+    let first = active[0];
+    script
+        .key(active.iter().map(|&i| &queues[i]).collect::<Vec<_>>())
+        .key(active.iter().map(|&i| &in_hand[i]).collect::<Vec<_>>())
+        .arg(TAKE_BATCH)
+        .invoke::<Option<(usize, Vec<Vec<u8>>)>>(c)
+        .and_then(|got| match got {
+            Some((i, raws)) => {
+                let at = i.saturating_sub(1).min(active.len() - 1);
+                Ok(Some((active[at], raws)))
+            }
+            None => redis::cmd("BLMOVE")
+                .arg(&queues[first])
+                .arg(&in_hand[first])
+                .arg("LEFT")
+                .arg("RIGHT")
+                .arg(if active.len() == 1 { block } else { 0.1 })
+                .query::<Option<Vec<u8>>>(c)
+                .map(|v| v.map(|raw| (first, vec![raw]))),
+        })
 }
 
 pub(crate) struct Poller {
@@ -417,29 +485,16 @@ impl Poller {
             let active: Vec<usize> = (0..queues.len())
                 .filter(|&i| !paused.contains(&queues[i]))
                 .collect();
-            let Some(&first) = active.first() else {
+            if active.is_empty() {
                 self.shared.stop.sleep(Duration::from_millis(250));
                 continue;
+            }
+            let lists = Lists {
+                queues,
+                in_hand: &in_hand,
+                active: &active,
             };
-            let taken = script
-                .key(active.iter().map(|&i| &queues[i]).collect::<Vec<_>>())
-                .key(active.iter().map(|&i| &in_hand[i]).collect::<Vec<_>>())
-                .arg(TAKE_BATCH)
-                .invoke::<Option<(usize, Vec<Vec<u8>>)>>(c)
-                .and_then(|got| match got {
-                    Some((i, raws)) => {
-                        let at = i.saturating_sub(1).min(active.len() - 1);
-                        Ok(Some((active[at], raws)))
-                    }
-                    None => redis::cmd("BLMOVE")
-                        .arg(&queues[first])
-                        .arg(&in_hand[first])
-                        .arg("LEFT")
-                        .arg("RIGHT")
-                        .arg(if active.len() == 1 { block } else { 0.1 })
-                        .query::<Option<Vec<u8>>>(c)
-                        .map(|v| v.map(|raw| (first, vec![raw]))),
-                });
+            let taken = move_batch(c, &script, &lists, block);
             match taken {
                 Ok(None) => backoff.reset(),
                 Ok(Some((i, raws))) => {

@@ -5,8 +5,9 @@
 //!   or 100 million.
 //! - Every [`PRUNE`], on one instance at a time (a named MySQL lock), tasks past their state's
 //!   retention are deleted with their attempts and results, [`crate::store`]'s batches of at most
-//!   1,000 rows with a pause after each, so a backlog of millions neither slows the task flow nor
-//!   holds locks a claim needs; then the rows of instances dead for a day.
+//!   1,000 rows with a pause after each twice as long as the batch took (at least 20 ms), so a
+//!   backlog of millions keeps MySQL busy a third of the time at most and holds no lock a claim
+//!   needs for longer than one batch; then the rows of instances dead for a day.
 //!
 //! On its own thread: a prune of a large backlog takes minutes, and nothing else waits for it.
 
@@ -20,8 +21,12 @@ use crate::store::Store;
 const ROLL_UP: Duration = Duration::from_secs(5);
 /// How often tasks past their retention are looked for.
 const PRUNE: Duration = Duration::from_secs(60);
-/// The pause after each prune batch: the task flow's transactions go first.
+/// The shortest pause after a prune batch.
 const PACE: Duration = Duration::from_millis(20);
+/// The pause after a prune batch, as a multiple of the time the batch took: a prune then keeps
+/// MySQL busy a third of the time at most, however slow its batches are (pages on disk, a busy
+/// server), and the task flow's transactions go first.
+const PACE_RATIO: u32 = 2;
 
 pub(crate) fn run(shared: Arc<Shared>) {
     let mut rolled: Option<Instant> = None;
@@ -36,13 +41,17 @@ pub(crate) fn run(shared: Arc<Shared>) {
             if pruned.is_none_or(|t| t.elapsed() >= PRUNE) {
                 pruned = Some(Instant::now());
                 let retention = shared.config().retention;
+                let mut batch_began = Instant::now();
                 let pace = |_: u64| {
+                    let pause = (batch_began.elapsed() * PACE_RATIO).max(PACE);
                     shared.tick("qsys-retention");
                     if rolled.is_none_or(|t| t.elapsed() >= ROLL_UP) {
                         rolled = Some(Instant::now());
                         roll_up(&shared.store);
                     }
-                    !shared.stop.sleep(PACE)
+                    let stopped = shared.stop.sleep(pause);
+                    batch_began = Instant::now();
+                    !stopped
                 };
                 let store = &shared.store;
                 match store.with_prune_lock(|| store.prune(&retention, pace)) {
