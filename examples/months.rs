@@ -171,7 +171,7 @@ fn main() -> anyhow::Result<()> {
     let n: u64 = pruned.iter().map(|(_, n)| n).sum();
     println!(
         "prune: {n} tasks (of {eligible} past retention) with their attempts in {took:.1} s: \
-         {:.0} tasks/s (batches of 1,000, unpaced; the daemon's thread pauses 20 ms after each)",
+         {:.0} tasks/s (batches of 1,000, unpaced; the daemon's thread pauses twice each batch's time)",
         n as f64 / took
     );
     Ok(())
