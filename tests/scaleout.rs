@@ -157,6 +157,12 @@ fn a_freed_slot_reaches_the_other_instance_within_100ms() {
         &env.config_toml(fleet.urls(), extra)
             .replace("\"test\"", "\"inst-b\""),
     );
+    // An instance counts itself alone (and publishes nothing) until its once-a-second check
+    // finds the other: what is measured here is the latency between instances that know of each
+    // other, so both must first have looked. (Started a moment apart, `a` could still think
+    // itself alone when the callback reached it: its free then came by the 2 s resync.)
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(wait_for(Duration::from_secs(5), || a.sees_peers() && b.sees_peers()));
     env.push_raw("q1", &transcriptions("one", 1));
     assert!(wait_for(Duration::from_secs(20), || {
         fleet.stats().body("one-0").is_some()

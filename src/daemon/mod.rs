@@ -130,6 +130,12 @@ impl Daemon {
         self.shared.slots().busy()
     }
 
+    /// Whether this instance knows of another live one (checked every second): until it does, it
+    /// publishes no slot events, and peers learn of its slots from MySQL's resync.
+    pub fn sees_peers(&self) -> bool {
+        self.shared.peers.load(Ordering::Relaxed)
+    }
+
     /// Callbacks applied since start.
     pub fn callbacks_applied(&self) -> u64 {
         self.shared.metrics.callbacks.get("applied")
