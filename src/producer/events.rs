@@ -663,6 +663,48 @@ mod tests {
             .to_string()
     }
 
+    /// Delays (issue 17): a task's own `run_at`/`delay_s` pass through as qsysd checks them, the
+    /// command line's `--at`/`--in` fill in for tasks without one, and a bad one of either is a
+    /// problem naming its place (nothing pushed); the stamp goes on every task.
+    #[test]
+    fn delays_are_checked_like_qsysd_and_every_task_is_stamped() {
+        let mut r = rules();
+        r.stamp = Some(1_796_135_400.5);
+        r.due = Some(Due::After(600.0));
+        let (_, out) = event(
+            &r,
+            serde_json::json!({"tasks": [
+                task("a", "1"),
+                {"type": "a", "data": {}, "run_at": "2026-12-01T14:30:00Z"},
+            ]}),
+        )
+        .expect("valid");
+        assert!(
+            out[0]
+                .json
+                .contains(r#""delay_s":600.0,"enqueued_at":1796135400.500"#),
+            "{}",
+            out[0].json
+        );
+        assert!(
+            out[1].json.contains(r#""run_at":"2026-12-01T14:30:00Z""#),
+            "{}",
+            out[1].json
+        );
+        for bad in [
+            serde_json::json!({"type": "a", "run_at": "soon"}),
+            serde_json::json!({"type": "a", "delay_s": -1}),
+            serde_json::json!({"type": "a", "run_at": 1, "delay_s": 1}),
+        ] {
+            assert!(event(&rules(), bad.clone()).is_err(), "{bad}");
+        }
+        r.due = Some(Due::At(Value::String("next tuesday".into())));
+        let e = event(&r, task("a", "1"))
+            .expect_err("a bad --at")
+            .to_string();
+        assert!(e.contains("run_at"), "{e}");
+    }
+
     /// The element as the daemon sees it.
     fn element(o: &Outgoing) -> Value {
         let parsed =

@@ -55,6 +55,24 @@ fn schema_has(
     Ok(n.unwrap_or(0) > 0)
 }
 
+/// Adds each `(name, ddl)` column `tasks` does not have yet.
+fn add_task_columns(c: &mut PooledConn, columns: &[(&str, &str)]) -> Result<(), StoreError> {
+    for (name, ddl) in columns {
+        if !column_exists(c, "tasks", name)? {
+            c.query_drop(format!("ALTER TABLE tasks ADD COLUMN {name} {ddl}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// An identity column's type of `len` under `exact` ([`exact_collation`]): bytes compared as bytes.
+fn identity_type(exact: &Option<String>, len: u32) -> String {
+    match exact {
+        Some(collation) => format!("VARCHAR({len}) CHARACTER SET utf8mb4 COLLATE {collation}"),
+        None => format!("VARBINARY({len})"),
+    }
+}
+
 /// Columns qsysd adds to the seed's table, in order.
 const TASK_COLUMNS: &[(&str, &str)] = &[
     ("payload", "MEDIUMTEXT NULL"),
@@ -140,10 +158,7 @@ fn migrate_v6(c: &mut PooledConn) -> Result<(), StoreError> {
         }
     }
     let exact = exact_collation(c)?;
-    let id = |len: u32| match &exact {
-        Some(collation) => format!("VARCHAR({len}) CHARACTER SET utf8mb4 COLLATE {collation}"),
-        None => format!("VARBINARY({len})"),
-    };
+    let id = |len: u32| identity_type(&exact, len);
     c.query_drop(format!(
         "CREATE TABLE IF NOT EXISTS paused (
             kind VARCHAR(8) NOT NULL,
@@ -180,24 +195,20 @@ fn migrate_v6(c: &mut PooledConn) -> Result<(), StoreError> {
 /// last heartbeat and progress, the lease end heartbeats never push past, and results (a table
 /// of their own, so `tasks` rows stay narrow for the scans of `/status` and the sweeps).
 fn migrate_v5(c: &mut PooledConn) -> Result<(), StoreError> {
-    for (name, ddl) in [
-        ("cancel_requested_at", "DATETIME(3) NULL"),
-        ("heartbeat_at", "DATETIME(3) NULL"),
-        ("progress", "DOUBLE NULL"),
-        (
-            "progress_message",
-            "VARCHAR(1000) CHARACTER SET utf8mb4 NULL",
-        ),
-        ("lease_until", "DATETIME(3) NULL"),
-    ] {
-        if !column_exists(c, "tasks", name)? {
-            c.query_drop(format!("ALTER TABLE tasks ADD COLUMN {name} {ddl}"))?;
-        }
-    }
-    let id = match exact_collation(c)? {
-        Some(collation) => format!("VARCHAR(255) CHARACTER SET utf8mb4 COLLATE {collation}"),
-        None => "VARBINARY(255)".to_string(),
-    };
+    add_task_columns(
+        c,
+        &[
+            ("cancel_requested_at", "DATETIME(3) NULL"),
+            ("heartbeat_at", "DATETIME(3) NULL"),
+            ("progress", "DOUBLE NULL"),
+            (
+                "progress_message",
+                "VARCHAR(1000) CHARACTER SET utf8mb4 NULL",
+            ),
+            ("lease_until", "DATETIME(3) NULL"),
+        ],
+    )?;
+    let id = identity_type(&exact_collation(c)?, 255);
     c.query_drop(format!(
         "CREATE TABLE IF NOT EXISTS task_results (
             task_id {id} NOT NULL PRIMARY KEY,
@@ -247,10 +258,7 @@ fn exact_collation(c: &mut PooledConn) -> Result<Option<String>, StoreError> {
 fn migrate_v4(c: &mut PooledConn) -> Result<(), StoreError> {
     let exact = exact_collation(c)?;
     let identity = |len: u32, nullable: bool| {
-        let ty = match &exact {
-            Some(collation) => format!("VARCHAR({len}) CHARACTER SET utf8mb4 COLLATE {collation}"),
-            None => format!("VARBINARY({len})"),
-        };
+        let ty = identity_type(&exact, len);
         format!("{ty} {}", if nullable { "NULL" } else { "NOT NULL" })
     };
     let mut tables: Vec<&str> = IDENTITY_COLUMNS.iter().map(|(t, ..)| *t).collect();
@@ -281,14 +289,13 @@ fn migrate_v4(c: &mut PooledConn) -> Result<(), StoreError> {
 
 /// Operations: persisted drains, and requeues that keep the attempt history.
 fn migrate_v3(c: &mut PooledConn) -> Result<(), StoreError> {
-    for (name, ddl) in [
-        ("attempt_base", "INT NOT NULL DEFAULT 0"),
-        ("requeues", "INT NOT NULL DEFAULT 0"),
-    ] {
-        if !column_exists(c, "tasks", name)? {
-            c.query_drop(format!("ALTER TABLE tasks ADD COLUMN {name} {ddl}"))?;
-        }
-    }
+    add_task_columns(
+        c,
+        &[
+            ("attempt_base", "INT NOT NULL DEFAULT 0"),
+            ("requeues", "INT NOT NULL DEFAULT 0"),
+        ],
+    )?;
     if !index_exists(c, "tasks", "idx_tasks_state_finished")? {
         c.query_drop("CREATE INDEX idx_tasks_state_finished ON tasks (state, finished_at)")?;
     }
@@ -306,9 +313,7 @@ fn migrate_v3(c: &mut PooledConn) -> Result<(), StoreError> {
 
 /// Retries, attempt history and instance heartbeats.
 fn migrate_v2(c: &mut PooledConn) -> Result<(), StoreError> {
-    if !column_exists(c, "tasks", "not_before")? {
-        c.query_drop("ALTER TABLE tasks ADD COLUMN not_before DATETIME(3) NULL")?;
-    }
+    add_task_columns(c, &[("not_before", "DATETIME(3) NULL")])?;
     c.query_drop(
         "CREATE TABLE IF NOT EXISTS task_attempts (
             task_id VARCHAR(255) NOT NULL,
@@ -353,11 +358,7 @@ fn migrate_v1(c: &mut PooledConn) -> Result<(), StoreError> {
         "ALTER TABLE tasks MODIFY queue VARCHAR(255) NULL, MODIFY type VARCHAR(100) NULL, \
          MODIFY gpu_id VARCHAR(64) NULL",
     )?;
-    for (name, ddl) in TASK_COLUMNS {
-        if !column_exists(c, "tasks", name)? {
-            c.query_drop(format!("ALTER TABLE tasks ADD COLUMN {name} {ddl}"))?;
-        }
-    }
+    add_task_columns(c, TASK_COLUMNS)?;
     for (name, cols) in TASK_INDEXES {
         if !index_exists(c, "tasks", name)? {
             c.query_drop(format!("CREATE INDEX {name} ON tasks {cols}"))?;
