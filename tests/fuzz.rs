@@ -166,16 +166,27 @@ fn whatever_the_parser_accepts_mysql_stores() {
         prop_oneof![0usize..250, 250usize..300],
         prop_oneof![1usize..90, 90usize..110],
         prop_oneof![Just('a'), Just('é'), Just('🎙'), Just(' ')],
+        // A work size, in `cost` and in `data.audio_seconds`, near a DOUBLE's edges too.
+        prop_oneof![
+            3 => edge_number(),
+            1 => prop_oneof![
+                Just("1e9".to_string()),
+                Just("1.0000001e9".to_string()),
+                Just("1e308".to_string()),
+                Just("-0.0".to_string()),
+                Just("5e-324".to_string()),
+            ]
+        ],
     );
     let mut runner = proptest::test_runner::TestRunner::deterministic();
     let mut stored = 0;
     for n in 0..300 {
-        let (attempts, timeout, id_len, type_len, ch) =
+        let (attempts, timeout, id_len, type_len, ch, cost) =
             strategy.new_tree(&mut runner).expect("value").current();
         let id: String = format!("{n}-{}", ch.to_string().repeat(id_len));
         let kind: String = "t".repeat(type_len);
         let raw = format!(
-            r#"{{"type":{},"max_attempts":{attempts},"timeout_s":{timeout},"data":{{"task_id":{},"note":"{ch}"}}}}"#,
+            r#"{{"type":{},"max_attempts":{attempts},"timeout_s":{timeout},"cost":{cost},"data":{{"task_id":{},"note":"{ch}","audio_seconds":{cost}}}}}"#,
             serde_json::Value::String(kind),
             serde_json::Value::String(id),
         );
@@ -190,6 +201,7 @@ fn whatever_the_parser_accepts_mysql_stores() {
             max_attempts: m.max_attempts,
             timeout_s: m.timeout_s,
             wait: None,
+            cost: m.cost(),
         };
         store
             .accept("q", &[row])

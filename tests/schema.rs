@@ -28,6 +28,7 @@ fn new_task(id: &str) -> qsys::NewTask<'_> {
         max_attempts: None,
         timeout_s: None,
         wait: None,
+        cost: None,
     }
 }
 
@@ -323,12 +324,15 @@ fn batched_claims_and_endings_give_one_verdict_each() {
     let got: Vec<Finish> = got
         .into_iter()
         .map(|f| match f {
-            Finish::Applied { slot, next, age } => {
+            Finish::Applied {
+                slot, next, age, ..
+            } => {
                 assert!(age.is_some());
                 Finish::Applied {
                     slot,
                     next,
                     age: None,
+                    work: None,
                 }
             }
             other => other,
@@ -341,6 +345,7 @@ fn batched_claims_and_endings_give_one_verdict_each() {
                 slot: Some(("g0".into(), 0)),
                 next: Next::Done(State::Finished),
                 age: None,
+                work: None,
             },
             Finish::Duplicate,
             Finish::Applied {
@@ -349,6 +354,7 @@ fn batched_claims_and_endings_give_one_verdict_each() {
                     after: std::time::Duration::from_millis(10)
                 },
                 age: None,
+                work: None,
             },
             Finish::Stale { current: 1 },
             Finish::Unknown,

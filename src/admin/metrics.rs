@@ -106,6 +106,49 @@ pub(crate) fn metrics(shared: &Shared) -> String {
             let _ = writeln!(out, "{name}{{gpu=\"{}\"}} {}", label(&g.id), f(g));
         }
     }
+    out.push_str(
+        "# HELP qsys_gpu_speed A GPU's learned speed: cost units per second of wall time per \
+         attempt (absent while unknown).\n# TYPE qsys_gpu_speed gauge\n",
+    );
+    for g in &view {
+        if let Some(speed) = g.speed {
+            let _ = writeln!(out, "qsys_gpu_speed{{gpu=\"{}\"}} {speed}", label(&g.id));
+        }
+    }
+    pools(shared, &mut out);
     shared.metrics.render(&mut out);
     out
+}
+
+/// Each pool's backlog and time to drain: what an autoscaler scales on (README).
+fn pools(shared: &Shared, out: &mut String) {
+    let pools = shared.pools.locked().clone();
+    out.push_str(
+        "# HELP qsys_backlog_cost Work a pool has not done yet, in cost units: running, pending \
+         in MySQL and waiting in Redis.\n# TYPE qsys_backlog_cost gauge\n",
+    );
+    for d in &pools {
+        let pool = label(&d.view.pool);
+        let _ = writeln!(out, "qsys_backlog_cost{{pool=\"{pool}\"}} {}", d.backlog_cost);
+    }
+    out.push_str(
+        "# HELP qsys_time_to_drain_seconds A pool's backlog over its learned capacity (absent \
+         while no speed is known).\n# TYPE qsys_time_to_drain_seconds gauge\n",
+    );
+    for d in &pools {
+        if let Some(s) = d.drain_s {
+            let pool = label(&d.view.pool);
+            let _ = writeln!(out, "qsys_time_to_drain_seconds{{pool=\"{pool}\"}} {s:.3}");
+        }
+    }
+    out.push_str(
+        "# HELP qsys_pool_capacity A pool's learned capacity: cost units per second with every \
+         usable slot of its GPUs up busy.\n# TYPE qsys_pool_capacity gauge\n",
+    );
+    for d in &pools {
+        if let Some(c) = d.view.capacity {
+            let pool = label(&d.view.pool);
+            let _ = writeln!(out, "qsys_pool_capacity{{pool=\"{pool}\"}} {c}");
+        }
+    }
 }

@@ -166,14 +166,45 @@ fn s(v: &Value) -> String {
     }
 }
 
+/// A number with at most `decimals`, or `-` for none.
+fn num(v: &Value, decimals: usize) -> String {
+    v.as_f64()
+        .map_or_else(|| "-".into(), |x| format!("{x:.decimals$}"))
+}
+
+/// The pools: GPUs up, capacity, backlog and time to drain.
+fn pool_rows(doc: &Value, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "\n{:<12} {:>7} {:>9} {:>11} {:>12} {:>9}",
+        "POOL", "GPUS UP", "BUSY", "CAPACITY/S", "BACKLOG", "DRAIN"
+    );
+    for p in doc["pools"].as_array().into_iter().flatten() {
+        let drain = match p["time_to_drain_s"].as_f64() {
+            Some(d) => crate::config::format_span(std::time::Duration::from_secs(d as u64)),
+            None => "-".into(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<12} {:>7} {:>9} {:>11} {:>12} {:>9}",
+            s(&p["pool"]),
+            format!("{}/{}", s(&p["gpus_up"]), s(&p["gpus"])),
+            format!("{}/{}", s(&p["slots_busy"]), s(&p["slots_up"])),
+            num(&p["capacity"], 2),
+            num(&p["backlog_cost"], 0),
+            drain
+        );
+    }
+}
+
 /// `qsysd status` as a table.
 pub fn status_table(doc: &Value) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{}  ({})", s(&doc["instance"]), s(&doc["summary"]));
     let _ = writeln!(
         out,
-        "\n{:<12} {:<9} {:>9} {:>11} {:>9}  LAST ERROR",
-        "GPU", "HEALTH", "BUSY", "DISPATCHED", "FAILURES"
+        "\n{:<12} {:<10} {:<9} {:>9} {:>8} {:>11} {:>9}  LAST ERROR",
+        "GPU", "POOL", "HEALTH", "BUSY", "SPEED", "DISPATCHED", "FAILURES"
     );
     for g in doc["gpus"].as_array().into_iter().flatten() {
         let mut health = s(&g["health"]);
@@ -185,15 +216,18 @@ pub fn status_table(doc: &Value) -> String {
         }
         let _ = writeln!(
             out,
-            "{:<12} {:<9} {:>9} {:>11} {:>9}  {}",
+            "{:<12} {:<10} {:<9} {:>9} {:>8} {:>11} {:>9}  {}",
             s(&g["id"]),
+            s(&g["pool"]),
             health,
             format!("{}/{}", s(&g["busy"]), s(&g["slots"])),
+            num(&g["speed"], 2),
             s(&g["dispatched"]),
             s(&g["failures"]),
             s(&g["last_error"])
         );
     }
+    pool_rows(doc, &mut out);
     let _ = writeln!(out, "\n{:<32} {:>9} {:>9}", "QUEUE", "WAITING", "OLDEST");
     for q in doc["queues"].as_array().into_iter().flatten() {
         let oldest = match (q["depth"].as_u64(), q["oldest_s"].as_f64()) {
@@ -386,18 +420,23 @@ mod tests {
         let doc = serde_json::json!({
             "instance": "host-a", "summary": "1/8 GPU slots busy",
             "gpus": [
-                {"id": "g0", "health": "up", "drained": false, "busy": 1, "slots": 4,
-                 "dispatched": 10, "failures": 0, "last_error": null},
-                {"id": "g1", "health": "ejected", "drained": true, "busy": 0, "slots": 4,
-                 "dispatched": 3, "failures": 3, "last_error": "g1: connection failed"}
+                {"id": "g0", "pool": "default", "health": "up", "drained": false, "busy": 1,
+                 "slots": 4, "speed": 3.25, "dispatched": 10, "failures": 0, "last_error": null},
+                {"id": "g1", "pool": "default", "health": "ejected", "drained": true, "busy": 0,
+                 "slots": 4, "speed": null, "dispatched": 3, "failures": 3,
+                 "last_error": "g1: connection failed"}
             ],
+            "pools": [{"pool": "default", "gpus": 2, "gpus_up": 1, "slots_busy": 1,
+                       "slots_up": 4, "capacity": 13.0, "backlog_cost": 650.4,
+                       "time_to_drain_s": 50.03}],
             "queues": [{"name": "task_queue_1", "depth": 7}],
             "states": {"pending": 0, "finished": 12},
             "problems": {}
         });
         let t = status_table(&doc);
-        assert!(t.contains("g0           up              1/4"), "{t}");
-        assert!(t.contains("g1           drained         0/4"), "{t}");
+        assert!(t.contains("g0           default    up              1/4     3.25"), "{t}");
+        assert!(t.contains("g1           default    drained         0/4        -"), "{t}");
+        assert!(t.contains("default          1/2       1/4       13.00          650       50s"), "{t}");
         assert!(t.contains("g1: connection failed"));
         assert!(t.contains("task_queue_1") && t.contains("7"));
         assert!(t.contains("finished") && !t.contains("PROBLEMS"));

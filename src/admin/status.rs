@@ -1,5 +1,5 @@
-//! The `/status` document: GPUs and their slots, queues, counts by state, recent failures (what
-//! `qsysd status` and the dashboard show).
+//! The `/status` document: GPUs and their slots, pools and their backlog, queues, counts by
+//! state, recent failures (what `qsysd status` and the dashboard show).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -56,6 +56,8 @@ fn gpus(shared: &Shared, live: &HashMap<String, Liveness>) -> Vec<Value> {
         .map(|g| {
             json!({
                 "id": g.id,
+                "pool": g.pool,
+                "speed": g.speed.map(round3),
                 "health": health_name(g.health),
                 "drained": g.drained,
                 "retired": g.retired,
@@ -66,6 +68,34 @@ fn gpus(shared: &Shared, live: &HashMap<String, Liveness>) -> Vec<Value> {
                 "failures": g.failed,
                 "last_error": g.last_error,
                 "cells": cells(&g, live),
+            })
+        })
+        .collect()
+}
+
+/// Three decimals are plenty for a speed or a cost, and keep the document readable.
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// The pools: their GPUs and slots up, capacity, backlog and time to drain.
+fn pools(shared: &Shared) -> Vec<Value> {
+    shared
+        .pools
+        .locked()
+        .iter()
+        .map(|d| {
+            let v = &d.view;
+            json!({
+                "pool": v.pool,
+                "gpus": v.gpus,
+                "gpus_up": v.gpus_up,
+                "slots_up": v.slots_up,
+                "slots_busy": v.slots_busy,
+                "capacity": v.capacity.map(round3),
+                "median_cost": v.median_cost.map(round3),
+                "backlog_cost": round3(d.backlog_cost),
+                "time_to_drain_s": d.drain_s.map(round3),
             })
         })
         .collect()
@@ -89,12 +119,13 @@ fn queues_and_types(shared: &Shared) -> (Vec<Value>, Vec<Value>) {
         .types
         .iter()
         .map(|(name, h)| {
-            let handler = match h {
-                crate::config::Handler::Gpu => "gpu",
-                crate::config::Handler::Exec { .. } => "exec",
-                crate::config::Handler::Http { .. } => "http",
+            let (handler, pool) = match h {
+                crate::config::Handler::Gpu { pool } => ("gpu", Some(pool)),
+                crate::config::Handler::Exec { .. } => ("exec", None),
+                crate::config::Handler::Http { .. } => ("http", None),
             };
-            json!({ "name": name, "handler": handler, "paused": paused.types.contains(name) })
+            json!({ "name": name, "handler": handler, "pool": pool,
+                    "paused": paused.types.contains(name) })
         })
         .collect();
     (queues, types)
@@ -134,6 +165,7 @@ pub(crate) fn status(shared: &Shared) -> Value {
         "instance": shared.config().daemon.instance_id,
         "summary": shared.status_line(),
         "gpus": gpus,
+        "pools": pools(shared),
         "queues": queues,
         "types": types,
         "states": states,

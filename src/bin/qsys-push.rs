@@ -52,6 +52,10 @@ struct Args {
     /// Run the tasks this long after the push, e.g. 10m, 2h.
     #[arg(long = "in", id = "in_", value_name = "D", value_parser = qsys::parse_duration)]
     in_: Option<Duration>,
+    /// How much work each task is (seconds of audio, or the unit its pool uses), for tasks that
+    /// give no "cost" of their own; qsysd weighs placement and time to drain by it.
+    #[arg(long, value_name = "N")]
+    cost: Option<f64>,
     /// How long --wait waits at most, e.g. 90s, 30m.
     #[arg(long, value_name = "D", requires = "wait", value_parser = qsys::parse_duration, default_value = "1h")]
     timeout: Duration,
@@ -89,6 +93,7 @@ fn main() -> ExitCode {
             (None, Some(d)) => Some(push::Due::After(d.as_secs_f64())),
             (None, None) => None,
         },
+        cost: args.cost,
     };
     ExitCode::from(push::cli(&request, &env))
 }

@@ -44,6 +44,16 @@ pub fn format_duration(d: Duration) -> String {
     format!("{ms}ms")
 }
 
+/// A span for people, to the second: `45s`, `3m20s`, `2h05m` (an ETA, a time to drain).
+pub(crate) fn format_span(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
+}
+
 /// The duration at `key` (`default` when unset): positive, or an error naming the key.
 pub(super) fn duration(
     key: &str,

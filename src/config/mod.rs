@@ -28,6 +28,7 @@ mod validate;
 
 pub use crate::secret::Secret;
 pub use duration::{format_duration, parse_duration};
+pub(crate) use duration::format_span;
 pub(crate) use env::hostname;
 pub use env::{process_env, producer_env, Env};
 pub(crate) use producer::ProducerConfig;
@@ -157,13 +158,28 @@ pub struct Endpoint {
     /// Where a cancel of a running attempt is POSTed (`{"task_id", "attempt"}`); `None`: the
     /// attempt's slot waits for its callback or its lease.
     pub cancel_url: Option<String>,
+    /// The pool it serves: only task types of this pool run on it (`pool`, default `"default"`).
+    pub pool: String,
+    /// A first guess at its speed (cost units per second of wall time per attempt), until
+    /// finished attempts teach qsysd better (`speed`; `None`: unknown until then).
+    pub speed: Option<f64>,
+}
+
+/// How the scheduler chooses among a pool's GPUs with a free slot (`gpu.placement`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Placement {
+    /// Where the task is predicted to finish first, by its cost and each GPU's learned speed;
+    /// least-loaded when the cost or a speed is unknown.
+    PredictedFinish,
+    /// The lowest share of busy slots, whatever the task.
+    LeastLoaded,
 }
 
 /// How a task type is run.
 #[derive(Debug, Clone)]
 pub enum Handler {
-    /// On a GPU slot.
-    Gpu,
+    /// On a slot of a GPU of `pool`.
+    Gpu { pool: String },
     /// A local command: task JSON on stdin, exit 0 = finished.
     Exec {
         command: Vec<String>,
@@ -244,6 +260,7 @@ pub struct Config {
     pub(crate) admin: AdminConfig,
     pub gpus: Vec<Arc<Endpoint>>,
     pub(crate) health: HealthPolicy,
+    pub(crate) placement: Placement,
     pub(crate) retry: RetryConfig,
     /// How long terminal tasks are kept (`[retention]`).
     pub(crate) retention: crate::store::Retention,
@@ -376,9 +393,10 @@ impl Config {
             };
             let _ = writeln!(
                 s,
-                "  {:<8} {} slots  {:<8} timeout {}  {}",
+                "  {:<8} {} slots  pool {:<8} {:<8} timeout {}  {}",
                 g.id,
                 g.slots,
+                g.pool,
                 mode,
                 format_duration(g.task_timeout),
                 redact_url(&g.url)
@@ -387,7 +405,7 @@ impl Config {
         let _ = writeln!(s, "types:");
         for (name, h) in &self.types {
             let what = match h {
-                Handler::Gpu => "gpu".to_string(),
+                Handler::Gpu { pool } => format!("gpu (pool {pool})"),
                 Handler::Exec { command, .. } => format!("exec {}", command.join(" ")),
                 Handler::Http { url, .. } => format!("http {}", redact_url(url)),
             };
@@ -453,7 +471,7 @@ mod tests {
         assert_eq!(c.health.eject_after, 3);
         assert_eq!(c.gpus[0].health_url, c.gpus[0].url);
         assert_eq!(c.redis.key_prefix, "qsys");
-        assert!(matches!(c.types["start_transcribe"], Handler::Gpu));
+        assert!(matches!(&c.types["start_transcribe"], Handler::Gpu { pool } if pool == "default"));
         assert_eq!(c.callback.public_url, None);
         assert_eq!(c.daemon.dispatch_threads, 4);
     }

@@ -80,6 +80,9 @@ pub(super) struct RawGpu {
     pub(super) task_timeout: Option<String>,
     pub(super) heartbeat_timeout: Option<String>,
     pub(super) cancel_url: Option<String>,
+    pub(super) pool: Option<String>,
+    pub(super) speed: Option<f64>,
+    pub(super) placement: Option<String>,
     pub(super) endpoints: Option<Vec<RawGpu>>,
 }
 
@@ -119,6 +122,7 @@ pub(super) struct RawType {
     pub(super) bearer_token: Option<String>,
     pub(super) bearer_token_file: Option<PathBuf>,
     pub(super) env: Option<Vec<String>>,
+    pub(super) pool: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -15,7 +15,7 @@ use super::secret::read_secret;
 use super::tls::tls_files;
 use super::{
     invalid, AdminConfig, CallbackConfig, Completion, Config, ConfigError, DaemonConfig, Endpoint,
-    Env, Handler, HealthPolicy, MysqlConfig, RedisConfig, RetryConfig, Secret,
+    Env, Handler, HealthPolicy, MysqlConfig, Placement, RedisConfig, RetryConfig, Secret,
 };
 use crate::contract::limits::MAX_SLOTS;
 use crate::contract::names::{is_key_name, NAME_RULE};
@@ -169,7 +169,7 @@ pub(super) fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
     };
     let callback = callback_config(raw.callback, env)?;
     let admin = admin_config(raw.admin)?;
-    let (gpus, health) = gpu_config(raw.gpu, env)?;
+    let (gpus, health, placement) = gpu_config(raw.gpu, env)?;
     let retry = retry_config(&raw.retry)?;
     let retention = retention_config(&raw.retention)?;
     let types = types_config(raw.types, &gpus)?;
@@ -181,6 +181,7 @@ pub(super) fn validate(raw: Raw, env: &Env) -> Result<Config, ConfigError> {
         admin,
         gpus,
         health,
+        placement,
         retry,
         retention,
         types,
@@ -322,10 +323,14 @@ struct GpuDefaults {
     task_timeout: Duration,
     heartbeat_timeout: Option<Duration>,
     cancel_url: Option<String>,
+    pool: String,
 }
 
 /// `[gpu]` and its `[[gpu.endpoints]]`; `BEARER_TOKEN` overrides the default token.
-fn gpu_config(mut d: RawGpu, env: &Env) -> Result<(Vec<Arc<Endpoint>>, HealthPolicy), ConfigError> {
+fn gpu_config(
+    mut d: RawGpu,
+    env: &Env,
+) -> Result<(Vec<Arc<Endpoint>>, HealthPolicy, Placement), ConfigError> {
     if d.id.is_some() || d.url.is_some() || d.health_url.is_some() {
         let (key, value) = match (&d.id, &d.url) {
             (Some(id), _) => ("gpu.id", id.clone()),
@@ -338,6 +343,24 @@ fn gpu_config(mut d: RawGpu, env: &Env) -> Result<(Vec<Arc<Endpoint>>, HealthPol
             "belongs in a [[gpu.endpoints]] entry, not in [gpu]",
         ));
     }
+    if let Some(speed) = d.speed {
+        return Err(invalid(
+            "gpu.speed",
+            speed,
+            "a GPU's own: set it in its [[gpu.endpoints]] entry",
+        ));
+    }
+    let placement = match d.placement.as_deref().unwrap_or("predicted_finish") {
+        "predicted_finish" => Placement::PredictedFinish,
+        "least_loaded" => Placement::LeastLoaded,
+        other => {
+            return Err(invalid(
+                "gpu.placement",
+                other,
+                "expected \"predicted_finish\" or \"least_loaded\"",
+            ))
+        }
+    };
     let endpoints = d.endpoints.take().unwrap_or_default();
     let default_slots = slot_count("gpu.slots", d.slots.unwrap_or(4))?;
     let default_completion = completion(
@@ -381,6 +404,10 @@ fn gpu_config(mut d: RawGpu, env: &Env) -> Result<(Vec<Arc<Endpoint>>, HealthPol
             Some(u) => Some(http_url("gpu.cancel_url", u)?),
             None => None,
         },
+        pool: match &d.pool {
+            Some(p) => label("gpu.pool", p)?,
+            None => DEFAULT_POOL.to_string(),
+        },
     };
     let mut gpus: Vec<Arc<Endpoint>> = Vec::with_capacity(endpoints.len());
     for (i, e) in endpoints.into_iter().enumerate() {
@@ -394,7 +421,35 @@ fn gpu_config(mut d: RawGpu, env: &Env) -> Result<(Vec<Arc<Endpoint>>, HealthPol
         }
         gpus.push(Arc::new(endpoint));
     }
-    Ok((gpus, health))
+    Ok((gpus, health, placement))
+}
+
+/// The pool of a GPU or a type that names none.
+pub(crate) const DEFAULT_POOL: &str = "default";
+
+/// A GPU's id or a pool's name: either labels metrics and `/status` lines.
+fn label(key: &str, name: &str) -> Result<String, ConfigError> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(invalid(key, name, "1 to 64 letters, digits, '-', '_' or '.'"));
+    }
+    Ok(name.to_string())
+}
+
+/// A GPU's seed speed: finite and above zero (cost units per second of wall time per attempt).
+fn speed(key: &str, speed: Option<f64>) -> Result<Option<f64>, ConfigError> {
+    match speed {
+        Some(s) if !(s.is_finite() && s > 0.0 && s <= 1e9) => Err(invalid(
+            key,
+            s,
+            "a speed above 0 and at most 1e9 (cost units per second per attempt)",
+        )),
+        s => Ok(s),
+    }
 }
 
 /// `[[gpu.endpoints]]` entry `i`, its unset keys taken from `[gpu]`.
@@ -404,6 +459,7 @@ fn endpoint(i: usize, e: RawGpu, d: &GpuDefaults) -> Result<Endpoint, ConfigErro
         return Err(invalid(k("endpoints"), "[...]", "endpoints do not nest"));
     }
     for (field, set) in [
+        ("placement", e.placement.is_some()),
         ("eject_after", e.eject_after.is_some()),
         ("eject_cooldown", e.eject_cooldown.is_some()),
         ("eject_cooldown_max", e.eject_cooldown_max.is_some()),
@@ -412,20 +468,10 @@ fn endpoint(i: usize, e: RawGpu, d: &GpuDefaults) -> Result<Endpoint, ConfigErro
             return Err(invalid(k(field), "…", "set in [gpu] for the whole fleet"));
         }
     }
-    let id =
-        e.id.ok_or_else(|| invalid(k("id"), "", "every endpoint needs an id"))?;
-    if id.is_empty()
-        || id.len() > 64
-        || !id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-    {
-        return Err(invalid(
-            k("id"),
-            &id,
-            "1 to 64 letters, digits, '-', '_' or '.'",
-        ));
-    }
+    let id = label(
+        &k("id"),
+        &e.id.ok_or_else(|| invalid(k("id"), "", "every endpoint needs an id"))?,
+    )?;
     let url = e
         .url
         .as_deref()
@@ -465,6 +511,11 @@ fn endpoint(i: usize, e: RawGpu, d: &GpuDefaults) -> Result<Endpoint, ConfigErro
             Some(u) => Some(http_url(&k("cancel_url"), u)?),
             None => d.cancel_url.clone(),
         },
+        pool: match &e.pool {
+            Some(p) => label(&k("pool"), p)?,
+            None => d.pool.clone(),
+        },
+        speed: speed(&k("speed"), e.speed)?,
         id,
     })
 }
@@ -523,20 +574,23 @@ fn types_config(
     let mut types = BTreeMap::new();
     for (name, t) in raw_types {
         let handler = handler(&name, &t)?;
-        types.insert(name, handler);
-    }
-    if gpus.is_empty() {
-        if let Some(name) = types
-            .iter()
-            .find(|(_, h)| matches!(h, Handler::Gpu))
-            .map(|(n, _)| n)
-        {
-            return Err(invalid(
-                "gpu.endpoints",
-                "[]",
-                format!("task type {name:?} uses handler \"gpu\" but no [[gpu.endpoints]] is configured"),
-            ));
+        if let Handler::Gpu { pool } = &handler {
+            if gpus.is_empty() {
+                return Err(invalid(
+                    "gpu.endpoints",
+                    "[]",
+                    format!("task type {name:?} uses handler \"gpu\" but no [[gpu.endpoints]] is configured"),
+                ));
+            }
+            if !gpus.iter().any(|g| &g.pool == pool) {
+                return Err(invalid(
+                    format!("types.{name}.pool"),
+                    pool,
+                    "no [[gpu.endpoints]] entry serves this pool",
+                ));
+            }
         }
+        types.insert(name, handler);
     }
     Ok(types)
 }
@@ -563,9 +617,15 @@ fn handler(name: &str, t: &RawType) -> Result<Handler, ConfigError> {
             refuse("bearer_token", t.bearer_token.is_some())?;
             refuse("bearer_token_file", t.bearer_token_file.is_some())?;
             refuse("env", t.env.is_some())?;
-            Handler::Gpu
+            Handler::Gpu {
+                pool: match &t.pool {
+                    Some(p) => label(&k("pool"), p)?,
+                    None => DEFAULT_POOL.to_string(),
+                },
+            }
         }
         "exec" => {
+            refuse("pool", t.pool.is_some())?;
             refuse("url", t.url.is_some())?;
             refuse("bearer_token", t.bearer_token.is_some())?;
             refuse("bearer_token_file", t.bearer_token_file.is_some())?;
@@ -584,6 +644,7 @@ fn handler(name: &str, t: &RawType) -> Result<Handler, ConfigError> {
             }
         }
         "http" => {
+            refuse("pool", t.pool.is_some())?;
             refuse("command", t.command.is_some())?;
             refuse("env", t.env.is_some())?;
             let url = t

@@ -18,6 +18,9 @@ pub(crate) const MAX_ATTEMPTS: u64 = 1000;
 pub(crate) const MAX_TIMEOUT_S: u64 = 30 * 24 * 3600;
 /// Longest wait a message may ask for (`delay_s`, or `run_at` from now): ten years.
 pub(crate) const MAX_DELAY_S: f64 = 10.0 * 365.0 * 86_400.0;
+/// Largest work size (`cost`): a billion units (thirty years of audio in seconds) is past any task,
+/// and keeps a pool's sums far from where a double loses whole units.
+pub(crate) const MAX_COST: f64 = 1e9;
 
 /// When a delayed task may run (`run_at` or `delay_s`, docs/contracts.md §3).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -43,6 +46,8 @@ pub struct Message {
     pub due: Option<Due>,
     /// When the producer pushed it, in Unix seconds (`qsys-push` stamps it).
     pub enqueued_at: Option<f64>,
+    /// How much work it is, as the producer said (`cost`); see [`Message::cost`].
+    pub cost: Option<f64>,
 }
 
 /// Why an element was refused, and the task id if it could be read.
@@ -166,6 +171,10 @@ pub fn parse(raw: &[u8], new_id: impl FnOnce() -> String) -> Result<Message, Mal
     let timeout_s =
         bounded_int(&obj, "timeout_s", MAX_TIMEOUT_S).map_err(|e| malformed(id.clone(), e))?;
     let due = due_of(&obj).map_err(|e| malformed(id.clone(), e))?;
+    let cost = match obj.get("cost") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(cost_of(v).map_err(|e| malformed(id.clone(), e))?),
+    };
     let enqueued_at = match obj.get("enqueued_at") {
         None | Some(Value::Null) => None,
         Some(v) => Some(
@@ -188,7 +197,18 @@ pub fn parse(raw: &[u8], new_id: impl FnOnce() -> String) -> Result<Message, Mal
         timeout_s,
         due,
         enqueued_at,
+        cost,
     })
+}
+
+/// A work size: a finite number from 0 to [`MAX_COST`].
+fn work_size(v: &Value) -> Option<f64> {
+    v.as_f64().filter(|c| (0.0..=MAX_COST).contains(c))
+}
+
+/// A task's `cost`, checked as qsysd checks it (`qsys-push` uses this too).
+pub(crate) fn cost_of(v: &Value) -> Result<f64, String> {
+    work_size(v).ok_or_else(|| format!("cost must be a number from 0 to {MAX_COST}, got {v}"))
 }
 
 /// `run_at` (Unix seconds or RFC 3339) or `delay_s` (seconds), at most one of them.
@@ -231,7 +251,22 @@ impl Message {
         if let Some(t) = self.enqueued_at {
             obj.insert("enqueued_at".into(), t.into());
         }
+        if let Some(c) = self.cost {
+            obj.insert("cost".into(), c.into());
+        }
         Value::Object(obj).to_string()
+    }
+
+    /// How much work the task is, in its pool's unit: its `cost`, else `data.audio_seconds`, else
+    /// `data.duration_s` (a transcription producer's own fields, used as they are). `None`: unknown
+    /// (a field that is not a number from 0 to [`MAX_COST`] is not a size, and is the task's own
+    /// business, so it is ignored rather than refused).
+    pub fn cost(&self) -> Option<f64> {
+        self.cost.or_else(|| {
+            ["audio_seconds", "duration_s"]
+                .iter()
+                .find_map(|k| self.data.get(*k).and_then(work_size))
+        })
     }
 
     /// Makes a `delay_s` without an `enqueued_at` a `run_at` counted from `now`, when qsysd first

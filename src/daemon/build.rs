@@ -124,7 +124,7 @@ fn listen(
 }
 
 /// The slot matrix as MySQL says: attempts awaiting callbacks keep their slots, drained GPUs stay
-/// drained.
+/// drained, learned speeds are kept.
 fn rebuild_matrix(c: &Config, store: &Store) -> Result<SlotMatrix, StartError> {
     let mut matrix = SlotMatrix::new(&c.gpus);
     for held in store.held_slots()? {
@@ -140,5 +140,6 @@ fn rebuild_matrix(c: &Config, store: &Store) -> Result<SlotMatrix, StartError> {
         }
     }
     matrix.set_drained(&store.drained()?);
+    matrix.reseed(&store.speeds()?);
     Ok(matrix)
 }

@@ -16,23 +16,43 @@
 //! beyond a lowered count drain (they take nothing new and vanish as their tasks end). Rows are
 //! never removed, so a row index stays valid for the daemon's life.
 //!
-//! Which open GPU a task gets is the placement policy's choice ([`placement`]), a pure function.
+//! Which GPU of its pool a task gets is the placement policy's choice ([`placement`]), a pure
+//! function; what it weighs (each GPU's learned speed, each pool's usual task size) is learned
+//! here ([`speed`]), under the same lock, so a placement reads it at no cost.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::{Endpoint, HealthPolicy};
+use crate::config::{Endpoint, HealthPolicy, Placement};
 use crate::contract::limits::MAX_SLOTS;
-use placement::Candidate;
+use placement::{Candidate, Choice};
+use speed::{Sizes, Speed};
 
 mod placement;
+mod speed;
 
 /// Who holds a slot.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Holder {
     pub task_id: String,
     pub attempt: u32,
     pub since: Instant,
+    /// The work size it was placed with (its own, or its pool's median); `None` for a hold
+    /// learned from MySQL or a peer.
+    pub cost: Option<f64>,
+}
+
+impl Holder {
+    /// A holder from now.
+    pub(crate) fn new(task_id: String, attempt: u32, cost: Option<f64>) -> Holder {
+        Holder {
+            task_id,
+            attempt,
+            since: Instant::now(),
+            cost,
+        }
+    }
 }
 
 /// Whether a GPU takes new work.
@@ -68,12 +88,14 @@ struct Gpu {
     dispatched: u64,
     failed: u64,
     last_error: Option<String>,
+    speed: Speed,
 }
 
 impl Gpu {
     fn new(endpoint: Arc<Endpoint>) -> Gpu {
         let n = endpoint.slots;
         Gpu {
+            speed: Speed::seeded(endpoint.speed),
             endpoint,
             cells: vec![None; n],
             cap: n,
@@ -104,12 +126,41 @@ impl Gpu {
             .position(Option::is_none)
     }
 
+    /// Up and taking new work, whether or not a slot is free now.
+    fn serving(&self) -> bool {
+        self.health == Health::Up && !self.retired && !self.drained && self.usable() > 0
+    }
+
     fn open(&self) -> bool {
-        self.health == Health::Up
-            && !self.retired
-            && !self.drained
-            && self.busy() < self.usable()
-            && self.free_cell().is_some()
+        self.serving() && self.busy() < self.usable() && self.free_cell().is_some()
+    }
+
+    /// When its first running attempt is predicted to end, from now; `None` if an attempt's
+    /// end is unknown (its size or the speed) or overdue.
+    fn frees_in(&self, now: Instant) -> Option<Duration> {
+        let speed = self.speed.estimate()?;
+        let mut first: Option<Duration> = None;
+        for h in self.cells.iter().flatten() {
+            let end = h.since + Duration::from_secs_f64((h.cost? / speed).min(1e9));
+            let left = end.checked_duration_since(now)?;
+            first = Some(first.map_or(left, |f| f.min(left)));
+        }
+        first
+    }
+
+    /// Work its running attempts have left, by their sizes and its speed; an attempt of
+    /// unknown size counts as `median`.
+    fn work_left(&self, now: Instant, median: Option<f64>) -> f64 {
+        let speed = self.speed.estimate();
+        self.cells
+            .iter()
+            .flatten()
+            .filter_map(|h| {
+                let size = h.cost.or(median)?;
+                let done = speed.map_or(0.0, |s| s * now.duration_since(h.since).as_secs_f64());
+                Some((size - done).max(0.0))
+            })
+            .sum()
     }
 
     /// Drops free cells beyond the configured count.
@@ -146,6 +197,46 @@ impl SlotRef {
 pub(crate) struct SlotMatrix {
     gpus: Vec<Gpu>,
     cursor: usize,
+    /// Each pool's recent task sizes.
+    sizes: HashMap<String, Sizes>,
+}
+
+/// What [`SlotMatrix::place`] found for a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Place {
+    Slot(SlotRef),
+    /// A slot is free, but a busy GPU will end the task clearly sooner: keep it in hand.
+    Wait,
+    /// No GPU of its pool can take it now.
+    Full,
+}
+
+/// A pool's backlog, as last worked out ([`crate::work::backlog`]).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct PoolDrain {
+    pub(crate) view: PoolView,
+    /// Work not yet done, in cost units: running, in MySQL and in Redis.
+    pub(crate) backlog_cost: f64,
+    /// `backlog_cost` over the capacity, when that is known and above zero.
+    pub(crate) drain_s: Option<f64>,
+}
+
+/// One pool, for status, metrics and the time to drain.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct PoolView {
+    pub(crate) pool: String,
+    pub(crate) gpus: usize,
+    pub(crate) gpus_up: usize,
+    pub(crate) slots_busy: usize,
+    /// Usable slots of its GPUs up.
+    pub(crate) slots_up: usize,
+    /// Cost units per second its GPUs up work through at full use (their speeds times their
+    /// slots); `None` while no GPU up has a speed.
+    pub(crate) capacity: Option<f64>,
+    /// Work its running attempts have left, in cost units.
+    pub(crate) running_cost: f64,
+    /// Its usual task size (the median of recent ones), if any is known.
+    pub(crate) median_cost: Option<f64>,
 }
 
 /// One GPU's row, for status output.
@@ -162,6 +253,9 @@ pub struct GpuView {
     pub dispatched: u64,
     pub failed: u64,
     pub last_error: Option<String>,
+    pub pool: String,
+    /// Cost units per second of wall time per attempt, when known.
+    pub speed: Option<f64>,
 }
 
 /// What a dispatch outcome did to a GPU's health.
@@ -183,6 +277,7 @@ impl SlotMatrix {
         SlotMatrix {
             gpus: endpoints.iter().cloned().map(Gpu::new).collect(),
             cursor: 0,
+            sizes: HashMap::new(),
         }
     }
 
@@ -215,14 +310,25 @@ impl SlotMatrix {
         }
     }
 
-    /// A free slot for a task whose previous attempt ran on `avoid`, by the placement policy
-    /// ([`placement::least_loaded`]) among the GPUs that can take work now: its lowest free slot.
-    /// `None` when no GPU can take the task. Advances the rotation past the chosen GPU.
-    pub(crate) fn place(&mut self, avoid: Option<&str>) -> Option<SlotRef> {
+    /// A free slot of a GPU of `pool` for a task of `cost` whose previous attempt ran on `avoid`,
+    /// by the placement `policy` among the pool's GPUs that take work now: its lowest free slot.
+    /// Advances the rotation past the chosen GPU.
+    pub(crate) fn place(
+        &mut self,
+        pool: &str,
+        cost: Option<f64>,
+        avoid: Option<&str>,
+        policy: Placement,
+    ) -> Place {
+        let now = Instant::now();
+        if let Some(c) = cost {
+            self.sizes.entry(pool.to_string()).or_default().note(c);
+        }
+        let cost = cost.or_else(|| self.median_cost(pool));
         let n = self.gpus.len();
         let rows: Vec<usize> = (0..n)
             .map(|k| (self.cursor + k) % n)
-            .filter(|&g| self.gpus[g].open())
+            .filter(|&g| self.gpus[g].endpoint.pool == pool && self.gpus[g].serving())
             .collect();
         let candidates: Vec<Candidate<'_>> = rows
             .iter()
@@ -230,17 +336,103 @@ impl SlotMatrix {
                 let gpu = &self.gpus[g];
                 Candidate {
                     id: &gpu.endpoint.id,
-                    busy: gpu.busy(),
+                    // A GPU with no free cell left (a slot beyond a lowered count still held)
+                    // is as full as its usable count says.
+                    busy: if gpu.open() {
+                        gpu.busy()
+                    } else {
+                        gpu.usable().max(gpu.busy())
+                    },
                     usable: gpu.usable(),
+                    speed: gpu.speed.estimate(),
+                    frees_in: gpu.frees_in(now),
                 }
             })
             .collect();
-        let g = rows[placement::least_loaded(&candidates, avoid)?];
+        let choice = match policy {
+            Placement::LeastLoaded => placement::least_loaded(&candidates, avoid).map(Choice::Slot),
+            Placement::PredictedFinish => placement::predicted_finish(&candidates, cost, avoid),
+        };
+        let g = match choice {
+            None => return Place::Full,
+            Some(Choice::Wait) => return Place::Wait,
+            Some(Choice::Slot(i)) => rows[i],
+        };
         self.cursor = (g + 1) % n;
         let slot = self.gpus[g]
             .free_cell()
             .expect("an open GPU has a free cell");
-        Some(SlotRef { gpu: g, slot })
+        Place::Slot(SlotRef { gpu: g, slot })
+    }
+
+    /// A pool's usual task size: the median of those recently placed.
+    fn median_cost(&self, pool: &str) -> Option<f64> {
+        self.sizes.get(pool).and_then(Sizes::median)
+    }
+
+    /// A finished attempt on `gpu_id` of `cost` that ran `seconds`: its speed is learned.
+    pub(crate) fn learn(&mut self, gpu_id: &str, cost: f64, seconds: f64) {
+        if let Some(g) = self.index(gpu_id) {
+            self.gpus[g].speed.observe(cost, seconds);
+        }
+    }
+
+    /// Speeds learned since last asked, to persist: (GPU, speed, attempts measured).
+    pub(crate) fn unsaved_speeds(&mut self) -> Vec<(String, f64, u64)> {
+        self.gpus
+            .iter_mut()
+            .filter_map(|g| {
+                let (speed, n) = g.speed.take_unsaved()?;
+                Some((g.endpoint.id.clone(), speed, n))
+            })
+            .collect()
+    }
+
+    /// Persisted speeds (an earlier run's, a peer's), for GPUs that have measured too little here.
+    pub(crate) fn reseed(&mut self, speeds: &HashMap<String, f64>) {
+        for g in &mut self.gpus {
+            if let Some(s) = speeds.get(&g.endpoint.id) {
+                g.speed.reseed(*s);
+            }
+        }
+    }
+
+    /// Whether any GPU of `pool` could take a task now.
+    pub(crate) fn pool_open(&self, pool: &str) -> bool {
+        self.gpus
+            .iter()
+            .any(|g| g.endpoint.pool == pool && g.open())
+    }
+
+    /// Every pool of the config, with its state now.
+    pub(crate) fn pools(&self) -> Vec<PoolView> {
+        let now = Instant::now();
+        let mut pools: BTreeMap<&str, PoolView> = BTreeMap::new();
+        for g in self.gpus.iter().filter(|g| !g.retired) {
+            let pool = g.endpoint.pool.as_str();
+            let median = self.median_cost(pool);
+            let p = pools.entry(pool).or_insert_with(|| PoolView {
+                pool: pool.to_string(),
+                gpus: 0,
+                gpus_up: 0,
+                slots_busy: 0,
+                slots_up: 0,
+                capacity: None,
+                running_cost: 0.0,
+                median_cost: median,
+            });
+            p.gpus += 1;
+            p.slots_busy += g.busy();
+            p.running_cost += g.work_left(now, median);
+            if g.serving() {
+                p.gpus_up += 1;
+                p.slots_up += g.usable();
+                if let Some(speed) = g.speed.estimate() {
+                    *p.capacity.get_or_insert(0.0) += speed * g.usable() as f64;
+                }
+            }
+        }
+        pools.into_values().collect()
     }
 
     /// Makes the mirror agree with MySQL's held slots (`(gpu, slot) -> (task, attempt)`): cells
@@ -257,11 +449,7 @@ impl SlotMatrix {
                 match (held.get(&(g.endpoint.id.clone(), i)), cell.as_ref()) {
                     (Some((task, _)), Some(h)) if &h.task_id == task => {}
                     (Some((task, attempt)), _) => {
-                        *cell = Some(Holder {
-                            task_id: task.clone(),
-                            attempt: *attempt,
-                            since: Instant::now(),
-                        });
+                        *cell = Some(Holder::new(task.clone(), *attempt, None));
                         changed += 1;
                     }
                     (None, Some(h)) if h.since.elapsed() > grace => {
@@ -407,14 +595,7 @@ impl SlotMatrix {
         let Some(gpu) = self.index(gpu_id).filter(|_| slot < MAX_SLOTS) else {
             return false;
         };
-        self.occupy(
-            SlotRef { gpu, slot },
-            Holder {
-                task_id,
-                attempt,
-                since: Instant::now(),
-            },
-        );
+        self.occupy(SlotRef { gpu, slot }, Holder::new(task_id, attempt, None));
         true
     }
 
@@ -436,10 +617,6 @@ impl SlotMatrix {
         false
     }
 
-    /// Whether any GPU could take a task now.
-    pub(crate) fn has_free(&self) -> bool {
-        self.gpus.iter().any(Gpu::open)
-    }
 
     pub(crate) fn busy(&self) -> usize {
         self.gpus.iter().map(Gpu::busy).sum()
@@ -474,6 +651,8 @@ impl SlotMatrix {
                 dispatched: g.dispatched,
                 failed: g.failed,
                 last_error: g.last_error.clone(),
+                pool: g.endpoint.pool.clone(),
+                speed: g.speed.estimate(),
             })
             .collect()
     }
@@ -501,23 +680,29 @@ mod tests {
                     task_timeout: Duration::from_secs(60),
                     heartbeat_timeout: None,
                     cancel_url: None,
+                    pool: "default".into(),
+                    speed: None,
                 })
             })
             .collect()
     }
 
     fn holder(id: &str) -> Holder {
-        Holder {
-            task_id: id.into(),
-            attempt: 1,
-            since: Instant::now(),
+        Holder::new(id.into(), 1, None)
+    }
+
+    /// A least-loaded placement in the default pool, as the slot it found.
+    fn pick(m: &mut SlotMatrix, avoid: Option<&str>) -> Option<SlotRef> {
+        match m.place("default", None, avoid, Placement::LeastLoaded) {
+            Place::Slot(at) => Some(at),
+            Place::Wait | Place::Full => None,
         }
     }
 
     fn fill(m: &mut SlotMatrix, n: usize) -> Vec<SlotRef> {
         (0..n)
             .map(|i| {
-                let at = m.place(None).expect("free slot");
+                let at = pick(m, None).expect("free slot");
                 m.occupy(at, holder(&format!("t{i}")));
                 at
             })
@@ -538,9 +723,9 @@ mod tests {
         m.occupy(SlotRef { gpu: 1, slot: 1 }, holder("b"));
         // g0 is empty, g1 half full: the next two go to g0 whatever the cursor says.
         m.cursor = 1;
-        assert_eq!(m.place(None).map(|s| s.gpu), Some(0));
+        assert_eq!(pick(&mut m, None).map(|s| s.gpu), Some(0));
         m.occupy(SlotRef { gpu: 0, slot: 0 }, holder("c"));
-        assert_eq!(m.place(None).map(|s| s.gpu), Some(0));
+        assert_eq!(pick(&mut m, None).map(|s| s.gpu), Some(0));
     }
 
     #[test]
@@ -549,15 +734,15 @@ mod tests {
         let mut m = matrix(&[("g0", 2), ("g1", 4)]);
         m.occupy(SlotRef { gpu: 0, slot: 0 }, holder("a"));
         m.occupy(SlotRef { gpu: 1, slot: 0 }, holder("b"));
-        assert_eq!(m.place(None).map(|s| s.gpu), Some(1));
+        assert_eq!(pick(&mut m, None).map(|s| s.gpu), Some(1));
     }
 
     #[test]
     fn never_more_than_capacity_and_lowest_free_slot() {
         let mut m = matrix(&[("g0", 2), ("g1", 3)]);
         let taken = fill(&mut m, 5);
-        assert_eq!(m.place(None), None);
-        assert!(!m.has_free());
+        assert_eq!(pick(&mut m, None), None);
+        assert!(!m.pool_open("default"));
         assert_eq!((m.busy(), m.total()), (5, 5));
         let mut per_gpu = [0; 2];
         for s in &taken {
@@ -567,7 +752,7 @@ mod tests {
         // Free slot 0 of g1: it is the only choice and the lowest index is reused.
         let held = m.view()[1].cells[0].clone().expect("held");
         assert!(m.release("g1", 0, &held.task_id));
-        assert_eq!(m.place(None), Some(SlotRef { gpu: 1, slot: 0 }));
+        assert_eq!(pick(&mut m, None), Some(SlotRef { gpu: 1, slot: 0 }));
     }
 
     #[test]
@@ -608,11 +793,11 @@ mod tests {
     fn retries_avoid_the_last_gpu_unless_it_is_the_only_choice() {
         let mut m = matrix(&[("g0", 2), ("g1", 2)]);
         for _ in 0..4 {
-            assert_eq!(m.place(Some("g0")).map(|s| s.gpu), Some(1));
+            assert_eq!(pick(&mut m, Some("g0")).map(|s| s.gpu), Some(1));
         }
         m.occupy(SlotRef { gpu: 1, slot: 0 }, holder("a"));
         m.occupy(SlotRef { gpu: 1, slot: 1 }, holder("b"));
-        assert_eq!(m.place(Some("g0")).map(|s| s.gpu), Some(0));
+        assert_eq!(pick(&mut m, Some("g0")).map(|s| s.gpu), Some(0));
     }
 
     #[test]
@@ -639,11 +824,11 @@ mod tests {
         );
         // Ejected: nothing goes there, even when it is the least loaded.
         for _ in 0..4 {
-            let at = m.place(None).expect("g1 has room");
+            let at = pick(&mut m, None).expect("g1 has room");
             assert_eq!(at.gpu, 1);
             m.occupy(at, holder("x"));
         }
-        assert_eq!(m.place(None), None);
+        assert_eq!(pick(&mut m, None), None);
         assert!(m.take_due_probes(t0 + Duration::from_secs(5)).is_empty());
         assert_eq!(m.take_due_probes(t0 + Duration::from_secs(10))[0].id, "g0");
         assert!(
@@ -664,10 +849,10 @@ mod tests {
             m.probe_result("g0", true, t1, &POLICY),
             HealthChange::Ramped { limit: 1 }
         );
-        let at = m.place(None).expect("one slot");
+        let at = pick(&mut m, None).expect("one slot");
         m.occupy(at, holder("r1"));
         assert_eq!(
-            m.place(None),
+            pick(&mut m, None),
             None,
             "only one usable slot after readmission"
         );
@@ -735,7 +920,7 @@ mod tests {
         assert!(v[1].retired && v[1].cells[0].is_some());
         // New work goes to g2 only: g1 is gone, and g0 already runs one task, its new count.
         let mut got = Vec::new();
-        while let Some(at) = m.place(None) {
+        while let Some(at) = pick(&mut m, None) {
             m.occupy(at, holder("n"));
             got.push((m.endpoint(at.gpu).id.clone(), at.slot));
         }
@@ -746,12 +931,11 @@ mod tests {
         assert_eq!(m.view()[0].cells.len(), 1);
         assert!(m.release("g1", 0, "b"));
         assert!(m.view()[1].cells.is_empty());
-        assert_eq!(m.place(None), Some(SlotRef { gpu: 0, slot: 0 }));
+        assert_eq!(pick(&mut m, None), Some(SlotRef { gpu: 0, slot: 0 }));
         // g1 comes back.
         m.reconfigure(&endpoints(&[("g0", 1), ("g1", 2), ("g2", 3)]));
         assert_eq!(m.total(), 6);
-        assert!(m
-            .place(None)
+        assert!(pick(&mut m, None)
             .is_some_and(|at| m.endpoint(at.gpu).id == "g1"));
     }
 
@@ -761,14 +945,14 @@ mod tests {
         m.occupy(SlotRef { gpu: 0, slot: 0 }, holder("a"));
         m.set_drained(&["g0".to_string()]);
         for _ in 0..2 {
-            let at = m.place(None).expect("g1 has room");
+            let at = pick(&mut m, None).expect("g1 has room");
             assert_eq!(at.gpu, 1);
             m.occupy(at, holder("b"));
         }
-        assert_eq!(m.place(None), None);
+        assert_eq!(pick(&mut m, None), None);
         assert_eq!(m.busy(), 3);
         m.set_drained(&[]);
-        assert_eq!(m.place(None).map(|s| s.gpu), Some(0));
+        assert_eq!(pick(&mut m, None).map(|s| s.gpu), Some(0));
         let v = m.view();
         assert!(!v[0].drained);
     }
@@ -814,7 +998,7 @@ mod tests {
         let mut held: Vec<(String, usize, String)> = Vec::new();
         let mut seed = 7u64;
         for i in 0..4000 {
-            while let Some(at) = m.place(None) {
+            while let Some(at) = pick(&mut m, None) {
                 let id = format!("t{i}-{}", held.len());
                 m.occupy(at, holder(&id));
                 counts[at.gpu] += 1;

@@ -53,6 +53,8 @@ pub(crate) struct Rules {
     pub stamp: Option<f64>,
     /// `--at` / `--in`: the due time of the tasks that give none of their own.
     pub due: Option<Due>,
+    /// `--cost`: the work size of the tasks that give none of their own.
+    pub cost: Option<f64>,
 }
 
 /// When tasks may run, as `qsys-push --at TIME` or `--in D` says.
@@ -407,6 +409,17 @@ impl<'r> Batch<'r> {
             }
         }
         self.due_fields(place, &t, &mut extra);
+        match t.get("cost").filter(|v| !v.is_null()) {
+            Some(v) => match crate::contract::message::cost_of(v) {
+                Ok(c) => extra.push_str(&format!(",\"cost\":{c}")),
+                Err(e) => self.problem(&at(place, "cost"), e),
+            },
+            None => {
+                if let Some(c) = self.rules.cost {
+                    extra.push_str(&format!(",\"cost\":{c}"));
+                }
+            }
+        }
         // A part is `None` only after its problem was recorded, so nothing is dropped silently.
         let (Some(kind), Some(mut data), Some(task_id), Some(queue)) = (kind, data, task_id, queue)
         else {
@@ -643,6 +656,7 @@ mod tests {
             types: None,
             stamp: None,
             due: None,
+            cost: None,
         }
     }
 
@@ -1004,6 +1018,7 @@ mod tests {
             types: Some(["start_transcribe".to_string(), "send_email".to_string()].into()),
             stamp: None,
             due: None,
+            cost: None,
         };
         assert!(event(&r, task("send_email", "1")).is_ok());
         let e = event(

@@ -213,6 +213,26 @@ pub(crate) struct Follow<'a> {
     pub timeout: Duration,
     /// Keep each task's end, result included, for `--json`.
     pub results: bool,
+    /// The tasks' types: the ETA is their pools' time to drain.
+    pub types: &'a [String],
+}
+
+/// Pool numbers older than this are an instance's that stopped: not an ETA.
+const STALE_POOLS: u32 = 30;
+
+/// When the pools of `types` will have done their backlog (these tasks included), in seconds,
+/// as the daemon last published it (`pool_stats`, every 5 s); `None` when it has no estimate.
+fn eta(conn: &mut mysql::Conn, types: &[String]) -> Option<f64> {
+    let rows: Vec<(Option<f64>, String)> = conn
+        .query(format!(
+            "SELECT drain_s, types FROM pool_stats \
+             WHERE updated_at > NOW(3) - INTERVAL {STALE_POOLS} SECOND"
+        ))
+        .ok()?;
+    rows.into_iter()
+        .filter(|(_, t)| t.split(',').any(|t| types.iter().any(|x| x == t)))
+        .filter_map(|(d, _)| d)
+        .reduce(f64::max)
 }
 
 /// Waits until every task of `ids` is terminal or `timeout` passes, calling `progress` after each
@@ -220,13 +240,14 @@ pub(crate) struct Follow<'a> {
 pub(crate) fn wait(
     mysql: &MysqlConfig,
     follow: &Follow<'_>,
-    mut progress: impl FnMut(&Tally),
+    mut progress: impl FnMut(&Tally, Option<f64>),
 ) -> Result<Summary, WaitError> {
     let Follow {
         ids,
         known,
         timeout,
         results,
+        types,
     } = *follow;
     let started = Instant::now();
     let deadline = started + timeout;
@@ -248,6 +269,7 @@ pub(crate) fn wait(
     let mut conn: Option<mysql::Conn> = None;
     let mut answered = false;
     let mut failing_since: Option<Instant> = None;
+    let (mut estimate, mut estimated): (Option<f64>, Option<Instant>) = (None, None);
     loop {
         let result = match conn.as_mut() {
             Some(c) => poll(c, &pending, results),
@@ -278,7 +300,13 @@ pub(crate) fn wait(
                 }
             }
         }
-        progress(&tally);
+        if let Some(c) = conn.as_mut() {
+            if estimated.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                estimated = Some(Instant::now());
+                estimate = eta(c, types);
+            }
+        }
+        progress(&tally, estimate);
         let now = Instant::now();
         if pending.is_empty() || now >= deadline {
             break;
@@ -346,10 +374,10 @@ impl ProgressBar {
         }
     }
 
-    pub(crate) fn draw(&mut self, tally: &Tally, started: Instant) {
+    pub(crate) fn draw(&mut self, tally: &Tally, eta: Option<f64>, started: Instant) {
         if self.enabled {
             let mut err = std::io::stderr().lock();
-            let _ = write!(err, "\r{}\x1b[K", render(tally, started.elapsed()));
+            let _ = write!(err, "\r{}\x1b[K", render(tally, started.elapsed(), eta));
             let _ = err.flush();
             self.drawn = true;
         }
@@ -364,13 +392,14 @@ impl ProgressBar {
     }
 }
 
-/// `[#########...........]  45/100  finished 40  failed 5  12s`
-pub(crate) fn render(t: &Tally, elapsed: Duration) -> String {
+/// `[#########...........]  45/100  finished 40  failed 5  12s  eta 3m20s`: the ETA is when
+/// the tasks' pools will have done their backlog, these tasks included.
+pub(crate) fn render(t: &Tally, elapsed: Duration, eta: Option<f64>) -> String {
     const WIDTH: usize = 30;
     let done = t.finished + t.failed + t.cancelled;
     let filled = (done * WIDTH).checked_div(t.total).unwrap_or(WIDTH);
     format!(
-        "[{}{}] {done}/{}  finished {}  failed {}{}  {}s",
+        "[{}{}] {done}/{}  finished {}  failed {}{}  {}s{}",
         "#".repeat(filled),
         ".".repeat(WIDTH - filled),
         t.total,
@@ -381,7 +410,14 @@ pub(crate) fn render(t: &Tally, elapsed: Duration) -> String {
         } else {
             String::new()
         },
-        elapsed.as_secs()
+        elapsed.as_secs(),
+        match eta {
+            Some(s) if done < t.total => format!(
+                "  eta {}",
+                crate::config::format_span(Duration::from_secs(s.ceil() as u64))
+            ),
+            _ => String::new(),
+        }
     )
 }
 
@@ -397,7 +433,7 @@ mod tests {
             failed: 5,
             cancelled: 0,
         };
-        let bar = render(&t, Duration::from_secs(12));
+        let bar = render(&t, Duration::from_secs(12), None);
         assert_eq!(
             bar,
             format!(
@@ -406,9 +442,15 @@ mod tests {
                 ".".repeat(17)
             )
         );
-        assert!(
-            render(&Tally::default(), Duration::ZERO).starts_with(&format!("[{}]", "#".repeat(30)))
-        );
+        assert!(render(&Tally::default(), Duration::ZERO, None)
+            .starts_with(&format!("[{}]", "#".repeat(30))));
+        // With the pools' time to drain; none once every task has ended.
+        assert!(render(&t, Duration::from_secs(12), Some(199.2)).ends_with("12s  eta 3m20s"));
+        let all = Tally {
+            finished: 95,
+            ..t
+        };
+        assert!(render(&all, Duration::from_secs(12), Some(5.0)).ends_with("12s"));
     }
 
     #[test]

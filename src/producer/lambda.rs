@@ -63,6 +63,7 @@ pub fn run(api: &str, config: Option<&Path>, env: &Env) -> u8 {
                 // Stamped per invocation, below: a warm container lives for hours.
                 stamp: None,
                 due: None,
+                cost: None,
             };
             Ok((rules, pusher))
         });

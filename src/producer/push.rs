@@ -255,6 +255,8 @@ pub struct Request {
     pub wait: Option<Duration>,
     /// `--at` / `--in`: when the tasks (those that say nothing of their own) may run.
     pub due: Option<Due>,
+    /// `--cost`: how much work each task is (those that say nothing of their own).
+    pub cost: Option<f64>,
 }
 
 /// Runs `qsys-push`: messages to stderr, ids to stdout. Returns the exit status: 0 pushed (and,
@@ -282,6 +284,12 @@ fn run(req: &Request, env: &Env) -> Result<u8, PushError> {
         Some(_) => Some(config.mysql()?),
         None => None,
     };
+    if let Some(c) = req.cost {
+        crate::contract::message::cost_of(&serde_json::Value::from(c)).map_err(|e| Invalid {
+            problems: vec![format!("--cost: {e}")],
+            more: 0,
+        })?;
+    }
     let rules = Rules {
         default_queue: match &req.queue {
             Some(q) => {
@@ -296,6 +304,7 @@ fn run(req: &Request, env: &Env) -> Result<u8, PushError> {
         types: config.types.clone(),
         stamp: Some(crate::contract::time::now_unix()),
         due: req.due.clone(),
+        cost: req.cost,
     };
     let messages = messages(&req.input, &rules)?;
     // Before the push: an id whose task is already running or done is dropped by qsysd as a
@@ -325,6 +334,9 @@ fn run(req: &Request, env: &Env) -> Result<u8, PushError> {
         return Ok(0);
     };
     let ids: Vec<String> = messages.iter().map(|m| m.task_id.clone()).collect();
+    let mut types: Vec<String> = messages.iter().map(|m| m.kind.clone()).collect();
+    types.sort_unstable();
+    types.dedup();
     let started = Instant::now();
     let mut bar = follow::ProgressBar::new(std::io::stderr().is_terminal());
     let follow = follow::Follow {
@@ -332,8 +344,11 @@ fn run(req: &Request, env: &Env) -> Result<u8, PushError> {
         known: &known,
         timeout,
         results: req.json,
+        types: &types,
     };
-    let summary = match follow::wait(&mysql, &follow, |tally| bar.draw(tally, started)) {
+    let summary = match follow::wait(&mysql, &follow, |tally, eta| {
+        bar.draw(tally, eta, started)
+    }) {
         Ok(s) => s,
         Err(e) => {
             bar.clear();
@@ -451,6 +466,7 @@ mod tests {
             types: None,
             stamp: None,
             due: None,
+            cost: None,
         }
     }
 

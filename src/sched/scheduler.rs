@@ -16,29 +16,30 @@
 //! At a stop it drains the channel and returns every task it holds to the head of its Redis queue.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{never, select, Receiver, Sender, TrySendError};
 
 use crate::config::{Completion, Endpoint, Handler};
-use crate::fleet::Holder;
+use crate::fleet::{Holder, Place};
 use crate::obs::trouble::Trouble;
 use crate::shared::{Event, GpuJob, Shared, Task};
-use crate::store::{Claim, ClaimRequest, Store, StoreError, StoredTask};
+use crate::store::{Claim, ClaimRequest, LetGo, Store, StoreError, StoredTask};
 
 /// Below this many unplaced tasks the scheduler takes another batch (up to
 /// [`crate::work::poller::TAKE_BATCH`]) from the poller, so it holds at most `PREFETCH - 1 + TAKE_BATCH`:
 /// enough that the slots freed during one claim transaction all find a task in the next round.
 pub const PREFETCH: usize = 16;
 
-/// What became of one attempt to place a task.
-enum Placed {
-    Done,
-    /// Cannot go now (no slot, no idle worker, MySQL trouble): keep it.
-    Wait(Task),
-}
+/// With several pools, the tasks of a pool that cannot take them kept in a full hand; the rest
+/// wait in MySQL (so one pool's backlog never blocks another's).
+const KEEP_PER_POOL: usize = PREFETCH / 4;
+
+/// What became of one attempt to place a task: `None` when it went (or is done with), the task
+/// back when it cannot go now (no slot, no idle worker, MySQL trouble) and stays in hand.
+type Placed = Option<Task>;
 
 /// What the scheduler asks of MySQL. A trait so that its placement logic is unit-tested with an
 /// in-memory store (below) as well as end to end against MariaDB (tests/); [`Store`] is the one
@@ -57,8 +58,10 @@ pub(crate) trait Claims {
     ) -> Result<Vec<StoredTask>, StoreError>;
     /// Delayed (or let-go) `pending` rows that are due, not of a `paused` type, now held here.
     fn adopt_due(&self, limit: usize, paused: &[String]) -> Result<Vec<StoredTask>, StoreError>;
-    /// Gives up this instance's hold on `pending` rows of a paused type.
-    fn let_go(&self, task_ids: &[String]) -> Result<(), StoreError>;
+    /// Gives up this instance's hold on `pending` rows, to wait in MySQL (`until`).
+    fn let_go(&self, task_ids: &[String], until: LetGo) -> Result<(), StoreError>;
+    /// Makes up to `limit` rows let go for a busy pool due now, of these `types`.
+    fn wake_waiting(&self, types: &[String], limit: usize) -> Result<u64, StoreError>;
     /// This instance's `pending` rows untouched for `older_than`.
     fn stale_pending(
         &self,
@@ -89,8 +92,11 @@ impl Claims for Store {
     fn adopt_due(&self, limit: usize, paused: &[String]) -> Result<Vec<StoredTask>, StoreError> {
         Store::adopt_due(self, limit, paused)
     }
-    fn let_go(&self, task_ids: &[String]) -> Result<(), StoreError> {
-        Store::let_go(self, task_ids)
+    fn let_go(&self, task_ids: &[String], until: LetGo) -> Result<(), StoreError> {
+        Store::let_go(self, task_ids, until)
+    }
+    fn wake_waiting(&self, types: &[String], limit: usize) -> Result<u64, StoreError> {
+        Store::wake_waiting(self, types, limit)
     }
     fn stale_pending(
         &self,
@@ -204,7 +210,7 @@ impl<S: Claims> Scheduler<S> {
         }
         self.swept = Instant::now();
         let room = PREFETCH * 4;
-        let paused = self.paused_types();
+        let paused = self.held_back_types();
         let store = &self.store;
         let mut found = match store.adopt_orphans(ORPHAN_AFTER, room, &paused) {
             Ok(rows) => {
@@ -241,9 +247,48 @@ impl<S: Claims> Scheduler<S> {
         }
     }
 
-    /// The task types paused now.
-    fn paused_types(&self) -> Vec<String> {
-        self.shared.paused().types.into_iter().collect()
+    /// The task types no row should be adopted for now: those paused, those of a pool with no
+    /// GPU up, and, with several pools, those of a pool with no free slot (its tasks would only
+    /// be let go again: [`Scheduler::place_pending`]).
+    fn held_back_types(&self) -> Vec<String> {
+        let mut types: Vec<String> = self.shared.paused().types.into_iter().collect();
+        let config = self.shared.config();
+        let m = self.shared.slots();
+        let pools = m.pools();
+        for (name, h) in &config.types {
+            let Handler::Gpu { pool } = h else { continue };
+            let Some(p) = pools.iter().find(|p| &p.pool == pool) else {
+                continue;
+            };
+            if p.gpus_up == 0 || (pools.len() > 1 && !m.pool_open(pool)) {
+                types.push(name.clone());
+            }
+        }
+        types
+    }
+
+    /// With several pools: makes due the rows a busy pool let go, for each pool with a free slot
+    /// now (at most a hand's worth each; [`Scheduler::adopt_due`] takes them up).
+    fn wake_waiting(&self) {
+        let types: Vec<String> = {
+            let config = self.shared.config();
+            let m = self.shared.slots();
+            if m.pools().len() < 2 {
+                return;
+            }
+            config
+                .types
+                .iter()
+                .filter(|(_, h)| matches!(h, Handler::Gpu { pool } if m.pool_open(pool)))
+                .map(|(name, _)| name.clone())
+                .collect()
+        };
+        if types.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.wake_waiting(&types, PREFETCH) {
+            log::warn!(error:% = e; "mysql error waking tasks a busy pool let go");
+        }
     }
 
     /// Takes up delayed tasks that are due (and the tasks of a type resumed), earliest first,
@@ -253,7 +298,8 @@ impl<S: Claims> Scheduler<S> {
             return;
         }
         self.due_checked = Instant::now();
-        let paused = self.paused_types();
+        self.wake_waiting();
+        let paused = self.held_back_types();
         let room = PREFETCH - self.pending.len();
         match self.store.adopt_due(room, &paused) {
             Ok(rows) => {
@@ -363,17 +409,31 @@ impl<S: Claims> Scheduler<S> {
         log::debug!("scheduler stopped");
     }
 
-    /// Tries every task in hand, in order. Once no GPU slot is free no later GPU task is tried;
-    /// likewise for handler tasks and idle workers.
+    /// Tries every task in hand, in order. Once a pool has no free slot no later task of that
+    /// pool is tried; likewise for handler tasks and idle workers. With several pools, a full
+    /// hand never waits on one pool while another has room: past [`KEEP_PER_POOL`] of a pool
+    /// that cannot take them, its tasks are let go to wait in MySQL (found again when it has
+    /// room), so the hand takes in the other pools' work.
     fn place_pending(&mut self) {
         if self.retry_at.is_some_and(|t| Instant::now() < t) {
             return;
         }
         self.retry_at = None;
-        let (mut gpu_full, mut workers_busy) = (false, false);
+        let (mut full, mut workers_busy) = (HashSet::new(), false);
         let mut jobs = Vec::new();
         let paused = self.shared.paused().types;
-        let mut let_go = Vec::new();
+        let (mut let_go, mut overflow) = (Vec::new(), Vec::new());
+        let mut kept: HashMap<String, usize> = HashMap::new();
+        let open_pools: Vec<String> = {
+            let m = self.shared.slots();
+            let pools = m.pools();
+            pools
+                .iter()
+                .filter(|p| pools.len() > 1 && m.pool_open(&p.pool))
+                .map(|p| p.pool.clone())
+                .collect()
+        };
+        let crowded = self.pending.len() >= PREFETCH;
         for _ in 0..self.pending.len() {
             let task = self.pending.pop_front().expect("len checked");
             let handler = self.shared.config().types.get(&task.msg.kind).cloned();
@@ -381,49 +441,61 @@ impl<S: Claims> Scheduler<S> {
                 // Waits in MySQL, held by nobody, until the type is resumed.
                 _ if paused.contains(&task.msg.kind) => {
                     let_go.push(task.msg.task_id);
-                    Placed::Done
+                    None
                 }
                 None => self.fail_unknown(task),
-                Some(Handler::Gpu) if gpu_full => Placed::Wait(task),
-                Some(Handler::Gpu) => match self.reserve(&task) {
-                    Some((endpoint, slot, lease)) => {
-                        jobs.push(GpuJob {
-                            attempt: task.attempts + 1,
-                            task,
-                            endpoint,
-                            slot,
-                            lease,
-                            claimed_at: Instant::now(),
-                        });
-                        Placed::Done
+                Some(Handler::Gpu { pool }) => {
+                    let place = if full.contains(&pool) {
+                        Place::Full
+                    } else {
+                        match self.reserve(&task, &pool) {
+                            Ok((endpoint, slot, lease)) => {
+                                jobs.push(GpuJob {
+                                    attempt: task.attempts + 1,
+                                    task,
+                                    endpoint,
+                                    slot,
+                                    lease,
+                                    claimed_at: Instant::now(),
+                                });
+                                continue;
+                            }
+                            Err(place) => place,
+                        }
+                    };
+                    if place == Place::Full {
+                        full.insert(pool.clone());
                     }
-                    None => {
-                        // Today a miss means no slot is free (a retry falls back to its last
-                        // GPU), but a policy that weighs the task may miss with slots free: the
-                        // round's GPU placements end only when none is.
-                        gpu_full = !self.shared.slots().has_free();
-                        Placed::Wait(task)
+                    let held = kept.entry(pool.clone()).or_default();
+                    if crowded && *held >= KEEP_PER_POOL && open_pools.iter().any(|p| *p != pool) {
+                        overflow.push(task.msg.task_id);
+                        None
+                    } else {
+                        *held += 1;
+                        Some(task)
                     }
-                },
-                Some(_) if workers_busy => Placed::Wait(task),
+                }
+                Some(_) if workers_busy => Some(task),
                 Some(_) => match self.handler_jobs.try_send(task) {
-                    Ok(()) => Placed::Done,
+                    Ok(()) => None,
                     Err(TrySendError::Full(t) | TrySendError::Disconnected(t)) => {
                         workers_busy = true;
-                        Placed::Wait(t)
+                        Some(t)
                     }
                 },
             };
-            if let Placed::Wait(t) = placed {
+            if let Some(t) = placed {
                 self.pending.push_back(t);
             }
             if self.retry_at.is_some() {
                 break;
             }
         }
-        if let Err(e) = self.store.let_go(&let_go) {
-            // Held here and in no memory: the sweep takes them up in 30 s and lets go again.
-            log::warn!(error:% = e, count = let_go.len(); "cannot let go of paused tasks");
+        for (ids, until) in [(let_go, LetGo::Paused), (overflow, LetGo::PoolBusy)] {
+            if let Err(e) = self.store.let_go(&ids, until) {
+                // Held here and in no memory: the sweep takes them up in 30 s and lets go again.
+                log::warn!(error:% = e, count = ids.len(); "cannot let go of tasks");
+            }
         }
         self.claim(jobs);
     }
@@ -434,7 +506,7 @@ impl<S: Claims> Scheduler<S> {
             Ok(_) => {
                 log::warn!(task_id = task.msg.task_id.as_str(), queue = task.queue.as_str(),
                     kind = task.msg.kind.as_str(); "unknown task type: task failed");
-                Placed::Done
+                None
             }
             Err(e) => self.db_trouble(task, &e),
         }
@@ -444,22 +516,24 @@ impl<S: Claims> Scheduler<S> {
         log::warn!(task_id = task.msg.task_id.as_str(), error:% = e;
             "mysql error while scheduling; will retry");
         self.retry_at = Some(Instant::now() + Duration::from_secs(1));
-        Placed::Wait(task)
+        Some(task)
     }
 
-    /// Reserves the least-loaded free slot in memory for `task`'s next attempt: the GPU, the slot
-    /// and the attempt's lease. `None`: no slot is free.
-    fn reserve(&self, task: &Task) -> Option<(Arc<Endpoint>, usize, Duration)> {
+    /// Reserves a free slot of `pool` in memory for `task`'s next attempt, by the configured
+    /// placement: the GPU, the slot and the attempt's lease. `Err`: no slot now
+    /// ([`Place::Full`]), or one the task should not take ([`Place::Wait`]).
+    fn reserve(&self, task: &Task, pool: &str) -> Result<(Arc<Endpoint>, usize, Duration), Place> {
+        let policy = self.shared.config().placement;
+        let cost = task.msg.cost();
         let (at, ep) = {
             let mut m = self.shared.slots();
-            let at = m.place(task.avoid_gpu.as_deref())?;
+            let at = match m.place(pool, cost, task.avoid_gpu.as_deref(), policy) {
+                Place::Slot(at) => at,
+                other => return Err(other),
+            };
             m.occupy(
                 at,
-                Holder {
-                    task_id: task.msg.task_id.clone(),
-                    attempt: task.attempts + 1,
-                    since: Instant::now(),
-                },
+                Holder::new(task.msg.task_id.clone(), task.attempts + 1, cost),
             );
             (at, Arc::clone(m.endpoint(at.gpu())))
         };
@@ -474,7 +548,7 @@ impl<S: Claims> Scheduler<S> {
             Completion::Callback => timeout,
             Completion::Response => timeout + ep.request_timeout,
         };
-        Some((ep, at.slot(), lease))
+        Ok((ep, at.slot(), lease))
     }
 
     /// Claims the slots reserved this round in one MySQL transaction and hands each claimed job to
@@ -603,8 +677,8 @@ mod tests {
         failed: Mutex<Vec<(String, String)>>,
         /// Requests per claim transaction, in order.
         rounds: Mutex<Vec<usize>>,
-        /// Tasks let go (a paused type).
-        let_go: Mutex<Vec<String>>,
+        /// Tasks let go, and why.
+        let_go: Mutex<Vec<(String, LetGo)>>,
         down: bool,
     }
 
@@ -630,9 +704,14 @@ mod tests {
         fn adopt_due(&self, _: usize, _: &[String]) -> Result<Vec<StoredTask>, StoreError> {
             Ok(Vec::new())
         }
-        fn let_go(&self, task_ids: &[String]) -> Result<(), StoreError> {
-            self.let_go.locked().extend(task_ids.iter().cloned());
+        fn let_go(&self, task_ids: &[String], until: LetGo) -> Result<(), StoreError> {
+            self.let_go
+                .locked()
+                .extend(task_ids.iter().map(|id| (id.clone(), until)));
             Ok(())
+        }
+        fn wake_waiting(&self, _: &[String], _: usize) -> Result<u64, StoreError> {
+            Ok(0)
         }
         fn stale_pending(&self, _: Duration, _: usize) -> Result<Vec<StoredTask>, StoreError> {
             Ok(Vec::new())
@@ -843,7 +922,10 @@ mod tests {
         r.sched.pending.push_back(task("p1", "email"));
         r.sched.pending.push_back(task("g1", "start_transcribe"));
         r.sched.place_pending();
-        assert_eq!(*r.sched.store.let_go.locked(), ["p1"]);
+        assert_eq!(
+            *r.sched.store.let_go.locked(),
+            [("p1".to_string(), LetGo::Paused)]
+        );
         assert_eq!(
             r.gpu_jobs.try_recv().expect("g1 placed").task.msg.task_id,
             "g1"

@@ -130,6 +130,8 @@ pub(crate) struct Shared {
     pub heads: Mutex<BTreeMap<String, (u64, Instant)>>,
     /// Age of the oldest waiting task per queue, as last measured, in seconds.
     pub queue_ages: Mutex<BTreeMap<String, f64>>,
+    /// Each pool's backlog and time to drain, as last worked out (every second).
+    pub(crate) pools: Mutex<Vec<crate::fleet::PoolDrain>>,
 }
 
 impl Shared {
@@ -156,6 +158,7 @@ impl Shared {
             reload_requested: AtomicBool::new(false),
             progress: Mutex::default(),
             queue_depths: Mutex::default(),
+            pools: Mutex::default(),
             metrics: Default::default(),
             slot_events,
             // Until the first check: publishing to nobody is harmless, staying silent is not.
@@ -331,7 +334,13 @@ impl Shared {
             ending,
             ..
         } = *req;
-        let Finish::Applied { slot, next, age } = out else {
+        let Finish::Applied {
+            slot,
+            next,
+            age,
+            work,
+        } = out
+        else {
             log::info!(task_id, attempt, source, outcome:? = out; "completion not applied");
             return;
         };
@@ -355,7 +364,12 @@ impl Shared {
             }
         }
         if let Some((gpu, index)) = slot {
-            self.slots().release(gpu, *index, task_id);
+            let mut m = self.slots();
+            m.release(gpu, *index, task_id);
+            if let Some((cost, seconds)) = work {
+                m.learn(gpu, *cost, *seconds);
+            }
+            drop(m);
             self.announce(false, gpu, *index, task_id, attempt);
         }
         let gpu = slot.as_ref().map(|(g, _)| g.as_str()).unwrap_or("");

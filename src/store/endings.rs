@@ -75,7 +75,7 @@ pub enum Next {
 }
 
 /// Result of ending an attempt, from a callback or a dispatch outcome (docs/contracts.md §5 reply codes).
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 pub enum Finish {
     /// The state changed; the GPU slot it held (if any) is free in MySQL.
     Applied {
@@ -83,6 +83,9 @@ pub enum Finish {
         next: Next,
         /// How long ago the task was first taken (for the end-to-end duration metric).
         age: Option<Duration>,
+        /// A GPU attempt that finished its task, and of known size: (size, seconds from its
+        /// claim), what its GPU's speed is learned from.
+        work: Option<(f64, f64)>,
     },
     /// The task is already in exactly this terminal state from this attempt.
     Duplicate,
@@ -135,6 +138,9 @@ struct EndRow {
     age_us: Option<i64>,
     /// Passed back unchanged into `task_attempts.started_at`.
     dispatched_at: mysql::Value,
+    /// The task's size, if known, and how long since its attempt was claimed.
+    cost: Option<f64>,
+    ran_us: Option<i64>,
 }
 
 /// What ending `req` does to a task in `row`: the task's next state, or why nothing changes. Pure,
@@ -298,10 +304,17 @@ impl Store {
             Next::Retry { .. } => State::Pending.as_str().into(),
             Next::Done(done) => done.as_str().into(),
         };
+        let work = match (next, &slot, row.cost, row.ran_us) {
+            (Next::Done(State::Finished), Some(_), Some(cost), Some(us)) if us > 0 => {
+                Some((cost, us as f64 / 1e6))
+            }
+            _ => None,
+        };
         Ok(Finish::Applied {
             slot,
             next,
             age: row.age_us.map(|us| Duration::from_micros(us.max(0) as u64)),
+            work,
         })
     }
 
@@ -369,7 +382,8 @@ fn lock_ended_tasks(
     let sql = format!(
         "SELECT task_id, state, attempts, gpu_id, slot_index, max_attempts, attempt_base, \
          TIMESTAMPDIFF(MICROSECOND, created_at, NOW(3)), dispatched_at, \
-         cancel_requested_at IS NOT NULL FROM tasks \
+         cancel_requested_at IS NOT NULL, cost, \
+         TIMESTAMPDIFF(MICROSECOND, dispatched_at, NOW(3)) FROM tasks \
          FORCE INDEX (PRIMARY) WHERE task_id IN ({}) FOR UPDATE",
         placeholders(ids.len(), "?")
     );
@@ -386,6 +400,8 @@ fn lock_ended_tasks(
             age_us: col(&mut r, 7),
             dispatched_at: r.take(8).unwrap_or(mysql::Value::NULL),
             cancel_requested: col(&mut r, 9).unwrap_or(false),
+            cost: col(&mut r, 10),
+            ran_us: col(&mut r, 11),
         };
         rows.insert(id, row);
     }
@@ -453,6 +469,8 @@ mod tests {
             cancel_requested: false,
             age_us: Some(5),
             dispatched_at: mysql::Value::NULL,
+            cost: None,
+            ran_us: None,
         }
     }
 

@@ -33,6 +33,8 @@ pub struct NewTask<'a> {
     /// A delayed task's wait: its new row is `pending` from now plus this, held by nobody, so
     /// no instance keeps it in memory (the scheduler adopts it when it is due).
     pub wait: Option<std::time::Duration>,
+    /// Its work size ([`crate::contract::message::Message::cost`]), for the pools' backlog.
+    pub cost: Option<f64>,
 }
 
 impl Store {
@@ -54,11 +56,11 @@ impl Store {
         let rows = padded(tasks.to_vec());
         let sql = format!(
             "INSERT INTO tasks (task_id, queue, state, type, payload, attempts, max_attempts, \
-             timeout_s, instance_id, created_at, not_before) VALUES {} \
+             timeout_s, instance_id, created_at, not_before, cost) VALUES {} \
              ON DUPLICATE KEY UPDATE task_id = task_id",
             placeholders(
                 rows.len(),
-                "(?, ?, 'pending', ?, ?, 0, ?, ?, ?, NOW(3), NOW(3) + INTERVAL ? MICROSECOND)"
+                "(?, ?, 'pending', ?, ?, 0, ?, ?, ?, NOW(3), NOW(3) + INTERVAL ? MICROSECOND, ?)"
             )
         );
         let params: Vec<mysql::Value> = rows
@@ -76,6 +78,7 @@ impl Store {
                         None => self.instance.as_str().into(),
                     },
                     t.wait.map(|w| w.as_micros() as u64).into(),
+                    t.cost.into(),
                 ]
             })
             .collect();

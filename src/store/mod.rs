@@ -39,6 +39,7 @@ mod records;
 mod retention;
 mod schema;
 mod totals;
+mod work;
 
 pub use cancels::Cancel;
 pub(crate) use cancels::Cancelling;
@@ -47,10 +48,11 @@ pub use endings::{EndRequest, Ending, Finish, Next};
 pub(crate) use heartbeats::{Beat, Beaten};
 pub use intake::{Accepted, NewTask};
 pub use paused::{PauseKind, Paused};
-pub(crate) use pending::StoredTask;
+pub(crate) use pending::{LetGo, StoredTask};
 pub use records::State;
 pub(crate) use records::{AttemptRecord, Liveness, TaskRecord};
 pub use retention::Retention;
+pub(crate) use work::{PendingWork, PoolStat};
 pub use schema::SCHEMA_VERSION;
 pub(crate) use totals::Counts;
 

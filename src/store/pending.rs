@@ -11,6 +11,18 @@ use super::{placeholders, Store, StoreError};
 
 /// The due time of a paused type's tasks while it is paused: later than any real one.
 pub(crate) const PAUSED: &str = "9999-12-31 00:00:00";
+/// The due time of the tasks a busy pool let go, until a scheduler sees room in their pool
+/// ([`Store::wake_waiting`]): as far out of every sweep's range as [`PAUSED`], and distinct.
+pub(super) const POOL_BUSY: &str = "9999-12-30 00:00:00";
+
+/// Why a scheduler lets go of `pending` rows it held, and so until when they wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LetGo {
+    /// Their type is paused: until it is resumed.
+    Paused,
+    /// Their pool cannot take them while another pool can: until a scheduler sees room.
+    PoolBusy,
+}
 
 /// A `pending` task as stored: enough to schedule it again.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,7 +118,7 @@ impl Store {
 
     /// Takes over delayed tasks that are due (and rows a paused type let go of, once it is
     /// resumed): `not_before` passed, of a type not in `paused`; up to `limit`, earliest due
-    /// first (those due at the same instant by task id). No age is waited for, unlike
+    /// first (those due at the same instant by type and task id). No age is waited for, unlike
     /// [`Store::adopt_orphans`]: they were let go on purpose, not by a hand-back on its way to
     /// Redis. Read through `idx_tasks_due`, so a million waiting cost nothing until they are due.
     pub(crate) fn adopt_due(
@@ -119,7 +131,7 @@ impl Store {
             "not_before <= NOW(3)",
             Vec::new(),
             // The index's own order: no sort, however many are due.
-            "not_before, task_id",
+            "not_before, type, task_id",
             (limit, paused),
         )
     }
@@ -172,16 +184,21 @@ impl Store {
         Ok(rows.into_iter().map(Self::stored).collect())
     }
 
-    /// Lets go of `pending` tasks of a paused type (due ones: they were in the scheduler's
-    /// hand): held by nobody, and due at [`PAUSED`], out of every sweep's range, so that however
-    /// large a paused type's backlog grows no read of due or orphaned rows passes over it, and no
-    /// instance keeps it in memory. A resume makes them due now ([`Store::set_paused`]).
-    pub(crate) fn let_go(&self, task_ids: &[String]) -> Result<(), StoreError> {
+    /// Lets go of `pending` tasks in the scheduler's hand: held by nobody, and due at [`PAUSED`]
+    /// (a paused type's) or [`POOL_BUSY`] (a busy pool's), out of every sweep's range, so that
+    /// however large such a backlog grows no read of due or orphaned rows passes over it, and no
+    /// instance keeps it in memory. A resume makes a paused type's due now
+    /// ([`Store::set_paused`]); [`Store::wake_waiting`] a busy pool's.
+    pub(crate) fn let_go(&self, task_ids: &[String], until: LetGo) -> Result<(), StoreError> {
         if task_ids.is_empty() {
             return Ok(());
         }
         let mut c = self.conn()?;
-        let mut params = vec![mysql::Value::from(PAUSED), self.instance.as_str().into()];
+        let until = match until {
+            LetGo::Paused => PAUSED,
+            LetGo::PoolBusy => POOL_BUSY,
+        };
+        let mut params = vec![mysql::Value::from(until), self.instance.as_str().into()];
         params.extend(task_ids.iter().map(|id| id.as_str().into()));
         c.exec_drop(
             format!(
@@ -192,6 +209,28 @@ impl Store {
             params,
         )?;
         Ok(())
+    }
+
+    /// Makes due now up to `limit` of the rows a busy pool let go, of `types` (a pool's with room
+    /// now), for the due adoption to take up; how many. One range of `idx_tasks_due` per type.
+    pub(crate) fn wake_waiting(&self, types: &[String], limit: usize) -> Result<u64, StoreError> {
+        if types.is_empty() {
+            return Ok(0);
+        }
+        let mut c = self.conn()?;
+        let mut params: Vec<mysql::Value> = vec![POOL_BUSY.into()];
+        params.extend(types.iter().map(|t| t.as_str().into()));
+        params.push((limit as u64).into());
+        c.exec_drop(
+            format!(
+                "UPDATE tasks FORCE INDEX (idx_tasks_due) SET not_before = NOW(3) \
+                 WHERE state = 'pending' AND instance_id IS NULL AND not_before = ? \
+                 AND type IN ({}) LIMIT ?",
+                placeholders(types.len(), "?")
+            ),
+            params,
+        )?;
+        Ok(c.affected_rows())
     }
 
     /// This instance's `pending` rows untouched for `older_than`, up to `limit`, oldest first:

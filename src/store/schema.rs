@@ -8,7 +8,7 @@ use mysql::PooledConn;
 use super::{Store, StoreError};
 
 /// The newest schema version this build knows.
-pub const SCHEMA_VERSION: u32 = 6;
+pub const SCHEMA_VERSION: u32 = 7;
 
 impl Store {
     /// Creates or upgrades the schema to [`SCHEMA_VERSION`]. Safe to run from several instances at
@@ -129,7 +129,64 @@ fn migrate_locked(c: &mut PooledConn) -> Result<u32, StoreError> {
     if current < 6 {
         migrate_v6(c)?;
     }
+    if current < 7 {
+        migrate_v7(c)?;
+    }
     Ok(SCHEMA_VERSION)
+}
+
+/// Work-aware placement (issue 18): a task's work size, for the pools' backlog; the rows a busy
+/// pool let go found by their type; each GPU's
+/// learned speed, so that a restart or a peer does not start from nothing; each pool's backlog
+/// and time to drain as an instance last saw it, for `qsys-push --wait`'s ETA (a producer reads
+/// MySQL, not an instance's listener).
+fn migrate_v7(c: &mut PooledConn) -> Result<(), StoreError> {
+    add_task_columns(c, &[("cost", "DOUBLE NULL")])?;
+    // The due index gains the type: the rows a busy pool let go wait at one due time, and are
+    // woken by type, for the pool with room, without passing over the other pools' rows.
+    widen_index(c, "idx_tasks_due", 3, "(state, instance_id, not_before, type)")?;
+    let id = identity_type(&exact_collation(c)?, 64);
+    c.query_drop(format!(
+        "CREATE TABLE IF NOT EXISTS gpu_speeds (
+            gpu_id {id} NOT NULL PRIMARY KEY,
+            speed DOUBLE NOT NULL,
+            samples BIGINT NOT NULL,
+            updated_at DATETIME(3) NOT NULL
+        ) ENGINE=InnoDB"
+    ))?;
+    c.query_drop(format!(
+        "CREATE TABLE IF NOT EXISTS pool_stats (
+            pool {id} NOT NULL PRIMARY KEY,
+            backlog_cost DOUBLE NOT NULL,
+            capacity DOUBLE NULL,
+            drain_s DOUBLE NULL,
+            types TEXT CHARACTER SET utf8mb4 NOT NULL,
+            updated_at DATETIME(3) NOT NULL
+        ) ENGINE=InnoDB DEFAULT CHARACTER SET utf8mb4"
+    ))?;
+    c.query_drop("INSERT INTO qsys_schema (version) VALUES (7)")?;
+    Ok(())
+}
+
+/// Rebuilds index `name` of `tasks` as `after` if it still has its `before` column count (a step
+/// that ran already, or an operator's own version of the index, is left alone).
+fn widen_index(
+    c: &mut PooledConn,
+    name: &str,
+    before: u64,
+    after: &str,
+) -> Result<(), StoreError> {
+    let columns: Option<u64> = c.exec_first(
+        "SELECT COUNT(*) FROM information_schema.statistics WHERE table_schema = DATABASE() \
+         AND table_name = 'tasks' AND index_name = ?",
+        (name,),
+    )?;
+    if columns == Some(before) {
+        c.query_drop(format!(
+            "ALTER TABLE tasks DROP INDEX {name}, ADD INDEX {name} {after}"
+        ))?;
+    }
+    Ok(())
 }
 
 /// Running for months (issue 17): delayed tasks waiting held by nobody are found by their due
@@ -142,21 +199,8 @@ fn migrate_v6(c: &mut PooledConn) -> Result<(), StoreError> {
     // Two indexes gain the type, so that every count reads an index alone, never the rows: the
     // seed's (state), which keeps its name, for the tasks in flight (a backlog of delayed or
     // paused ones, say), and (state, finished_at) for the rollup and the rows since its mark.
-    for (name, before, after) in [
-        ("idx_tasks_state", 1, "(state, type)"),
-        ("idx_tasks_state_finished", 2, "(state, finished_at, type)"),
-    ] {
-        let columns: Option<u64> = c.exec_first(
-            "SELECT COUNT(*) FROM information_schema.statistics WHERE table_schema = DATABASE() \
-             AND table_name = 'tasks' AND index_name = ?",
-            (name,),
-        )?;
-        if columns == Some(before) {
-            c.query_drop(format!(
-                "ALTER TABLE tasks DROP INDEX {name}, ADD INDEX {name} {after}"
-            ))?;
-        }
-    }
+    widen_index(c, "idx_tasks_state", 1, "(state, type)")?;
+    widen_index(c, "idx_tasks_state_finished", 2, "(state, finished_at, type)")?;
     let exact = exact_collation(c)?;
     let id = |len: u32| identity_type(&exact, len);
     c.query_drop(format!(

@@ -239,6 +239,8 @@ mod tests {
             task_timeout: Duration::from_secs(60),
             heartbeat_timeout: None,
             cancel_url: None,
+            pool: "default".into(),
+            speed: None,
         }
     }
 

@@ -8,9 +8,10 @@
 //! - Health probes: a GPU whose ejection cooldown is over gets a `GET` of its `health_url`; any
 //!   answer below 500 readmits it with one slot, anything else ejects it again for longer.
 //! - Heartbeat: on a thread of its own ([`run_heartbeat`]), so nothing here can delay it.
-//! - Queue depths and ages: one pipelined `LLEN` and `LINDEX 0` per queue each second, for
-//!   `STATUS=`, `/status` and `qsys_queue_oldest_seconds` (the head's `enqueued_at`, else when
-//!   this instance first saw it there).
+//! - Queue depths and ages: one pipelined `LLEN` and `LRANGE` of the first elements per queue
+//!   each second, for `STATUS=`, `/status` and `qsys_queue_oldest_seconds` (the head's
+//!   `enqueued_at`, else when this instance first saw it there), and for each pool's backlog and
+//!   time to drain ([`crate::work::backlog`]), which also keeps the learned speeds in MySQL.
 //! - Failover: an instance silent for `daemon.instance_timeout` is dead. Its in-hand lists go back
 //!   to the head of their queues, its `pending` tasks go back to Redis, and its attempts' leases are
 //!   expired here on schedule (callbacks for them apply wherever they land).
@@ -31,6 +32,7 @@ use crate::obs::trouble::Trouble;
 use crate::shared::Shared;
 use crate::store::Ending;
 use crate::sync::Locked;
+use crate::work::backlog::{sample_sizes, QueueSample, SAMPLE};
 
 /// How often the loop runs.
 const TICK: Duration = Duration::from_millis(250);
@@ -47,12 +49,14 @@ pub(crate) fn run(shared: Arc<Shared>, client: redis::Client) {
     let mut last_beat: Option<Instant> = None;
     let mut redis: Option<redis::Connection> = None;
     let mut last_sync: Option<Instant> = None;
+    let mut backlog = crate::work::backlog::Backlog::default();
     // Work first, then wait: queue depths are there from the start.
     loop {
         shared.tick("qsys-maintenance");
         if last_beat.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             last_beat = Some(Instant::now());
-            measure_queues(&shared, &client, &mut redis);
+            let samples = measure_queues(&shared, &client, &mut redis);
+            backlog.update(&shared, &samples);
             // While MySQL does not answer there is nothing to do; the heartbeat thread finds out
             // every second, so no round trip of its own here.
             if !shared.problems().contains_key("mysql") {
@@ -102,20 +106,33 @@ pub(crate) fn run_heartbeat(shared: Arc<Shared>) {
     log::debug!("heartbeat stopped");
 }
 
-fn measure_queues(shared: &Shared, client: &redis::Client, conn: &mut Option<redis::Connection>) {
+/// Each queue's depth and head age, for status and metrics; returned, each queue's depth and
+/// the type and size of its first [`SAMPLE`] elements, for the pools' backlog (empty when
+/// Redis did not answer).
+fn measure_queues(
+    shared: &Shared,
+    client: &redis::Client,
+    conn: &mut Option<redis::Connection>,
+) -> Vec<QueueSample> {
     let queues = shared.config().redis.queues.clone();
     let c = match conn {
         Some(c) => c,
         None => match crate::work::poller::connect(client, Duration::from_secs(1)) {
             Ok(c) => conn.insert(c),
             // The poller reports Redis trouble; nothing to add here.
-            Err(_) => return,
+            Err(_) => return Vec::new(),
         },
     };
     let mut pipe = redis::pipe();
     for q in &queues {
-        pipe.cmd("LLEN").arg(q).cmd("LINDEX").arg(q).arg(0);
+        pipe.cmd("LLEN")
+            .arg(q)
+            .cmd("LRANGE")
+            .arg(q)
+            .arg(0)
+            .arg(SAMPLE - 1);
     }
+    let mut samples = Vec::with_capacity(queues.len());
     match pipe.query::<Vec<redis::Value>>(c) {
         Ok(replies) => {
             let mut depths = Vec::with_capacity(queues.len());
@@ -127,8 +144,15 @@ fn measure_queues(shared: &Shared, client: &redis::Client, conn: &mut Option<red
                     break;
                 };
                 let depth: u64 = redis::from_redis_value(len).unwrap_or(0);
-                let head: Option<Vec<u8>> = redis::from_redis_value(head).ok().flatten();
-                ages.insert(q.clone(), head_age(&mut heads, &q, head.as_deref()));
+                let head: Vec<Vec<u8>> = redis::from_redis_value(head).unwrap_or_default();
+                ages.insert(
+                    q.clone(),
+                    head_age(&mut heads, &q, head.first().map(Vec::as_slice)),
+                );
+                samples.push(QueueSample {
+                    depth,
+                    sizes: sample_sizes(&head),
+                });
                 depths.push((q, depth));
             }
             drop(heads);
@@ -137,6 +161,7 @@ fn measure_queues(shared: &Shared, client: &redis::Client, conn: &mut Option<red
         }
         Err(_) => *conn = None,
     }
+    samples
 }
 
 /// How long the task at the head of `queue` has waited, in seconds: from its `enqueued_at`

@@ -1,6 +1,7 @@
 //! The threads that move and run tasks: the poller, the dispatch and handler pools, the callback
 //! server and writer, the canceller and the maintenance thread.
 
+pub(crate) mod backlog;
 pub(crate) mod callback;
 pub(crate) mod cancel;
 pub(crate) mod dispatch;

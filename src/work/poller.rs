@@ -314,6 +314,7 @@ fn record(store: &Store, queue: &str, raws: &[Vec<u8>], parsed: Vec<Parsed>) -> 
             max_attempts: m.max_attempts,
             timeout_s: m.timeout_s,
             wait: *wait,
+            cost: m.cost(),
         })
         .collect();
     let verdicts = match accept_each(store, queue, &rows) {

@@ -19,6 +19,9 @@
 //!   that size (in response mode the answer's body is the result itself).
 //! - **A GPU that dies silently** ([`Fleet::fall_silent`]): it keeps accepting work and answering,
 //!   but never completes, heartbeats or frees anything again; unlike [`Fleet::vanish`] (bare 503s).
+//! - **Speeds and work sizes** ([`FleetConfig::speeds`], [`FleetConfig::per_cost`]): a task whose
+//!   body says how much work it is takes that work divided by its GPU's speed, so that placement by
+//!   predicted finish can be measured against a mixed fleet (`examples/placement.rs`).
 //!
 //! Threads: one `fake-gpu-N` per GPU serving its port, one `fake-timer` that fires due completions
 //! and heartbeats, and a few `fake-callback-N` that make the callback and heartbeat calls and answer
@@ -124,6 +127,17 @@ pub struct FleetConfig {
     pub heartbeat: Option<Duration>,
     /// When above 0, a `finished` completion carries a `result` whose JSON is about this many bytes.
     pub result_bytes: usize,
+    /// GPU i works at `speeds[i]` times the base speed. A missing entry (the default is empty), or
+    /// one that is not a positive finite number, means 1.0. Only sized work ([`Self::per_cost`])
+    /// feels it: the `delay` draw is the same on every GPU.
+    pub speeds: Vec<f64>,
+    /// When set, a task whose body carries a work size takes `size * per_cost / speed` on its GPU
+    /// instead of a `delay` draw. The size is what qsysd would read from the same fields: the body
+    /// is the task's `data` plus `task_id` and `callback_url`, so a numeric `cost`, else
+    /// `audio_seconds`, else `duration_s` (the first that is finite and not negative). Each task
+    /// runs on its own: a GPU is no slower for running several at once, as with slots that are
+    /// real hardware each. `None` (the default): every task draws from `delay`.
+    pub per_cost: Option<Duration>,
 }
 
 impl Default for FleetConfig {
@@ -143,6 +157,8 @@ impl Default for FleetConfig {
             cancel: CancelMode::Stop,
             heartbeat: None,
             result_bytes: 0,
+            speeds: Vec::new(),
+            per_cost: None,
         }
     }
 }
@@ -382,6 +398,28 @@ fn progress(elapsed: Duration, delay: Duration) -> f64 {
     }
     let fraction = (elapsed.as_secs_f64() / delay.as_secs_f64()).clamp(0.0, 1.0);
     (fraction * 100.0).round() / 100.0
+}
+
+/// The longest a sized task works: an absurd size must not overflow the timer's `Instant`s, and
+/// no test waits this long anyway.
+const MAX_WORK: Duration = Duration::from_secs(86_400);
+
+/// How long GPU `gpu` works on the task `body` describes, when the fleet sizes work
+/// ([`FleetConfig::per_cost`]) and the body says its size; `None`: draw from `delay`.
+fn sized_work(cfg: &FleetConfig, gpu: usize, body: &Value) -> Option<Duration> {
+    let per = cfg.per_cost?;
+    let size = ["cost", "audio_seconds", "duration_s"]
+        .iter()
+        .find_map(|k| {
+            body.get(k)?
+                .as_f64()
+                .filter(|size| size.is_finite() && *size >= 0.0)
+        })?;
+    let speed = (cfg.speeds.get(gpu).copied())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .unwrap_or(1.0);
+    let work = Duration::try_from_secs_f64(per.as_secs_f64() * size / speed).unwrap_or(MAX_WORK);
+    Some(work.min(MAX_WORK))
 }
 
 /// The attempt a callback URL names (`?attempt=N&token=T`, docs/contracts.md §5), if any.
@@ -672,6 +710,8 @@ fn dispatch(inner: &Inner, i: usize, mut req: Request, timer: &Sender<Timed>) {
         );
         return;
     };
+    // Read before the body is kept: it is moved into the stats.
+    let sized = sized_work(cfg, i, &body);
     stats.received.fetch_add(1, Ordering::SeqCst);
     *lock(&inner.stats.seen).entry(task_id.clone()).or_insert(0) += 1;
     lock(&inner.stats.bodies).insert(task_id.clone(), body);
@@ -690,7 +730,11 @@ fn dispatch(inner: &Inner, i: usize, mut req: Request, timer: &Sender<Timed>) {
     let now_running = stats.running.fetch_add(1, Ordering::SeqCst) + 1;
     bump_max(&stats.max_running, now_running);
     let (lo, hi) = cfg.delay;
-    let delay = if hi > lo { rng.gen_range(lo..=hi) } else { lo };
+    let delay = match sized {
+        Some(work) => work,
+        None if hi > lo => rng.gen_range(lo..=hi),
+        None => lo,
+    };
     let status = if rng.gen_bool(cfg.task_fail_rate.clamp(0.0, 1.0)) {
         "failed"
     } else {
@@ -941,6 +985,60 @@ mod tests {
         assert_eq!(attempt_of("http://h/cb?attempt=12&token=x"), Some(12));
         assert_eq!(attempt_of("http://h/cb?token=x&attempt=2"), Some(2));
         assert_eq!(attempt_of("http://h/cb"), None);
+    }
+
+    #[test]
+    fn sized_work_is_its_size_over_the_gpu_speed() {
+        let cfg = FleetConfig {
+            speeds: vec![1.0, 2.0, 0.0],
+            per_cost: Some(Duration::from_millis(1)),
+            ..FleetConfig::default()
+        };
+        let ms = |gpu, body| sized_work(&cfg, gpu, &body).map(|d| d.as_secs_f64() * 1e3);
+        let near = |got: Option<f64>, want: f64| got.is_some_and(|g| (g - want).abs() < 1e-3);
+        assert!(near(ms(0, json!({"cost": 100})), 100.0));
+        assert!(near(ms(1, json!({"cost": 100})), 50.0), "2x: half the time");
+        // A speed that is no speed, or none at all: the base speed.
+        assert!(near(ms(2, json!({"cost": 100})), 100.0));
+        assert!(near(ms(9, json!({"cost": 100})), 100.0));
+        // `cost` first, then `audio_seconds`, then `duration_s`; one that is no size is passed over.
+        let all = json!({"cost": 3, "audio_seconds": 7, "duration_s": 9});
+        assert!(near(ms(0, all), 3.0));
+        assert!(near(ms(0, json!({"cost": "3", "audio_seconds": 7.5})), 7.5));
+        assert!(near(ms(0, json!({"cost": -1, "duration_s": 9})), 9.0));
+        assert_eq!(ms(0, json!({"s3_key": "a.wav"})), None);
+        assert_eq!(sized_work(&cfg, 0, &json!({"cost": 1e300})), Some(MAX_WORK));
+        let plain = FleetConfig {
+            per_cost: None,
+            ..cfg.clone()
+        };
+        assert_eq!(sized_work(&plain, 0, &json!({"cost": 100})), None);
+    }
+
+    #[test]
+    fn a_fast_gpu_finishes_the_same_work_first() {
+        let sink = sink();
+        let f = Fleet::start(FleetConfig {
+            gpus: 2,
+            speeds: vec![1.0, 4.0],
+            per_cost: Some(Duration::from_millis(2)),
+            ..FleetConfig::default()
+        })
+        .expect("start the fleet");
+        let started = Instant::now();
+        let task = |id: &str| json!({"task_id": id, "cost": 100, "callback_url": sink.url});
+        assert_eq!(post(&f.urls()[0], task("slow")).0, 202);
+        assert_eq!(post(&f.urls()[1], task("fast")).0, 202);
+        let next = || {
+            let body = (sink.bodies.recv_timeout(Duration::from_secs(5))).expect("a callback");
+            assert_eq!(body["status"], "finished", "{body}");
+            body["task_id"].clone()
+        };
+        // 50 ms of work at 4x, 200 ms at 1x.
+        assert_eq!(next(), "fast");
+        assert_eq!(next(), "slow");
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        f.stop();
     }
 
     #[test]

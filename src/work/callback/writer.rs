@@ -354,6 +354,7 @@ mod tests {
                                 slot: None,
                                 next: Next::Done(state),
                                 age: None,
+                                work: None,
                             }
                         }
                     }
@@ -525,6 +526,7 @@ mod tests {
             slot: None,
             next: Next::Done(State::Cancelled),
             age: None,
+            work: None,
         };
         let (status, body, label) = answer(&report("a", Outcome::Finished), 1, Ok(&cancelled));
         assert_eq!((status, label), (409, "cancelled"));

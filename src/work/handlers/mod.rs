@@ -85,7 +85,7 @@ fn run_one(shared: &Shared, agent: &ureq::Agent, task: &Task) {
     let handler = config.types.get(&task.msg.kind);
     let configured = match handler {
         Some(Handler::Exec { timeout, .. } | Handler::Http { timeout, .. }) => *timeout,
-        Some(Handler::Gpu) | None => {
+        Some(Handler::Gpu { .. }) | None => {
             log::info!(task_id; "task type changed by a reload; placed again");
             shared.retry_later(task_id, Duration::ZERO);
             return;
@@ -127,7 +127,7 @@ fn run_one(shared: &Shared, agent: &ureq::Agent, task: &Task) {
         Some(Handler::Http {
             url, bearer_token, ..
         }) => run_http(agent, url, bearer_token.as_ref(), &input, timeout),
-        Some(Handler::Gpu) | None => unreachable!("the handler was matched above"),
+        Some(Handler::Gpu { .. }) | None => unreachable!("the handler was matched above"),
     };
     if result.is_err() {
         shared.count(Trouble::Handler);
