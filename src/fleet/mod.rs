@@ -135,17 +135,33 @@ impl Gpu {
         self.serving() && self.busy() < self.usable() && self.free_cell().is_some()
     }
 
-    /// When its first running attempt is predicted to end, from now; `None` if an attempt's
-    /// end is unknown (its size or the speed) or overdue.
-    fn frees_in(&self, now: Instant) -> Option<Duration> {
+    /// When its first slot is predicted to free, from now: its running attempts' predicted
+    /// ends, each followed by the work of the tasks this round already waits for here
+    /// (`promised`, in seconds on this GPU, in order), as a list scheduler would place them.
+    /// `None` if an attempt's end is unknown (its size or the speed) or long overdue.
+    fn frees_in(&self, now: Instant, promised: impl Iterator<Item = f64>) -> Option<Duration> {
         let speed = self.speed.estimate()?;
-        let mut first: Option<Duration> = None;
+        let mut ends = Vec::with_capacity(self.cells.len());
         for h in self.cells.iter().flatten() {
-            let end = h.since + Duration::from_secs_f64((h.cost? / speed).min(1e9));
-            let left = end.checked_duration_since(now)?;
-            first = Some(first.map_or(left, |f| f.min(left)));
+            let predicted = (h.cost? / speed).min(1e9);
+            let ran = now.duration_since(h.since).as_secs_f64();
+            // A little late is the estimate's error (the attempt ends any moment); far later,
+            // the estimate says nothing.
+            if ran > predicted * (1.0 + OVERDUE) {
+                return None;
+            }
+            ends.push((predicted - ran).max(0.0));
         }
-        first
+        for work in promised {
+            let (i, first) = ends
+                .iter()
+                .copied()
+                .enumerate()
+                .min_by(|a, b| a.1.total_cmp(&b.1))?;
+            ends[i] = first + work;
+        }
+        let first = ends.into_iter().reduce(f64::min)?;
+        Some(Duration::from_secs_f64(first.min(1e9)))
     }
 
     /// Work its running attempts have left, by their sizes and its speed; an attempt of
@@ -199,7 +215,14 @@ pub(crate) struct SlotMatrix {
     cursor: usize,
     /// Each pool's recent task sizes.
     sizes: HashMap<String, Sizes>,
+    /// This round's tasks told to wait for a busy GPU: (row, seconds of work there). Each will
+    /// take that GPU's next free slot, so the next task's wait there starts after it.
+    promised: Vec<(usize, f64)>,
 }
+
+/// An attempt running this much (a share of its predicted time) past its predicted end makes its
+/// GPU's next free slot unknown: nobody waits for it.
+const OVERDUE: f64 = 0.5;
 
 /// What [`SlotMatrix::place`] found for a task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -278,6 +301,7 @@ impl SlotMatrix {
             gpus: endpoints.iter().cloned().map(Gpu::new).collect(),
             cursor: 0,
             sizes: HashMap::new(),
+            promised: Vec::new(),
         }
     }
 
@@ -345,7 +369,13 @@ impl SlotMatrix {
                     },
                     usable: gpu.usable(),
                     speed: gpu.speed.estimate(),
-                    frees_in: gpu.frees_in(now),
+                    frees_in: gpu.frees_in(
+                        now,
+                        self.promised
+                            .iter()
+                            .filter(|(row, _)| *row == g)
+                            .map(|(_, work)| *work),
+                    ),
                 }
             })
             .collect();
@@ -355,7 +385,13 @@ impl SlotMatrix {
         };
         let g = match choice {
             None => return Place::Full,
-            Some(Choice::Wait) => return Place::Wait,
+            Some(Choice::Wait(i)) => {
+                let speed = candidates[i].speed.expect("a GPU waited for has a speed");
+                let work = cost.expect("a task that waits has a cost") / speed;
+                drop(candidates);
+                self.promised.push((rows[i], work));
+                return Place::Wait;
+            }
             Some(Choice::Slot(i)) => rows[i],
         };
         self.cursor = (g + 1) % n;
@@ -363,6 +399,11 @@ impl SlotMatrix {
             .free_cell()
             .expect("an open GPU has a free cell");
         Place::Slot(SlotRef { gpu: g, slot })
+    }
+
+    /// Starts a placement round: no task waits for a busy GPU yet.
+    pub(crate) fn new_round(&mut self) {
+        self.promised.clear();
     }
 
     /// A pool's usual task size: the median of those recently placed.
@@ -937,6 +978,53 @@ mod tests {
         assert_eq!(m.total(), 6);
         assert!(pick(&mut m, None)
             .is_some_and(|at| m.endpoint(at.gpu).id == "g1"));
+    }
+
+    fn predict(m: &mut SlotMatrix, cost: f64) -> Place {
+        m.place("default", Some(cost), None, Placement::PredictedFinish)
+    }
+
+    #[test]
+    fn tasks_wait_for_a_fast_gpu_in_turn_and_the_next_takes_a_free_slot() {
+        // g0: 4 slots at 1 unit/s; g1: 1 slot at 4 units/s, busy for 10 more seconds.
+        let mut m = matrix(&[("g0", 4), ("g1", 1)]);
+        m.reseed(&HashMap::from([("g0".into(), 1.0), ("g1".into(), 4.0)]));
+        m.occupy(
+            SlotRef { gpu: 1, slot: 0 },
+            Holder::new("running".into(), 1, Some(40.0)),
+        );
+        m.new_round();
+        // An hour of audio: 3600 s on g0, or 10 + 900 s on g1.
+        assert_eq!(predict(&mut m, 3600.0), Place::Wait);
+        // The next one would start on g1 after the first: 910 + 900 s, still well ahead.
+        assert_eq!(predict(&mut m, 3600.0), Place::Wait);
+        // The third would start at 1810 s: 2710 s is no longer clearly sooner than 3600 s.
+        assert_eq!(
+            predict(&mut m, 3600.0),
+            Place::Slot(SlotRef { gpu: 0, slot: 0 })
+        );
+        // A new round starts from what runs.
+        m.new_round();
+        assert_eq!(predict(&mut m, 3600.0), Place::Wait);
+        // Least-loaded never waits.
+        assert_eq!(pick(&mut m, None), Some(SlotRef { gpu: 0, slot: 0 }));
+    }
+
+    #[test]
+    fn pools_keep_their_own_gpus() {
+        let mut eps = endpoints(&[("a0", 1), ("b0", 1)]);
+        Arc::make_mut(&mut eps[1]).pool = "b".into();
+        let mut m = SlotMatrix::new(&eps);
+        let place = |m: &mut SlotMatrix, pool| m.place(pool, None, None, Placement::LeastLoaded);
+        assert_eq!(place(&mut m, "b"), Place::Slot(SlotRef { gpu: 1, slot: 0 }));
+        m.occupy(SlotRef { gpu: 1, slot: 0 }, holder("x"));
+        // b is full: a's free slot is not offered to it.
+        assert_eq!(place(&mut m, "b"), Place::Full);
+        assert!(m.pool_open("default") && !m.pool_open("b"));
+        assert_eq!(place(&mut m, "nobody"), Place::Full);
+        let pools = m.pools();
+        assert_eq!(pools.len(), 2);
+        assert_eq!((pools[0].pool.as_str(), pools[0].slots_busy), ("b", 1));
     }
 
     #[test]

@@ -58,8 +58,9 @@ impl Candidate<'_> {
 pub(crate) enum Choice {
     /// Use a free slot of the candidate at this index.
     Slot(usize),
-    /// Keep the task: a busy GPU will end it clearly sooner than any free one.
-    Wait,
+    /// Keep the task: the busy candidate at this index will end it clearly sooner than any
+    /// free one.
+    Wait(usize),
 }
 
 /// A task waits for a busy GPU only if it is predicted to end there this much sooner (as a share
@@ -127,11 +128,14 @@ pub(crate) fn predicted_finish(
     let best_open = open.iter().map(|(_, f)| *f).fold(f64::INFINITY, f64::min);
     let best_busy = candidates
         .iter()
-        .filter(|c| !c.open() && eligible(c) && c.id != avoid.unwrap_or_default())
-        .filter_map(|c| c.finish(cost))
-        .fold(f64::INFINITY, f64::min);
-    if best_busy < best_open * (1.0 - WAIT_GAIN) {
-        return Some(Choice::Wait);
+        .enumerate()
+        .filter(|(_, c)| !c.open() && eligible(c) && Some(c.id) != avoid)
+        .filter_map(|(i, c)| Some((i, c.finish(cost)?)))
+        .min_by(|a, b| a.1.total_cmp(&b.1));
+    if let Some((i, f)) = best_busy {
+        if f < best_open * (1.0 - WAIT_GAIN) {
+            return Some(Choice::Wait(i));
+        }
     }
     // The near-best open GPUs, settled by load and rotation.
     let tied: Vec<Candidate<'_>> = open
@@ -211,7 +215,7 @@ mod tests {
         // An hour of audio: 3600 s on slow, 10 + 900 s on fast.
         assert_eq!(
             predicted_finish(&fleet, Some(3600.0), None),
-            Some(Choice::Wait)
+            Some(Choice::Wait(1))
         );
         // Ten seconds of audio: 10 s on slow now, 12.5 s on fast later.
         assert_eq!(

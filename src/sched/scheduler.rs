@@ -434,6 +434,7 @@ impl<S: Claims> Scheduler<S> {
                 .collect()
         };
         let crowded = self.pending.len() >= PREFETCH;
+        self.shared.slots().new_round();
         for _ in 0..self.pending.len() {
             let task = self.pending.pop_front().expect("len checked");
             let handler = self.shared.config().types.get(&task.msg.kind).cloned();
