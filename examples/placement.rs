@@ -36,6 +36,7 @@
 //! with the command line, the machine, the settings and the table.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::io::Write;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -169,9 +170,10 @@ impl Setup {
             policy.config_name()
         );
         for (id, url) in self.ids.iter().zip(self.fleet.urls()) {
-            s.push_str(&format!(
-                "[[gpu.endpoints]]\nid = \"{id}\"\nurl = \"{url}\"\npool = \"default\"\n"
-            ));
+            writeln!(
+                s,
+                "[[gpu.endpoints]]\nid = \"{id}\"\nurl = \"{url}\"\npool = \"default\""
+            )?;
         }
         let path = self
             .dir
@@ -249,7 +251,7 @@ impl Daemon {
     fn drain_eta(&self) -> anyhow::Result<(f64, Option<f64>)> {
         let before = unix_now();
         let status = self.status()?;
-        let at = (before + unix_now()) / 2.0;
+        let at = f64::midpoint(before, unix_now());
         let pool =
             (status["pools"].as_array().into_iter().flatten()).find(|p| p["pool"] == "default");
         Ok((at, pool.and_then(|p| p["time_to_drain_s"].as_f64())))
@@ -309,6 +311,19 @@ struct Round {
     /// Long tasks on fast GPUs, of long tasks.
     long_fast: (usize, usize),
     speeds: Vec<(String, Option<f64>)>,
+}
+
+impl Round {
+    /// The ETA error and the long-on-fast share, as printed.
+    fn cells(&self) -> (String, String) {
+        let eta = self.eta_error.map_or("n/a".into(), |e| format!("{e:+.1}%"));
+        let (fast, of) = self.long_fast;
+        let share = format!(
+            "{:.0}% ({fast}/{of})",
+            100.0 * fast as f64 / of.max(1) as f64
+        );
+        (eta, share)
+    }
 }
 
 /// Runs `audio` under `policy` as tasks `TAG-i` on a qsysd of its own, until all are finished.
@@ -454,7 +469,7 @@ fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
     if n == 0 {
         return (f64::NAN, f64::NAN, f64::NAN);
     }
-    ((v[(n - 1) / 2] + v[n / 2]) / 2.0, v[0], v[n - 1])
+    (f64::midpoint(v[(n - 1) / 2], v[n / 2]), v[0], v[n - 1])
 }
 
 fn reset() -> anyhow::Result<()> {
@@ -551,32 +566,33 @@ fn main() -> anyhow::Result<()> {
         for policy in [Policy::LeastLoaded, Policy::PredictedFinish] {
             let tag = format!("{}{k}", policy.short().to_lowercase());
             let r = run_round(&setup, policy, &tag, &audio, timeout)?;
-            let eta = r.eta_error.map_or("n/a".into(), |e| format!("{e:+.1}%"));
-            let (fast, of) = r.long_fast;
-            let share = format!(
-                "{:.0}% ({fast}/{of})",
-                100.0 * fast as f64 / of.max(1) as f64
-            );
+            let (eta, share) = r.cells();
+            let p = policy.short();
             println!(
-                "round {k} {}: makespan {:.2} s, enqueue->finish mean {:.2} s p95 {:.2} s, \
+                "round {k} {p}: makespan {:.2} s, enqueue->finish mean {:.2} s p95 {:.2} s, \
                  ETA error {eta}, long on fast {share}",
-                policy.short(),
-                r.makespan,
-                r.mean,
-                r.p95
+                r.makespan, r.mean, r.p95
             );
             table.push(format!(
-                "| {k} | {} | {:.2} | {:.2} | {:.2} | {eta} | {share} |",
-                policy.short(),
-                r.makespan,
-                r.mean,
-                r.p95
+                "| {k} | {p} | {:.2} | {:.2} | {:.2} | {eta} | {share} |",
+                r.makespan, r.mean, r.p95
             ));
             rounds.push(r);
         }
     }
     drop(setup);
+    let summary = summarize(&rounds);
+    for line in &summary {
+        println!("{line}");
+    }
+    if let Some(path) = &a.record {
+        record(path, &settings, &table, &summary)?;
+    }
+    Ok(())
+}
 
+/// Per policy the median and range of makespan and p95, and PF's gain over LL round by round.
+fn summarize(rounds: &[Round]) -> Vec<String> {
     let of = |p: Policy, f: fn(&Round) -> f64| -> Vec<f64> {
         rounds.iter().filter(|r| r.policy == p).map(f).collect()
     };
@@ -586,9 +602,8 @@ fn main() -> anyhow::Result<()> {
     for p in [Policy::LeastLoaded, Policy::PredictedFinish] {
         let (m, m_lo, m_hi) = spread(of(p, makespan));
         let (q, q_lo, q_hi) = spread(of(p, p95));
-        let etas: Vec<f64> = (rounds.iter().filter(|r| r.policy == p))
-            .filter_map(|r| r.eta_error)
-            .collect();
+        let mine = || rounds.iter().filter(move |r| r.policy == p);
+        let etas: Vec<f64> = mine().filter_map(|r| r.eta_error).collect();
         let eta = match etas.len() {
             0 => "n/a".to_string(),
             n => {
@@ -596,8 +611,7 @@ fn main() -> anyhow::Result<()> {
                 format!("{e:+.1}% ({lo:+.1}% to {hi:+.1}%, {n} rounds)")
             }
         };
-        let (fast, long) = (rounds.iter().filter(|r| r.policy == p))
-            .fold((0, 0), |(f, l), r| (f + r.long_fast.0, l + r.long_fast.1));
+        let (fast, long) = mine().fold((0, 0), |(f, l), r| (f + r.long_fast.0, l + r.long_fast.1));
         summary.push(format!(
             "{}: makespan median {m:.2} s ({m_lo:.2}-{m_hi:.2}), p95 median {q:.2} s \
              ({q_lo:.2}-{q_hi:.2}), ETA error median {eta}, long on fast {:.0}% overall",
@@ -606,49 +620,45 @@ fn main() -> anyhow::Result<()> {
         ));
     }
     // Round k of LL against round k of PF: each pair ran back to back.
-    let gain = |f: fn(&Round) -> f64| {
-        let (ll, pf) = (of(Policy::LeastLoaded, f), of(Policy::PredictedFinish, f));
-        spread(
-            ll.iter()
-                .zip(&pf)
-                .map(|(l, p)| (l - p) / l * 100.0)
-                .collect(),
-        )
-    };
     for (what, f) in [("makespan", makespan), ("p95", p95)] {
-        let (g, lo, hi) = gain(f);
+        let (ll, pf) = (of(Policy::LeastLoaded, f), of(Policy::PredictedFinish, f));
+        let gains: Vec<f64> = ll
+            .iter()
+            .zip(&pf)
+            .map(|(l, p)| (l - p) / l * 100.0)
+            .collect();
+        let n = gains.len();
+        let (g, lo, hi) = spread(gains);
         summary.push(format!(
-            "PF over LL, {what}: {g:+.1}% better (median of {} paired rounds, {lo:+.1}% to {hi:+.1}%)",
-            a.rounds
+            "PF over LL, {what}: {g:+.1}% better (median of {n} paired rounds, {lo:+.1}% to {hi:+.1}%)"
         ));
     }
-    for line in &summary {
-        println!("{line}");
-    }
+    summary
+}
 
-    if let Some(path) = &a.record {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| path.display().to_string())?;
-        let date = Command::new("date")
-            .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default();
-        let cmd: Vec<String> = std::env::args().collect();
-        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-        writeln!(
-            f,
-            "\n### Placement, least-loaded vs predicted finish: run of {date}\n"
-        )?;
-        writeln!(f, "Command: `{}`\n", cmd.join(" "))?;
-        writeln!(f, "Machine: {cores} cores (nproc); settings: {settings}.\n")?;
-        writeln!(f, "{}\n", table.join("\n"))?;
-        for line in &summary {
-            writeln!(f, "- {line}")?;
-        }
+/// Appends a dated section to the Markdown file `path`.
+fn record(path: &Path, settings: &str, table: &[String], summary: &[String]) -> anyhow::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| path.display().to_string())?;
+    let date = Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let cmd: Vec<String> = std::env::args().collect();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    writeln!(
+        f,
+        "\n### Placement, least-loaded vs predicted finish: run of {date}\n"
+    )?;
+    writeln!(f, "Command: `{}`\n", cmd.join(" "))?;
+    writeln!(f, "Machine: {cores} cores (nproc); settings: {settings}.\n")?;
+    writeln!(f, "{}\n", table.join("\n"))?;
+    for line in summary {
+        writeln!(f, "- {line}")?;
     }
     Ok(())
 }

@@ -802,6 +802,50 @@ mod tests {
     }
 
     #[test]
+    fn pools_speeds_and_placement() {
+        let c = load(MINIMAL).expect("valid");
+        assert_eq!(c.gpus[0].pool, "default");
+        assert_eq!(c.gpus[0].speed, None);
+        assert_eq!(c.placement, Placement::PredictedFinish);
+        let text = MINIMAL.replace(
+            "[[gpu.endpoints]]",
+            "[gpu]\npool = \"large\"\nplacement = \"least_loaded\"\n\
+             [types.asr]\nhandler = \"gpu\"\npool = \"large\"\n[[gpu.endpoints]]",
+        ) + "speed = 2.5\n[[gpu.endpoints]]\nid = \"g1\"\nurl = \"http://h/g1\"\npool = \"small\"\n";
+        let c = load(&text).expect("valid");
+        assert_eq!((c.gpus[0].pool.as_str(), c.gpus[0].speed), ("large", Some(2.5)));
+        assert_eq!(c.gpus[1].pool, "small");
+        assert_eq!(c.placement, Placement::LeastLoaded);
+        assert!(matches!(&c.types["asr"], Handler::Gpu { pool } if pool == "large"));
+        // Each error names its key and value.
+        for (bad, key, value) in [
+            ("[gpu]\nplacement = \"fastest\"\n", "gpu.placement", "fastest"),
+            ("[gpu]\nspeed = 2.0\n", "gpu.speed", "2"),
+            ("[gpu]\npool = \"a b\"\n", "gpu.pool", "a b"),
+            ("[types.asr]\nhandler = \"gpu\"\npool = \"nowhere\"\n", "types.asr.pool", "nowhere"),
+            (
+                "[types.mail]\nhandler = \"exec\"\ncommand = [\"/bin/true\"]\npool = \"x\"\n",
+                "types.mail.pool",
+                "",
+            ),
+        ] {
+            let e = err(&MINIMAL.replace("[[gpu.endpoints]]", &format!("{bad}[[gpu.endpoints]]")));
+            assert!(e.contains(key) && e.contains(value), "{bad}: {e}");
+        }
+        for (line, key) in [
+            ("speed = 0.0", "speed"),
+            ("speed = -1.0", "speed"),
+            ("speed = nan", "speed"),
+            ("speed = inf", "speed"),
+            ("pool = \"\"", "pool"),
+            ("placement = \"least_loaded\"", "placement"),
+        ] {
+            let e = err(&format!("{MINIMAL}{line}\n"));
+            assert!(e.contains(&format!("gpu.endpoints[0].{key}")), "{line}: {e}");
+        }
+    }
+
+    #[test]
     fn endpoint_overrides_defaults() {
         let text = MINIMAL.replace(
             "[[gpu.endpoints]]",

@@ -40,6 +40,7 @@ const TASK_FIELDS: &[&str] = &[
     "timeout_s",
     "run_at",
     "delay_s",
+    "cost",
 ];
 
 /// How tasks are checked and where they go.
@@ -675,6 +676,35 @@ mod tests {
         event(&rules(), v)
             .expect_err("event should be refused")
             .to_string()
+    }
+
+    /// Work sizes (issue 18): a task's own `cost` passes through as qsysd checks it, `--cost`
+    /// fills in for tasks without one, and a bad cost is a problem naming its place.
+    #[test]
+    fn costs_are_checked_like_qsysd() {
+        let mut r = rules();
+        r.cost = Some(30.0);
+        let (_, out) = event(
+            &r,
+            serde_json::json!({"tasks": [
+                task("a", "1"),
+                {"type": "a", "data": {}, "cost": 3600},
+            ]}),
+        )
+        .expect("valid");
+        assert!(out[0].json.contains(r#""cost":30"#), "{}", out[0].json);
+        assert!(out[1].json.contains(r#""cost":3600"#), "{}", out[1].json);
+        let parsed = crate::contract::message::parse(out[1].json.as_bytes(), String::new)
+            .expect("qsysd reads what qsys-push writes");
+        assert_eq!(parsed.cost(), Some(3600.0));
+        for bad in [
+            serde_json::json!({"type": "a", "cost": -1}),
+            serde_json::json!({"type": "a", "cost": "1h"}),
+            serde_json::json!({"type": "a", "cost": 2e9}),
+        ] {
+            let e = event(&rules(), bad.clone()).expect_err("a bad cost").to_string();
+            assert!(e.contains("cost"), "{bad}: {e}");
+        }
     }
 
     /// Delays (issue 17): a task's own `run_at`/`delay_s` pass through as qsysd checks them, the
