@@ -27,7 +27,8 @@
 //! Per round:
 //! - makespan: the first push (this clock) to the last `finished_at` (MySQL's, same host);
 //! - enqueue -> finish mean and p95: each task's `enqueued_at` (qsys-push's stamp) to `finished_at`;
-//! - ETA error: about 1 s after the push, `GET /status` gives `time_to_drain_s` of pool `default`;
+//! - ETA error: 2 s after the push (qsysd works the backlog out every second), `GET /status`
+//!   gives `time_to_drain_s` of pool `default`;
 //!   (predicted - actual) / actual drain, both counted from that sample, signed;
 //! - long on fast: the share of long tasks whose finished attempt ran on a fast GPU.
 //!
@@ -50,6 +51,9 @@ use mysql::prelude::Queryable;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
+
+/// When the round's ETA is read: after the push, once qsysd has measured the queue twice.
+const ETA_AFTER: Duration = Duration::from_secs(2);
 
 #[derive(Parser)]
 struct Args {
@@ -352,7 +356,7 @@ fn run_round(
     let like = format!("'{tag}-%'");
     let mut sample = None;
     loop {
-        if sample.is_none() && t0.elapsed() >= Duration::from_secs(1) {
+        if sample.is_none() && t0.elapsed() >= ETA_AFTER {
             sample = Some(daemon.drain_eta().unwrap_or_else(|e| {
                 eprintln!("{tag}: no ETA sample: {e:#}");
                 (unix_now(), None)
@@ -490,6 +494,9 @@ fn main() -> anyhow::Result<()> {
     if a.tasks == 0 || a.rounds == 0 || a.slots == 0 || a.slow + a.fast == 0 {
         bail!("--tasks, --rounds, --slots and the fleet must not be 0");
     }
+    if !(a.ms_per_unit > 0.0 && a.ms_per_unit.is_finite() && a.fast_speed > 0.0) {
+        bail!("--ms-per-unit and --fast-speed must be positive");
+    }
     let dir = std::env::temp_dir().join("qsys-placement");
     std::fs::create_dir_all(&dir)?;
     reset()?;
@@ -543,7 +550,7 @@ fn main() -> anyhow::Result<()> {
         let warm = workload(a.warmup, a.seed ^ 0x5eed);
         let w = run_round(&setup, Policy::LeastLoaded, "warm", &warm, timeout)?;
         let learned: Vec<String> = (w.speeds.iter())
-            .map(|(id, s)| format!("{id} {}", s.map_or("-".into(), |s| format!("{s:.0}"))))
+            .map(|(id, s)| format!("{id} {}", s.map_or("-".into(), |s| format!("{s:.1}"))))
             .collect();
         println!(
             "warm-up: {} tasks in {:.1} s; learned speeds (cost units/s): {}",

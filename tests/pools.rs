@@ -104,7 +104,11 @@ fn a_pool_with_no_gpu_up_waits_and_does_not_block_another_pool() {
         env.states()
     );
     assert!(fleet.stats().seen().values().all(|&n| n == 1));
-    assert_eq!(fleet.stats().received(1), 20, "small's gpu ran only small tasks");
+    assert_eq!(
+        fleet.stats().received(1),
+        20,
+        "small's gpu ran only small tasks"
+    );
     assert!(fleet.stats().max_running(0) <= 4 && fleet.stats().max_running(1) <= 4);
     stop(daemon);
 }
@@ -138,13 +142,17 @@ fn speed_is_learned_from_finished_attempts_and_survives_a_restart() {
         .iter()
         .map(|g| g.speed.expect("learned"))
         .collect();
-    println!("learned speeds: g0 {:.0}/s, g1 {:.0}/s", speeds[0], speeds[1]);
+    println!(
+        "learned speeds: g0 {:.0}/s, g1 {:.0}/s",
+        speeds[0], speeds[1]
+    );
     assert!(speeds[0] > 500.0 && speeds[0] <= 1000.0, "{speeds:?}");
     assert!(speeds[1] > 2.5 * speeds[0], "{speeds:?}");
     // In /status and /metrics too.
     let doc = status(&daemon);
     assert!(doc["gpus"][1]["speed"].as_f64().is_some_and(|s| s > 0.0));
-    assert!(wait_for(Duration::from_secs(5), || status(&daemon)["pools"][0]["capacity"]
+    assert!(wait_for(Duration::from_secs(5), || status(&daemon)
+        ["pools"][0]["capacity"]
         .as_f64()
         .is_some_and(|c| c > 0.0)));
     let (_, metrics) = call(daemon.admin_addr(), "GET", "/metrics", "");
@@ -190,7 +198,8 @@ fn predicted_finish_sends_long_files_to_the_fast_gpu_and_never_exceeds_a_slot() 
     }
     env.push_raw("q1", &all);
     assert!(
-        wait_for(Duration::from_secs(60), || env.count("state = 'finished'") == 44),
+        wait_for(Duration::from_secs(60), || env.count("state = 'finished'")
+            == 44),
         "{:?}",
         env.states()
     );
@@ -233,7 +242,8 @@ fn a_reload_moves_a_gpu_between_pools_without_losing_or_doubling_a_task() {
     daemon.apply_config(env.config(&after));
     assert_eq!(daemon.slots()[1].pool, "a");
     assert!(
-        wait_for(Duration::from_secs(60), || env.count("state = 'finished'") == 120),
+        wait_for(Duration::from_secs(60), || env.count("state = 'finished'")
+            == 120),
         "{:?}",
         env.states()
     );
@@ -246,9 +256,11 @@ fn a_reload_moves_a_gpu_between_pools_without_losing_or_doubling_a_task() {
         moved_at[0]
     ));
     assert_eq!(late_diar_on_g1, 0);
-    assert!(env.count(&format!(
-        "task_id LIKE 'asr-%' AND gpu_id = 'g1' AND dispatched_at > '{}'",
-        moved_at[0]
-    )) > 0);
+    assert!(
+        env.count(&format!(
+            "task_id LIKE 'asr-%' AND gpu_id = 'g1' AND dispatched_at > '{}'",
+            moved_at[0]
+        )) > 0
+    );
     stop(daemon);
 }

@@ -129,7 +129,11 @@ fn pools(shared: &Shared, out: &mut String) {
     );
     for d in &pools {
         let pool = label(&d.view.pool);
-        let _ = writeln!(out, "qsys_backlog_cost{{pool=\"{pool}\"}} {}", d.backlog_cost);
+        let _ = writeln!(
+            out,
+            "qsys_backlog_cost{{pool=\"{pool}\"}} {}",
+            d.backlog_cost
+        );
     }
     out.push_str(
         "# HELP qsys_time_to_drain_seconds A pool's backlog over its learned capacity (absent \

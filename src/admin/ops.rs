@@ -434,9 +434,18 @@ mod tests {
             "problems": {}
         });
         let t = status_table(&doc);
-        assert!(t.contains("g0           default    up              1/4     3.25"), "{t}");
-        assert!(t.contains("g1           default    drained         0/4        -"), "{t}");
-        assert!(t.contains("default          1/2       1/4       13.00          650       50s"), "{t}");
+        assert!(
+            t.contains("g0           default    up              1/4     3.25"),
+            "{t}"
+        );
+        assert!(
+            t.contains("g1           default    drained         0/4        -"),
+            "{t}"
+        );
+        assert!(
+            t.contains("default          1/2       1/4       13.00          650       50s"),
+            "{t}"
+        );
         assert!(t.contains("g1: connection failed"));
         assert!(t.contains("task_queue_1") && t.contains("7"));
         assert!(t.contains("finished") && !t.contains("PROBLEMS"));

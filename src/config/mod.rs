@@ -27,8 +27,8 @@ mod tls;
 mod validate;
 
 pub use crate::secret::Secret;
-pub use duration::{format_duration, parse_duration};
 pub(crate) use duration::format_span;
+pub use duration::{format_duration, parse_duration};
 pub(crate) use env::hostname;
 pub use env::{process_env, producer_env, Env};
 pub(crate) use producer::ProducerConfig;
@@ -813,16 +813,27 @@ mod tests {
              [types.asr]\nhandler = \"gpu\"\npool = \"large\"\n[[gpu.endpoints]]",
         ) + "speed = 2.5\n[[gpu.endpoints]]\nid = \"g1\"\nurl = \"http://h/g1\"\npool = \"small\"\n";
         let c = load(&text).expect("valid");
-        assert_eq!((c.gpus[0].pool.as_str(), c.gpus[0].speed), ("large", Some(2.5)));
+        assert_eq!(
+            (c.gpus[0].pool.as_str(), c.gpus[0].speed),
+            ("large", Some(2.5))
+        );
         assert_eq!(c.gpus[1].pool, "small");
         assert_eq!(c.placement, Placement::LeastLoaded);
         assert!(matches!(&c.types["asr"], Handler::Gpu { pool } if pool == "large"));
         // Each error names its key and value.
         for (bad, key, value) in [
-            ("[gpu]\nplacement = \"fastest\"\n", "gpu.placement", "fastest"),
+            (
+                "[gpu]\nplacement = \"fastest\"\n",
+                "gpu.placement",
+                "fastest",
+            ),
             ("[gpu]\nspeed = 2.0\n", "gpu.speed", "2"),
             ("[gpu]\npool = \"a b\"\n", "gpu.pool", "a b"),
-            ("[types.asr]\nhandler = \"gpu\"\npool = \"nowhere\"\n", "types.asr.pool", "nowhere"),
+            (
+                "[types.asr]\nhandler = \"gpu\"\npool = \"nowhere\"\n",
+                "types.asr.pool",
+                "nowhere",
+            ),
             (
                 "[types.mail]\nhandler = \"exec\"\ncommand = [\"/bin/true\"]\npool = \"x\"\n",
                 "types.mail.pool",
@@ -841,7 +852,10 @@ mod tests {
             ("placement = \"least_loaded\"", "placement"),
         ] {
             let e = err(&format!("{MINIMAL}{line}\n"));
-            assert!(e.contains(&format!("gpu.endpoints[0].{key}")), "{line}: {e}");
+            assert!(
+                e.contains(&format!("gpu.endpoints[0].{key}")),
+                "{line}: {e}"
+            );
         }
     }
 

@@ -435,7 +435,11 @@ fn label(key: &str, name: &str) -> Result<String, ConfigError> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
     {
-        return Err(invalid(key, name, "1 to 64 letters, digits, '-', '_' or '.'"));
+        return Err(invalid(
+            key,
+            name,
+            "1 to 64 letters, digits, '-', '_' or '.'",
+        ));
     }
     Ok(name.to_string())
 }
@@ -470,7 +474,8 @@ fn endpoint(i: usize, e: RawGpu, d: &GpuDefaults) -> Result<Endpoint, ConfigErro
     }
     let id = label(
         &k("id"),
-        &e.id.ok_or_else(|| invalid(k("id"), "", "every endpoint needs an id"))?,
+        &e.id
+            .ok_or_else(|| invalid(k("id"), "", "every endpoint needs an id"))?,
     )?;
     let url = e
         .url

@@ -406,23 +406,34 @@ mod tests {
         assert_eq!(cost(r#"{"type":"x","cost":1e9}"#), Ok(Some(1e9)));
         assert_eq!(cost(r#"{"type":"x","cost":null}"#), Ok(None));
         // The producer's own fields, when no cost is given; cost wins.
-        assert_eq!(cost(r#"{"type":"x","data":{"audio_seconds":90}}"#), Ok(Some(90.0)));
-        assert_eq!(cost(r#"{"type":"x","data":{"duration_s":4.5}}"#), Ok(Some(4.5)));
+        assert_eq!(
+            cost(r#"{"type":"x","data":{"audio_seconds":90}}"#),
+            Ok(Some(90.0))
+        );
+        assert_eq!(
+            cost(r#"{"type":"x","data":{"duration_s":4.5}}"#),
+            Ok(Some(4.5))
+        );
         assert_eq!(
             cost(r#"{"type":"x","cost":3,"data":{"audio_seconds":90}}"#),
             Ok(Some(3.0))
         );
         // Fields of data that are no size are the task's business: unknown, not refused.
-        assert_eq!(cost(r#"{"type":"x","data":{"audio_seconds":"long"}}"#), Ok(None));
-        assert_eq!(cost(r#"{"type":"x","data":{"audio_seconds":-3}}"#), Ok(None));
+        assert_eq!(
+            cost(r#"{"type":"x","data":{"audio_seconds":"long"}}"#),
+            Ok(None)
+        );
+        assert_eq!(
+            cost(r#"{"type":"x","data":{"audio_seconds":-3}}"#),
+            Ok(None)
+        );
         assert_eq!(
             cost(r#"{"type":"x","data":{"audio_seconds":-3,"duration_s":7}}"#),
             Ok(Some(7.0))
         );
         // A cost that is no size is refused, naming it.
         for bad in ["-1", "1.0000001e9", "\"5\"", "true", "[1]", "1e300"] {
-            let e = parse(format!(r#"{{"type":"x","cost":{bad}}}"#).as_bytes(), id)
-                .expect_err(bad);
+            let e = parse(format!(r#"{{"type":"x","cost":{bad}}}"#).as_bytes(), id).expect_err(bad);
             assert!(e.reason.contains("cost must be a number"), "{bad}: {e:?}");
         }
         // Kept through the stored form.

@@ -312,6 +312,10 @@ impl SlotMatrix {
             match endpoints.iter().find(|e| e.id == g.endpoint.id) {
                 Some(e) => {
                     let full = g.limit >= g.cap;
+                    // A new seed counts only while too little is measured here.
+                    if let Some(seed) = e.speed {
+                        g.speed.reseed(seed);
+                    }
                     g.endpoint = Arc::clone(e);
                     g.cap = e.slots;
                     g.retired = false;
@@ -349,6 +353,8 @@ impl SlotMatrix {
             self.sizes.entry(pool.to_string()).or_default().note(c);
         }
         let cost = cost.or_else(|| self.median_cost(pool));
+        // Speeds and free times matter only to a prediction.
+        let predicting = policy == Placement::PredictedFinish && cost.is_some();
         let n = self.gpus.len();
         let rows: Vec<usize> = (0..n)
             .map(|k| (self.cursor + k) % n)
@@ -368,14 +374,18 @@ impl SlotMatrix {
                         gpu.usable().max(gpu.busy())
                     },
                     usable: gpu.usable(),
-                    speed: gpu.speed.estimate(),
-                    frees_in: gpu.frees_in(
-                        now,
-                        self.promised
-                            .iter()
-                            .filter(|(row, _)| *row == g)
-                            .map(|(_, work)| *work),
-                    ),
+                    speed: gpu.speed.estimate().filter(|_| predicting),
+                    frees_in: if predicting && !gpu.open() {
+                        gpu.frees_in(
+                            now,
+                            self.promised
+                                .iter()
+                                .filter(|(row, _)| *row == g)
+                                .map(|(_, work)| *work),
+                        )
+                    } else {
+                        None
+                    },
                 }
             })
             .collect();
@@ -445,13 +455,33 @@ impl SlotMatrix {
             .any(|g| g.endpoint.pool == pool && g.open())
     }
 
+    /// The pools of the GPUs in the config, and whether each could take a task now; cheap
+    /// enough for every placement round.
+    pub(crate) fn pools_open(&self) -> Vec<(&str, bool)> {
+        let mut pools: Vec<(&str, bool)> = Vec::new();
+        for g in self.gpus.iter().filter(|g| !g.retired) {
+            let pool = g.endpoint.pool.as_str();
+            match pools.iter_mut().find(|(p, _)| *p == pool) {
+                Some((_, open)) => *open |= g.open(),
+                None => pools.push((pool, g.open())),
+            }
+        }
+        pools
+    }
+
+    /// Whether any GPU of `pool` is up and takes work (a slot free or not).
+    pub(crate) fn pool_up(&self, pool: &str) -> bool {
+        self.gpus
+            .iter()
+            .any(|g| g.endpoint.pool == pool && g.serving())
+    }
+
     /// Every pool of the config, with its state now.
     pub(crate) fn pools(&self) -> Vec<PoolView> {
         let now = Instant::now();
         let mut pools: BTreeMap<&str, PoolView> = BTreeMap::new();
         for g in self.gpus.iter().filter(|g| !g.retired) {
             let pool = g.endpoint.pool.as_str();
-            let median = self.median_cost(pool);
             let p = pools.entry(pool).or_insert_with(|| PoolView {
                 pool: pool.to_string(),
                 gpus: 0,
@@ -460,11 +490,11 @@ impl SlotMatrix {
                 slots_up: 0,
                 capacity: None,
                 running_cost: 0.0,
-                median_cost: median,
+                median_cost: self.median_cost(pool),
             });
             p.gpus += 1;
             p.slots_busy += g.busy();
-            p.running_cost += g.work_left(now, median);
+            p.running_cost += g.work_left(now, p.median_cost);
             if g.serving() {
                 p.gpus_up += 1;
                 p.slots_up += g.usable();
@@ -657,7 +687,6 @@ impl SlotMatrix {
         }
         false
     }
-
 
     pub(crate) fn busy(&self) -> usize {
         self.gpus.iter().map(Gpu::busy).sum()
@@ -976,8 +1005,7 @@ mod tests {
         // g1 comes back.
         m.reconfigure(&endpoints(&[("g0", 1), ("g1", 2), ("g2", 3)]));
         assert_eq!(m.total(), 6);
-        assert!(pick(&mut m, None)
-            .is_some_and(|at| m.endpoint(at.gpu).id == "g1"));
+        assert!(pick(&mut m, None).is_some_and(|at| m.endpoint(at.gpu).id == "g1"));
     }
 
     fn predict(m: &mut SlotMatrix, cost: f64) -> Place {

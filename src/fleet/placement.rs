@@ -111,9 +111,7 @@ pub(crate) fn predicted_finish(
         return Some(Choice::Slot(fallback));
     };
     // The previous attempt's GPU is a candidate only when it is the only open one.
-    let others_open = candidates
-        .iter()
-        .any(|c| c.open() && avoid != Some(c.id));
+    let others_open = candidates.iter().any(|c| c.open() && avoid != Some(c.id));
     let eligible = |c: &Candidate<'_>| !(others_open && avoid == Some(c.id));
     let mut open = Vec::new();
     for (i, c) in candidates.iter().enumerate() {

@@ -3,10 +3,14 @@
 //! A speed is cost units per second of wall time for one attempt, measured from the claim to the
 //! end, so it holds whatever the GPU really does at the concurrency it runs at (4 attempts at
 //! once on a GPU that batches them are each slower than one alone; the estimate says so). The
-//! estimate is the median of the last [`WINDOW`] finished attempts: a few outliers (a file that
-//! was mostly silence, a GPU paused by its host for a minute) move it by at most a rank, where a
-//! mean would be dragged as far as they go. Until [`MIN_SAMPLES`] attempts are known it is the
-//! seed: what MySQL kept from an earlier run or a peer, else the endpoint's configured `speed`.
+//! estimate is the median of the last [`WINDOW`] finished attempts, each weighing its size: a few
+//! outliers (a file that was mostly silence, a GPU paused by its host for a minute) move it by at
+//! most their share of the work, where a mean would be dragged as far as they go; and a ten-second
+//! call, whose time is mostly the round trip, does not count as much as an hour of audio, whose
+//! time is the GPU's (an unweighted median of a fleet's many short calls reads the GPU slower
+//! than it is on the long files that decide placement and the time to drain). Until
+//! [`MIN_SAMPLES`] attempts are known it is the seed: what MySQL kept from an earlier run or a
+//! peer, else the endpoint's configured `speed`.
 
 use std::collections::VecDeque;
 
@@ -19,29 +23,41 @@ const COST_WINDOW: usize = 256;
 
 /// The middle of `values` (the mean of the two middle ones for an even count); `None` if empty.
 fn median(values: &VecDeque<f64>) -> Option<f64> {
-    let mut v: Vec<f64> = values.iter().copied().collect();
-    if v.is_empty() {
-        return None;
+    weighted_median(values.iter().map(|v| (*v, 1.0)))
+}
+
+/// The value below and above which half the weight lies (the mean of the two values around the
+/// middle when it falls exactly between them); `None` without weight.
+fn weighted_median(values: impl Iterator<Item = (f64, f64)>) -> Option<f64> {
+    let mut v: Vec<(f64, f64)> = values.filter(|(_, w)| *w > 0.0).collect();
+    v.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let half = v.iter().map(|(_, w)| w).sum::<f64>() / 2.0;
+    let mut below = 0.0;
+    for (i, (x, w)) in v.iter().enumerate() {
+        below += w;
+        if below > half {
+            return Some(*x);
+        }
+        if below == half {
+            return Some(v.get(i + 1).map_or(*x, |next| (x + next.0) / 2.0));
+        }
     }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
+    None
 }
 
 /// One GPU's speed.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Speed {
-    recent: VecDeque<f64>,
+    /// (speed, size) of the last finished attempts.
+    recent: VecDeque<(f64, f64)>,
     /// The speed to use until enough is measured here.
     seed: Option<f64>,
     /// Attempts measured here since the start.
     measured: u64,
     /// Measured since last written to MySQL.
     unsaved: bool,
+    /// The median of `recent`, kept as it changes: a placement reads it for every GPU.
+    median: Option<f64>,
 }
 
 impl Speed {
@@ -55,7 +71,7 @@ impl Speed {
     /// The estimate, if there is one.
     pub(crate) fn estimate(&self) -> Option<f64> {
         if self.recent.len() >= MIN_SAMPLES {
-            median(&self.recent)
+            self.median
         } else {
             self.seed
         }
@@ -70,7 +86,8 @@ impl Speed {
         if self.recent.len() == WINDOW {
             self.recent.pop_front();
         }
-        self.recent.push_back(cost / seconds);
+        self.recent.push_back((cost / seconds, cost));
+        self.median = weighted_median(self.recent.iter().copied());
         self.measured += 1;
         self.unsaved = true;
     }
@@ -127,7 +144,7 @@ mod tests {
         s.observe(100.0, 50.0);
         // Two measures: still the seed.
         assert_eq!(s.estimate(), Some(10.0));
-        s.observe(300.0, 100.0);
+        s.observe(100.0, 25.0);
         assert_eq!(s.estimate(), Some(2.0));
         // A persisted value no longer replaces what is measured here.
         s.reseed(50.0);
@@ -140,10 +157,10 @@ mod tests {
         for _ in 0..26 {
             s.observe(40.0, 10.0);
         }
-        // Six wild ones (a silent file, a stalled host) out of 32.
+        // Six wild ones of the same size (a silent file, a stalled host) out of 32.
         for _ in 0..3 {
-            s.observe(4000.0, 1.0);
-            s.observe(1.0, 100.0);
+            s.observe(40.0, 0.01);
+            s.observe(40.0, 1000.0);
         }
         assert_eq!(s.estimate(), Some(4.0));
         // The window moves: a GPU that really got slower is followed.
@@ -154,9 +171,33 @@ mod tests {
     }
 
     #[test]
+    fn long_files_weigh_more_than_short_calls() {
+        let mut s = Speed::default();
+        // Twenty ten-second calls at 500/s (their round trip counts), five hour-long files at
+        // 950/s: the hours are most of the work.
+        for _ in 0..20 {
+            s.observe(10.0, 0.02);
+        }
+        for _ in 0..5 {
+            s.observe(3600.0, 3600.0 / 950.0);
+        }
+        assert_eq!(s.estimate(), Some(950.0));
+        assert_eq!(
+            weighted_median([(1.0, 1.0), (3.0, 1.0)].into_iter()),
+            Some(2.0)
+        );
+        assert_eq!(weighted_median(std::iter::empty()), None);
+    }
+
+    #[test]
     fn nothing_is_learned_from_zero_or_nonsense() {
         let mut s = Speed::default();
-        for (c, t) in [(0.0, 1.0), (1.0, 0.0), (f64::NAN, 1.0), (1.0, f64::INFINITY)] {
+        for (c, t) in [
+            (0.0, 1.0),
+            (1.0, 0.0),
+            (f64::NAN, 1.0),
+            (1.0, f64::INFINITY),
+        ] {
             s.observe(c, t);
         }
         assert_eq!(s.estimate(), None);

@@ -702,7 +702,9 @@ mod tests {
             serde_json::json!({"type": "a", "cost": "1h"}),
             serde_json::json!({"type": "a", "cost": 2e9}),
         ] {
-            let e = event(&rules(), bad.clone()).expect_err("a bad cost").to_string();
+            let e = event(&rules(), bad.clone())
+                .expect_err("a bad cost")
+                .to_string();
             assert!(e.contains("cost"), "{bad}: {e}");
         }
     }

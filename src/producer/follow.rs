@@ -446,10 +446,7 @@ mod tests {
             .starts_with(&format!("[{}]", "#".repeat(30))));
         // With the pools' time to drain; none once every task has ended.
         assert!(render(&t, Duration::from_secs(12), Some(199.2)).ends_with("12s  eta 3m20s"));
-        let all = Tally {
-            finished: 95,
-            ..t
-        };
+        let all = Tally { finished: 95, ..t };
         assert!(render(&all, Duration::from_secs(12), Some(5.0)).ends_with("12s"));
     }
 

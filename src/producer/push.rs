@@ -346,9 +346,7 @@ fn run(req: &Request, env: &Env) -> Result<u8, PushError> {
         results: req.json,
         types: &types,
     };
-    let summary = match follow::wait(&mysql, &follow, |tally, eta| {
-        bar.draw(tally, eta, started)
-    }) {
+    let summary = match follow::wait(&mysql, &follow, |tally, eta| bar.draw(tally, eta, started)) {
         Ok(s) => s,
         Err(e) => {
             bar.clear();

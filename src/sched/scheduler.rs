@@ -254,26 +254,23 @@ impl<S: Claims> Scheduler<S> {
         let mut types: Vec<String> = self.shared.paused().types.into_iter().collect();
         let config = self.shared.config();
         let m = self.shared.slots();
-        let pools = m.pools();
+        let several = m.pools_open().len() > 1;
         for (name, h) in &config.types {
             let Handler::Gpu { pool } = h else { continue };
-            let Some(p) = pools.iter().find(|p| &p.pool == pool) else {
-                continue;
-            };
-            if p.gpus_up == 0 || (pools.len() > 1 && !m.pool_open(pool)) {
+            if !m.pool_up(pool) || (several && !m.pool_open(pool)) {
                 types.push(name.clone());
             }
         }
         types
     }
 
-    /// With several pools: makes due the rows a busy pool let go, for each pool with a free slot
-    /// now (at most a hand's worth each; [`Scheduler::adopt_due`] takes them up).
+    /// With several pools: makes due the rows a busy pool let go, of the pools with a free slot
+    /// now (a hand's worth in all; [`Scheduler::adopt_due`] takes them up).
     fn wake_waiting(&self) {
         let types: Vec<String> = {
             let config = self.shared.config();
             let m = self.shared.slots();
-            if m.pools().len() < 2 {
+            if m.pools_open().len() < 2 {
                 return;
             }
             config
@@ -426,11 +423,11 @@ impl<S: Claims> Scheduler<S> {
         let mut kept: HashMap<String, usize> = HashMap::new();
         let open_pools: Vec<String> = {
             let m = self.shared.slots();
-            let pools = m.pools();
+            let pools = m.pools_open();
             pools
                 .iter()
-                .filter(|p| pools.len() > 1 && m.pool_open(&p.pool))
-                .map(|p| p.pool.clone())
+                .filter(|(_, open)| pools.len() > 1 && *open)
+                .map(|(p, _)| p.to_string())
                 .collect()
         };
         let crowded = self.pending.len() >= PREFETCH;

@@ -52,9 +52,9 @@ pub(crate) use pending::{LetGo, StoredTask};
 pub use records::State;
 pub(crate) use records::{AttemptRecord, Liveness, TaskRecord};
 pub use retention::Retention;
-pub(crate) use work::{PendingWork, PoolStat};
 pub use schema::SCHEMA_VERSION;
 pub(crate) use totals::Counts;
+pub(crate) use work::{PendingWork, PoolStat};
 
 /// A shared handle on the database; cheap to clone.
 #[derive(Clone)]

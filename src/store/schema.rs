@@ -144,7 +144,12 @@ fn migrate_v7(c: &mut PooledConn) -> Result<(), StoreError> {
     add_task_columns(c, &[("cost", "DOUBLE NULL")])?;
     // The due index gains the type: the rows a busy pool let go wait at one due time, and are
     // woken by type, for the pool with room, without passing over the other pools' rows.
-    widen_index(c, "idx_tasks_due", 3, "(state, instance_id, not_before, type)")?;
+    widen_index(
+        c,
+        "idx_tasks_due",
+        3,
+        "(state, instance_id, not_before, type)",
+    )?;
     let id = identity_type(&exact_collation(c)?, 64);
     c.query_drop(format!(
         "CREATE TABLE IF NOT EXISTS gpu_speeds (
@@ -170,12 +175,7 @@ fn migrate_v7(c: &mut PooledConn) -> Result<(), StoreError> {
 
 /// Rebuilds index `name` of `tasks` as `after` if it still has its `before` column count (a step
 /// that ran already, or an operator's own version of the index, is left alone).
-fn widen_index(
-    c: &mut PooledConn,
-    name: &str,
-    before: u64,
-    after: &str,
-) -> Result<(), StoreError> {
+fn widen_index(c: &mut PooledConn, name: &str, before: u64, after: &str) -> Result<(), StoreError> {
     let columns: Option<u64> = c.exec_first(
         "SELECT COUNT(*) FROM information_schema.statistics WHERE table_schema = DATABASE() \
          AND table_name = 'tasks' AND index_name = ?",
@@ -200,7 +200,12 @@ fn migrate_v6(c: &mut PooledConn) -> Result<(), StoreError> {
     // seed's (state), which keeps its name, for the tasks in flight (a backlog of delayed or
     // paused ones, say), and (state, finished_at) for the rollup and the rows since its mark.
     widen_index(c, "idx_tasks_state", 1, "(state, type)")?;
-    widen_index(c, "idx_tasks_state_finished", 2, "(state, finished_at, type)")?;
+    widen_index(
+        c,
+        "idx_tasks_state_finished",
+        2,
+        "(state, finished_at, type)",
+    )?;
     let exact = exact_collation(c)?;
     let id = |len: u32| identity_type(&exact, len);
     c.query_drop(format!(

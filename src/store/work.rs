@@ -63,13 +63,13 @@ impl Store {
     }
 
     /// The waiting `pending` rows by type, with their sizes (a busy pool's let-go rows counted).
-    /// The sizes are in the rows, not in an index, so this reads every `pending` row: callers
-    /// ask every few seconds, and a backlog that waits in MySQL rather than Redis is small
-    /// (the hands, a busy pool's overflow) but for delayed tasks, which are read too.
+    /// Read through `idx_tasks_due`, whose entries say a row's due time: a delayed task before
+    /// its time or a paused type's row is passed over in the index, and only the rows counted
+    /// are read for their size (the hands, a busy pool's overflow).
     pub(crate) fn pending_work(&self) -> Result<Vec<PendingWork>, StoreError> {
         let mut c = self.conn()?;
         let rows: Vec<(Option<String>, u64, u64, Option<f64>)> = c.exec(
-            "SELECT type, COUNT(*), COUNT(cost), SUM(cost) FROM tasks \
+            "SELECT type, COUNT(*), COUNT(cost), SUM(cost) FROM tasks FORCE INDEX (idx_tasks_due) \
              WHERE state = 'pending' AND (not_before IS NULL OR not_before <= NOW(3) \
              OR not_before = ?) GROUP BY type",
             (POOL_BUSY,),

@@ -4,9 +4,11 @@
 //! A pool's backlog is the work it has not done yet, in its cost units: what its running
 //! attempts have left (by their sizes and their GPUs' speeds), what waits in MySQL (`pending`
 //! rows, read every [`PENDING_EVERY`]), and what waits in Redis. Redis lists are not read whole:
-//! each queue's first [`SAMPLE`] elements are (in the pipeline that measures its depth), and the
-//! rest is taken to be like them, so the estimate costs the same for a hundred tasks or ten
-//! million and is exact for a queue no longer than the sample. A task of unknown size counts as
+//! each queue's first elements are (up to [`SAMPLE`], about 256 KiB, in the pipeline that
+//! measures its depth), and the rest is taken to be like them, so the estimate costs the same for
+//! a thousand tasks or ten million and is exact for a queue no longer than the sample. (Sizes
+//! have a long tail, an hour-long file among a hundred calls: a sample of a few dozen would
+//! swing the estimate by a third from one second to the next.) A task of unknown size counts as
 //! its pool's median; with no size known in a pool, unknown sizes count as nothing.
 //!
 //! Time to drain is the backlog over the pool's capacity: its GPUs up, each at its learned speed
@@ -24,9 +26,10 @@ use crate::store::{PendingWork, PoolStat};
 use crate::sync::Locked;
 
 /// Elements read from the head of each queue to estimate its work.
-pub(crate) const SAMPLE: usize = 100;
-/// How often the `pending` rows' sizes are read.
-const PENDING_EVERY: Duration = Duration::from_secs(5);
+pub(crate) const SAMPLE: usize = 1000;
+/// How often the `pending` rows' sizes are read: with the queues, since a scheduler's hand (up
+/// to 80 tasks) and a busy pool's overflow are part of the backlog too.
+const PENDING_EVERY: Duration = Duration::from_secs(1);
 /// How often speeds and pool numbers go to MySQL (and peers' speeds come back).
 const PERSIST_EVERY: Duration = Duration::from_secs(5);
 
@@ -139,7 +142,11 @@ impl Backlog {
     /// queue), reading MySQL when due; persists speeds and publishes the pools when due.
     pub(crate) fn update(&mut self, shared: &Shared, queues: &[QueueSample]) {
         let mysql_ok = !shared.problems().contains_key("mysql");
-        if mysql_ok && self.pending_read.is_none_or(|t| t.elapsed() >= PENDING_EVERY) {
+        if mysql_ok
+            && self
+                .pending_read
+                .is_none_or(|t| t.elapsed() >= PENDING_EVERY)
+        {
             self.pending_read = Some(Instant::now());
             match shared.store.pending_work() {
                 Ok(p) => self.pending = p,
@@ -156,12 +163,18 @@ impl Backlog {
     }
 }
 
-/// Learned speeds to MySQL and back, and the pools' numbers out.
-fn persist(shared: &Shared, drains: &[PoolDrain]) {
+/// Writes the speeds learned since they were last written (also at a stop, so a restart starts
+/// from all that was learned).
+pub(crate) fn save_speeds(shared: &Shared) {
     let unsaved = shared.slots().unsaved_speeds();
     if let Err(e) = shared.store.save_speeds(&unsaved) {
         log::warn!(error:% = e; "cannot save learned gpu speeds");
     }
+}
+
+/// Learned speeds to MySQL and back, and the pools' numbers out.
+fn persist(shared: &Shared, drains: &[PoolDrain]) {
+    save_speeds(shared);
     match shared.store.speeds() {
         Ok(s) => shared.slots().reseed(&s),
         Err(e) => log::warn!(error:% = e; "cannot read learned gpu speeds"),

@@ -23,7 +23,7 @@
 //!
 //! Every call here is bounded (MySQL and HTTP timeouts), and the loop ends with the stop.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,12 +50,13 @@ pub(crate) fn run(shared: Arc<Shared>, client: redis::Client) {
     let mut redis: Option<redis::Connection> = None;
     let mut last_sync: Option<Instant> = None;
     let mut backlog = crate::work::backlog::Backlog::default();
+    let mut sample_len: HashMap<String, usize> = HashMap::new();
     // Work first, then wait: queue depths are there from the start.
     loop {
         shared.tick("qsys-maintenance");
         if last_beat.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             last_beat = Some(Instant::now());
-            let samples = measure_queues(&shared, &client, &mut redis);
+            let samples = measure_queues(&shared, &client, &mut redis, &mut sample_len);
             backlog.update(&shared, &samples);
             // While MySQL does not answer there is nothing to do; the heartbeat thread finds out
             // every second, so no round trip of its own here.
@@ -82,6 +83,8 @@ pub(crate) fn run(shared: Arc<Shared>, client: redis::Client) {
             break;
         }
     }
+    // What was learned since the last save is not lost with a stop.
+    crate::work::backlog::save_speeds(&shared);
     log::debug!("maintenance stopped");
 }
 
@@ -107,12 +110,14 @@ pub(crate) fn run_heartbeat(shared: Arc<Shared>) {
 }
 
 /// Each queue's depth and head age, for status and metrics; returned, each queue's depth and
-/// the type and size of its first [`SAMPLE`] elements, for the pools' backlog (empty when
-/// Redis did not answer).
+/// the type and size of its first elements, for the pools' backlog (empty when Redis did not
+/// answer). How many elements are read adapts per queue (`sample_len`) so that a sample is about
+/// [`SAMPLE_BYTES`], up to [`SAMPLE`] elements: big elements are sampled fewer at a time.
 fn measure_queues(
     shared: &Shared,
     client: &redis::Client,
     conn: &mut Option<redis::Connection>,
+    sample_len: &mut HashMap<String, usize>,
 ) -> Vec<QueueSample> {
     let queues = shared.config().redis.queues.clone();
     let c = match conn {
@@ -125,12 +130,16 @@ fn measure_queues(
     };
     let mut pipe = redis::pipe();
     for q in &queues {
+        let n = *sample_len.entry(q.clone()).or_insert(SAMPLE_FIRST);
         pipe.cmd("LLEN")
             .arg(q)
+            .cmd("LINDEX")
+            .arg(q)
+            .arg(0)
             .cmd("LRANGE")
             .arg(q)
             .arg(0)
-            .arg(SAMPLE - 1);
+            .arg(n - 1);
     }
     let mut samples = Vec::with_capacity(queues.len());
     match pipe.query::<Vec<redis::Value>>(c) {
@@ -140,18 +149,22 @@ fn measure_queues(
             let mut heads = shared.heads.locked();
             let mut replies = replies.into_iter();
             for q in queues {
-                let (Some(len), Some(head)) = (replies.next(), replies.next()) else {
+                let (Some(len), Some(head), Some(first)) =
+                    (replies.next(), replies.next(), replies.next())
+                else {
                     break;
                 };
                 let depth: u64 = redis::from_redis_value(len).unwrap_or(0);
-                let head: Vec<Vec<u8>> = redis::from_redis_value(head).unwrap_or_default();
-                ages.insert(
-                    q.clone(),
-                    head_age(&mut heads, &q, head.first().map(Vec::as_slice)),
-                );
+                let head: Option<Vec<u8>> = redis::from_redis_value(head).ok().flatten();
+                ages.insert(q.clone(), head_age(&mut heads, &q, head.as_deref()));
+                let first: Vec<Vec<u8>> = redis::from_redis_value(first).unwrap_or_default();
+                let bytes: usize = first.iter().map(Vec::len).sum();
+                if let Some(n) = sample_len.get_mut(&q) {
+                    *n = next_sample_len(*n, first.len(), bytes);
+                }
                 samples.push(QueueSample {
                     depth,
-                    sizes: sample_sizes(&head),
+                    sizes: sample_sizes(&first),
                 });
                 depths.push((q, depth));
             }
@@ -162,6 +175,21 @@ fn measure_queues(
         Err(_) => *conn = None,
     }
     samples
+}
+
+/// Elements sampled from a queue the first time.
+const SAMPLE_FIRST: usize = 100;
+/// About how many bytes a queue's sample reads each second.
+const SAMPLE_BYTES: usize = 256 << 10;
+
+/// The next sample's length after one of `got` elements and `bytes`: as many as fit
+/// [`SAMPLE_BYTES`] at their mean size, at most double the last and at most [`SAMPLE`].
+fn next_sample_len(last: usize, got: usize, bytes: usize) -> usize {
+    if got == 0 {
+        return last;
+    }
+    let mean = (bytes / got).max(1);
+    (SAMPLE_BYTES / mean).clamp(1, (last * 2).min(SAMPLE))
 }
 
 /// How long the task at the head of `queue` has waited, in seconds: from its `enqueued_at`
@@ -348,6 +376,18 @@ pub(crate) fn probe(agent: &ureq::Agent, url: &str, token: Option<&crate::config
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn big_elements_are_sampled_fewer_at_a_time() {
+        // Small elements: the sample grows to its cap, doubling.
+        assert_eq!(next_sample_len(10, 10, 3_000), 20);
+        assert_eq!(next_sample_len(800, 800, 80_000), SAMPLE);
+        // 1 MiB elements: one at a time; an empty queue changes nothing.
+        assert_eq!(next_sample_len(10, 10, 10 << 20), 1);
+        assert_eq!(next_sample_len(1, 0, 0), 1);
+        // 64 KiB elements: four at a time.
+        assert_eq!(next_sample_len(10, 10, 640 << 10), 4);
+    }
 
     #[test]
     fn a_heads_age_is_its_stamp_else_since_it_was_first_seen() {
