@@ -76,7 +76,14 @@ pub(crate) fn metrics(shared: &Shared) -> String {
         let on = u8::from(paused.types.contains(t));
         let _ = writeln!(out, "qsys_type_paused{{type=\"{}\"}} {on}", label(t));
     }
-    let view = shared.slots().view();
+    gpus(&shared.slots().view(), &mut out);
+    pools(shared, &mut out);
+    shared.metrics.render(&mut out);
+    out
+}
+
+/// The per-GPU gauges and counters of the slot matrix's rows.
+fn gpus(view: &[crate::fleet::GpuView], out: &mut String) {
     let gauges: [(&str, &str, GpuGauge); 4] = [
         ("qsys_gpu_slots", "Configured slots of a GPU.", |g| {
             g.slots as u64
@@ -102,7 +109,7 @@ pub(crate) fn metrics(shared: &Shared) -> String {
             "gauge"
         };
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for g in &view {
+        for g in view {
             let _ = writeln!(out, "{name}{{gpu=\"{}\"}} {}", label(&g.id), f(g));
         }
     }
@@ -110,14 +117,11 @@ pub(crate) fn metrics(shared: &Shared) -> String {
         "# HELP qsys_gpu_speed A GPU's learned speed: cost units per second of wall time per \
          attempt (absent while unknown).\n# TYPE qsys_gpu_speed gauge\n",
     );
-    for g in &view {
+    for g in view {
         if let Some(speed) = g.speed {
             let _ = writeln!(out, "qsys_gpu_speed{{gpu=\"{}\"}} {speed}", label(&g.id));
         }
     }
-    pools(shared, &mut out);
-    shared.metrics.render(&mut out);
-    out
 }
 
 /// Each pool's backlog and time to drain: what an autoscaler scales on (README).

@@ -326,11 +326,9 @@ struct GpuDefaults {
     pool: String,
 }
 
-/// `[gpu]` and its `[[gpu.endpoints]]`; `BEARER_TOKEN` overrides the default token.
-fn gpu_config(
-    mut d: RawGpu,
-    env: &Env,
-) -> Result<(Vec<Arc<Endpoint>>, HealthPolicy, Placement), ConfigError> {
+/// The keys of `[gpu]` that are the fleet's, not defaults for endpoints: the placement, and the
+/// refusal of an endpoint's own keys there.
+fn fleet_keys(d: &RawGpu) -> Result<Placement, ConfigError> {
     if d.id.is_some() || d.url.is_some() || d.health_url.is_some() {
         let (key, value) = match (&d.id, &d.url) {
             (Some(id), _) => ("gpu.id", id.clone()),
@@ -350,17 +348,23 @@ fn gpu_config(
             "a GPU's own: set it in its [[gpu.endpoints]] entry",
         ));
     }
-    let placement = match d.placement.as_deref().unwrap_or("predicted_finish") {
-        "predicted_finish" => Placement::PredictedFinish,
-        "least_loaded" => Placement::LeastLoaded,
-        other => {
-            return Err(invalid(
-                "gpu.placement",
-                other,
-                "expected \"predicted_finish\" or \"least_loaded\"",
-            ))
-        }
-    };
+    match d.placement.as_deref().unwrap_or("predicted_finish") {
+        "predicted_finish" => Ok(Placement::PredictedFinish),
+        "least_loaded" => Ok(Placement::LeastLoaded),
+        other => Err(invalid(
+            "gpu.placement",
+            other,
+            "expected \"predicted_finish\" or \"least_loaded\"",
+        )),
+    }
+}
+
+/// `[gpu]` and its `[[gpu.endpoints]]`; `BEARER_TOKEN` overrides the default token.
+fn gpu_config(
+    mut d: RawGpu,
+    env: &Env,
+) -> Result<(Vec<Arc<Endpoint>>, HealthPolicy, Placement), ConfigError> {
+    let placement = fleet_keys(&d)?;
     let endpoints = d.endpoints.take().unwrap_or_default();
     let default_slots = slot_count("gpu.slots", d.slots.unwrap_or(4))?;
     let default_completion = completion(

@@ -171,17 +171,11 @@ pub fn parse(raw: &[u8], new_id: impl FnOnce() -> String) -> Result<Message, Mal
     let timeout_s =
         bounded_int(&obj, "timeout_s", MAX_TIMEOUT_S).map_err(|e| malformed(id.clone(), e))?;
     let due = due_of(&obj).map_err(|e| malformed(id.clone(), e))?;
-    let cost = match obj.get("cost") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(cost_of(v).map_err(|e| malformed(id.clone(), e))?),
-    };
-    let enqueued_at = match obj.get("enqueued_at") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(
-            crate::contract::time::unix_seconds(v)
-                .map_err(|e| malformed(id.clone(), format!("enqueued_at: {e}")))?,
-        ),
-    };
+    let cost = optional(&obj, "cost", cost_of).map_err(|e| malformed(id.clone(), e))?;
+    let enqueued_at = optional(&obj, "enqueued_at", |v| {
+        crate::contract::time::unix_seconds(v).map_err(|e| format!("enqueued_at: {e}"))
+    })
+    .map_err(|e| malformed(id.clone(), e))?;
 
     let (task_id, id_assigned) = match id {
         Some(id) => (id, false),
@@ -199,6 +193,15 @@ pub fn parse(raw: &[u8], new_id: impl FnOnce() -> String) -> Result<Message, Mal
         enqueued_at,
         cost,
     })
+}
+
+/// Field `key` of `obj` read by `read`, or `None` when absent or null.
+fn optional<T>(
+    obj: &Map<String, Value>,
+    key: &str,
+    read: impl Fn(&Value) -> Result<T, String>,
+) -> Result<Option<T>, String> {
+    obj.get(key).filter(|v| !v.is_null()).map(read).transpose()
 }
 
 /// A work size: a finite number from 0 to [`MAX_COST`].

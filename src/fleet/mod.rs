@@ -312,8 +312,8 @@ impl SlotMatrix {
             match endpoints.iter().find(|e| e.id == g.endpoint.id) {
                 Some(e) => {
                     let full = g.limit >= g.cap;
-                    // A new seed counts only while too little is measured here.
-                    if let Some(seed) = e.speed {
+                    // A changed seed counts only while too little is measured here.
+                    if let Some(seed) = e.speed.filter(|s| Some(*s) != g.endpoint.speed) {
                         g.speed.reseed(seed);
                     }
                     g.endpoint = Arc::clone(e);

@@ -220,6 +220,28 @@ pub(crate) struct Follow<'a> {
 /// Pool numbers older than this are an instance's that stopped: not an ETA.
 const STALE_POOLS: u32 = 30;
 
+/// The ETA as last read, and when: read at most once a second.
+#[derive(Default)]
+struct Eta {
+    value: Option<f64>,
+    read: Option<Instant>,
+}
+
+impl Eta {
+    fn refresh(&mut self, conn: Option<&mut mysql::Conn>, types: &[String]) -> Option<f64> {
+        if let Some(c) = conn {
+            if self
+                .read
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+            {
+                self.read = Some(Instant::now());
+                self.value = eta(c, types);
+            }
+        }
+        self.value
+    }
+}
+
 /// When the pools of `types` will have done their backlog (these tasks included), in seconds,
 /// as the daemon last published it (`pool_stats`, every 5 s); `None` when it has no estimate.
 fn eta(conn: &mut mysql::Conn, types: &[String]) -> Option<f64> {
@@ -269,7 +291,7 @@ pub(crate) fn wait(
     let mut conn: Option<mysql::Conn> = None;
     let mut answered = false;
     let mut failing_since: Option<Instant> = None;
-    let (mut estimate, mut estimated): (Option<f64>, Option<Instant>) = (None, None);
+    let mut estimate = Eta::default();
     loop {
         let result = match conn.as_mut() {
             Some(c) => poll(c, &pending, results),
@@ -300,13 +322,7 @@ pub(crate) fn wait(
                 }
             }
         }
-        if let Some(c) = conn.as_mut() {
-            if estimated.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                estimated = Some(Instant::now());
-                estimate = eta(c, types);
-            }
-        }
-        progress(&tally, estimate);
+        progress(&tally, estimate.refresh(conn.as_mut(), types));
         let now = Instant::now();
         if pending.is_empty() || now >= deadline {
             break;

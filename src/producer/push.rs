@@ -277,26 +277,24 @@ pub fn cli(req: &Request, env: &Env) -> u8 {
     }
 }
 
-fn run(req: &Request, env: &Env) -> Result<u8, PushError> {
-    let config = ProducerConfig::load(req.config.as_deref(), env)?;
-    // Resolved before anything is pushed: a bad [mysql] must not leave tasks pushed but unfollowed.
-    let mysql = match req.wait {
-        Some(_) => Some(config.mysql()?),
-        None => None,
-    };
-    if let Some(c) = req.cost {
-        crate::contract::message::cost_of(&serde_json::Value::from(c)).map_err(|e| Invalid {
-            problems: vec![format!("--cost: {e}")],
-            more: 0,
-        })?;
+/// A bad command-line value, named by its flag: nothing is pushed.
+fn bad_flag(flag: &str) -> impl Fn(String) -> Invalid + '_ {
+    move |e| Invalid {
+        problems: vec![format!("{flag}: {e}")],
+        more: 0,
     }
-    let rules = Rules {
+}
+
+/// How this run's tasks are checked and completed, from its flags and the config.
+fn rules(req: &Request, config: &ProducerConfig) -> Result<Rules, PushError> {
+    if let Some(c) = req.cost {
+        crate::contract::message::cost_of(&serde_json::Value::from(c))
+            .map_err(bad_flag("--cost"))?;
+    }
+    Ok(Rules {
         default_queue: match &req.queue {
             Some(q) => {
-                events::check_queue(q).map_err(|e| Invalid {
-                    problems: vec![format!("--queue: {e}")],
-                    more: 0,
-                })?;
+                events::check_queue(q).map_err(bad_flag("--queue"))?;
                 q.clone()
             }
             None => config.default_queue.clone(),
@@ -305,7 +303,17 @@ fn run(req: &Request, env: &Env) -> Result<u8, PushError> {
         stamp: Some(crate::contract::time::now_unix()),
         due: req.due.clone(),
         cost: req.cost,
+    })
+}
+
+fn run(req: &Request, env: &Env) -> Result<u8, PushError> {
+    let config = ProducerConfig::load(req.config.as_deref(), env)?;
+    // Resolved before anything is pushed: a bad [mysql] must not leave tasks pushed but unfollowed.
+    let mysql = match req.wait {
+        Some(_) => Some(config.mysql()?),
+        None => None,
     };
+    let rules = rules(req, &config)?;
     let messages = messages(&req.input, &rules)?;
     // Before the push: an id whose task is already running or done is dropped by qsysd as a
     // duplicate, and its old state must not be reported as this push's result.

@@ -37,6 +37,44 @@ pub const PREFETCH: usize = 16;
 /// wait in MySQL (so one pool's backlog never blocks another's).
 const KEEP_PER_POOL: usize = PREFETCH / 4;
 
+/// One placement round's GPU side.
+struct GpuRound {
+    /// Slots reserved, to claim in one transaction.
+    jobs: Vec<GpuJob>,
+    /// Pools found with no free slot: their later tasks are not tried.
+    full: HashSet<String>,
+    /// Tasks kept in hand per pool that could not place them.
+    kept: HashMap<String, usize>,
+    /// Tasks let go for a busy pool.
+    overflow: Vec<String>,
+    /// With several pools, those with a free slot at the round's start (none with one pool:
+    /// nothing is ever let go then).
+    open_pools: Vec<String>,
+    /// The hand was full when the round started.
+    crowded: bool,
+}
+
+impl GpuRound {
+    fn new(shared: &Shared, crowded: bool) -> GpuRound {
+        let mut m = shared.slots();
+        m.new_round();
+        let pools = m.pools_open();
+        let open_pools = pools
+            .iter()
+            .filter(|(_, open)| pools.len() > 1 && *open)
+            .map(|(p, _)| p.to_string())
+            .collect();
+        GpuRound {
+            jobs: Vec::new(),
+            full: HashSet::new(),
+            kept: HashMap::new(),
+            overflow: Vec::new(),
+            open_pools,
+            crowded,
+        }
+    }
+}
+
 /// What became of one attempt to place a task: `None` when it went (or is done with), the task
 /// back when it cannot go now (no slot, no idle worker, MySQL trouble) and stays in hand.
 type Placed = Option<Task>;
@@ -416,22 +454,10 @@ impl<S: Claims> Scheduler<S> {
             return;
         }
         self.retry_at = None;
-        let (mut full, mut workers_busy) = (HashSet::new(), false);
-        let mut jobs = Vec::new();
+        let mut workers_busy = false;
         let paused = self.shared.paused().types;
-        let (mut let_go, mut overflow) = (Vec::new(), Vec::new());
-        let mut kept: HashMap<String, usize> = HashMap::new();
-        let open_pools: Vec<String> = {
-            let m = self.shared.slots();
-            let pools = m.pools_open();
-            pools
-                .iter()
-                .filter(|(_, open)| pools.len() > 1 && *open)
-                .map(|(p, _)| p.to_string())
-                .collect()
-        };
-        let crowded = self.pending.len() >= PREFETCH;
-        self.shared.slots().new_round();
+        let mut let_go = Vec::new();
+        let mut round = GpuRound::new(&self.shared, self.pending.len() >= PREFETCH);
         for _ in 0..self.pending.len() {
             let task = self.pending.pop_front().expect("len checked");
             let handler = self.shared.config().types.get(&task.msg.kind).cloned();
@@ -442,37 +468,7 @@ impl<S: Claims> Scheduler<S> {
                     None
                 }
                 None => self.fail_unknown(task),
-                Some(Handler::Gpu { pool }) => {
-                    let place = if full.contains(&pool) {
-                        Place::Full
-                    } else {
-                        match self.reserve(&task, &pool) {
-                            Ok((endpoint, slot, lease)) => {
-                                jobs.push(GpuJob {
-                                    attempt: task.attempts + 1,
-                                    task,
-                                    endpoint,
-                                    slot,
-                                    lease,
-                                    claimed_at: Instant::now(),
-                                });
-                                continue;
-                            }
-                            Err(place) => place,
-                        }
-                    };
-                    if place == Place::Full {
-                        full.insert(pool.clone());
-                    }
-                    let held = kept.entry(pool.clone()).or_default();
-                    if crowded && *held >= KEEP_PER_POOL && open_pools.iter().any(|p| *p != pool) {
-                        overflow.push(task.msg.task_id);
-                        None
-                    } else {
-                        *held += 1;
-                        Some(task)
-                    }
-                }
+                Some(Handler::Gpu { pool }) => self.place_gpu(task, &pool, &mut round),
                 Some(_) if workers_busy => Some(task),
                 Some(_) => match self.handler_jobs.try_send(task) {
                     Ok(()) => None,
@@ -489,13 +485,46 @@ impl<S: Claims> Scheduler<S> {
                 break;
             }
         }
-        for (ids, until) in [(let_go, LetGo::Paused), (overflow, LetGo::PoolBusy)] {
+        for (ids, until) in [(let_go, LetGo::Paused), (round.overflow, LetGo::PoolBusy)] {
             if let Err(e) = self.store.let_go(&ids, until) {
                 // Held here and in no memory: the sweep takes them up in 30 s and lets go again.
                 log::warn!(error:% = e, count = ids.len(); "cannot let go of tasks");
             }
         }
-        self.claim(jobs);
+        self.claim(round.jobs);
+    }
+
+    /// A GPU task of `pool` in this round: reserved (its job joins the round's claim), kept in
+    /// hand, or let go to wait in MySQL while another pool has room and the hand is full.
+    fn place_gpu(&self, task: Task, pool: &str, round: &mut GpuRound) -> Placed {
+        let place = if round.full.contains(pool) {
+            Place::Full
+        } else {
+            match self.reserve(&task, pool) {
+                Ok((endpoint, slot, lease)) => {
+                    round.jobs.push(GpuJob {
+                        attempt: task.attempts + 1,
+                        task,
+                        endpoint,
+                        slot,
+                        lease,
+                        claimed_at: Instant::now(),
+                    });
+                    return None;
+                }
+                Err(place) => place,
+            }
+        };
+        if place == Place::Full {
+            round.full.insert(pool.to_string());
+        }
+        let held = round.kept.entry(pool.to_string()).or_default();
+        if round.crowded && *held >= KEEP_PER_POOL && round.open_pools.iter().any(|p| p != pool) {
+            round.overflow.push(task.msg.task_id);
+            return None;
+        }
+        *held += 1;
+        Some(task)
     }
 
     fn fail_unknown(&mut self, task: Task) -> Placed {

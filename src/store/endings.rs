@@ -143,6 +143,18 @@ struct EndRow {
     ran_us: Option<i64>,
 }
 
+impl EndRow {
+    /// What a GPU's speed is learned from: a finished attempt on a slot, of known size.
+    fn work(&self, next: Next, on_gpu: bool) -> Option<(f64, f64)> {
+        match (next, on_gpu, self.cost, self.ran_us) {
+            (Next::Done(State::Finished), true, Some(cost), Some(us)) if us > 0 => {
+                Some((cost, us as f64 / 1e6))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// What ending `req` does to a task in `row`: the task's next state, or why nothing changes. Pure,
 /// so the rules are unit-tested without a server.
 fn judge_ending(row: &EndRow, req: &EndRequest<'_>, default_max: u32) -> Result<Next, Finish> {
@@ -304,17 +316,11 @@ impl Store {
             Next::Retry { .. } => State::Pending.as_str().into(),
             Next::Done(done) => done.as_str().into(),
         };
-        let work = match (next, &slot, row.cost, row.ran_us) {
-            (Next::Done(State::Finished), Some(_), Some(cost), Some(us)) if us > 0 => {
-                Some((cost, us as f64 / 1e6))
-            }
-            _ => None,
-        };
         Ok(Finish::Applied {
+            work: row.work(next, slot.is_some()),
             slot,
             next,
             age: row.age_us.map(|us| Duration::from_micros(us.max(0) as u64)),
-            work,
         })
     }
 
