@@ -349,9 +349,7 @@ impl SlotMatrix {
         policy: Placement,
     ) -> Place {
         let now = Instant::now();
-        if let Some(c) = cost {
-            self.sizes.entry(pool.to_string()).or_default().note(c);
-        }
+        let known = cost;
         let cost = cost.or_else(|| self.median_cost(pool));
         // Speeds and free times matter only to a prediction.
         let predicting = policy == Placement::PredictedFinish && cost.is_some();
@@ -404,6 +402,10 @@ impl SlotMatrix {
             }
             Some(Choice::Slot(i)) => rows[i],
         };
+        // Noted once placed: a task that waits is asked about again every round.
+        if let Some(c) = known {
+            self.sizes.entry(pool.to_string()).or_default().note(c);
+        }
         self.cursor = (g + 1) % n;
         let slot = self.gpus[g]
             .free_cell()
@@ -1036,6 +1038,9 @@ mod tests {
         assert_eq!(predict(&mut m, 3600.0), Place::Wait);
         // Least-loaded never waits.
         assert_eq!(pick(&mut m, None), Some(SlotRef { gpu: 0, slot: 0 }));
+        // Only the placed task's size was noted, not the waiting ones' (asked every round).
+        assert_eq!(m.pools()[0].median_cost, Some(3600.0));
+        assert_eq!(m.sizes["default"].len(), 1);
     }
 
     #[test]

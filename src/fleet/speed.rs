@@ -130,6 +130,11 @@ impl Sizes {
     pub(crate) fn median(&self) -> Option<f64> {
         median(&self.recent)
     }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.recent.len()
+    }
 }
 
 #[cfg(test)]
