@@ -113,6 +113,51 @@ fn a_pool_with_no_gpu_up_waits_and_does_not_block_another_pool() {
     stop(daemon);
 }
 
+/// The tasks a busy pool let go wait in MySQL for room in their pool; a reload that moves their
+/// type to a pool with room runs them there (none is left waiting for a pool it no longer has).
+#[test]
+fn tasks_let_go_by_a_busy_pool_run_after_a_reload_moves_their_type() {
+    let env = TestEnv::new("poolwake");
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 2,
+        delay: (Duration::from_millis(10), Duration::from_millis(20)),
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let toml = env.config_toml(fleet.urls(), TWO_POOLS);
+    let toml = endpoint_lines(&toml, 0, "pool = \"big\"");
+    let toml = endpoint_lines(&toml, 1, "pool = \"small\"");
+    let daemon = env.start(&toml);
+    let store = qsys::Store::connect(&env.mysql_url(), false, "test", 1).expect("connect");
+    store.set_drained("g0", true, "test").expect("drain g0");
+    assert!(wait_for(Duration::from_secs(5), || daemon.slots()[0].drained));
+    env.push_raw("q1", &tasks("asr_big", "big", 150, 30.0));
+    env.push_raw("q1", &tasks("asr_small", "small", 10, 30.0));
+    assert!(wait_for(Duration::from_secs(20), || env
+        .count("task_id LIKE 'small-%' AND state = 'finished'")
+        == 10));
+    // Most of the big ones now wait in MySQL, held by nobody.
+    assert!(wait_for(Duration::from_secs(10), || env.count(
+        "task_id LIKE 'big-%' AND instance_id IS NULL AND not_before > '9000-01-01'"
+    ) >= 100));
+    let moved = toml.replace(
+        "[types.asr_big]\nhandler = \"gpu\"\npool = \"big\"",
+        "[types.asr_big]\nhandler = \"gpu\"\npool = \"small\"",
+    );
+    assert_ne!(moved, toml);
+    daemon.apply_config(env.config(&moved));
+    assert!(
+        wait_for(Duration::from_secs(60), || env
+            .count("task_id LIKE 'big-%' AND state = 'finished'")
+            == 150),
+        "{:?}",
+        env.states()
+    );
+    assert_eq!(fleet.stats().received(0), 0, "the drained gpu ran nothing");
+    assert!(fleet.stats().seen().values().all(|&n| n == 1));
+    stop(daemon);
+}
+
 /// A fleet of a slow GPU (g0, 1x) and a fast one (g1, 4x): 1 ms of work per second of audio at
 /// 1x, so 1,000 cost units a second per attempt on g0 and 4,000 on g1 (less their overheads).
 fn mixed_fleet() -> Fleet {

@@ -252,7 +252,10 @@ fn eta(conn: &mut mysql::Conn, types: &[String]) -> Option<f64> {
         ))
         .ok()?;
     rows.into_iter()
-        .filter(|(_, t)| t.split(',').any(|t| types.iter().any(|x| x == t)))
+        .filter(|(_, t)| {
+            let theirs: Vec<String> = serde_json::from_str(t).unwrap_or_default();
+            theirs.iter().any(|t| types.contains(t))
+        })
         .filter_map(|(d, _)| d)
         .reduce(f64::max)
 }

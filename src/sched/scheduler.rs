@@ -26,7 +26,7 @@ use crate::config::{Completion, Endpoint, Handler};
 use crate::fleet::{Holder, Place};
 use crate::obs::trouble::Trouble;
 use crate::shared::{Event, GpuJob, Shared, Task};
-use crate::store::{Claim, ClaimRequest, LetGo, Store, StoreError, StoredTask};
+use crate::store::{Claim, ClaimRequest, LetGo, Store, StoreError, StoredTask, Waking};
 
 /// Below this many unplaced tasks the scheduler takes another batch (up to
 /// [`crate::work::poller::TAKE_BATCH`]) from the poller, so it holds at most `PREFETCH - 1 + TAKE_BATCH`:
@@ -98,8 +98,8 @@ pub(crate) trait Claims {
     fn adopt_due(&self, limit: usize, paused: &[String]) -> Result<Vec<StoredTask>, StoreError>;
     /// Gives up this instance's hold on `pending` rows, to wait in MySQL (`until`).
     fn let_go(&self, task_ids: &[String], until: LetGo) -> Result<(), StoreError>;
-    /// Makes up to `limit` rows let go for a busy pool due now, of these `types`.
-    fn wake_waiting(&self, types: &[String], limit: usize) -> Result<u64, StoreError>;
+    /// Makes up to `limit` rows let go for a busy pool due now, of the `types` chosen.
+    fn wake_waiting(&self, types: Waking<'_>, limit: usize) -> Result<u64, StoreError>;
     /// This instance's `pending` rows untouched for `older_than`.
     fn stale_pending(
         &self,
@@ -133,7 +133,7 @@ impl Claims for Store {
     fn let_go(&self, task_ids: &[String], until: LetGo) -> Result<(), StoreError> {
         Store::let_go(self, task_ids, until)
     }
-    fn wake_waiting(&self, types: &[String], limit: usize) -> Result<u64, StoreError> {
+    fn wake_waiting(&self, types: Waking<'_>, limit: usize) -> Result<u64, StoreError> {
         Store::wake_waiting(self, types, limit)
     }
     fn stale_pending(
@@ -247,6 +247,7 @@ impl<S: Claims> Scheduler<S> {
             return;
         }
         self.swept = Instant::now();
+        self.wake_waiting(true);
         let room = PREFETCH * 4;
         let paused = self.held_back_types();
         let store = &self.store;
@@ -302,26 +303,33 @@ impl<S: Claims> Scheduler<S> {
         types
     }
 
-    /// With several pools: makes due the rows a busy pool let go, of the pools with a free slot
-    /// now (a hand's worth in all; [`Scheduler::adopt_due`] takes them up).
-    fn wake_waiting(&self) {
-        let types: Vec<String> = {
+    /// Makes due the rows a busy pool let go: of the pools with a free slot now, or (`all`, at
+    /// each sweep) of every type but those of the pools still without one, so that a row whose
+    /// type a reload moved to another pool or removed is not left waiting for good. A hand's
+    /// worth at a time; [`Scheduler::adopt_due`] takes them up.
+    fn wake_waiting(&self, all: bool) {
+        let (open, busy): (Vec<String>, Vec<String>) = {
             let config = self.shared.config();
             let m = self.shared.slots();
-            if m.pools_open().len() < 2 {
-                return;
-            }
-            config
+            let (open, busy): (Vec<_>, Vec<_>) = config
                 .types
                 .iter()
-                .filter(|(_, h)| matches!(h, Handler::Gpu { pool } if m.pool_open(pool)))
-                .map(|(name, _)| name.clone())
-                .collect()
+                .filter_map(|(name, h)| match h {
+                    Handler::Gpu { pool } => Some((name.clone(), m.pool_open(pool))),
+                    _ => None,
+                })
+                .partition(|(_, open)| *open);
+            (
+                open.into_iter().map(|(n, _)| n).collect(),
+                busy.into_iter().map(|(n, _)| n).collect(),
+            )
         };
-        if types.is_empty() {
-            return;
-        }
-        if let Err(e) = self.store.wake_waiting(&types, PREFETCH) {
+        let types = if all {
+            Waking::NotOf(&busy)
+        } else {
+            Waking::Of(&open)
+        };
+        if let Err(e) = self.store.wake_waiting(types, PREFETCH) {
             log::warn!(error:% = e; "mysql error waking tasks a busy pool let go");
         }
     }
@@ -333,7 +341,7 @@ impl<S: Claims> Scheduler<S> {
             return;
         }
         self.due_checked = Instant::now();
-        self.wake_waiting();
+        self.wake_waiting(false);
         let paused = self.held_back_types();
         let room = PREFETCH - self.pending.len();
         match self.store.adopt_due(room, &paused) {
@@ -737,7 +745,7 @@ mod tests {
                 .extend(task_ids.iter().map(|id| (id.clone(), until)));
             Ok(())
         }
-        fn wake_waiting(&self, _: &[String], _: usize) -> Result<u64, StoreError> {
+        fn wake_waiting(&self, _: Waking<'_>, _: usize) -> Result<u64, StoreError> {
             Ok(0)
         }
         fn stale_pending(&self, _: Duration, _: usize) -> Result<Vec<StoredTask>, StoreError> {

@@ -48,7 +48,7 @@ pub use endings::{EndRequest, Ending, Finish, Next};
 pub(crate) use heartbeats::{Beat, Beaten};
 pub use intake::{Accepted, NewTask};
 pub use paused::{PauseKind, Paused};
-pub(crate) use pending::{LetGo, StoredTask};
+pub(crate) use pending::{LetGo, StoredTask, Waking};
 pub use records::State;
 pub(crate) use records::{AttemptRecord, Liveness, TaskRecord};
 pub use retention::Retention;

@@ -15,6 +15,15 @@ pub(crate) const PAUSED: &str = "9999-12-31 00:00:00";
 /// ([`Store::wake_waiting`]): as far out of every sweep's range as [`PAUSED`], and distinct.
 pub(super) const POOL_BUSY: &str = "9999-12-30 00:00:00";
 
+/// Which of a busy pool's let-go rows [`Store::wake_waiting`] makes due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Waking<'a> {
+    /// Of these types.
+    Of(&'a [String]),
+    /// Of any type but these.
+    NotOf(&'a [String]),
+}
+
 /// Why a scheduler lets go of `pending` rows it held, and so until when they wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum LetGo {
@@ -211,22 +220,39 @@ impl Store {
         Ok(())
     }
 
-    /// Makes due now up to `limit` of the rows a busy pool let go, of `types` (a pool's with room
-    /// now), for the due adoption to take up; how many. One range of `idx_tasks_due` per type.
-    pub(crate) fn wake_waiting(&self, types: &[String], limit: usize) -> Result<u64, StoreError> {
-        if types.is_empty() {
+    /// Makes due now up to `limit` of the rows a busy pool let go, of the `types` chosen (a
+    /// pool's with room now; or every type but those of the pools still without room, which also
+    /// frees rows whose type a reload moved or removed), for the due adoption to take up; how
+    /// many. A plain read looks first, so that with nothing waiting (one pool, most of the time)
+    /// no write is made and no lock taken.
+    pub(crate) fn wake_waiting(&self, types: Waking<'_>, limit: usize) -> Result<u64, StoreError> {
+        let (names, filter) = match types {
+            Waking::Of([]) => return Ok(0),
+            Waking::Of(names) => (names, "IN"),
+            Waking::NotOf(names) => (names, "NOT IN"),
+        };
+        let filter = if names.is_empty() {
+            String::new()
+        } else {
+            format!(" AND type {filter} ({})", placeholders(names.len(), "?"))
+        };
+        let mut params: Vec<mysql::Value> = vec![POOL_BUSY.into()];
+        params.extend(names.iter().map(|t| t.as_str().into()));
+        let range = format!(
+            "FROM tasks FORCE INDEX (idx_tasks_due) WHERE state = 'pending' \
+             AND instance_id IS NULL AND not_before = ?{filter}"
+        );
+        let mut c = self.conn()?;
+        let any: Option<u8> = c.exec_first(format!("SELECT 1 {range} LIMIT 1"), &params)?;
+        if any.is_none() {
             return Ok(0);
         }
-        let mut c = self.conn()?;
-        let mut params: Vec<mysql::Value> = vec![POOL_BUSY.into()];
-        params.extend(types.iter().map(|t| t.as_str().into()));
         params.push((limit as u64).into());
         c.exec_drop(
             format!(
                 "UPDATE tasks FORCE INDEX (idx_tasks_due) SET not_before = NOW(3) \
-                 WHERE state = 'pending' AND instance_id IS NULL AND not_before = ? \
-                 AND type IN ({}) LIMIT ?",
-                placeholders(types.len(), "?")
+                 WHERE state = 'pending' AND instance_id IS NULL AND not_before = ?{filter} \
+                 LIMIT ?"
             ),
             params,
         )?;

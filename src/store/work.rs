@@ -28,7 +28,8 @@ pub(crate) struct PoolStat {
     pub backlog_cost: f64,
     pub capacity: Option<f64>,
     pub drain_s: Option<f64>,
-    /// Its task types joined by commas, by which `qsys-push` finds the pools of its tasks.
+    /// Its task types as a JSON array (a type name may hold any character but a control one),
+    /// by which `qsys-push` finds the pools of its tasks.
     pub types: String,
 }
 

@@ -194,7 +194,7 @@ fn persist(shared: &Shared, drains: &[PoolDrain]) {
                 backlog_cost: d.backlog_cost,
                 capacity: d.view.capacity,
                 drain_s: d.drain_s,
-                types: types.join(","),
+                types: serde_json::Value::from(types).to_string(),
             }
         })
         .collect();
