@@ -38,8 +38,8 @@ pub struct Holder {
     pub task_id: String,
     pub attempt: u32,
     pub since: Instant,
-    /// The work size it was placed with (its own, or its pool's median); `None` for a hold
-    /// learned from MySQL or a peer.
+    /// The task's own work size, if it gave one (a task of unknown size, and a hold learned
+    /// from MySQL or a peer, have none: nobody waits on an end that cannot be predicted).
     pub cost: Option<f64>,
 }
 
@@ -312,9 +312,11 @@ impl SlotMatrix {
             match endpoints.iter().find(|e| e.id == g.endpoint.id) {
                 Some(e) => {
                     let full = g.limit >= g.cap;
-                    // A changed seed counts only while too little is measured here.
-                    if let Some(seed) = e.speed.filter(|s| Some(*s) != g.endpoint.speed) {
-                        g.speed.reseed(seed);
+                    // A changed seed counts only while too little is measured here; a GPU in
+                    // another pool starts again (a pool may have a unit of its own).
+                    let moved = e.pool != g.endpoint.pool;
+                    if moved || e.speed != g.endpoint.speed {
+                        g.speed.restart(e.speed, moved);
                     }
                     g.endpoint = Arc::clone(e);
                     g.cap = e.slots;
@@ -339,14 +341,16 @@ impl SlotMatrix {
     }
 
     /// A free slot of a GPU of `pool` for a task of `cost` whose previous attempt ran on `avoid`,
-    /// by the placement `policy` among the pool's GPUs that take work now: its lowest free slot.
-    /// Advances the rotation past the chosen GPU.
+    /// by the placement `policy` among the pool's GPUs that take work now: its lowest free slot;
+    /// or, when it `may_wait`, [`Place::Wait`] for a busy one. Advances the rotation past the
+    /// chosen GPU.
     pub(crate) fn place(
         &mut self,
         pool: &str,
         cost: Option<f64>,
         avoid: Option<&str>,
         policy: Placement,
+        may_wait: bool,
     ) -> Place {
         let now = Instant::now();
         let known = cost;
@@ -389,7 +393,9 @@ impl SlotMatrix {
             .collect();
         let choice = match policy {
             Placement::LeastLoaded => placement::least_loaded(&candidates, avoid).map(Choice::Slot),
-            Placement::PredictedFinish => placement::predicted_finish(&candidates, cost, avoid),
+            Placement::PredictedFinish => {
+                placement::predicted_finish(&candidates, cost, avoid, may_wait)
+            }
         };
         let g = match choice {
             None => return Place::Full,
@@ -765,7 +771,7 @@ mod tests {
 
     /// A least-loaded placement in the default pool, as the slot it found.
     fn pick(m: &mut SlotMatrix, avoid: Option<&str>) -> Option<SlotRef> {
-        match m.place("default", None, avoid, Placement::LeastLoaded) {
+        match m.place("default", None, avoid, Placement::LeastLoaded, true) {
             Place::Slot(at) => Some(at),
             Place::Wait | Place::Full => None,
         }
@@ -1011,7 +1017,13 @@ mod tests {
     }
 
     fn predict(m: &mut SlotMatrix, cost: f64) -> Place {
-        m.place("default", Some(cost), None, Placement::PredictedFinish)
+        m.place(
+            "default",
+            Some(cost),
+            None,
+            Placement::PredictedFinish,
+            true,
+        )
     }
 
     #[test]
@@ -1036,11 +1048,22 @@ mod tests {
         // A new round starts from what runs.
         m.new_round();
         assert_eq!(predict(&mut m, 3600.0), Place::Wait);
+        // Told it may not wait, the same task takes the best free slot.
+        assert_eq!(
+            m.place(
+                "default",
+                Some(3600.0),
+                None,
+                Placement::PredictedFinish,
+                false
+            ),
+            Place::Slot(SlotRef { gpu: 0, slot: 0 })
+        );
         // Least-loaded never waits.
         assert_eq!(pick(&mut m, None), Some(SlotRef { gpu: 0, slot: 0 }));
-        // Only the placed task's size was noted, not the waiting ones' (asked every round).
+        // Only the placed tasks' sizes were noted, not the waiting ones' (asked every round).
         assert_eq!(m.pools()[0].median_cost, Some(3600.0));
-        assert_eq!(m.sizes["default"].len(), 1);
+        assert_eq!(m.sizes["default"].len(), 2);
     }
 
     #[test]
@@ -1048,7 +1071,8 @@ mod tests {
         let mut eps = endpoints(&[("a0", 1), ("b0", 1)]);
         Arc::make_mut(&mut eps[1]).pool = "b".into();
         let mut m = SlotMatrix::new(&eps);
-        let place = |m: &mut SlotMatrix, pool| m.place(pool, None, None, Placement::LeastLoaded);
+        let place =
+            |m: &mut SlotMatrix, pool| m.place(pool, None, None, Placement::LeastLoaded, true);
         assert_eq!(place(&mut m, "b"), Place::Slot(SlotRef { gpu: 1, slot: 0 }));
         m.occupy(SlotRef { gpu: 1, slot: 0 }, holder("x"));
         // b is full: a's free slot is not offered to it.

@@ -99,12 +99,13 @@ pub(crate) fn least_loaded(candidates: &[Candidate<'_>], avoid: Option<&str>) ->
 }
 
 /// Where a task of `cost` (`None`: unknown) should go among `candidates` (rotation order), by
-/// predicted finish; least-loaded for ties and unknowns. `None` only when no candidate has a free
-/// slot.
+/// predicted finish, waiting for a busy one only if it `may_wait`; least-loaded for ties and
+/// unknowns. `None` only when no candidate has a free slot.
 pub(crate) fn predicted_finish(
     candidates: &[Candidate<'_>],
     cost: Option<f64>,
     avoid: Option<&str>,
+    may_wait: bool,
 ) -> Option<Choice> {
     let fallback = least_loaded(candidates, avoid)?;
     let Some(cost) = cost else {
@@ -127,7 +128,7 @@ pub(crate) fn predicted_finish(
     let best_busy = candidates
         .iter()
         .enumerate()
-        .filter(|(_, c)| !c.open() && eligible(c) && Some(c.id) != avoid)
+        .filter(|(_, c)| may_wait && !c.open() && eligible(c) && Some(c.id) != avoid)
         .filter_map(|(i, c)| Some((i, c.finish(cost)?)))
         .min_by(|a, b| a.1.total_cmp(&b.1));
     if let Some((i, f)) = best_busy {
@@ -199,7 +200,7 @@ mod tests {
         // slow: 1 unit/s, idle; fast: 4 units/s, 3 of 4 busy.
         let fleet = [at("slow", 0, 1.0, None), at("fast", 3, 4.0, None)];
         assert_eq!(
-            predicted_finish(&fleet, Some(3600.0), None),
+            predicted_finish(&fleet, Some(3600.0), None, true),
             Some(Choice::Slot(1))
         );
         // Least-loaded would have taken the idle one.
@@ -212,18 +213,23 @@ mod tests {
         let fleet = [at("slow", 0, 1.0, None), at("fast", 4, 4.0, Some(10.0))];
         // An hour of audio: 3600 s on slow, 10 + 900 s on fast.
         assert_eq!(
-            predicted_finish(&fleet, Some(3600.0), None),
+            predicted_finish(&fleet, Some(3600.0), None, true),
             Some(Choice::Wait(1))
+        );
+        // Not allowed to wait (a full hand): the free slot.
+        assert_eq!(
+            predicted_finish(&fleet, Some(3600.0), None, false),
+            Some(Choice::Slot(0))
         );
         // Ten seconds of audio: 10 s on slow now, 12.5 s on fast later.
         assert_eq!(
-            predicted_finish(&fleet, Some(10.0), None),
+            predicted_finish(&fleet, Some(10.0), None, true),
             Some(Choice::Slot(0))
         );
         // An overdue attempt on fast: its end is unknown, so nobody waits for it.
         let stale = [at("slow", 0, 1.0, None), at("fast", 4, 4.0, None)];
         assert_eq!(
-            predicted_finish(&stale, Some(3600.0), None),
+            predicted_finish(&stale, Some(3600.0), None, true),
             Some(Choice::Slot(0))
         );
     }
@@ -233,38 +239,41 @@ mod tests {
         let fleet = [at("a", 2, 1.0, None), at("b", 1, 1.0, None)];
         // Same speed: a tie, and b is less loaded.
         assert_eq!(
-            predicted_finish(&fleet, Some(100.0), None),
+            predicted_finish(&fleet, Some(100.0), None, true),
             Some(Choice::Slot(1))
         );
         // No cost: least-loaded.
         let mixed = [at("slow", 0, 1.0, None), at("fast", 2, 4.0, None)];
-        assert_eq!(predicted_finish(&mixed, None, None), Some(Choice::Slot(0)));
+        assert_eq!(
+            predicted_finish(&mixed, None, None, true),
+            Some(Choice::Slot(0))
+        );
         // An open GPU of unknown speed: least-loaded.
         let unknown = [c("new", 0, 4), at("fast", 2, 4.0, None)];
         assert_eq!(
-            predicted_finish(&unknown, Some(100.0), None),
+            predicted_finish(&unknown, Some(100.0), None, true),
             Some(Choice::Slot(0))
         );
         // Nothing free: no choice.
         let full = [at("a", 4, 1.0, Some(1.0)), at("b", 4, 4.0, Some(1.0))];
-        assert_eq!(predicted_finish(&full, Some(100.0), None), None);
+        assert_eq!(predicted_finish(&full, Some(100.0), None, true), None);
     }
 
     #[test]
     fn a_retry_avoids_its_last_gpu_and_never_waits_for_it() {
         let fleet = [at("slow", 0, 1.0, None), at("fast", 1, 4.0, None)];
         assert_eq!(
-            predicted_finish(&fleet, Some(3600.0), Some("fast")),
+            predicted_finish(&fleet, Some(3600.0), Some("fast"), true),
             Some(Choice::Slot(0))
         );
         let busy_fast = [at("slow", 0, 1.0, None), at("fast", 4, 4.0, Some(1.0))];
         assert_eq!(
-            predicted_finish(&busy_fast, Some(3600.0), Some("fast")),
+            predicted_finish(&busy_fast, Some(3600.0), Some("fast"), true),
             Some(Choice::Slot(0))
         );
         // Alone, it is still used.
         assert_eq!(
-            predicted_finish(&fleet[1..], Some(3600.0), Some("fast")),
+            predicted_finish(&fleet[1..], Some(3600.0), Some("fast"), true),
             Some(Choice::Slot(0))
         );
     }

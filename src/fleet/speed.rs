@@ -58,6 +58,8 @@ pub(crate) struct Speed {
     unsaved: bool,
     /// The median of `recent`, kept as it changes: a placement reads it for every GPU.
     median: Option<f64>,
+    /// The seed came from a reload: what MySQL keeps (an older speed) does not replace it.
+    pinned: bool,
 }
 
 impl Speed {
@@ -97,16 +99,33 @@ impl Speed {
         self.recent.len() >= MIN_SAMPLES
     }
 
-    /// What MySQL (an earlier run, a peer) says, used while too little is measured here.
+    /// What MySQL (an earlier run, a peer) says, used while too little is measured here and no
+    /// reload set a seed.
     pub(crate) fn reseed(&mut self, speed: f64) {
-        if !self.own() && speed.is_finite() && speed > 0.0 {
+        if !self.own() && !self.pinned && speed.is_finite() && speed > 0.0 {
             self.seed = Some(speed);
         }
     }
 
-    /// The estimate to write to MySQL, and how many attempts made it, if measured since last time.
+    /// A reload's new seed (`speed`), or a new start for a GPU moved to another pool (whose unit
+    /// may differ): what was measured is dropped there. Written to MySQL for peers and restarts.
+    pub(crate) fn restart(&mut self, seed: Option<f64>, forget: bool) {
+        if forget {
+            self.recent.clear();
+            self.median = None;
+            self.measured = 0;
+        }
+        if !self.own() {
+            self.seed = seed;
+            self.pinned = true;
+            self.unsaved = seed.is_some();
+        }
+    }
+
+    /// The estimate to write to MySQL, and how many attempts made it, if it changed since last
+    /// time: a measured one, or a reload's seed.
     pub(crate) fn take_unsaved(&mut self) -> Option<(f64, u64)> {
-        if !std::mem::take(&mut self.unsaved) || !self.own() {
+        if !std::mem::take(&mut self.unsaved) || !(self.own() || self.pinned) {
             return None;
         }
         Some((self.estimate()?, self.measured))
@@ -212,6 +231,34 @@ mod tests {
         assert_eq!(s.estimate(), None);
         s.reseed(3.0);
         assert_eq!(s.estimate(), Some(3.0));
+    }
+
+    #[test]
+    fn a_reloads_seed_stands_until_measured_and_a_move_forgets() {
+        let mut s = Speed::seeded(Some(10.0));
+        s.restart(Some(20.0), false);
+        s.reseed(5.0);
+        assert_eq!(
+            s.estimate(),
+            Some(20.0),
+            "MySQL's older speed does not replace it"
+        );
+        assert_eq!(
+            s.take_unsaved(),
+            Some((20.0, 0)),
+            "written for peers and restarts"
+        );
+        for _ in 0..3 {
+            s.observe(30.0, 1.0);
+        }
+        s.restart(Some(99.0), false);
+        assert_eq!(s.estimate(), Some(30.0), "a measure beats any seed");
+        s.restart(None, true);
+        assert_eq!(
+            s.estimate(),
+            None,
+            "moved to another pool: its unit may differ"
+        );
     }
 
     #[test]

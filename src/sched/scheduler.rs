@@ -16,7 +16,7 @@
 //! At a stop it drains the channel and returns every task it holds to the head of its Redis queue.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -303,34 +303,37 @@ impl<S: Claims> Scheduler<S> {
         types
     }
 
-    /// Makes due the rows a busy pool let go: of the pools with a free slot now, or (`all`, at
-    /// each sweep) of every type but those of the pools still without one, so that a row whose
-    /// type a reload moved to another pool or removed is not left waiting for good. A hand's
-    /// worth at a time; [`Scheduler::adopt_due`] takes them up.
+    /// Makes due the rows a busy pool let go: for each pool with a free slot now, a hand's worth
+    /// of its types' (a paused type's wait for its resume); or (`all`, at each sweep) of every
+    /// type but those paused and those of the pools still without room, so that a row whose type
+    /// a reload moved to another pool or removed is not left waiting for good.
+    /// [`Scheduler::adopt_due`] takes them up.
     fn wake_waiting(&self, all: bool) {
-        let (open, busy): (Vec<String>, Vec<String>) = {
+        let paused = self.shared.paused().types;
+        let (mut open, mut held): (BTreeMap<String, Vec<String>>, Vec<String>) = Default::default();
+        {
             let config = self.shared.config();
             let m = self.shared.slots();
-            let (open, busy): (Vec<_>, Vec<_>) = config
-                .types
-                .iter()
-                .filter_map(|(name, h)| match h {
-                    Handler::Gpu { pool } => Some((name.clone(), m.pool_open(pool))),
-                    _ => None,
-                })
-                .partition(|(_, open)| *open);
-            (
-                open.into_iter().map(|(n, _)| n).collect(),
-                busy.into_iter().map(|(n, _)| n).collect(),
-            )
-        };
-        let types = if all {
-            Waking::NotOf(&busy)
+            for (name, h) in &config.types {
+                let Handler::Gpu { pool } = h else { continue };
+                if m.pool_open(pool) && !paused.contains(name) {
+                    open.entry(pool.clone()).or_default().push(name.clone());
+                } else {
+                    held.push(name.clone());
+                }
+            }
+        }
+        let batches: Vec<Waking<'_>> = if all {
+            held.extend(paused.iter().cloned());
+            vec![Waking::NotOf(&held)]
         } else {
-            Waking::Of(&open)
+            open.values().map(|types| Waking::Of(types)).collect()
         };
-        if let Err(e) = self.store.wake_waiting(types, PREFETCH) {
-            log::warn!(error:% = e; "mysql error waking tasks a busy pool let go");
+        for types in batches {
+            if let Err(e) = self.store.wake_waiting(types, PREFETCH) {
+                log::warn!(error:% = e; "mysql error waking tasks a busy pool let go");
+                return;
+            }
         }
     }
 
@@ -505,10 +508,14 @@ impl<S: Claims> Scheduler<S> {
     /// A GPU task of `pool` in this round: reserved (its job joins the round's claim), kept in
     /// hand, or let go to wait in MySQL while another pool has room and the hand is full.
     fn place_gpu(&self, task: Task, pool: &str, round: &mut GpuRound) -> Placed {
+        // A full hand keeps few of a pool's tasks: past them, one that would wait for a busy GPU
+        // takes its best free slot instead, so that waiting never keeps other work out.
+        let may_wait =
+            !(round.crowded && round.kept.get(pool).copied().unwrap_or(0) >= KEEP_PER_POOL);
         let place = if round.full.contains(pool) {
             Place::Full
         } else {
-            match self.reserve(&task, pool) {
+            match self.reserve(&task, pool, may_wait) {
                 Ok((endpoint, slot, lease)) => {
                     round.jobs.push(GpuJob {
                         attempt: task.attempts + 1,
@@ -523,13 +530,15 @@ impl<S: Claims> Scheduler<S> {
                 Err(place) => place,
             }
         };
+        let held = round.kept.entry(pool.to_string()).or_default();
+        // Only a pool with no free slot lets go (one with a slot free is woken at once).
         if place == Place::Full {
             round.full.insert(pool.to_string());
-        }
-        let held = round.kept.entry(pool.to_string()).or_default();
-        if round.crowded && *held >= KEEP_PER_POOL && round.open_pools.iter().any(|p| p != pool) {
-            round.overflow.push(task.msg.task_id);
-            return None;
+            if round.crowded && *held >= KEEP_PER_POOL && round.open_pools.iter().any(|p| p != pool)
+            {
+                round.overflow.push(task.msg.task_id);
+                return None;
+            }
         }
         *held += 1;
         Some(task)
@@ -557,12 +566,17 @@ impl<S: Claims> Scheduler<S> {
     /// Reserves a free slot of `pool` in memory for `task`'s next attempt, by the configured
     /// placement: the GPU, the slot and the attempt's lease. `Err`: no slot now
     /// ([`Place::Full`]), or one the task should not take ([`Place::Wait`]).
-    fn reserve(&self, task: &Task, pool: &str) -> Result<(Arc<Endpoint>, usize, Duration), Place> {
+    fn reserve(
+        &self,
+        task: &Task,
+        pool: &str,
+        may_wait: bool,
+    ) -> Result<(Arc<Endpoint>, usize, Duration), Place> {
         let policy = self.shared.config().placement;
         let cost = task.msg.cost();
         let (at, ep) = {
             let mut m = self.shared.slots();
-            let at = match m.place(pool, cost, task.avoid_gpu.as_deref(), policy) {
+            let at = match m.place(pool, cost, task.avoid_gpu.as_deref(), policy, may_wait) {
                 Place::Slot(at) => at,
                 other => return Err(other),
             };

@@ -223,8 +223,8 @@ impl Store {
     /// Makes due now up to `limit` of the rows a busy pool let go, of the `types` chosen (a
     /// pool's with room now; or every type but those of the pools still without room, which also
     /// frees rows whose type a reload moved or removed), for the due adoption to take up; how
-    /// many. A plain read looks first, so that with nothing waiting (one pool, most of the time)
-    /// no write is made and no lock taken.
+    /// many, in the index's order (by type, then id). A plain read looks first, so that with
+    /// nothing waiting (one pool, most of the time) no write is made and no lock taken.
     pub(crate) fn wake_waiting(&self, types: Waking<'_>, limit: usize) -> Result<u64, StoreError> {
         let (names, filter) = match types {
             Waking::Of([]) => return Ok(0),
@@ -252,7 +252,7 @@ impl Store {
             format!(
                 "UPDATE tasks FORCE INDEX (idx_tasks_due) SET not_before = NOW(3) \
                  WHERE state = 'pending' AND instance_id IS NULL AND not_before = ?{filter} \
-                 LIMIT ?"
+                 ORDER BY type, task_id LIMIT ?"
             ),
             params,
         )?;

@@ -19,6 +19,8 @@ pub(crate) struct PendingWork {
     /// Of which of known size, and the sum of those sizes.
     pub sized: u64,
     pub size: f64,
+    /// Rows a busy pool let go (counted, their sizes not read).
+    pub let_go: bool,
 }
 
 /// A pool's numbers, as an instance publishes them for `qsys-push --wait`.
@@ -63,28 +65,55 @@ impl Store {
         Ok(rows.into_iter().collect())
     }
 
-    /// The waiting `pending` rows by type, with their sizes (a busy pool's let-go rows counted).
-    /// Read through `idx_tasks_due`, whose entries say a row's due time: a delayed task before
-    /// its time or a paused type's row is passed over in the index, and only the rows counted
-    /// are read for their size (the hands, a busy pool's overflow).
+    /// The waiting `pending` rows by type, with their sizes: the rows instances hold (their
+    /// hands, bounded) and those held by nobody that are due, read for their sizes; and the rows
+    /// a busy pool let go, counted from `idx_tasks_due` alone, their sizes unknown (they may be
+    /// a whole backlog, not worth a row read each second). A delayed task before its time and a
+    /// paused type's row lie outside both ranges.
     pub(crate) fn pending_work(&self) -> Result<Vec<PendingWork>, StoreError> {
         let mut c = self.conn()?;
-        let rows: Vec<(Option<String>, u64, u64, Option<f64>)> = c.exec(
-            "SELECT type, COUNT(*), COUNT(cost), SUM(cost) FROM tasks FORCE INDEX (idx_tasks_due) \
-             WHERE state = 'pending' AND (not_before IS NULL OR not_before <= NOW(3) \
-             OR not_before = ?) GROUP BY type",
+        // Two ranges of the index, not one scan of every pending entry.
+        let sized: Vec<(Option<String>, u64, u64, Option<f64>)> = c.query(
+            "SELECT type, COUNT(*), COUNT(cost), SUM(cost) FROM (\
+             (SELECT type, cost FROM tasks FORCE INDEX (idx_tasks_due) \
+              WHERE state = 'pending' AND instance_id IS NOT NULL) \
+             UNION ALL (SELECT type, cost FROM tasks FORCE INDEX (idx_tasks_due) \
+              WHERE state = 'pending' AND instance_id IS NULL \
+              AND (not_before IS NULL OR not_before <= NOW(3)))) AS w GROUP BY type",
+        )?;
+        let waiting: Vec<(Option<String>, u64)> = c.exec(
+            "SELECT type, COUNT(*) FROM tasks FORCE INDEX (idx_tasks_due) \
+             WHERE state = 'pending' AND instance_id IS NULL AND not_before = ? GROUP BY type",
             (POOL_BUSY,),
         )?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(kind, tasks, sized, size)| {
+        let sized = sized.into_iter().map(|(k, n, s, z)| (k, n, s, z, false));
+        let let_go = waiting.into_iter().map(|(k, n)| (k, n, 0, None, true));
+        Ok(sized
+            .chain(let_go)
+            .filter_map(|(kind, tasks, sized, size, let_go)| {
                 Some(PendingWork {
                     kind: kind?,
                     tasks,
                     sized,
                     size: size.unwrap_or(0.0),
+                    let_go,
                 })
             })
+            .collect())
+    }
+
+    /// The mean size of the rows a busy pool let go, by type (of those of known size; `None`:
+    /// none is): read now and then, for [`Store::pending_work`]'s counts of them.
+    pub(crate) fn let_go_sizes(&self) -> Result<HashMap<String, Option<f64>>, StoreError> {
+        let mut c = self.conn()?;
+        let rows: Vec<(Option<String>, Option<f64>)> = c.exec(
+            "SELECT type, AVG(cost) FROM tasks FORCE INDEX (idx_tasks_due) WHERE state = 'pending' \
+             AND instance_id IS NULL AND not_before = ? GROUP BY type",
+            (POOL_BUSY,),
+        )?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(k, mean)| Some((k?, mean)))
             .collect())
     }
 

@@ -30,6 +30,9 @@ pub(crate) const SAMPLE: usize = 1000;
 /// How often the `pending` rows' sizes are read: with the queues, since a scheduler's hand (up
 /// to 80 tasks) and a busy pool's overflow are part of the backlog too.
 const PENDING_EVERY: Duration = Duration::from_secs(1);
+/// How often the mean sizes of a busy pool's let-go rows are read (a row read each: they may be
+/// a whole backlog); counted every [`PENDING_EVERY`].
+const LET_GO_SIZES_EVERY: Duration = Duration::from_secs(30);
 /// How often speeds and pool numbers go to MySQL (and peers' speeds come back).
 const PERSIST_EVERY: Duration = Duration::from_secs(5);
 
@@ -45,7 +48,12 @@ pub(crate) struct QueueSample {
 pub(crate) struct Backlog {
     pending: Vec<PendingWork>,
     pending_read: Option<Instant>,
+    /// Mean size of the let-go rows by type (`None`: none of known size), and when read.
+    let_go_sizes: HashMap<String, Option<f64>>,
+    let_go_read: Option<Instant>,
     persisted: Option<Instant>,
+    /// The queues as last measured, kept while Redis does not answer.
+    queues: Vec<QueueSample>,
 }
 
 /// The pool of each GPU task type.
@@ -140,26 +148,61 @@ pub(crate) fn sample_sizes(elements: &[Vec<u8>]) -> Vec<(String, Option<f64>)> {
 impl Backlog {
     /// Works out every pool's backlog from the queues just measured (depth and head sample per
     /// queue), reading MySQL when due; persists speeds and publishes the pools when due.
-    pub(crate) fn update(&mut self, shared: &Shared, queues: &[QueueSample]) {
+    /// `queues` is `None` when Redis did not answer: the last measure stands meanwhile.
+    pub(crate) fn update(&mut self, shared: &Shared, queues: Option<Vec<QueueSample>>) {
+        if let Some(q) = queues {
+            self.queues = q;
+        }
         let mysql_ok = !shared.problems().contains_key("mysql");
-        if mysql_ok
-            && self
-                .pending_read
-                .is_none_or(|t| t.elapsed() >= PENDING_EVERY)
-        {
-            self.pending_read = Some(Instant::now());
-            match shared.store.pending_work() {
-                Ok(p) => self.pending = p,
-                Err(e) => log::warn!(error:% = e; "cannot read the pending tasks' sizes"),
-            }
+        if mysql_ok {
+            self.read_pending(shared);
         }
         let views = shared.slots().pools();
-        let drains = drains(views, queues, &self.pending, &shared.config().types);
+        let drains = drains(views, &self.queues, &self.pending, &shared.config().types);
         if mysql_ok && self.persisted.is_none_or(|t| t.elapsed() >= PERSIST_EVERY) {
             self.persisted = Some(Instant::now());
             persist(shared, &drains);
         }
         *shared.pools.locked() = drains;
+    }
+}
+
+impl Backlog {
+    /// The `pending` rows' work, when due: counts and sizes every [`PENDING_EVERY`], a busy
+    /// pool's rows taken at the mean size of their type, read every [`LET_GO_SIZES_EVERY`] (and
+    /// as soon as a type without one has rows waiting).
+    fn read_pending(&mut self, shared: &Shared) {
+        if self
+            .pending_read
+            .is_some_and(|t| t.elapsed() < PENDING_EVERY)
+        {
+            return;
+        }
+        self.pending_read = Some(Instant::now());
+        let mut pending = match shared.store.pending_work() {
+            Ok(p) => p,
+            Err(e) => return log::warn!(error:% = e; "cannot read the pending tasks' sizes"),
+        };
+        let unknown = pending
+            .iter()
+            .any(|w| w.let_go && !self.let_go_sizes.contains_key(&w.kind));
+        if unknown
+            || self
+                .let_go_read
+                .is_none_or(|t| t.elapsed() >= LET_GO_SIZES_EVERY)
+        {
+            self.let_go_read = Some(Instant::now());
+            match shared.store.let_go_sizes() {
+                Ok(s) => self.let_go_sizes = s,
+                Err(e) => log::warn!(error:% = e; "cannot read the waiting tasks' sizes"),
+            }
+        }
+        for w in pending.iter_mut().filter(|w| w.let_go) {
+            if let Some(Some(mean)) = self.let_go_sizes.get(&w.kind) {
+                (w.sized, w.size) = (w.tasks, mean * w.tasks as f64);
+            }
+        }
+        self.pending = pending;
     }
 }
 
@@ -269,6 +312,7 @@ mod tests {
             tasks: 3,
             sized: 2,
             size: 50.0,
+            let_go: false,
         }];
         let views = vec![
             view("a", Some(10.0), 0.0, Some(20.0)),

@@ -57,7 +57,7 @@ pub(crate) fn run(shared: Arc<Shared>, client: redis::Client) {
         if last_beat.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             last_beat = Some(Instant::now());
             let samples = measure_queues(&shared, &client, &mut redis, &mut sample_len);
-            backlog.update(&shared, &samples);
+            backlog.update(&shared, samples);
             // While MySQL does not answer there is nothing to do; the heartbeat thread finds out
             // every second, so no round trip of its own here.
             if !shared.problems().contains_key("mysql") {
@@ -118,14 +118,14 @@ fn measure_queues(
     client: &redis::Client,
     conn: &mut Option<redis::Connection>,
     sample_len: &mut HashMap<String, usize>,
-) -> Vec<QueueSample> {
+) -> Option<Vec<QueueSample>> {
     let queues = shared.config().redis.queues.clone();
     let c = match conn {
         Some(c) => c,
         None => match crate::work::poller::connect(client, Duration::from_secs(1)) {
             Ok(c) => conn.insert(c),
             // The poller reports Redis trouble; nothing to add here.
-            Err(_) => return Vec::new(),
+            Err(_) => return None,
         },
     };
     let mut pipe = redis::pipe();
@@ -171,10 +171,13 @@ fn measure_queues(
             drop(heads);
             *shared.queue_depths.locked() = depths;
             *shared.queue_ages.locked() = ages;
+            Some(samples)
         }
-        Err(_) => *conn = None,
+        Err(_) => {
+            *conn = None;
+            None
+        }
     }
-    samples
 }
 
 /// Elements sampled from a queue the first time.
