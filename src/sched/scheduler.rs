@@ -37,6 +37,10 @@ pub const PREFETCH: usize = 16;
 /// wait in MySQL (so one pool's backlog never blocks another's).
 const KEEP_PER_POOL: usize = PREFETCH / 4;
 
+/// Most tasks a round keeps in hand to wait for a busy GPU (placement by predicted finish): half
+/// the hand, so the other half always takes work the free slots can run.
+const MAX_WAITING: usize = PREFETCH / 2;
+
 /// One placement round's GPU side.
 struct GpuRound {
     /// Slots reserved, to claim in one transaction.
@@ -47,6 +51,8 @@ struct GpuRound {
     kept: HashMap<String, usize>,
     /// Tasks let go for a busy pool.
     overflow: Vec<String>,
+    /// Tasks kept this round to wait for a busy GPU.
+    waiting: usize,
     /// With several pools, those with a free slot at the round's start (none with one pool:
     /// nothing is ever let go then).
     open_pools: Vec<String>,
@@ -69,6 +75,7 @@ impl GpuRound {
             full: HashSet::new(),
             kept: HashMap::new(),
             overflow: Vec::new(),
+            waiting: 0,
             open_pools,
             crowded,
         }
@@ -508,10 +515,9 @@ impl<S: Claims> Scheduler<S> {
     /// A GPU task of `pool` in this round: reserved (its job joins the round's claim), kept in
     /// hand, or let go to wait in MySQL while another pool has room and the hand is full.
     fn place_gpu(&self, task: Task, pool: &str, round: &mut GpuRound) -> Placed {
-        // A full hand keeps few of a pool's tasks: past them, one that would wait for a busy GPU
-        // takes its best free slot instead, so that waiting never keeps other work out.
-        let may_wait =
-            !(round.crowded && round.kept.get(pool).copied().unwrap_or(0) >= KEEP_PER_POOL);
+        // Waiting tasks never fill the hand: past half of it, one that would wait for a busy GPU
+        // takes its best free slot instead, so there is always room for other work.
+        let may_wait = round.waiting < MAX_WAITING;
         let place = if round.full.contains(pool) {
             Place::Full
         } else {
@@ -530,6 +536,9 @@ impl<S: Claims> Scheduler<S> {
                 Err(place) => place,
             }
         };
+        if place == Place::Wait {
+            round.waiting += 1;
+        }
         let held = round.kept.entry(pool.to_string()).or_default();
         // Only a pool with no free slot lets go (one with a slot free is woken at once).
         if place == Place::Full {
