@@ -9,7 +9,10 @@
 //!   the push to the fake GPU receiving the request;
 //! - slot gap p50/p99 under saturation: a slot's attempt ending to the next attempt starting on it
 //!   (from `task_attempts`, millisecond timestamps);
-//! - qsysd peak RSS and CPU seconds per 1,000 tasks (from /proc);
+//! - qsysd peak RSS and CPU seconds per 1,000 tasks (from /proc), and the others' CPU per 1,000
+//!   tasks: mariadbd, redis-server, and this process (the fake fleet and the driver);
+//! - MariaDB's counters per task: commits, statements, fsyncs, rows written (the server's
+//!   `SHOW GLOBAL STATUS`: the run must be alone on it);
 //! - RSS with 100,000 tasks waiting in Redis;
 //! - start to `READY=1`;
 //! - `qsys-push` rate from NDJSON.
@@ -43,6 +46,10 @@ struct Args {
     /// Callbacks the fake fleet makes at once (its caller threads).
     #[arg(long, default_value_t = 32)]
     fleet_callers: usize,
+    /// How the fake GPUs complete: "callback" (a callback once done) or "response" (the answer
+    /// to the dispatch is the completion).
+    #[arg(long, default_value = "callback")]
+    completion: String,
     /// Skip the slower measures (latency at a steady rate, 100k backlog RSS, push rate).
     #[arg(long)]
     quick: bool,
@@ -82,13 +89,8 @@ fn reset(queue: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn config(
-    dir: &Path,
-    urls: &[String],
-    slots: usize,
-    instance: usize,
-    threads: usize,
-) -> anyhow::Result<PathBuf> {
+fn config(dir: &Path, urls: &[String], a: &Args, instance: usize) -> anyhow::Result<PathBuf> {
+    let (slots, threads, completion) = (a.slots, a.dispatch_threads, &a.completion);
     let mut s = format!(
         r#"[redis]
 queues = ["bench:q"]
@@ -102,6 +104,7 @@ secret = "bench-secret-0123456789"
 listen = "127.0.0.1:0"
 [gpu]
 slots = {slots}
+completion = "{completion}"
 [daemon]
 instance_id = "bench-{instance}"
 log_level = "warn"
@@ -117,6 +120,115 @@ dispatch_threads = {threads}
     let p = dir.join(format!("qsysd-{instance}.toml"));
     std::fs::write(&p, s)?;
     Ok(p)
+}
+
+/// CPU seconds a process has used (utime + stime), from /proc.
+fn cpu_seconds(pid: &str) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15 of stat(5); after the ')' they are 12 and 13.
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks as f64 / hz)
+}
+
+/// The pid of the one process named `name`, if there is one.
+fn pid_of(name: &str) -> Option<String> {
+    let out = Command::new("pidof").arg("-s").arg(name).output().ok()?;
+    let pid = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (!pid.is_empty()).then_some(pid)
+}
+
+/// What the run cost besides qsysd: MariaDB's and Redis's CPU, this process's (the fake fleet and
+/// the driver), and MariaDB's counters (the server's, so the run must be alone on it).
+#[derive(Clone, Copy, Default)]
+struct Others {
+    mariadb_cpu: f64,
+    redis_cpu: f64,
+    bench_cpu: f64,
+    commits: f64,
+    statements: f64,
+    fsyncs: f64,
+    rows_written: f64,
+}
+
+impl Others {
+    fn now(c: &mut mysql::Conn) -> anyhow::Result<Others> {
+        let status: Vec<(String, String)> = c.query(
+            "SHOW GLOBAL STATUS WHERE Variable_name IN ('Com_commit', 'Questions', \
+             'Innodb_data_fsyncs', 'Innodb_rows_inserted', 'Innodb_rows_updated', \
+             'Innodb_rows_deleted')",
+        )?;
+        let get = |k: &str| -> f64 {
+            status
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(k))
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(0.0)
+        };
+        let cpu = |name: &str| {
+            pid_of(name)
+                .and_then(|p| cpu_seconds(&p).ok())
+                .unwrap_or(0.0)
+        };
+        Ok(Others {
+            mariadb_cpu: cpu("mariadbd").max(cpu("mysqld")),
+            redis_cpu: cpu("redis-server"),
+            bench_cpu: cpu_seconds("self")?,
+            commits: get("Com_commit"),
+            statements: get("Questions"),
+            fsyncs: get("Innodb_data_fsyncs"),
+            rows_written: get("Innodb_rows_inserted")
+                + get("Innodb_rows_updated")
+                + get("Innodb_rows_deleted"),
+        })
+    }
+
+    fn since(&self, before: &Others) -> Others {
+        Others {
+            mariadb_cpu: self.mariadb_cpu - before.mariadb_cpu,
+            redis_cpu: self.redis_cpu - before.redis_cpu,
+            bench_cpu: self.bench_cpu - before.bench_cpu,
+            commits: self.commits - before.commits,
+            statements: self.statements - before.statements,
+            fsyncs: self.fsyncs - before.fsyncs,
+            rows_written: self.rows_written - before.rows_written,
+        }
+    }
+
+    /// The measures, per 1,000 tasks (CPU) or per task (counters).
+    fn per_task(&self, tasks: usize) -> Vec<(&'static str, String)> {
+        let k = 1000.0 / tasks as f64;
+        let n = tasks as f64;
+        vec![
+            (
+                "mariadbd CPU seconds per 1,000 tasks",
+                format!("{:.3}", self.mariadb_cpu * k),
+            ),
+            (
+                "redis-server CPU seconds per 1,000 tasks",
+                format!("{:.3}", self.redis_cpu * k),
+            ),
+            (
+                "fake fleet + driver CPU seconds per 1,000 tasks",
+                format!("{:.3}", self.bench_cpu * k),
+            ),
+            (
+                "MariaDB per task: commits / statements",
+                format!("{:.2} / {:.2}", self.commits / n, self.statements / n),
+            ),
+            (
+                "MariaDB per task: fsyncs / rows written",
+                format!("{:.2} / {:.2}", self.fsyncs / n, self.rows_written / n),
+            ),
+        ]
+    }
 }
 
 /// A qsysd child with a notify socket, started and waited for until READY=1.
@@ -165,18 +277,7 @@ impl Qsysd {
             .find_map(|l| l.strip_prefix("VmHWM:"))
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
             .context("VmHWM")?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        let fields: Vec<&str> = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .collect();
-        // utime and stime are fields 14 and 15 of stat(5); after the ')' they are 12 and 13.
-        let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-        // SAFETY: sysconf has no memory effects.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        Ok((hwm, ticks as f64 / hz))
+        Ok((hwm, cpu_seconds(&pid.to_string())?))
     }
 }
 
@@ -282,6 +383,11 @@ fn main() -> anyhow::Result<()> {
         gpus: a.gpus,
         delay: (Duration::ZERO, Duration::ZERO),
         callers: a.fleet_callers,
+        completion: match a.completion.as_str() {
+            "callback" => fakefleet::Completion::Callback,
+            "response" => fakefleet::Completion::Response,
+            other => bail!("--completion: {other:?} is neither callback nor response"),
+        },
         ..FleetConfig::default()
     })?;
     let mut results: Vec<(String, String)> = Vec::new();
@@ -293,7 +399,7 @@ fn main() -> anyhow::Result<()> {
     // Throughput, CPU, RSS, slot gap.
     let mut daemons = Vec::new();
     for i in 0..a.instances {
-        let cfg = config(&dir, fleet.urls(), a.slots, i, a.dispatch_threads)?;
+        let cfg = config(&dir, fleet.urls(), &a, i)?;
         daemons.push(Qsysd::start(&cfg, &dir, i)?);
     }
     say(
@@ -305,10 +411,12 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|d| d.usage().map(|u| u.1).unwrap_or(0.0))
         .sum();
+    let mut c = mysql()?;
+    let others0 = Others::now(&mut c)?;
     let pushed_at = unix_now();
     let push_took = push_ndjson(&lines)?;
-    let mut c = mysql()?;
     wait_finished(&mut c, a.tasks, &fleet)?;
+    let others = Others::now(&mut c)?.since(&others0);
     // First push (this clock) to the last finished row (the database's clock, same host).
     let last: f64 = c
         .query_first::<f64, _>(format!(
@@ -343,6 +451,9 @@ fn main() -> anyhow::Result<()> {
         "qsysd CPU seconds per 1,000 tasks",
         format!("{:.3}", (cpu - cpu0) / a.tasks as f64 * 1000.0),
     );
+    for (what, v) in others.per_task(a.tasks) {
+        say(what, v);
+    }
     say(
         "qsysd peak RSS during the run (MiB)",
         format!("{:.1}", rss as f64 / 1024.0),
@@ -369,7 +480,7 @@ fn main() -> anyhow::Result<()> {
     if !a.quick {
         // Latency at a steady rate below capacity: one push every 2 ms for 5 s.
         reset("bench:q")?;
-        let cfg = config(&dir, fleet.urls(), a.slots, 0, a.dispatch_threads)?;
+        let cfg = config(&dir, fleet.urls(), &a, 0)?;
         let d = Qsysd::start(&cfg, &dir, 0)?;
         let client = redis::Client::open("redis://127.0.0.1:6379/0")?;
         let mut r = client.get_connection_with_timeout(Duration::from_secs(3))?;
@@ -413,7 +524,7 @@ fn main() -> anyhow::Result<()> {
             hang_rate: 1.0,
             ..FleetConfig::default()
         })?;
-        let cfg = config(&dir, hung.urls(), a.slots, 0, a.dispatch_threads)?;
+        let cfg = config(&dir, hung.urls(), &a, 0)?;
         let d = Qsysd::start(&cfg, &dir, 0)?;
         let backlog: Vec<String> = (0..100_000).map(|i| task_line(i, "w")).collect();
         let took = push_ndjson(&backlog)?;
@@ -449,7 +560,7 @@ fn main() -> anyhow::Result<()> {
         let flush: Option<String> =
             mysql()?.query_first("SELECT @@innodb_flush_log_at_trx_commit")?;
         writeln!(f, "\n### Run of {}\n", chrono_like_now())?;
-        writeln!(f, "Machine: {} cores of {cpus}; MariaDB innodb_flush_log_at_trx_commit={}; settings: {} tasks, {} GPUs x {} slots, {} instance(s), instant completion.\n", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), flush.unwrap_or_default(), a.tasks, a.gpus, a.slots, a.instances)?;
+        writeln!(f, "Machine: {} cores of {cpus}; MariaDB innodb_flush_log_at_trx_commit={}; settings: {} tasks, {} GPUs x {} slots, {} instance(s), {} completion, instant.\n", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), flush.unwrap_or_default(), a.tasks, a.gpus, a.slots, a.instances, a.completion)?;
         writeln!(f, "| measure | result |\n|---|---|")?;
         for (k, v) in &results {
             writeln!(f, "| {k} | {v} |")?;
