@@ -335,14 +335,22 @@ fn task_line(i: usize, tag: &str) -> String {
 /// costs nothing; counting rows every few milliseconds cost MariaDB a share of the CPU being
 /// measured), then MySQL confirms. A run that stops moving for 30 s fails with what the fleet saw,
 /// rather than waiting out the leases.
-fn wait_finished(c: &mut mysql::Conn, n: usize, fleet: &Fleet) -> anyhow::Result<()> {
+fn wait_finished(
+    c: &mut mysql::Conn,
+    n: usize,
+    fleet: &Fleet,
+    gpus: usize,
+    response: bool,
+) -> anyhow::Result<()> {
+    // The fleet's own count of completions (callbacks accepted, or in response mode dispatches
+    // received, each answered at once), so MySQL is asked only at the end.
     let accepted = || {
-        fleet
-            .stats()
-            .callback_replies()
-            .get(&200)
-            .copied()
-            .unwrap_or(0) as usize
+        let s = fleet.stats();
+        if response {
+            (0..gpus).map(|g| s.received(g)).sum()
+        } else {
+            s.callback_replies().get(&200).copied().unwrap_or(0) as usize
+        }
     };
     let (mut last, mut moved) = (0, Instant::now());
     loop {
@@ -415,7 +423,7 @@ fn main() -> anyhow::Result<()> {
     let others0 = Others::now(&mut c)?;
     let pushed_at = unix_now();
     let push_took = push_ndjson(&lines)?;
-    wait_finished(&mut c, a.tasks, &fleet)?;
+    wait_finished(&mut c, a.tasks, &fleet, a.gpus, a.completion == "response")?;
     let others = Others::now(&mut c)?.since(&others0);
     // First push (this clock) to the last finished row (the database's clock, same host).
     let last: f64 = c
@@ -498,7 +506,7 @@ fn main() -> anyhow::Result<()> {
                 .arg(task_line(i, "lat"))
                 .query::<()>(&mut r)?;
         }
-        wait_finished(&mut mysql()?, n, &fleet)?;
+        wait_finished(&mut mysql()?, n, &fleet, a.gpus, a.completion == "response")?;
         let received = fleet.stats().received_at();
         let mut lat: Vec<f64> = (0..n)
             .filter_map(|i| {
