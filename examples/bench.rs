@@ -162,8 +162,7 @@ impl Others {
     fn now(c: &mut mysql::Conn) -> anyhow::Result<Others> {
         let status: Vec<(String, String)> = c.query(
             "SHOW GLOBAL STATUS WHERE Variable_name IN ('Com_commit', 'Questions', \
-             'Innodb_data_fsyncs', 'Innodb_rows_inserted', 'Innodb_rows_updated', \
-             'Innodb_rows_deleted')",
+             'Innodb_data_fsyncs', 'Handler_write', 'Handler_update', 'Handler_delete')",
         )?;
         let get = |k: &str| -> f64 {
             status
@@ -184,9 +183,8 @@ impl Others {
             commits: get("Com_commit"),
             statements: get("Questions"),
             fsyncs: get("Innodb_data_fsyncs"),
-            rows_written: get("Innodb_rows_inserted")
-                + get("Innodb_rows_updated")
-                + get("Innodb_rows_deleted"),
+            // MariaDB has no Innodb_rows_* counters; the handler's count every engine's rows.
+            rows_written: get("Handler_write") + get("Handler_update") + get("Handler_delete"),
         })
     }
 

@@ -6,6 +6,7 @@
 //! check): MySQL first, then the in-memory slot, then a message to the scheduler — a wake-up so it can
 //! hand the freed slot on, and the task itself when it is to be retried.
 
+mod group;
 pub(crate) mod shutdown;
 
 use std::collections::{BTreeMap, HashSet};
@@ -132,6 +133,9 @@ pub(crate) struct Shared {
     pub queue_ages: Mutex<BTreeMap<String, f64>>,
     /// Each pool's backlog and time to drain, as last worked out (every second).
     pub(crate) pools: Mutex<Vec<crate::fleet::PoolDrain>>,
+    /// Single endings (dispatch, handlers, leases, cancels), written together when they come
+    /// together.
+    endings: group::Group,
 }
 
 impl Shared {
@@ -159,6 +163,7 @@ impl Shared {
             progress: Mutex::default(),
             queue_depths: Mutex::default(),
             pools: Mutex::default(),
+            endings: group::Group::default(),
             metrics: Default::default(),
             slot_events,
             // Until the first check: publishing to nobody is harmless, staying silent is not.
@@ -286,6 +291,8 @@ impl Shared {
     }
 
     /// Ends attempt `attempt` of `task_id` and frees what it held; a retry goes to the scheduler.
+    /// Written with the other single endings that come meanwhile ([`group`]): one commit for the
+    /// many a busy response-mode fleet ends at once.
     pub(crate) fn end_attempt(
         &self,
         task_id: &str,
@@ -293,8 +300,10 @@ impl Shared {
         ending: Ending<'_>,
         source: &str,
     ) -> Result<Finish, StoreError> {
-        let mut out = self.end_attempts(&[(task_id, attempt, ending)], source)?;
-        Ok(out.pop().expect("one finish per attempt"))
+        self.endings
+            .end((task_id, attempt, ending), source, &|ends, source| {
+                self.end_attempts(ends, source)
+            })
     }
 
     /// Ends each `(task_id, attempt, ending)` in one MySQL transaction, then frees their slots in
