@@ -492,6 +492,8 @@ fn main() -> anyhow::Result<()> {
         let mut r = client.get_connection_with_timeout(Duration::from_secs(3))?;
         let n = 2500;
         let mut pushed = Vec::with_capacity(n);
+        let mut c = mysql()?;
+        let (others0, cpu0) = (Others::now(&mut c)?, d.usage()?.1);
         let start = Instant::now();
         for i in 0..n {
             let due = start + Duration::from_millis(2 * i as u64);
@@ -504,7 +506,24 @@ fn main() -> anyhow::Result<()> {
                 .arg(task_line(i, "lat"))
                 .query::<()>(&mut r)?;
         }
-        wait_finished(&mut mysql()?, n, &fleet, a.gpus, a.completion == "response")?;
+        wait_finished(&mut c, n, &fleet, a.gpus, a.completion == "response")?;
+        let steady = Others::now(&mut c)?.since(&others0);
+        say(
+            "at 500 tasks/s: qsysd / mariadbd CPU s per 1,000 tasks",
+            format!(
+                "{:.3} / {:.3}",
+                (d.usage()?.1 - cpu0) / n as f64 * 1000.0,
+                steady.mariadb_cpu / n as f64 * 1000.0
+            ),
+        );
+        say(
+            "at 500 tasks/s: MariaDB commits / statements per task",
+            format!(
+                "{:.2} / {:.2}",
+                steady.commits / n as f64,
+                steady.statements / n as f64
+            ),
+        );
         let received = fleet.stats().received_at();
         let mut lat: Vec<f64> = (0..n)
             .filter_map(|i| {
