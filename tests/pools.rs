@@ -42,15 +42,21 @@ handler = "gpu"
 pool = "small"
 "#;
 
-/// Pool `big` has one GPU, drained; pool `small` one GPU, up. 200 `big` tasks are pushed ahead
-/// of 20 `small` ones on the same queue: far more than the scheduler's hand, so without the
-/// let-go the small tasks would wait behind them for as long as `big` is down.
-#[test]
-fn a_pool_with_no_gpu_up_waits_and_does_not_block_another_pool() {
-    let env = TestEnv::new("poolhol");
+/// A daemon with pools `big` (g0, drained) and `small` (g1, up), and what its test needs.
+struct TwoPools {
+    env: TestEnv,
+    fleet: Fleet,
+    daemon: qsys::Daemon,
+    store: qsys::Store,
+    toml: String,
+}
+
+/// [`TwoPools`], the fleet working `ms` milliseconds (a range) per task.
+fn two_pools_big_drained(tag: &str, ms: (u64, u64)) -> TwoPools {
+    let env = TestEnv::new(tag);
     let fleet = Fleet::start(FleetConfig {
         gpus: 2,
-        delay: (Duration::from_millis(20), Duration::from_millis(40)),
+        delay: (Duration::from_millis(ms.0), Duration::from_millis(ms.1)),
         ..FleetConfig::default()
     })
     .expect("fleet");
@@ -61,6 +67,27 @@ fn a_pool_with_no_gpu_up_waits_and_does_not_block_another_pool() {
     let store = qsys::Store::connect(&env.mysql_url(), false, "test", 1).expect("connect");
     store.set_drained("g0", true, "test").expect("drain g0");
     assert!(wait_for(Duration::from_secs(5), || daemon.slots()[0].drained));
+    TwoPools {
+        env,
+        fleet,
+        daemon,
+        store,
+        toml,
+    }
+}
+
+/// Pool `big` has one GPU, drained; pool `small` one GPU, up. 200 `big` tasks are pushed ahead
+/// of 20 `small` ones on the same queue: far more than the scheduler's hand, so without the
+/// let-go the small tasks would wait behind them for as long as `big` is down.
+#[test]
+fn a_pool_with_no_gpu_up_waits_and_does_not_block_another_pool() {
+    let TwoPools {
+        env,
+        fleet,
+        daemon,
+        store,
+        ..
+    } = two_pools_big_drained("poolhol", (20, 40));
     env.push_raw("q1", &tasks("asr_big", "big", 200, 30.0));
     env.push_raw("q1", &tasks("asr_small", "small", 20, 30.0));
     assert!(
@@ -117,20 +144,13 @@ fn a_pool_with_no_gpu_up_waits_and_does_not_block_another_pool() {
 /// type to a pool with room runs them there (none is left waiting for a pool it no longer has).
 #[test]
 fn tasks_let_go_by_a_busy_pool_run_after_a_reload_moves_their_type() {
-    let env = TestEnv::new("poolwake");
-    let fleet = Fleet::start(FleetConfig {
-        gpus: 2,
-        delay: (Duration::from_millis(10), Duration::from_millis(20)),
-        ..FleetConfig::default()
-    })
-    .expect("fleet");
-    let toml = env.config_toml(fleet.urls(), TWO_POOLS);
-    let toml = endpoint_lines(&toml, 0, "pool = \"big\"");
-    let toml = endpoint_lines(&toml, 1, "pool = \"small\"");
-    let daemon = env.start(&toml);
-    let store = qsys::Store::connect(&env.mysql_url(), false, "test", 1).expect("connect");
-    store.set_drained("g0", true, "test").expect("drain g0");
-    assert!(wait_for(Duration::from_secs(5), || daemon.slots()[0].drained));
+    let TwoPools {
+        env,
+        fleet,
+        daemon,
+        toml,
+        ..
+    } = two_pools_big_drained("poolwake", (10, 20));
     env.push_raw("q1", &tasks("asr_big", "big", 150, 30.0));
     env.push_raw("q1", &tasks("asr_small", "small", 10, 30.0));
     assert!(wait_for(Duration::from_secs(20), || env
