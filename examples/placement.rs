@@ -22,7 +22,9 @@
 //! Runs: a warm-up (`--warmup` tasks of the same mix, least-loaded) so that qsysd has learned every
 //! GPU's speed and kept it in `gpu_speeds`; then `--rounds` rounds of each policy, alternating
 //! (LL, PF, LL, PF, ...), qsysd restarted on the same database with the round's `[gpu] placement`,
-//! every task of the round pushed at once under fresh ids, the round over when all are `finished`.
+//! every task of the round pushed at once under fresh ids (or, with `--load F`, arriving one by
+//! one at that share of the fleet's capacity, each stamped as pushed), the round over when all
+//! are `finished`.
 //!
 //! Per round:
 //! - makespan: the first push (this clock) to the last `finished_at` (MySQL's, same host);
@@ -83,6 +85,10 @@ struct Args {
     /// Seed of the workload.
     #[arg(long, default_value_t = 20_260_501)]
     seed: u64,
+    /// Arrivals: 0 pushes a round's tasks at once (a burst); above 0, they arrive one by one at
+    /// this share of the fleet's capacity (0.7: 70%), each stamped when pushed.
+    #[arg(long, default_value_t = 0.0)]
+    load: f64,
     /// A round that has not finished after this many seconds fails the run (default: 60 s plus ten
     /// times the ideal drain time).
     #[arg(long)]
@@ -158,6 +164,8 @@ struct Setup {
     ids: Vec<String>,
     slots: usize,
     dir: PathBuf,
+    /// With `--load`, the time between two arrivals; `None`: a burst.
+    every: Option<Duration>,
 }
 
 impl Setup {
@@ -350,13 +358,17 @@ fn run_round(
         .collect();
     let t0 = Instant::now();
     let pushed_at = unix_now();
-    push(&config, &lines)?;
+    match setup.every {
+        None => push(&config, &lines)?,
+        Some(every) => arrive(&lines, every)?,
+    }
 
     let mut c = mysql()?;
     let like = format!("'{tag}-%'");
     let mut sample = None;
     loop {
-        if sample.is_none() && t0.elapsed() >= ETA_AFTER {
+        // A stream below capacity has no backlog to drain: no ETA to check.
+        if sample.is_none() && setup.every.is_none() && t0.elapsed() >= ETA_AFTER {
             sample = Some(daemon.drain_eta().unwrap_or_else(|e| {
                 eprintln!("{tag}: no ETA sample: {e:#}");
                 (unix_now(), None)
@@ -458,6 +470,28 @@ fn push(config: &Path, lines: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Pushes `lines` one every `every`, each stamped with its `enqueued_at` as it is pushed (a
+/// steady stream below capacity: each task's own time then counts, not a burst's queue).
+fn arrive(lines: &[String], every: Duration) -> anyhow::Result<()> {
+    let mut r = redis::Client::open("redis://127.0.0.1:6379/0")?
+        .get_connection_with_timeout(Duration::from_secs(3))?;
+    let start = Instant::now();
+    for (i, line) in lines.iter().enumerate() {
+        if let Some(wait) = (start + every * i as u32).checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let open = line
+            .strip_suffix('}')
+            .context("a task line is a JSON object")?;
+        let stamped = format!("{open},\"enqueued_at\":{:.3}}}", unix_now());
+        redis::cmd("RPUSH")
+            .arg(QUEUE)
+            .arg(stamped)
+            .query::<()>(&mut r)?;
+    }
+    Ok(())
+}
+
 /// Nearest rank of a sorted slice.
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted
@@ -507,7 +541,10 @@ fn main() -> anyhow::Result<()> {
         .map(|i| format!("slow-{i}"))
         .chain((0..a.fast).map(|i| format!("fast-{i}")))
         .collect();
-    let setup = Setup {
+    if !(a.load >= 0.0 && a.load < 1.0) {
+        bail!("--load is a share of the fleet's capacity, from 0 (a burst) to below 1");
+    }
+    let mut setup = Setup {
         fleet: Fleet::start(FleetConfig {
             gpus: speeds.len(),
             speeds: speeds.clone(),
@@ -518,6 +555,7 @@ fn main() -> anyhow::Result<()> {
         ids,
         slots: a.slots,
         dir,
+        every: None,
     };
 
     let audio = workload(a.tasks, a.seed);
@@ -531,7 +569,7 @@ fn main() -> anyhow::Result<()> {
     let settings = format!(
         "{} tasks a round ({} short, {medium} 1-10 min, {long} of 20-60 min; {:.1} h of audio; \
          seed {}), {} GPUs at 1x and {} at {}x, {} slots each, {} ms per audio second at 1x \
-         (ideal drain {ideal:.1} s), warm-up {} tasks, {} rounds per policy",
+         (ideal drain {ideal:.1} s), {}, warm-up {} tasks, {} rounds per policy",
         a.tasks,
         a.tasks - medium - long,
         audio.iter().sum::<f64>() / 3600.0,
@@ -541,6 +579,15 @@ fn main() -> anyhow::Result<()> {
         a.fast_speed,
         a.slots,
         a.ms_per_unit,
+        if a.load > 0.0 {
+            format!(
+                "arriving one by one at {:.0}% of capacity over {:.1} s",
+                a.load * 100.0,
+                ideal / a.load
+            )
+        } else {
+            "pushed at once".to_string()
+        },
         a.warmup,
         a.rounds
     );
@@ -564,6 +611,8 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
+    // The warm-up is a burst; the rounds arrive as asked.
+    setup.every = (a.load > 0.0).then(|| Duration::from_secs_f64(ideal / a.load / a.tasks as f64));
     let mut rounds = Vec::new();
     let mut table = vec![
         "| round | policy | makespan (s) | enqueue->finish mean (s) | p95 (s) | ETA error | long on fast |".to_string(),
