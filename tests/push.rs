@@ -556,6 +556,56 @@ fn wait_follows_tasks_through_qsysd_to_finished() {
     stop(daemon);
 }
 
+/// Issue 18: on a terminal, `--wait`'s progress line shows an ETA: the time to drain that qsysd
+/// publishes for the pools of the tasks' types (`pool_stats`, every 5 s). `script` gives
+/// qsys-push a terminal; 16 tasks of 2 s each on one GPU of 4 slots keep the wait past a publish.
+#[test]
+fn wait_on_a_terminal_shows_the_pools_eta() {
+    let env = TestEnv::new("pusheta");
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 1,
+        per_cost: Some(Duration::from_millis(1)),
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let toml = env.config_toml(fleet.urls(), "").replacen(
+        "id = \"g0\"\n",
+        "id = \"g0\"\nspeed = 1000.0\n",
+        1,
+    );
+    let cfg = write(&env.dir, "qsysd.toml", &toml);
+    let daemon = env.start(&toml);
+    let tasks: String = (0..16)
+        .map(|i| {
+            format!(
+                "{{\"type\":\"start_transcribe\",\"data\":{{\"task_id\":\"eta-{i}\",\"audio_seconds\":2000}}}}\n"
+            )
+        })
+        .collect();
+    let file = write(&env.dir, "tasks.ndjson", &tasks);
+    let command = format!(
+        "{PUSH} --config {} --file {} --wait --timeout 60s",
+        path(&cfg),
+        path(&file)
+    );
+    let out = Command::new("script")
+        .args(["-q", "-e", "-c", &command, "/dev/null"])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("TERM", "dumb")
+        .output()
+        .expect("run script(1)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("16 tasks: 16 finished"), "{text}");
+    // The bar, redrawn on one line, said how long the pool would take at some point.
+    assert!(
+        text.contains("s  eta "),
+        "no ETA on the progress line: {text}"
+    );
+    stop(daemon);
+}
+
 /// Issue 16: `--wait --json` prints one line per task once it has ended: its state, error and the
 /// endpoint's result, which round-trips unchanged; a task cancelled before qsysd took it is
 /// reported cancelled and the exit status says not all finished.
