@@ -413,6 +413,30 @@ fn bad_input_of_every_kind_is_refused_whole() {
             good.to_string(),
             "--queue: \"my queue\": a queue name must be non-empty",
         ),
+        (
+            "a negative --cost",
+            vec!["--cost=-1"],
+            good.to_string(),
+            "--cost: cost must be a number from 0 to 1000000000",
+        ),
+        (
+            "a --cost that is no number",
+            vec!["--cost", "nan"],
+            good.to_string(),
+            "--cost: cost must be a number",
+        ),
+        (
+            "a --cost past 1e9",
+            vec!["--cost", "1e10"],
+            good.to_string(),
+            "--cost: cost must be a number",
+        ),
+        (
+            "a task's cost that is a string",
+            vec![],
+            json!({"type": "a", "data": {}, "cost": "1h"}).to_string(),
+            "cost: cost must be a number",
+        ),
         ("no input", vec![], String::new(), "input: no tasks"),
         (
             "a missing file",
