@@ -238,20 +238,20 @@ impl Store {
         };
         let mut params: Vec<mysql::Value> = vec![POOL_BUSY.into()];
         params.extend(names.iter().map(|t| t.as_str().into()));
-        let range = format!(
-            "FROM tasks FORCE INDEX (idx_tasks_due) WHERE state = 'pending' \
-             AND instance_id IS NULL AND not_before = ?{filter}"
-        );
+        let rows =
+            format!("WHERE state = 'pending' AND instance_id IS NULL AND not_before = ?{filter}");
         let mut c = self.conn()?;
-        let any: Option<u8> = c.exec_first(format!("SELECT 1 {range} LIMIT 1"), &params)?;
+        let any: Option<u8> = c.exec_first(
+            format!("SELECT 1 FROM tasks FORCE INDEX (idx_tasks_due) {rows} LIMIT 1"),
+            &params,
+        )?;
         if any.is_none() {
             return Ok(0);
         }
         params.push((limit as u64).into());
         c.exec_drop(
             format!(
-                "UPDATE tasks FORCE INDEX (idx_tasks_due) SET not_before = NOW(3) \
-                 WHERE state = 'pending' AND instance_id IS NULL AND not_before = ?{filter} \
+                "UPDATE tasks FORCE INDEX (idx_tasks_due) SET not_before = NOW(3) {rows} \
                  ORDER BY type, task_id LIMIT ?"
             ),
             params,
