@@ -1,6 +1,7 @@
 //! The end-to-end benchmark (`bash scripts/bench.sh`): the release `qsysd` as a child process
-//! against the local Redis and MariaDB, the fake GPU fleet in this process with instant completion,
-//! and `qsys-push` for the producer side. Prints one line per measure and, with `--record FILE`,
+//! against the local Redis and MariaDB, a fake GPU fleet in this process with instant completion
+//! (by default the lean one, [`fakefleet::LeanFleet`], which costs least; `--fleet full` runs the
+//! tests' tiny_http-based fleet), and `qsys-push` for the producer side. Prints one line per measure and, with `--record FILE`,
 //! appends a dated section with the machine and settings to that file (BENCHMARKS.md).
 //!
 //! Measures:
@@ -25,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use fakefleet::{Fleet, FleetConfig};
+use fakefleet::{Completion, Fleet, FleetConfig, LeanFleet};
 use mysql::prelude::Queryable;
 
 #[derive(Parser)]
@@ -50,6 +51,10 @@ struct Args {
     /// to the dispatch is the completion).
     #[arg(long, default_value = "callback")]
     completion: String,
+    /// The fake fleet: "lean" (no thread hand-offs, no shared lock: the harness costs least) or
+    /// "full" (the tests' fleet, on tiny_http).
+    #[arg(long, default_value = "lean")]
+    fleet: String,
     /// Skip the slower measures (latency at a steady rate, 100k backlog RSS, push rate).
     #[arg(long)]
     quick: bool,
@@ -329,30 +334,100 @@ fn task_line(i: usize, tag: &str) -> String {
     )
 }
 
-/// Waits until `n` tasks are finished. The fleet's own count of accepted callbacks is watched (it
+/// The fleet of a run, lean or full.
+enum BenchFleet {
+    Lean(LeanFleet),
+    Full(Fleet),
+}
+
+impl BenchFleet {
+    fn start(kind: &str, gpus: usize, completion: &str, callers: usize) -> anyhow::Result<Self> {
+        let completion = match completion {
+            "callback" => Completion::Callback,
+            "response" => Completion::Response,
+            other => bail!("--completion: {other:?} is neither callback nor response"),
+        };
+        Ok(match kind {
+            "lean" => BenchFleet::Lean(LeanFleet::start(gpus, completion, true)?),
+            "full" => BenchFleet::Full(Fleet::start(FleetConfig {
+                gpus,
+                delay: (Duration::ZERO, Duration::ZERO),
+                callers,
+                completion,
+                ..FleetConfig::default()
+            })?),
+            other => bail!("--fleet: {other:?} is neither lean nor full"),
+        })
+    }
+
+    fn urls(&self) -> &[String] {
+        match self {
+            BenchFleet::Lean(f) => f.urls(),
+            BenchFleet::Full(f) => f.urls(),
+        }
+    }
+
+    /// The fleet's own count of completions: callbacks accepted, or in response mode dispatches
+    /// received (each answered at once).
+    fn completions(&self, response: bool) -> usize {
+        let gpus = self.urls().len();
+        match self {
+            BenchFleet::Lean(f) if response => (0..gpus).map(|g| f.received(g)).sum(),
+            BenchFleet::Lean(f) => f.callbacks().0 as usize,
+            BenchFleet::Full(f) if response => (0..gpus).map(|g| f.stats().received(g)).sum(),
+            BenchFleet::Full(f) => {
+                (f.stats().callback_replies().get(&200).copied()).unwrap_or(0) as usize
+            }
+        }
+    }
+
+    /// Each task's latest arrival at its GPU.
+    fn arrivals(&self) -> std::collections::HashMap<String, Instant> {
+        match self {
+            BenchFleet::Lean(f) => f.arrivals(),
+            BenchFleet::Full(f) => f.stats().received_at(),
+        }
+    }
+
+    /// What the fleet saw of the callbacks, for a run that is stuck.
+    fn callback_replies(&self) -> String {
+        match self {
+            BenchFleet::Lean(f) => format!("answered 2xx / not: {:?}", f.callbacks()),
+            BenchFleet::Full(f) => format!("by status: {:?}", f.stats().callback_replies()),
+        }
+    }
+
+    /// The most tasks any GPU ran at once.
+    fn max_running(&self) -> usize {
+        let gpus = self.urls().len();
+        match self {
+            BenchFleet::Lean(f) => (0..gpus).map(|g| f.max_running(g)).max(),
+            BenchFleet::Full(f) => (0..gpus).map(|g| f.stats().max_running(g)).max(),
+        }
+        .unwrap_or(0)
+    }
+
+    fn stop(self) {
+        match self {
+            BenchFleet::Lean(f) => f.stop(),
+            BenchFleet::Full(f) => f.stop(),
+        }
+    }
+}
+
+/// Waits until `n` tasks are finished. The fleet's own count of completions is watched (it
 /// costs nothing; counting rows every few milliseconds cost MariaDB a share of the CPU being
 /// measured), then MySQL confirms. A run that stops moving for 30 s fails with what the fleet saw,
 /// rather than waiting out the leases.
 fn wait_finished(
     c: &mut mysql::Conn,
     n: usize,
-    fleet: &Fleet,
-    gpus: usize,
+    fleet: &BenchFleet,
     response: bool,
 ) -> anyhow::Result<()> {
-    // The fleet's own count of completions (callbacks accepted, or in response mode dispatches
-    // received, each answered at once), so MySQL is asked only at the end.
-    let accepted = || {
-        let s = fleet.stats();
-        if response {
-            (0..gpus).map(|g| s.received(g)).sum()
-        } else {
-            s.callback_replies().get(&200).copied().unwrap_or(0) as usize
-        }
-    };
     let (mut last, mut moved) = (0, Instant::now());
     loop {
-        let seen = accepted();
+        let seen = fleet.completions(response);
         if seen >= n && finished(c)? >= n as u64 {
             return Ok(());
         }
@@ -365,8 +440,8 @@ fn wait_finished(
             ))?;
             bail!(
                 "stuck at {done} of {n} finished for 30 s; processing: {processing:?}; \
-                 fleet callback replies by status: {:?}",
-                fleet.stats().callback_replies()
+                 fleet callback replies {}",
+                fleet.callback_replies()
             );
         }
         std::thread::sleep(Duration::from_millis(if seen >= n { 50 } else { 5 }));
@@ -385,17 +460,7 @@ fn main() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join("qsys-bench");
     std::fs::create_dir_all(&dir)?;
     reset("bench:q")?;
-    let fleet = Fleet::start(FleetConfig {
-        gpus: a.gpus,
-        delay: (Duration::ZERO, Duration::ZERO),
-        callers: a.fleet_callers,
-        completion: match a.completion.as_str() {
-            "callback" => fakefleet::Completion::Callback,
-            "response" => fakefleet::Completion::Response,
-            other => bail!("--completion: {other:?} is neither callback nor response"),
-        },
-        ..FleetConfig::default()
-    })?;
+    let fleet = BenchFleet::start(&a.fleet, a.gpus, &a.completion, a.fleet_callers)?;
     let mut results: Vec<(String, String)> = Vec::new();
     let mut say = |k: &str, v: String| {
         println!("{k:<44} {v}");
@@ -421,7 +486,7 @@ fn main() -> anyhow::Result<()> {
     let others0 = Others::now(&mut c)?;
     let pushed_at = unix_now();
     let push_took = push_ndjson(&lines)?;
-    wait_finished(&mut c, a.tasks, &fleet, a.gpus, a.completion == "response")?;
+    wait_finished(&mut c, a.tasks, &fleet, a.completion == "response")?;
     let others = Others::now(&mut c)?.since(&others0);
     // First push (this clock) to the last finished row (the database's clock, same host).
     let last: f64 = c
@@ -460,6 +525,10 @@ fn main() -> anyhow::Result<()> {
     for (what, v) in others.per_task(a.tasks) {
         say(what, v);
     }
+    say(
+        "most tasks a GPU ran at once (slots: the fleet's count)",
+        format!("{} ({} allowed)", fleet.max_running(), a.slots),
+    );
     say(
         "qsysd peak RSS during the run (MiB)",
         format!("{:.1}", rss as f64 / 1024.0),
@@ -506,7 +575,7 @@ fn main() -> anyhow::Result<()> {
                 .arg(task_line(i, "lat"))
                 .query::<()>(&mut r)?;
         }
-        wait_finished(&mut c, n, &fleet, a.gpus, a.completion == "response")?;
+        wait_finished(&mut c, n, &fleet, a.completion == "response")?;
         let steady = Others::now(&mut c)?.since(&others0);
         say(
             "at 500 tasks/s: qsysd / mariadbd CPU s per 1,000 tasks",
@@ -524,7 +593,7 @@ fn main() -> anyhow::Result<()> {
                 steady.statements / n as f64
             ),
         );
-        let received = fleet.stats().received_at();
+        let received = fleet.arrivals();
         let mut lat: Vec<f64> = (0..n)
             .filter_map(|i| {
                 let at = received.get(&format!("lat-{i}"))?;
@@ -585,7 +654,7 @@ fn main() -> anyhow::Result<()> {
         let flush: Option<String> =
             mysql()?.query_first("SELECT @@innodb_flush_log_at_trx_commit")?;
         writeln!(f, "\n### Run of {}\n", chrono_like_now())?;
-        writeln!(f, "Machine: {} cores of {cpus}; MariaDB innodb_flush_log_at_trx_commit={}; settings: {} tasks, {} GPUs x {} slots, {} instance(s), {} completion, instant.\n", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), flush.unwrap_or_default(), a.tasks, a.gpus, a.slots, a.instances, a.completion)?;
+        writeln!(f, "Machine: {} cores of {cpus}; MariaDB innodb_flush_log_at_trx_commit={}; settings: {} tasks, {} GPUs x {} slots, {} instance(s), {} completion, instant, {} fleet.\n", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), flush.unwrap_or_default(), a.tasks, a.gpus, a.slots, a.instances, a.completion, a.fleet)?;
         writeln!(f, "| measure | result |\n|---|---|")?;
         for (k, v) in &results {
             writeln!(f, "| {k} | {v} |")?;

@@ -27,6 +27,10 @@
 //! and heartbeats, and a few `fake-callback-N` that make the callback and heartbeat calls and answer
 //! response-mode dispatches.
 
+mod lean;
+
+pub use lean::LeanFleet;
+
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::io::Read;
