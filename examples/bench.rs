@@ -348,7 +348,7 @@ impl BenchFleet {
             other => bail!("--completion: {other:?} is neither callback nor response"),
         };
         Ok(match kind {
-            "lean" => BenchFleet::Lean(LeanFleet::start(gpus, completion, true)?),
+            "lean" => BenchFleet::Lean(LeanFleet::start(gpus, 0, completion, true)?),
             "full" => BenchFleet::Full(Fleet::start(FleetConfig {
                 gpus,
                 delay: (Duration::ZERO, Duration::ZERO),

@@ -2,7 +2,8 @@
 //! benchmark. Prints one endpoint URL per line, then serves until SIGINT/SIGTERM or `--for`. GPU
 //! i's cancel endpoint is its URL's `/g<i>` prefix plus `/cancel`.
 //!
-//! `cargo run --example fake-fleet -- --gpus 4 --base-port 9100 --delay-ms 200-2000`
+//! `cargo run --example fake-fleet -- --gpus 4 --base-port 9100 --delay-ms 200-2000`; with `--lean`,
+//! the benchmark's instant fleet ([`fakefleet::LeanFleet`]), cheapest per task.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use fakefleet::Completion;
-use fakefleet::{Fleet, FleetConfig};
+use fakefleet::{Fleet, FleetConfig, LeanFleet};
 
 #[derive(Parser)]
 struct Args {
@@ -48,6 +49,10 @@ struct Args {
     /// Size of the result each finished task carries (0: none).
     #[arg(long, default_value_t = 0)]
     result_bytes: usize,
+    /// Run the lean fleet instead ([`fakefleet::LeanFleet`]: instant GPUs that cost least, for
+    /// benchmarks): only --gpus, --base-port, --completion and --for apply.
+    #[arg(long)]
+    lean: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,6 +66,22 @@ fn main() -> anyhow::Result<()> {
         "response" => Completion::Response,
         other => anyhow::bail!("--completion: expected callback or response, got {other:?}"),
     };
+    if a.lean {
+        let fleet = LeanFleet::start(a.gpus, a.base_port, completion, false)?;
+        for url in fleet.urls() {
+            println!("{url}");
+        }
+        wait_for_stop(a.run_for)?;
+        for g in 0..a.gpus {
+            eprintln!(
+                "fake-fleet: g{g} received {} tasks, at most {} at once",
+                fleet.received(g),
+                fleet.max_running(g)
+            );
+        }
+        fleet.stop();
+        return Ok(());
+    }
     let fleet = Fleet::start(FleetConfig {
         gpus: a.gpus,
         delay: (
@@ -83,17 +104,7 @@ fn main() -> anyhow::Result<()> {
     for url in fleet.urls() {
         println!("{url}");
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&stop))?;
-    }
-    let started = Instant::now();
-    while !stop.load(Ordering::SeqCst)
-        && a.run_for
-            .is_none_or(|s| started.elapsed() < Duration::from_secs(s))
-    {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_stop(a.run_for)?;
     let stats = fleet.stats();
     for g in 0..a.gpus {
         eprintln!(
@@ -103,5 +114,20 @@ fn main() -> anyhow::Result<()> {
         );
     }
     fleet.stop();
+    Ok(())
+}
+
+/// Returns on SIGINT or SIGTERM, or after `run_for` seconds.
+fn wait_for_stop(run_for: Option<u64>) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))?;
+    }
+    let started = Instant::now();
+    while !stop.load(Ordering::SeqCst)
+        && run_for.is_none_or(|s| started.elapsed() < Duration::from_secs(s))
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     Ok(())
 }

@@ -66,10 +66,11 @@ pub struct LeanFleet {
 }
 
 impl LeanFleet {
-    /// Starts `gpus` instant GPUs on free loopback ports. With `record_arrivals`, each task's
-    /// arrival time is kept (a map insert per dispatch).
+    /// Starts `gpus` instant GPUs on loopback, GPU i on `base_port + i` (0: free ports). With
+    /// `record_arrivals`, each task's arrival time is kept (a map insert per dispatch).
     pub fn start(
         gpus: usize,
+        base_port: u16,
         completion: Completion,
         record_arrivals: bool,
     ) -> std::io::Result<LeanFleet> {
@@ -85,7 +86,12 @@ impl LeanFleet {
         let mut urls = Vec::with_capacity(gpus);
         let mut acceptors = Vec::with_capacity(gpus);
         for gpu in 0..gpus {
-            let listener = TcpListener::bind("127.0.0.1:0")?;
+            let port = if base_port == 0 {
+                0
+            } else {
+                base_port + gpu as u16
+            };
+            let listener = TcpListener::bind(("127.0.0.1", port))?;
             urls.push(format!(
                 "http://{}/g{gpu}/transcribe",
                 listener.local_addr()?
@@ -473,7 +479,7 @@ mod tests {
     #[test]
     fn callback_mode_accepts_then_calls_back_on_a_kept_alive_connection() {
         let (callback, count) = sink();
-        let fleet = LeanFleet::start(1, Completion::Callback, true).expect("fleet");
+        let fleet = LeanFleet::start(1, 0, Completion::Callback, true).expect("fleet");
         let addr = fleet.urls()[0]
             .strip_prefix("http://")
             .and_then(|u| u.split('/').next())
@@ -498,7 +504,7 @@ mod tests {
 
     #[test]
     fn response_mode_answers_the_completion_and_refuses_a_bad_body() {
-        let fleet = LeanFleet::start(2, Completion::Response, false).expect("fleet");
+        let fleet = LeanFleet::start(2, 0, Completion::Response, false).expect("fleet");
         let addr = fleet.urls()[1]
             .strip_prefix("http://")
             .and_then(|u| u.split('/').next())
