@@ -55,6 +55,11 @@ struct Args {
     /// "full" (the tests' fleet, on tiny_http).
     #[arg(long, default_value = "lean")]
     fleet: String,
+    /// SQL run on the benchmark's database once qsysd has made its schema, before the push (may
+    /// be repeated): to weigh what a part of the schema costs, e.g. `DROP INDEX idx_tasks_type ON
+    /// tasks`. Not for recorded runs of the product.
+    #[arg(long)]
+    before_push: Vec<String>,
     /// Skip the slower measures (latency at a steady rate, 100k backlog RSS, push rate).
     #[arg(long)]
     quick: bool,
@@ -483,6 +488,10 @@ fn main() -> anyhow::Result<()> {
         .map(|d| d.usage().map(|u| u.1).unwrap_or(0.0))
         .sum();
     let mut c = mysql()?;
+    for sql in &a.before_push {
+        c.query_drop(format!("USE {DB}"))?;
+        c.query_drop(sql).with_context(|| format!("--before-push {sql:?}"))?;
+    }
     let others0 = Others::now(&mut c)?;
     let pushed_at = unix_now();
     let push_took = push_ndjson(&lines)?;
@@ -547,6 +556,18 @@ fn main() -> anyhow::Result<()> {
             percentile(&gaps, 0.99),
             gaps.len()
         ),
+    );
+    // An unanswered dispatch or callback shows as an attempt that did not finish (its lease or
+    // request timeout ended it) and a task run more than once.
+    let (unfinished, again): (u64, u64) = c
+        .query_first(format!(
+            "SELECT (SELECT COUNT(*) FROM {DB}.task_attempts WHERE outcome <> 'finished'), \
+                    (SELECT COUNT(*) FROM {DB}.tasks WHERE attempts > 1)"
+        ))?
+        .unwrap_or((u64::MAX, u64::MAX));
+    say(
+        "attempts that did not finish / tasks run more than once",
+        format!("{unfinished} / {again}"),
     );
     for d in daemons {
         drop(d);
