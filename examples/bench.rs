@@ -17,6 +17,9 @@
 //! - RSS with 100,000 tasks waiting in Redis;
 //! - start to `READY=1`;
 //! - `qsys-push` rate from NDJSON.
+//!
+//! `QSYS_BENCH_QSYSD=target/profiling/qsysd` runs another build of the daemon: the `profiling`
+//! profile (Cargo.toml) is the release code with symbols, for `perf record`.
 
 use std::io::Write;
 use std::os::unix::net::UnixDatagram;
@@ -252,7 +255,10 @@ impl Qsysd {
         let sock = UnixDatagram::bind(&sock_path)?;
         sock.set_read_timeout(Some(Duration::from_millis(100)))?;
         let t0 = Instant::now();
-        let child = Command::new(bin("qsysd"))
+        // `QSYS_BENCH_QSYSD=target/profiling/qsysd`: the same code with symbols, for perf.
+        let qsysd =
+            std::env::var_os("QSYS_BENCH_QSYSD").map_or_else(|| bin("qsysd"), PathBuf::from);
+        let child = Command::new(qsysd)
             .arg("--config")
             .arg(config)
             .env_clear()
@@ -490,7 +496,8 @@ fn main() -> anyhow::Result<()> {
     let mut c = mysql()?;
     for sql in &a.before_push {
         c.query_drop(format!("USE {DB}"))?;
-        c.query_drop(sql).with_context(|| format!("--before-push {sql:?}"))?;
+        c.query_drop(sql)
+            .with_context(|| format!("--before-push {sql:?}"))?;
     }
     let others0 = Others::now(&mut c)?;
     let pushed_at = unix_now();
