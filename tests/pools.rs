@@ -250,13 +250,15 @@ fn predicted_finish_sends_long_files_to_the_fast_gpu_and_never_exceeds_a_slot() 
     let toml = endpoint_lines(&toml, 0, "speed = 1000.0");
     let toml = endpoint_lines(&toml, 1, "speed = 4000.0");
     let daemon = env.start(&toml);
-    // Four hour-long files (3.6 s on g0, 0.9 s on g1) among forty short calls (20 ms on g0).
+    // Four hour-long files (3.6 s on g0, 0.9 s on g1) among forty short calls (100 ms on g0).
     // The fast GPU's two slots end all four by 1.8 s, sooner than one on g0: each waits for
     // it (least-loaded would have sent about half to g0, 2.7 s later), while the short calls
-    // fill g0.
+    // fill g0. The short calls are long enough that the round trip (milliseconds, more on a
+    // loaded machine) does not hide g1's speed from what is learned before a long file ends:
+    // at 20 ms a call, a slow machine measured both GPUs alike and sent long files to g0.
     let mut all = Vec::new();
     let long = tasks("start_transcribe", "long", 4, 3600.0);
-    let mut short = tasks("start_transcribe", "short", 40, 20.0).into_iter();
+    let mut short = tasks("start_transcribe", "short", 40, 100.0).into_iter();
     for l in long {
         all.push(l);
         all.extend(short.by_ref().take(10));
