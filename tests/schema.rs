@@ -172,6 +172,30 @@ fn empty_database_gets_the_current_schema() {
     assert!(store.held_slots().expect("held").is_empty());
 }
 
+/// Version 8 drops the deadline index an earlier version made (issue 20); the lease check's own
+/// tests (liveness, faults) run without it.
+#[test]
+fn an_upgrade_to_v8_drops_the_deadline_index() {
+    use mysql::prelude::Queryable;
+    let env = TestEnv::new("v8");
+    let store = Store::connect(&env.mysql_url(), false, "test", 2).expect("connect");
+    store.migrate().expect("migrate");
+    let mut c = env.mysql();
+    // What a version-7 database looks like here: the index back, the version one lower.
+    c.query_drop("CREATE INDEX idx_tasks_state_deadline ON tasks (state, deadline)")
+        .expect("index");
+    c.query_drop(format!(
+        "DELETE FROM qsys_schema WHERE version = {SCHEMA_VERSION}"
+    ))
+    .expect("version");
+    assert_eq!(store.migrate().expect("migrate"), SCHEMA_VERSION);
+    let left: Vec<u64> = env.query(
+        "SELECT COUNT(*) FROM information_schema.statistics WHERE table_schema = DATABASE() \
+         AND index_name = 'idx_tasks_state_deadline'",
+    );
+    assert_eq!(left, [0]);
+}
+
 #[test]
 fn a_slot_is_claimed_once() {
     let env = TestEnv::new("claim");

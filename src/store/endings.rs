@@ -325,7 +325,9 @@ impl Store {
     }
 
     /// Attempts whose lease deadline has passed, oldest first: this instance's, those held by
-    /// nobody, and those of instances silent for longer than `dead_after`.
+    /// nobody, and those of instances silent for longer than `dead_after`. Read through
+    /// `idx_tasks_state`: `processing` rows are as many as the fleet's slots and the workers, so
+    /// an index on the deadline (moved at every claim and ending) would save nothing.
     pub(crate) fn expired(
         &self,
         limit: usize,
@@ -335,7 +337,7 @@ impl Store {
         // Ours, and those of instances whose heartbeat stopped: a live instance expires its own.
         let rows: Vec<(String, u32, Option<String>, bool)> = c.exec(
             "SELECT task_id, attempts, gpu_id, COALESCE(deadline < lease_until, 0) FROM tasks t \
-             WHERE state = 'processing' \
+             FORCE INDEX (idx_tasks_state) WHERE state = 'processing' \
              AND deadline < NOW(3) AND (instance_id = :me OR instance_id IS NULL OR NOT EXISTS \
              (SELECT 1 FROM instances i WHERE i.instance_id = t.instance_id \
               AND i.heartbeat_at > NOW(3) - INTERVAL :dead MICROSECOND)) \
