@@ -151,10 +151,7 @@ impl LeanFleet {
         self.inner.stopping.store(true, Ordering::SeqCst);
         for url in &self.urls {
             // Wakes the acceptor blocked in accept().
-            if let Some(addr) = url
-                .strip_prefix("http://")
-                .and_then(|u| u.split('/').next())
-            {
+            if let Some(addr) = host_of(url) {
                 let _ = TcpStream::connect(addr);
             }
         }
@@ -172,6 +169,11 @@ impl Drop for LeanFleet {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// The `host:port` of a plain `http://` URL.
+fn host_of(url: &str) -> Option<&str> {
+    url.strip_prefix("http://")?.split('/').next()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -450,6 +452,10 @@ mod tests {
         (format!("http://{addr}/callback?attempt=1&token=t"), count)
     }
 
+    fn connect(fleet: &LeanFleet, gpu: usize) -> TcpStream {
+        TcpStream::connect(host_of(&fleet.urls()[gpu]).expect("addr")).expect("connect")
+    }
+
     fn dispatch(conn: &mut TcpStream, task: &str, callback: &str) -> String {
         let body = format!(r#"{{"task_id":"{task}","callback_url":"{callback}","x":1}}"#);
         let req = format!(
@@ -480,12 +486,7 @@ mod tests {
     fn callback_mode_accepts_then_calls_back_on_a_kept_alive_connection() {
         let (callback, count) = sink();
         let fleet = LeanFleet::start(1, 0, Completion::Callback, true).expect("fleet");
-        let addr = fleet.urls()[0]
-            .strip_prefix("http://")
-            .and_then(|u| u.split('/').next())
-            .expect("addr")
-            .to_string();
-        let mut conn = TcpStream::connect(&addr).expect("connect");
+        let mut conn = connect(&fleet, 0);
         for i in 0..50 {
             let got = dispatch(&mut conn, &format!("t{i}"), &callback);
             assert!(got.starts_with("HTTP/1.1 202"), "{got}");
@@ -505,12 +506,7 @@ mod tests {
     #[test]
     fn response_mode_answers_the_completion_and_refuses_a_bad_body() {
         let fleet = LeanFleet::start(2, 0, Completion::Response, false).expect("fleet");
-        let addr = fleet.urls()[1]
-            .strip_prefix("http://")
-            .and_then(|u| u.split('/').next())
-            .expect("addr")
-            .to_string();
-        let mut conn = TcpStream::connect(&addr).expect("connect");
+        let mut conn = connect(&fleet, 1);
         let got = dispatch(&mut conn, "a", "http://127.0.0.1:1/cb");
         assert_eq!(
             got,
