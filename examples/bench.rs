@@ -494,8 +494,10 @@ fn main() -> anyhow::Result<()> {
         .map(|d| d.usage().map(|u| u.1).unwrap_or(0.0))
         .sum();
     let mut c = mysql()?;
-    for sql in &a.before_push {
+    if !a.before_push.is_empty() {
         c.query_drop(format!("USE {DB}"))?;
+    }
+    for sql in &a.before_push {
         c.query_drop(sql)
             .with_context(|| format!("--before-push {sql:?}"))?;
     }

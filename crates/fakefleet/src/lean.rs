@@ -384,17 +384,9 @@ impl Caller {
             if let Some((head, len)) = parse_head(&buf) {
                 let len = len.ok()?;
                 if buf.len() >= head + len {
-                    let status = std::str::from_utf8(&buf[..head])
-                        .ok()?
-                        .split(' ')
-                        .nth(1)?
-                        .parse()
-                        .ok()?;
-                    let close = std::str::from_utf8(&buf[..head])
-                        .ok()?
-                        .to_ascii_lowercase()
-                        .contains("connection: close");
-                    if close {
+                    let head = std::str::from_utf8(&buf[..head]).ok()?;
+                    let status = head.split(' ').nth(1)?.parse().ok()?;
+                    if head.to_ascii_lowercase().contains("connection: close") {
                         self.conns.remove(host);
                     }
                     return Some(status);
