@@ -106,7 +106,7 @@ pub use producer::{lambda, push};
 pub use sched::scheduler::PREFETCH;
 /// The MySQL store, for the schema tests.
 pub use store::{
-    Accepted, Cancel, Claim, ClaimRequest, EndRequest, Ending, Finish, NewTask, Next, PauseKind,
-    Paused, Retention, State, Store, StoreError, SCHEMA_VERSION,
+    Accepted, Cancel, Claim, ClaimRequest, EndRequest, Ended, Ending, Finish, HandOver, NewTask,
+    Next, PauseKind, Paused, Retention, State, Store, StoreError, SCHEMA_VERSION,
 };
 pub use work::poller::TAKE_BATCH;

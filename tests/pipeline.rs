@@ -5,7 +5,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{stop, transcriptions, wait_for, TestEnv};
+use common::{call, callback_target, stop, transcriptions, wait_for, TestEnv};
 use fakefleet::Completion;
 use fakefleet::{Fleet, FleetConfig};
 
@@ -333,5 +333,85 @@ fn per_endpoint_slot_counts_are_honoured() {
     let slots: Vec<(String, u64)> =
         env.query("SELECT gpu_id, COUNT(*) FROM gpu_slots GROUP BY gpu_id ORDER BY gpu_id");
     assert_eq!(slots, [("g0".to_string(), 1), ("g1".to_string(), 3)]);
+    stop(daemon);
+}
+
+/// Issue 20: at saturation, an ending's own transaction claims the slot it frees for the next
+/// task, so by the time the GPU's callback is answered the next task is already `processing` on
+/// that slot: one commit, no wait for the scheduler. The GPU never calls back by itself; the
+/// test's callbacks end each task in turn.
+#[test]
+fn a_freed_slot_goes_to_the_next_task_in_the_ending_s_own_transaction() {
+    let env = TestEnv::new("handover");
+    let fleet = Fleet::start(FleetConfig {
+        gpus: 1,
+        lose_rate: 1.0,
+        ..FleetConfig::default()
+    })
+    .expect("fleet");
+    let daemon = env.start(&env.config_toml(fleet.urls(), "[gpu]\nslots = 1\n"));
+    env.push_raw("q1", &transcriptions("hand", 4));
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            env.count("task_id = 'hand-0' AND state = 'processing'") == 1
+                && env.count("state = 'pending'") == 3
+        }),
+        "{:?}",
+        env.query::<(String, String, u32, Option<String>)>(
+            "SELECT task_id, state, attempts, error FROM tasks"
+        )
+    );
+    let on_slot = |id: &str| {
+        env.count(&format!(
+            "task_id = '{id}' AND state = 'processing' AND attempts = 1 \
+             AND gpu_id = 'g0' AND slot_index = 0"
+        ))
+    };
+    for i in 0..3 {
+        let (id, next) = (format!("hand-{i}"), format!("hand-{}", i + 1));
+        let body = format!(r#"{{"task_id":"{id}","status":"finished"}}"#);
+        let (code, answer) = call(
+            daemon.callback_addr(),
+            "POST",
+            &callback_target(&id, 1),
+            &body,
+        );
+        assert_eq!(code, 200, "{answer}");
+        // Read at once: the claim was committed with the ending, before the answer.
+        assert_eq!(
+            on_slot(&next),
+            1,
+            "{next} took the slot: {:?}",
+            env.states()
+        );
+        let held: Vec<String> =
+            env.query("SELECT task_id FROM gpu_slots WHERE task_id IS NOT NULL");
+        assert_eq!(held, [next.clone()]);
+    }
+    let (_, metrics) = call(daemon.admin_addr(), "GET", "/metrics", "");
+    assert!(
+        metrics.lines().any(|l| l == "qsys_slot_handovers_total 3"),
+        "{metrics}"
+    );
+    let last = r#"{"task_id":"hand-3","status":"finished"}"#;
+    assert_eq!(
+        call(
+            daemon.callback_addr(),
+            "POST",
+            &callback_target("hand-3", 1),
+            last
+        )
+        .0,
+        200
+    );
+    assert!(wait_for(Duration::from_secs(10), || fleet
+        .stats()
+        .seen()
+        .len()
+        == 4));
+    let stats = fleet.stats();
+    assert!(stats.seen().values().all(|&n| n == 1), "each sent once");
+    assert_eq!(env.count("state = 'finished' AND attempts = 1"), 4);
+    assert!(wait_for(Duration::from_secs(5), || daemon.busy_slots() == 0));
     stop(daemon);
 }

@@ -229,7 +229,7 @@ fn a_slot_is_claimed_once() {
 /// verdict, a repeat within the batch sees the earlier one, and nothing half-applies.
 #[test]
 fn batched_claims_and_endings_give_one_verdict_each() {
-    use qsys::{Claim, ClaimRequest, EndRequest, Ending, Finish, Next, State};
+    use qsys::{Claim, ClaimRequest, EndRequest, Ending, Finish, HandOver, Next, State};
     let env = TestEnv::new("batch");
     let store = Store::connect(&env.mysql_url(), false, "test", 4).expect("connect");
     store.migrate().expect("migrate");
@@ -342,10 +342,32 @@ fn batched_claims_and_endings_give_one_verdict_each() {
                 end("b", 0, Ending::Finished { result: None }), // never dispatched
             ],
             3,
+            &[
+                // a's slot goes to b in the same transaction.
+                HandOver {
+                    after: 0,
+                    claim: claim("b", 0, "g0", 0),
+                },
+                // e's ending is stale: its slot is not freed, nothing is handed over.
+                HandOver {
+                    after: 3,
+                    claim: claim("c", 0, "g1", 1),
+                },
+                // d's slot, to a task that is not pending (a ended finished in this batch).
+                HandOver {
+                    after: 2,
+                    claim: claim("a", 1, "g1", 0),
+                },
+            ],
         )
         .expect("ends");
+    assert_eq!(
+        got.handed,
+        [Some(Claim::Claimed), None, Some(Claim::NotPending)]
+    );
     // Ages depend on the clock; every applied ending has one.
     let got: Vec<Finish> = got
+        .finishes
         .into_iter()
         .map(|f| match f {
             Finish::Applied {
@@ -419,10 +441,30 @@ fn batched_claims_and_endings_give_one_verdict_each() {
             ),
         ]
     );
-    // Only "e" still holds a slot.
-    let held = store.held_slots().expect("held");
-    assert_eq!(held.len(), 1);
-    assert_eq!(held[0].task_id, "e");
+    // "e" still holds its slot; "b" holds the one "a" freed, as its first attempt.
+    let mut held: Vec<(String, usize, String, u32)> = store
+        .held_slots()
+        .expect("held")
+        .into_iter()
+        .map(|h| (h.gpu_id, h.slot_index, h.task_id, h.attempt))
+        .collect();
+    held.sort();
+    assert_eq!(
+        held,
+        [
+            ("g0".to_string(), 0, "b".to_string(), 1),
+            ("g1".to_string(), 1, "e".to_string(), 1),
+        ]
+    );
+    let b: Vec<(String, u32, Option<String>, Option<u32>)> = env.query(
+        "SELECT state, attempts, gpu_id, slot_index FROM tasks WHERE task_id = 'b' \
+         AND deadline > NOW(3) + INTERVAL 50 SECOND",
+    );
+    assert_eq!(
+        b,
+        [("processing".to_string(), 1, Some("g0".to_string()), Some(0))],
+        "b started on a's slot with its lease"
+    );
 }
 
 /// Issue 13: on a table made by the seed DDL (here with the latin1, case-insensitive defaults a

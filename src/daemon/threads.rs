@@ -12,6 +12,7 @@ use super::StartError;
 use crate::contract::slot_event::SlotEvent;
 use crate::sched::scheduler::Scheduler;
 use crate::shared::{Event, GpuJob, Shared};
+use crate::sync::Locked;
 use crate::work::poller::Poller;
 
 /// A started thread, by name.
@@ -171,6 +172,8 @@ fn start_task_flow(
     let (task_tx, task_rx) = bounded(0);
     // Jobs never outnumber claimed slots; unbounded because a reload may add slots.
     let (gpu_tx, gpu_rx) = unbounded();
+    // Endings that hand their slot over send jobs too, until the scheduler's stop.
+    *shared.dispatch.locked() = Some(gpu_tx.clone());
     let (handler_tx, handler_rx) = bounded(0);
     let mut dispatch = DispatchPool {
         jobs: gpu_rx,

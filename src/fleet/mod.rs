@@ -419,6 +419,49 @@ impl SlotMatrix {
         Place::Slot(SlotRef { gpu: g, slot })
     }
 
+    /// The slot attempt `attempt` of `task_id` holds in memory, if any.
+    pub(crate) fn held_by(&self, task_id: &str, attempt: u32) -> Option<SlotRef> {
+        self.gpus.iter().enumerate().find_map(|(gpu, g)| {
+            let slot = g.cells.iter().position(|c| {
+                c.as_ref()
+                    .is_some_and(|h| h.attempt == attempt && h.task_id == task_id)
+            })?;
+            Some(SlotRef { gpu, slot })
+        })
+    }
+
+    /// Whether a task of `pool` (of `cost`, last run on `avoid`) would be placed on `at` were it
+    /// free now: asked by an ending about to free it, so the slot goes straight to the next task
+    /// in the same transaction (issue 20). The policy decides exactly as for a free slot, so a
+    /// drained, retired or ejected GPU, a slot beyond a lowered count, a GPU of another pool and
+    /// (by predicted finish) a GPU the task would rather not wait on all say no. The rotation
+    /// moves past the GPU only when it says yes; nothing else changes.
+    pub(crate) fn would_hand_over(
+        &mut self,
+        at: SlotRef,
+        pool: &str,
+        cost: Option<f64>,
+        avoid: Option<&str>,
+        policy: Placement,
+    ) -> bool {
+        let Some(holder) = self.gpus[at.gpu]
+            .cells
+            .get_mut(at.slot)
+            .and_then(Option::take)
+        else {
+            return false;
+        };
+        let (cursor, promised) = (self.cursor, self.promised.len());
+        let place = self.place(pool, cost, avoid, policy, true);
+        self.promised.truncate(promised);
+        self.gpus[at.gpu].cells[at.slot] = Some(holder);
+        let yes = place == Place::Slot(at);
+        if !yes {
+            self.cursor = cursor;
+        }
+        yes
+    }
+
     /// Starts a placement round: no task waits for a busy GPU yet.
     pub(crate) fn new_round(&mut self) {
         self.promised.clear();
@@ -1157,5 +1200,27 @@ mod tests {
         let (min, max) = (counts.iter().min(), counts.iter().max());
         let (min, max) = (*min.expect("4"), *max.expect("4"));
         assert!(max - min <= max / 10, "{counts:?}");
+    }
+
+    /// A full pool's freed slot goes to the next task only where a placement would put it:
+    /// not on a drained GPU, not in another pool, and the holder is back in place either way.
+    #[test]
+    fn a_freed_slot_is_handed_over_only_where_placement_would_put_the_task() {
+        let mut m = matrix(&[("g0", 1), ("g1", 1)]);
+        let held = fill(&mut m, 2);
+        let at = m.held_by("t1", 1).expect("t1 holds a slot");
+        assert_eq!(at, held[1]);
+        assert_eq!(m.held_by("t1", 2), None, "another attempt holds nothing");
+        assert!(m.would_hand_over(at, "default", None, None, Placement::LeastLoaded));
+        assert!(!m.would_hand_over(at, "other", None, None, Placement::LeastLoaded));
+        let id = m.endpoint(at.gpu()).id.clone();
+        m.set_drained(std::slice::from_ref(&id));
+        assert!(!m.would_hand_over(at, "default", None, None, Placement::LeastLoaded));
+        assert_eq!(m.busy(), 2, "every holder stays");
+        assert_eq!(m.held_by("t1", 1), Some(at));
+        // A slot that is already free is the scheduler's to place, not an ending's.
+        m.set_drained(&[]);
+        assert!(m.release(&id, at.slot(), "t1"));
+        assert!(!m.would_hand_over(at, "default", None, None, Placement::LeastLoaded));
     }
 }

@@ -151,6 +151,8 @@ pub(crate) struct Metrics {
     pub cancels: Labeled,
     pub attempts: Labeled,
     pub retries: AtomicU64,
+    /// GPU slots an ending's transaction gave straight to the next task.
+    pub handovers: AtomicU64,
     pub errors: Labeled,
 }
 
@@ -165,6 +167,7 @@ impl Default for Metrics {
             cancels: Labeled::new("result", CANCEL_RESULTS),
             attempts: Labeled::new("outcome", &["finished", "failed", "expired", "cancelled"]),
             retries: AtomicU64::new(0),
+            handovers: AtomicU64::new(0),
             errors: Labeled::new("kind", crate::obs::trouble::Trouble::LABELS),
         }
     }
@@ -210,6 +213,13 @@ impl Metrics {
             "# HELP qsys_retries_total Attempts that were scheduled again.\n\
              # TYPE qsys_retries_total counter\nqsys_retries_total {}",
             self.retries.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP qsys_slot_handovers_total GPU slots an attempt's ending claimed for the next \
+             task in its own transaction.\n\
+             # TYPE qsys_slot_handovers_total counter\nqsys_slot_handovers_total {}",
+            self.handovers.load(Ordering::Relaxed)
         );
         self.errors
             .render("qsys_errors_total", "Errors met, by kind.", out);

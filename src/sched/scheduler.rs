@@ -22,11 +22,12 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{never, select, Receiver, Sender, TrySendError};
 
-use crate::config::{Completion, Endpoint, Handler};
+use crate::config::{Endpoint, Handler};
 use crate::fleet::{Holder, Place};
 use crate::obs::trouble::Trouble;
 use crate::shared::{Event, GpuJob, Shared, Task};
 use crate::store::{Claim, ClaimRequest, LetGo, Store, StoreError, StoredTask, Waking};
+use crate::sync::Locked;
 
 /// Below this many unplaced tasks the scheduler takes another batch (up to
 /// [`crate::work::poller::TAKE_BATCH`]) from the poller, so it holds at most `PREFETCH - 1 + TAKE_BATCH`:
@@ -58,6 +59,8 @@ struct GpuRound {
     open_pools: Vec<String>,
     /// The hand was full when the round started.
     crowded: bool,
+    /// Tasks of pools with no free slot, with their pool: on deck after the round.
+    deck: Vec<(String, Task)>,
 }
 
 impl GpuRound {
@@ -78,6 +81,7 @@ impl GpuRound {
             waiting: 0,
             open_pools,
             crowded,
+            deck: Vec::new(),
         }
     }
 }
@@ -167,6 +171,9 @@ pub(crate) struct Scheduler<S: Claims = Store> {
     handler_jobs: Sender<Task>,
     client: redis::Client,
     pending: VecDeque<Task>,
+    /// How many tasks at the head of `pending` were put first since the last round: the tasks
+    /// back from the deck go behind them.
+    first: usize,
     /// After a MySQL error, placement pauses until then.
     retry_at: Option<Instant>,
     /// Retries waiting for their backoff: (due, task id).
@@ -207,6 +214,7 @@ impl<S: Claims> Scheduler<S> {
             handler_jobs,
             client,
             pending: VecDeque::new(),
+            first: 0,
             retry_at: None,
             delayed: BinaryHeap::new(),
             swept: Instant::now(),
@@ -225,6 +233,17 @@ impl<S: Claims> Scheduler<S> {
             }
         }
         Ok(n)
+    }
+
+    /// Puts `task` at the head of the hand, ahead of those on deck too.
+    fn put_first(&mut self, task: Task) {
+        self.pending.push_front(task);
+        self.first += 1;
+    }
+
+    /// Tasks in hand: those here and those on deck (lent ones included).
+    fn held(&self) -> usize {
+        self.pending.len() + self.shared.deck.locked().len()
     }
 
     /// A row this instance now holds, as a task: due now (returned), waiting for its backoff
@@ -250,7 +269,7 @@ impl<S: Claims> Scheduler<S> {
     /// commit whose acknowledgement was lost). Bounded: at most a hand's worth per sweep, and only
     /// while the hand has room; two indexed reads every [`SWEEP_EVERY`].
     fn sweep(&mut self) {
-        if self.swept.elapsed() < SWEEP_EVERY || self.pending.len() >= PREFETCH {
+        if self.swept.elapsed() < SWEEP_EVERY || self.held() >= PREFETCH {
             return;
         }
         self.swept = Instant::now();
@@ -279,6 +298,7 @@ impl<S: Claims> Scheduler<S> {
         }
         let mut held = self.shared.lock_in_transit().clone();
         held.extend(self.pending.iter().map(|t| t.msg.task_id.clone()));
+        held.extend(self.shared.deck.locked().ids().map(str::to_string));
         held.extend(self.delayed.iter().map(|Reverse((_, id))| id.clone()));
         let mut taken = Vec::new();
         for row in found {
@@ -347,13 +367,14 @@ impl<S: Claims> Scheduler<S> {
     /// Takes up delayed tasks that are due (and the tasks of a type resumed), earliest first,
     /// while the hand has room: they wait in MySQL, held by nobody, until then.
     fn adopt_due(&mut self) {
-        if self.due_checked.elapsed() < DUE_EVERY || self.pending.len() >= PREFETCH {
+        let held = self.held();
+        if self.due_checked.elapsed() < DUE_EVERY || held >= PREFETCH {
             return;
         }
         self.due_checked = Instant::now();
         self.wake_waiting(false);
         let paused = self.held_back_types();
-        let room = PREFETCH - self.pending.len();
+        let room = PREFETCH - held;
         match self.store.adopt_due(room, &paused) {
             Ok(rows) => {
                 // As many due as there was room: more may be waiting, so look again as soon
@@ -388,7 +409,7 @@ impl<S: Claims> Scheduler<S> {
             match self.store.pending_task(&id) {
                 Ok(Some(row)) => match Task::from_stored(row) {
                     // Retries go first: they have waited already.
-                    Ok(t) => self.pending.push_front(t),
+                    Ok(t) => self.put_first(t),
                     Err(e) => log::error!(task_id = id.as_str(), error = e.as_str();
                         "cannot retry task"),
                 },
@@ -422,7 +443,7 @@ impl<S: Claims> Scheduler<S> {
             self.adopt_due();
             self.release_due();
             self.place_pending();
-            let rx = if self.pending.len() < PREFETCH && !poller_gone {
+            let rx = if self.held() < PREFETCH && !poller_gone {
                 &self.tasks
             } else {
                 &none
@@ -451,7 +472,7 @@ impl<S: Claims> Scheduler<S> {
             while let Ok(e) = self.events.try_recv() {
                 self.on_event(e);
             }
-            while self.pending.len() < PREFETCH && !poller_gone {
+            while self.held() < PREFETCH && !poller_gone {
                 match self.tasks.try_recv() {
                     Ok(t) => self.pending.extend(t),
                     Err(_) => break,
@@ -459,6 +480,8 @@ impl<S: Claims> Scheduler<S> {
             }
         }
         self.hand_back();
+        // Hand-overs now end with their slot freed; the dispatch pool ends with the last job.
+        self.shared.dispatch.locked().take();
         log::debug!("scheduler stopped");
     }
 
@@ -472,10 +495,16 @@ impl<S: Claims> Scheduler<S> {
             return;
         }
         self.retry_at = None;
+        // Back from the deck, behind the tasks put first since the last round (they were
+        // ahead of them, or are retries).
+        let at = std::mem::take(&mut self.first).min(self.pending.len());
+        for t in self.shared.deck.locked().take_all().into_iter().rev() {
+            self.pending.insert(at, t);
+        }
         let mut workers_busy = false;
         let paused = self.shared.paused().types;
         let mut let_go = Vec::new();
-        let mut round = GpuRound::new(&self.shared, self.pending.len() >= PREFETCH);
+        let mut round = GpuRound::new(&self.shared, self.held() >= PREFETCH);
         for _ in 0..self.pending.len() {
             let task = self.pending.pop_front().expect("len checked");
             let handler = self.shared.config().types.get(&task.msg.kind).cloned();
@@ -503,6 +532,9 @@ impl<S: Claims> Scheduler<S> {
                 break;
             }
         }
+        // On deck before the claim's transaction, so the slots freed meanwhile find them.
+        let refused = self.shared.deck.locked().put(round.deck);
+        self.pending.extend(refused);
         for (ids, until) in [(let_go, LetGo::Paused), (round.overflow, LetGo::PoolBusy)] {
             if let Err(e) = self.store.let_go(&ids, until) {
                 // Held here and in no memory: the sweep takes them up in 30 s and lets go again.
@@ -522,15 +554,8 @@ impl<S: Claims> Scheduler<S> {
             Place::Full
         } else {
             match self.reserve(&task, pool, may_wait) {
-                Ok((endpoint, slot, lease)) => {
-                    round.jobs.push(GpuJob {
-                        attempt: task.attempts + 1,
-                        task,
-                        endpoint,
-                        slot,
-                        lease,
-                        claimed_at: Instant::now(),
-                    });
+                Ok((endpoint, slot)) => {
+                    round.jobs.push(GpuJob::new(task, endpoint, slot));
                     return None;
                 }
                 Err(place) => place,
@@ -548,6 +573,9 @@ impl<S: Claims> Scheduler<S> {
                 round.overflow.push(task.msg.task_id);
                 return None;
             }
+            *held += 1;
+            round.deck.push((pool.to_string(), task));
+            return None;
         }
         *held += 1;
         Some(task)
@@ -573,40 +601,26 @@ impl<S: Claims> Scheduler<S> {
     }
 
     /// Reserves a free slot of `pool` in memory for `task`'s next attempt, by the configured
-    /// placement: the GPU, the slot and the attempt's lease. `Err`: no slot now
-    /// ([`Place::Full`]), or one the task should not take ([`Place::Wait`]).
+    /// placement: the GPU and the slot. `Err`: no slot now ([`Place::Full`]), or one the task
+    /// should not take ([`Place::Wait`]).
     fn reserve(
         &self,
         task: &Task,
         pool: &str,
         may_wait: bool,
-    ) -> Result<(Arc<Endpoint>, usize, Duration), Place> {
+    ) -> Result<(Arc<Endpoint>, usize), Place> {
         let policy = self.shared.config().placement;
         let cost = task.msg.cost();
-        let (at, ep) = {
-            let mut m = self.shared.slots();
-            let at = match m.place(pool, cost, task.avoid_gpu.as_deref(), policy, may_wait) {
-                Place::Slot(at) => at,
-                other => return Err(other),
-            };
-            m.occupy(
-                at,
-                Holder::new(task.msg.task_id.clone(), task.attempts + 1, cost),
-            );
-            (at, Arc::clone(m.endpoint(at.gpu())))
+        let mut m = self.shared.slots();
+        let at = match m.place(pool, cost, task.avoid_gpu.as_deref(), policy, may_wait) {
+            Place::Slot(at) => at,
+            other => return Err(other),
         };
-        let timeout = task
-            .msg
-            .timeout_s
-            .map(Duration::from_secs)
-            .unwrap_or(ep.task_timeout);
-        // In response mode the call itself may run for the whole timeout: give the lease the
-        // request timeout on top so the call's own verdict comes first.
-        let lease = match ep.completion {
-            Completion::Callback => timeout,
-            Completion::Response => timeout + ep.request_timeout,
-        };
-        Ok((ep, at.slot(), lease))
+        m.occupy(
+            at,
+            Holder::new(task.msg.task_id.clone(), task.attempts + 1, cost),
+        );
+        Ok((Arc::clone(m.endpoint(at.gpu())), at.slot()))
     }
 
     /// Claims the slots reserved this round in one MySQL transaction and hands each claimed job to
@@ -616,17 +630,7 @@ impl<S: Claims> Scheduler<S> {
         if jobs.is_empty() {
             return;
         }
-        let reqs: Vec<ClaimRequest<'_>> = jobs
-            .iter()
-            .map(|j| ClaimRequest {
-                task_id: &j.task.msg.task_id,
-                attempts: j.task.attempts,
-                gpu_id: &j.endpoint.id,
-                slot: j.slot,
-                lease: j.lease,
-                heartbeat: j.endpoint.heartbeat_timeout,
-            })
-            .collect();
+        let reqs: Vec<ClaimRequest<'_>> = jobs.iter().map(GpuJob::claim_request).collect();
         let claims = self.store.claim_gpu_attempts(&reqs);
         drop(reqs);
         let claims = match claims {
@@ -636,7 +640,7 @@ impl<S: Claims> Scheduler<S> {
                     "mysql error claiming slots; will retry", count = jobs.len());
                 for job in jobs.into_iter().rev() {
                     self.release(&job);
-                    self.pending.push_front(job.task);
+                    self.put_first(job.task);
                 }
                 self.retry_at = Some(Instant::now() + Duration::from_secs(1));
                 return;
@@ -649,19 +653,7 @@ impl<S: Claims> Scheduler<S> {
             let ep = &job.endpoint;
             let task_id = job.task.msg.task_id.as_str();
             match claim {
-                Claim::Claimed => {
-                    self.shared
-                        .announce(true, &ep.id, job.slot, task_id, job.attempt);
-                    self.shared.first_dispatch(&job.task.msg, job.attempt);
-                    log::info!(task_id, gpu = ep.id.as_str(), slot = job.slot,
-                        attempt = job.attempt, queue = job.task.queue.as_str(); "slot claimed");
-                    // Unbounded (jobs never outnumber claimed slots); it fails only if every
-                    // dispatch worker is gone, which the supervisor is already handling.
-                    if let Err(e) = self.gpu_jobs.send(job) {
-                        log::error!(task_id = e.0.task.msg.task_id.as_str();
-                            "dispatch pool gone; task stays processing until its lease ends");
-                    }
-                }
+                Claim::Claimed => self.shared.dispatch_claimed(&self.gpu_jobs, job),
                 Claim::SlotTaken { holder, attempt } => {
                     // MySQL knows a holder the mirror did not: mirror it; the task is placed again.
                     // Routine with several instances: another one claimed it first.
@@ -677,7 +669,7 @@ impl<S: Claims> Scheduler<S> {
             }
         }
         for task in again.into_iter().rev() {
-            self.pending.push_front(task);
+            self.put_first(task);
         }
     }
 
@@ -691,6 +683,9 @@ impl<S: Claims> Scheduler<S> {
     /// At a stop: everything still in hand, and whatever the poller sent meanwhile, goes back to
     /// the head of its queue in its original order.
     fn hand_back(&mut self) {
+        for t in self.shared.deck.locked().close().into_iter().rev() {
+            self.pending.push_front(t);
+        }
         // The poller ends within its pop timeout; wait for it to close the channel.
         let deadline =
             Instant::now() + self.shared.config().redis.pop_timeout + Duration::from_secs(5);
@@ -879,11 +874,18 @@ mod tests {
         store
     }
 
-    fn hand(r: &Rig) -> Vec<&str> {
-        r.sched
-            .pending
-            .iter()
-            .map(|t| t.msg.task_id.as_str())
+    /// The tasks in hand: on deck (waiting for a full pool), then the others.
+    fn hand(r: &Rig) -> Vec<String> {
+        let deck = r
+            .sched
+            .shared
+            .deck
+            .locked()
+            .ids()
+            .map(str::to_string)
+            .collect::<Vec<_>>();
+        deck.into_iter()
+            .chain(r.sched.pending.iter().map(|t| t.msg.task_id.clone()))
             .collect()
     }
 

@@ -6,6 +6,7 @@
 //! check): MySQL first, then the in-memory slot, then a message to the scheduler — a wake-up so it can
 //! hand the freed slot on, and the task itself when it is to be retried.
 
+mod deck;
 mod group;
 pub(crate) mod shutdown;
 
@@ -15,18 +16,21 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
+pub(crate) use deck::Deck;
 use serde_json::{json, Value};
 
 use crate::config::{Config, Endpoint};
 use crate::contract::message::Message;
 use crate::contract::slot_event::SlotEvent;
 use crate::contract::token::Signer;
-use crate::fleet::SlotMatrix;
+use crate::fleet::{Holder, SlotMatrix, SlotRef};
 use crate::net::backoff::{Backoff, RetryDelay};
 use crate::net::redis::Timeouts;
 use crate::obs::trouble::Trouble;
 use crate::shared::shutdown::Shutdown;
-use crate::store::{EndRequest, Ending, Finish, Next, Store, StoreError, StoredTask};
+use crate::store::{
+    Claim, ClaimRequest, EndRequest, Ending, Finish, HandOver, Next, Store, StoreError, StoredTask,
+};
 use crate::sync::{Locked, ReadWrite};
 
 /// Without a systemd watchdog, how long a loop may go without progress before it is reported.
@@ -84,6 +88,51 @@ pub(crate) struct GpuJob {
     pub claimed_at: Instant,
 }
 
+impl GpuJob {
+    /// The next attempt of `task` on `slot` of `endpoint`, with its lease: the task's timeout,
+    /// else the GPU's; in response mode the call itself may run for the whole timeout, so the
+    /// lease has the request timeout on top and the call's own verdict comes first.
+    pub(crate) fn new(task: Task, endpoint: Arc<Endpoint>, slot: usize) -> GpuJob {
+        let timeout = task
+            .msg
+            .timeout_s
+            .map(Duration::from_secs)
+            .unwrap_or(endpoint.task_timeout);
+        let lease = match endpoint.completion {
+            crate::config::Completion::Callback => timeout,
+            crate::config::Completion::Response => timeout + endpoint.request_timeout,
+        };
+        GpuJob {
+            attempt: task.attempts + 1,
+            task,
+            endpoint,
+            slot,
+            lease,
+            claimed_at: Instant::now(),
+        }
+    }
+
+    /// What MySQL is asked to start this attempt.
+    pub(crate) fn claim_request(&self) -> ClaimRequest<'_> {
+        ClaimRequest {
+            task_id: &self.task.msg.task_id,
+            attempts: self.task.attempts,
+            gpu_id: &self.endpoint.id,
+            slot: self.slot,
+            lease: self.lease,
+            heartbeat: self.endpoint.heartbeat_timeout,
+        }
+    }
+}
+
+/// A task lent from the deck for the slot the ending at `after` is to free.
+struct Lent {
+    after: usize,
+    at: SlotRef,
+    pool: String,
+    job: GpuJob,
+}
+
 /// What the scheduler is told by other threads.
 #[derive(Debug)]
 pub(crate) enum Event {
@@ -136,6 +185,12 @@ pub(crate) struct Shared {
     /// Single endings (dispatch, handlers, leases, cancels), written together when they come
     /// together.
     endings: group::Group,
+    /// The scheduler's GPU tasks waiting for a slot of a full pool, which an ending hands its
+    /// freed slot to ([`deck`]). Locked after `slots` when both are held.
+    pub(crate) deck: Mutex<Deck>,
+    /// The dispatch pool's queue, for the jobs a hand-over starts; the scheduler empties it at
+    /// its stop, so the pool's workers end once the last job handed to them is sent.
+    pub(crate) dispatch: Mutex<Option<Sender<GpuJob>>>,
 }
 
 impl Shared {
@@ -164,6 +219,8 @@ impl Shared {
             queue_depths: Mutex::default(),
             pools: Mutex::default(),
             endings: group::Group::default(),
+            deck: Mutex::default(),
+            dispatch: Mutex::default(),
             metrics: Default::default(),
             slot_events,
             // Until the first check: publishing to nobody is harmless, staying silent is not.
@@ -307,7 +364,9 @@ impl Shared {
     }
 
     /// Ends each `(task_id, attempt, ending)` in one MySQL transaction, then frees their slots in
-    /// memory and tells the scheduler; the results come in the order given.
+    /// memory and tells the scheduler; the results come in the order given. A slot an ending
+    /// frees goes to the first task on deck that placement would put there, claimed in the same
+    /// transaction and sent to the dispatch pool after the commit (issue 20).
     pub(crate) fn end_attempts(
         &self,
         ends: &[(&str, u32, Ending<'_>)],
@@ -327,16 +386,137 @@ impl Shared {
                 },
             })
             .collect();
-        let out = self.store.end_attempts(&reqs, r.max_attempts)?;
-        for (req, finish) in reqs.iter().zip(&out) {
-            self.ended(req, finish, source);
+        let (lent, jobs) = self.lend_for(ends);
+        let hand_overs: Vec<HandOver<'_>> = lent
+            .iter()
+            .map(|l| HandOver {
+                after: l.after,
+                claim: l.job.claim_request(),
+            })
+            .collect();
+        let ended = self.store.end_attempts(&reqs, r.max_attempts, &hand_overs);
+        drop(hand_overs);
+        let ended = match ended {
+            Ok(ended) => ended,
+            Err(e) => {
+                self.give_back(lent.into_iter().map(|l| (l.pool, l.job.task)).collect());
+                return Err(e);
+            }
+        };
+        let mut next: Vec<Option<(SlotRef, GpuJob)>> = reqs.iter().map(|_| None).collect();
+        let mut back = Vec::new();
+        let committed = Instant::now();
+        {
+            let mut deck = self.deck.locked();
+            for (mut l, verdict) in lent.into_iter().zip(ended.handed) {
+                match verdict {
+                    Some(Claim::Claimed) => {
+                        deck.settle(&l.job.task.msg.task_id);
+                        l.job.claimed_at = committed;
+                        next[l.after] = Some((l.at, l.job));
+                    }
+                    Some(Claim::NotPending) => {
+                        deck.settle(&l.job.task.msg.task_id);
+                        log::info!(task_id = l.job.task.msg.task_id.as_str();
+                            "task no longer pending (moved elsewhere); dropped from hand");
+                    }
+                    Some(Claim::SlotTaken { .. }) | None => back.push((l.pool, l.job.task)),
+                }
+            }
+        }
+        self.give_back(back);
+        for ((req, finish), next) in reqs.iter().zip(&ended.finishes).zip(next) {
+            self.ended(req, finish, source, next.as_ref());
+            if let (Some((_, job)), Some(jobs)) = (next, &jobs) {
+                self.metrics
+                    .handovers
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.dispatch_claimed(jobs, job);
+            }
         }
         self.wake_scheduler();
-        Ok(out)
+        Ok(ended.finishes)
     }
 
-    /// What follows an ending in memory: metrics, the slot, the log, a retry for the scheduler.
-    fn ended(&self, req: &EndRequest<'_>, out: &Finish, source: &str) {
+    /// Lends, for each slot `ends` are to free in memory, the first task on deck that placement
+    /// would put there (not of a paused type): nothing while the deck is idle, at a stop, or
+    /// once the dispatch pool's queue is gone. The queue comes with them: held until their jobs
+    /// are sent.
+    fn lend_for(&self, ends: &[(&str, u32, Ending<'_>)]) -> (Vec<Lent>, Option<Sender<GpuJob>>) {
+        if self.deck.locked().is_idle() || self.stop.is_stopping() {
+            return (Vec::new(), None);
+        }
+        let Some(jobs) = self.dispatch.locked().clone() else {
+            return (Vec::new(), None);
+        };
+        let policy = self.config().placement;
+        let paused = self.paused().types;
+        let mut lent: Vec<Lent> = Vec::new();
+        let mut m = self.slots();
+        let mut deck = self.deck.locked();
+        for (after, &(task_id, attempt, _)) in ends.iter().enumerate() {
+            let Some(at) = m.held_by(task_id, attempt) else {
+                continue;
+            };
+            if lent.iter().any(|l| l.at == at) {
+                continue;
+            }
+            let ep = Arc::clone(m.endpoint(at.gpu()));
+            let taken = deck.lend(&ep.pool, |t| {
+                !paused.contains(&t.msg.kind)
+                    && m.would_hand_over(at, &ep.pool, t.msg.cost(), t.avoid_gpu.as_deref(), policy)
+            });
+            if let Some((pool, task)) = taken {
+                let job = GpuJob::new(task, ep, at.slot());
+                lent.push(Lent {
+                    after,
+                    at,
+                    pool,
+                    job,
+                });
+            }
+        }
+        (lent, Some(jobs))
+    }
+
+    /// Lent tasks not claimed go back on deck; at a stop they stay `pending` here in MySQL.
+    fn give_back(&self, tasks: Vec<(String, Task)>) {
+        if tasks.is_empty() {
+            return;
+        }
+        for t in self.deck.locked().give_back(tasks) {
+            log::info!(task_id = t.msg.task_id.as_str();
+                "stopping: task stays pending here, resumed at the next start");
+        }
+        self.wake_scheduler();
+    }
+
+    /// A claimed GPU attempt goes to the dispatch pool: announced to the other instances,
+    /// counted and logged first.
+    pub(crate) fn dispatch_claimed(&self, jobs: &Sender<GpuJob>, job: GpuJob) {
+        let ep = &job.endpoint;
+        let task_id = job.task.msg.task_id.as_str();
+        self.announce(true, &ep.id, job.slot, task_id, job.attempt);
+        self.first_dispatch(&job.task.msg, job.attempt);
+        log::info!(task_id, gpu = ep.id.as_str(), slot = job.slot,
+            attempt = job.attempt, queue = job.task.queue.as_str(); "slot claimed");
+        // Unbounded (jobs never outnumber claimed slots); it fails only if every dispatch worker
+        // is gone, which the supervisor is already handling.
+        if let Err(e) = jobs.send(job) {
+            log::error!(task_id = e.0.task.msg.task_id.as_str();
+                "dispatch pool gone; task stays processing until its lease ends");
+        }
+    }
+
+    /// What follows an ending in memory: metrics, the slot (held at once by the `successor`
+    /// the same transaction gave it to, if any), the log, a retry for the scheduler.
+    fn ended(
+        &self,
+        req: &EndRequest<'_>,
+        out: &Finish,
+        source: &str,
+        successor: Option<&(SlotRef, GpuJob)>,
+    ) {
         let EndRequest {
             task_id,
             attempt,
@@ -375,6 +555,14 @@ impl Shared {
         if let Some((gpu, index)) = slot {
             let mut m = self.slots();
             m.release(gpu, *index, task_id);
+            if let Some((at, job)) = successor {
+                let holder = Holder::new(
+                    job.task.msg.task_id.clone(),
+                    job.attempt,
+                    job.task.msg.cost(),
+                );
+                m.occupy(*at, holder);
+            }
             if let Some((cost, seconds)) = work {
                 m.learn(gpu, *cost, *seconds);
             }

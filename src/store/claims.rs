@@ -31,7 +31,7 @@ pub(crate) fn first_deadline(lease: Duration, heartbeat: Option<Duration>) -> Du
 }
 
 /// Result of trying to claim a slot for a task's next attempt.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
     Claimed,
     /// The slot row is held by another task (possibly of another instance).
@@ -44,11 +44,11 @@ pub enum Claim {
 }
 
 /// Locked task rows by id: `(state, attempts)`, updated in memory as the batch claims them.
-type TaskRows = HashMap<String, (Option<String>, u32)>;
+pub(super) type TaskRows = HashMap<String, (Option<String>, u32)>;
 
 /// Locked slot rows by `(gpu_id, slot_index)`: the holder's `(task_id, attempt)`, if any, updated
 /// in memory as the batch claims them.
-type SlotRows = HashMap<(String, u32), Option<(String, u32)>>;
+pub(super) type SlotRows = HashMap<(String, u32), Option<(String, u32)>>;
 
 impl Store {
     /// Moves each `pending` task at `attempts` to `processing` as attempt `attempts + 1` on its GPU
@@ -76,7 +76,7 @@ impl Store {
     }
 
     /// Writes the claimed slot rows as held by their task's new attempt, here.
-    fn occupy_slots(
+    pub(super) fn occupy_slots(
         &self,
         tx: &mut Transaction<'_>,
         claimed: &[&ClaimRequest<'_>],
@@ -106,7 +106,7 @@ impl Store {
 
     /// Moves the claimed tasks to `processing` on their slots, in one statement: per-task values
     /// by `CASE`, since every row was checked `pending` at `attempts` under lock.
-    fn start_gpu_attempts(
+    pub(super) fn start_gpu_attempts(
         &self,
         tx: &mut Transaction<'_>,
         claimed: &[&ClaimRequest<'_>],
@@ -205,38 +205,66 @@ fn lock_claimed_rows(
     reqs: &[ClaimRequest<'_>],
 ) -> Result<(TaskRows, SlotRows), StoreError> {
     let ids: Vec<&str> = padded(reqs.iter().map(|r| r.task_id).collect());
-    let locks = padded(reqs.to_vec());
+    let (slot_sql, slot_params) = slot_lock(reqs);
     let sql = format!(
         "(SELECT 't', task_id, NULL, state, attempts FROM tasks FORCE INDEX (PRIMARY) \
-         WHERE task_id IN ({}) FOR UPDATE) UNION ALL \
-         (SELECT 's', gpu_id, slot_index, task_id, attempt FROM gpu_slots FORCE INDEX (PRIMARY) \
-         WHERE (gpu_id, slot_index) IN ({}) FOR UPDATE)",
+         WHERE task_id IN ({}) FOR UPDATE) UNION ALL ({slot_sql})",
         placeholders(ids.len(), "?"),
-        placeholders(locks.len(), "(?, ?)")
     );
     let mut params: Vec<mysql::Value> = ids.iter().map(|&id| id.into()).collect();
-    params.extend(
-        locks
-            .iter()
-            .flat_map(|r| [r.gpu_id.into(), (r.slot as u32).into()]),
-    );
+    params.extend(slot_params);
     let (mut tasks, mut slots) = (TaskRows::new(), SlotRows::new());
     for mut row in tx.exec::<mysql::Row, _, _>(sql, params)? {
         let key: String = col(&mut row, 1).unwrap_or_default();
         if col::<String>(&mut row, 0).as_deref() == Some("t") {
             tasks.insert(key, (col(&mut row, 3), col(&mut row, 4).unwrap_or(0)));
         } else {
-            let holder = col::<String>(&mut row, 3).map(|t| (t, col(&mut row, 4).unwrap_or(0)));
-            slots.insert((key, col(&mut row, 2).unwrap_or(0)), holder);
+            insert_slot(&mut slots, key, &mut row);
         }
     }
     Ok((tasks, slots))
 }
 
+/// The statement that locks and reads the slot rows `reqs` name, `'s', gpu_id, slot_index,
+/// task_id, attempt` each, with its parameters.
+fn slot_lock(reqs: &[ClaimRequest<'_>]) -> (String, Vec<mysql::Value>) {
+    let locks = padded(reqs.to_vec());
+    let sql = format!(
+        "SELECT 's', gpu_id, slot_index, task_id, attempt FROM gpu_slots FORCE INDEX (PRIMARY) \
+         WHERE (gpu_id, slot_index) IN ({}) FOR UPDATE",
+        placeholders(locks.len(), "(?, ?)")
+    );
+    let params = locks
+        .iter()
+        .flat_map(|r| [r.gpu_id.into(), (r.slot as u32).into()])
+        .collect();
+    (sql, params)
+}
+
+/// One row of [`slot_lock`] into `slots`, by `(gpu_id, slot_index)`.
+fn insert_slot(slots: &mut SlotRows, gpu_id: String, row: &mut mysql::Row) {
+    let holder = col::<String>(row, 3).map(|t| (t, col(row, 4).unwrap_or(0)));
+    slots.insert((gpu_id, col(row, 2).unwrap_or(0)), holder);
+}
+
+/// Locks and reads the slot rows `reqs` name (after their task rows: the lock order above).
+pub(super) fn lock_slot_rows(
+    tx: &mut Transaction<'_>,
+    reqs: &[ClaimRequest<'_>],
+) -> Result<SlotRows, StoreError> {
+    let (sql, params) = slot_lock(reqs);
+    let mut slots = SlotRows::new();
+    for mut row in tx.exec::<mysql::Row, _, _>(sql, params)? {
+        let key: String = col(&mut row, 1).unwrap_or_default();
+        insert_slot(&mut slots, key, &mut row);
+    }
+    Ok(slots)
+}
+
 /// Each request's verdict on the locked rows, in order, and the requests claimed. A claim is
 /// applied to the rows in memory, so a repeat of the slot or the task later in the batch sees it.
 /// A slot row missing from `gpu_slots` is an error: `ensure_slots` writes one per configured slot.
-fn judge_claims<'r, 'a>(
+pub(super) fn judge_claims<'r, 'a>(
     reqs: &'r [ClaimRequest<'a>],
     tasks: &mut TaskRows,
     slots: &mut SlotRows,

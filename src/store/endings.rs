@@ -9,7 +9,10 @@ use std::time::Duration;
 use mysql::prelude::Queryable;
 use mysql::{params, Transaction, TxOpts};
 
-use super::{col, padded, placeholders, truncate, State, Store, StoreError, MAX_ERROR};
+use super::claims::{judge_claims, lock_slot_rows, SlotRows, TaskRows};
+use super::{
+    col, padded, placeholders, truncate, Claim, ClaimRequest, State, Store, StoreError, MAX_ERROR,
+};
 
 /// How an attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +115,27 @@ pub struct EndRequest<'a> {
     pub retry: crate::net::backoff::RetryDelay,
 }
 
+/// A slot an ending is to free, claimed in the same transaction for the next task (issue 20: one
+/// commit and no gap between a task's end and the next one's start on its slot).
+#[derive(Debug, Clone, Copy)]
+pub struct HandOver<'a> {
+    /// The position in the endings of the one whose slot this is.
+    pub after: usize,
+    /// The next task's claim of that slot.
+    pub claim: ClaimRequest<'a>,
+}
+
+/// What [`Store::end_attempts`] did.
+#[derive(Debug, PartialEq)]
+pub struct Ended {
+    /// Each ending's verdict, in order.
+    pub finishes: Vec<Finish>,
+    /// Each hand-over's, in order: `None` when its ending did not free that slot (not applied,
+    /// or the row named another), else the claim's verdict as [`Store::claim_gpu_attempts`] gives
+    /// it.
+    pub handed: Vec<Option<Claim>>,
+}
+
 /// A `processing` attempt past its lease deadline.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Expired {
@@ -201,7 +225,7 @@ struct EndBatch<'a> {
     /// `task_attempts` rows: task, attempt, GPU, slot, instance, start, outcome, error.
     history: Vec<[mysql::Value; 8]>,
     /// Slot rows to free: GPU, slot, and the task that must still hold it.
-    freed: Vec<[mysql::Value; 3]>,
+    freed: Vec<(String, u32, &'a str)>,
 }
 
 impl Store {
@@ -213,32 +237,62 @@ impl Store {
     /// statement each for plain finishes, the attempt history and the freed slots. A request
     /// repeated within the batch sees the earlier one's effect (a duplicate callback is a
     /// `Duplicate`, as it would be later).
+    ///
+    /// Each of `hand_overs` claims the slot its ending frees for the next task, in the same
+    /// transaction, by the rules of [`Store::claim_gpu_attempts`]: its task row is locked with the
+    /// ended ones and its slot row after them (the claims' lock order), and it is claimed only if
+    /// the ending applied, freed exactly that slot, and the task is `pending` at the attempts
+    /// expected. A slot handed over is written held by its new attempt instead of freed.
     pub fn end_attempts(
         &self,
         reqs: &[EndRequest<'_>],
         default_max: u32,
-    ) -> Result<Vec<Finish>, StoreError> {
+        hand_overs: &[HandOver<'_>],
+    ) -> Result<Ended, StoreError> {
         if reqs.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Ended {
+                finishes: Vec::new(),
+                handed: vec![None; hand_overs.len()],
+            });
         }
         let mut c = self.conn()?;
         let mut tx = c.start_transaction(TxOpts::default())?;
-        let mut rows = lock_ended_tasks(&mut tx, reqs)?;
+        let ids = reqs
+            .iter()
+            .map(|r| r.task_id)
+            .chain(hand_overs.iter().map(|h| h.claim.task_id));
+        let mut rows = lock_ended_tasks(&mut tx, ids.collect())?;
+        let claims: Vec<ClaimRequest<'_>> = hand_overs.iter().map(|h| h.claim).collect();
+        let mut slots = if claims.is_empty() {
+            SlotRows::new()
+        } else {
+            lock_slot_rows(&mut tx, &claims)?
+        };
         let mut batch = EndBatch::default();
-        let mut out = Vec::with_capacity(reqs.len());
+        let mut finishes = Vec::with_capacity(reqs.len());
         for r in reqs {
             let Some(row) = rows.get_mut(r.task_id) else {
-                out.push(Finish::Unknown);
+                finishes.push(Finish::Unknown);
                 continue;
             };
-            out.push(match judge_ending(row, r, default_max) {
+            finishes.push(match judge_ending(row, r, default_max) {
                 Ok(next) => self.apply_ending(&mut tx, r, row, next, &mut batch)?,
                 Err(verdict) => verdict,
             });
         }
+        let (handed, claimed) = judge_hand_overs(reqs, hand_overs, &finishes, &rows, &mut slots)?;
+        // A slot handed over is written held by its next attempt, not freed first.
+        batch
+            .freed
+            .retain(|(g, s, _)| !claimed.iter().any(|c| c.gpu_id == g && c.slot as u32 == *s));
         batch.write(&mut tx)?;
+        if !claimed.is_empty() {
+            let claimed = padded(claimed);
+            self.occupy_slots(&mut tx, &claimed)?;
+            self.start_gpu_attempts(&mut tx, &claimed)?;
+        }
         tx.commit()?;
-        Ok(out)
+        Ok(Ended { finishes, handed })
     }
 
     /// Applies one judged ending: the task row's statement now when it is not a plain finish
@@ -305,9 +359,7 @@ impl Store {
         ]);
         let slot = match (&row.gpu, row.slot) {
             (Some(g), Some(s)) => {
-                batch
-                    .freed
-                    .push([g.as_str().into(), s.into(), r.task_id.into()]);
+                batch.freed.push((g.clone(), s, r.task_id));
                 Some((g.clone(), s as usize))
             }
             _ => None,
@@ -384,9 +436,9 @@ impl Store {
 /// (the slot rows an ending frees are locked last, by the statement that frees them).
 fn lock_ended_tasks(
     tx: &mut Transaction<'_>,
-    reqs: &[EndRequest<'_>],
+    ids: Vec<&str>,
 ) -> Result<HashMap<String, EndRow>, StoreError> {
-    let ids: Vec<&str> = padded(reqs.iter().map(|r| r.task_id).collect());
+    let ids = padded(ids);
     let sql = format!(
         "SELECT task_id, state, attempts, gpu_id, slot_index, max_attempts, attempt_base, \
          TIMESTAMPDIFF(MICROSECOND, created_at, NOW(3)), dispatched_at, \
@@ -414,6 +466,53 @@ fn lock_ended_tasks(
         rows.insert(id, row);
     }
     Ok(rows)
+}
+
+/// Each hand-over's verdict on the locked rows, after the endings (`finishes`) were applied to
+/// them: `None` unless its ending applied and freed exactly its slot; else the claim's, judged
+/// as a claim is ([`judge_claims`]) on the slot rows as the endings leave them. Also the
+/// requests claimed.
+fn judge_hand_overs<'r, 'a>(
+    reqs: &[EndRequest<'_>],
+    hand_overs: &'r [HandOver<'a>],
+    finishes: &[Finish],
+    rows: &HashMap<String, EndRow>,
+    slots: &mut SlotRows,
+) -> Result<(Vec<Option<Claim>>, Vec<&'r ClaimRequest<'a>>), StoreError> {
+    let mut tasks: TaskRows = hand_overs
+        .iter()
+        .filter_map(|h| {
+            let row = rows.get(h.claim.task_id)?;
+            Some((
+                h.claim.task_id.to_string(),
+                (Some(row.state.clone()), row.attempts),
+            ))
+        })
+        .collect();
+    let mut handed = Vec::with_capacity(hand_overs.len());
+    let mut claimed = Vec::new();
+    for h in hand_overs {
+        let c = &h.claim;
+        let key = (c.gpu_id.to_string(), c.slot as u32);
+        let freed = matches!(finishes.get(h.after), Some(Finish::Applied {
+            slot: Some((g, s)), ..
+        }) if g == c.gpu_id && *s == c.slot);
+        let Some(holder) = slots.get_mut(&key).filter(|_| freed) else {
+            handed.push(None);
+            continue;
+        };
+        // The ending's statement frees the row only if its task still holds it.
+        if holder
+            .as_ref()
+            .is_some_and(|(t, _)| t == reqs[h.after].task_id)
+        {
+            *holder = None;
+        }
+        let (verdict, ok) = judge_claims(std::slice::from_ref(c), &mut tasks, slots)?;
+        claimed.extend(ok);
+        handed.push(verdict.into_iter().next());
+    }
+    Ok((handed, claimed))
 }
 
 impl EndBatch<'_> {
@@ -456,7 +555,11 @@ impl EndBatch<'_> {
                  instance_id = NULL, claimed_at = NULL WHERE (gpu_id, slot_index, task_id) IN ({})",
                 placeholders(freed.len(), "(?, ?, ?)")
             );
-            tx.exec_drop(sql, freed.concat())?;
+            let params: Vec<mysql::Value> = freed
+                .into_iter()
+                .flat_map(|(g, s, t)| [g.into(), s.into(), t.into()])
+                .collect();
+            tx.exec_drop(sql, params)?;
         }
         Ok(())
     }

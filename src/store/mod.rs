@@ -44,7 +44,7 @@ mod work;
 pub use cancels::Cancel;
 pub(crate) use cancels::Cancelling;
 pub use claims::{Claim, ClaimRequest};
-pub use endings::{EndRequest, Ending, Finish, Next};
+pub use endings::{EndRequest, Ended, Ending, Finish, HandOver, Next};
 pub(crate) use heartbeats::{Beat, Beaten};
 pub use intake::{Accepted, NewTask};
 pub use paused::{PauseKind, Paused};
