@@ -386,7 +386,7 @@ fn a_freed_slot_goes_to_the_next_task_in_the_ending_s_own_transaction() {
         );
         let held: Vec<String> =
             env.query("SELECT task_id FROM gpu_slots WHERE task_id IS NOT NULL");
-        assert_eq!(held, [next.clone()]);
+        assert_eq!(held, std::slice::from_ref(&next));
     }
     let (_, metrics) = call(daemon.admin_addr(), "GET", "/metrics", "");
     assert!(
