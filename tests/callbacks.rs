@@ -5,19 +5,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::{call, callback_target, stop, transcriptions, wait_for, TestEnv};
+use common::{call, callback_target, silent_fleet, stop, transcriptions, wait_for, TestEnv};
 use fakefleet::{Fleet, FleetConfig};
 
 #[test]
 fn every_reply_code_and_nothing_changes_without_authority() {
     let env = TestEnv::new("callbacks");
     // The GPU accepts but never calls back: this test plays the GPU's part.
-    let fleet = Fleet::start(FleetConfig {
-        gpus: 1,
-        lose_rate: 1.0,
-        ..FleetConfig::default()
-    })
-    .expect("fleet");
+    let fleet = silent_fleet(1);
     let daemon = env.start(&env.config_toml(fleet.urls(), ""));
     let addr = daemon.callback_addr();
     env.push_raw("q1", &transcriptions("cb", 1));

@@ -7,7 +7,7 @@ mod common;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use common::{call, callback_target, stop, transcriptions, wait_for, TestEnv};
+use common::{call, callback_target, silent_fleet, stop, transcriptions, wait_for, TestEnv};
 use fakefleet::{CancelMode, Completion, Fleet, FleetConfig};
 use qsys::{ops, Cancel, State};
 
@@ -94,12 +94,7 @@ fn a_task_cancelled_while_still_in_redis_never_runs_and_can_be_requeued() {
 fn a_pending_task_cancelled_never_runs() {
     let env = TestEnv::new("cancelpending");
     // Accepts every task and never calls back: the test's callbacks end them.
-    let fleet = Fleet::start(FleetConfig {
-        gpus: 1,
-        lose_rate: 1.0,
-        ..FleetConfig::default()
-    })
-    .expect("fleet");
+    let fleet = silent_fleet(1);
     let daemon = env.start(&env.config_toml(fleet.urls(), "[gpu]\nslots = 1\n"));
     let tasks = transcriptions("pend", 3);
     env.push_raw("q1", &tasks[..2]);

@@ -5,7 +5,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{call, callback_target, stop, transcriptions, wait_for, TestEnv};
+use common::{call, callback_target, silent_fleet, stop, transcriptions, wait_for, TestEnv};
 use fakefleet::Completion;
 use fakefleet::{Fleet, FleetConfig};
 
@@ -343,12 +343,7 @@ fn per_endpoint_slot_counts_are_honoured() {
 #[test]
 fn a_freed_slot_goes_to_the_next_task_in_the_ending_s_own_transaction() {
     let env = TestEnv::new("handover");
-    let fleet = Fleet::start(FleetConfig {
-        gpus: 1,
-        lose_rate: 1.0,
-        ..FleetConfig::default()
-    })
-    .expect("fleet");
+    let fleet = silent_fleet(1);
     let daemon = env.start(&env.config_toml(fleet.urls(), "[gpu]\nslots = 1\n"));
     env.push_raw("q1", &transcriptions("hand", 4));
     assert!(

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{free_port, stop, transcriptions, wait_for, TestEnv, SECRET};
+use common::{free_port, silent_fleet, stop, transcriptions, wait_for, TestEnv, SECRET};
 use fakefleet::{Fleet, FleetConfig};
 use qsys::Secret;
 use qsys::Signer;
@@ -142,12 +142,7 @@ fn three_instances_share_the_fleet_and_callbacks_land_anywhere() {
 fn a_freed_slot_reaches_the_other_instance_within_100ms() {
     let env = TestEnv::new("slotsync");
     // One slot, and the GPU never calls back: this test delivers the callback itself.
-    let fleet = Fleet::start(FleetConfig {
-        gpus: 1,
-        lose_rate: 1.0,
-        ..FleetConfig::default()
-    })
-    .expect("fleet");
+    let fleet = silent_fleet(1);
     let extra = "[gpu]\nslots = 1\n";
     let a = env.start(
         &env.config_toml(fleet.urls(), extra)

@@ -51,12 +51,7 @@ fn both_listeners_serve_tls_that_a_verifying_client_accepts_and_reload_renews() 
     let env = TestEnv::new("tls");
     let dir = tempdir("tls");
     let (cert, key, first) = certificate(&dir, "server");
-    let fleet = fakefleet::Fleet::start(fakefleet::FleetConfig {
-        gpus: 1,
-        lose_rate: 1.0,
-        ..fakefleet::FleetConfig::default()
-    })
-    .expect("fleet");
+    let fleet = silent_fleet(1);
     let toml = with_tls(&env.config_toml(fleet.urls(), ""), &cert, &key);
     let daemon = env.start(&toml);
     let callback = format!("https://127.0.0.1:{}", daemon.callback_addr().port());

@@ -455,6 +455,9 @@ impl Shared {
         let mut m = self.slots();
         let mut deck = self.deck.locked();
         for (after, &(task_id, attempt, _)) in ends.iter().enumerate() {
+            if deck.is_idle() {
+                break;
+            }
             let Some(at) = m.held_by(task_id, attempt) else {
                 continue;
             };

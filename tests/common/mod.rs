@@ -329,6 +329,17 @@ impl Drop for Spawned {
     }
 }
 
+/// `gpus` fake GPUs that accept every task and never call back: the test's own callbacks end
+/// what they run.
+pub fn silent_fleet(gpus: usize) -> fakefleet::Fleet {
+    fakefleet::Fleet::start(fakefleet::FleetConfig {
+        gpus,
+        lose_rate: 1.0,
+        ..fakefleet::FleetConfig::default()
+    })
+    .expect("fleet")
+}
+
 /// A daemon on `gpus` fake GPUs that accept every task and never call back, with `n` tasks of
 /// ids `{tag}-{i}` processing: the test's own callbacks are what ends them.
 pub fn daemon_awaiting_callbacks(
@@ -337,12 +348,7 @@ pub fn daemon_awaiting_callbacks(
     n: usize,
     gpus: usize,
 ) -> (Daemon, fakefleet::Fleet) {
-    let fleet = fakefleet::Fleet::start(fakefleet::FleetConfig {
-        gpus,
-        lose_rate: 1.0,
-        ..fakefleet::FleetConfig::default()
-    })
-    .expect("fleet");
+    let fleet = silent_fleet(gpus);
     let daemon = env.start(&env.config_toml(fleet.urls(), ""));
     env.push_raw("q1", &transcriptions(tag, n));
     assert!(wait_for(Duration::from_secs(20), || {
