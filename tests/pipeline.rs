@@ -336,10 +336,11 @@ fn per_endpoint_slot_counts_are_honoured() {
     stop(daemon);
 }
 
-/// Issue 20: at saturation, an ending's own transaction claims the slot it frees for the next
-/// task, so by the time the GPU's callback is answered the next task is already `processing` on
-/// that slot: one commit, no wait for the scheduler. The GPU never calls back by itself; the
-/// test's callbacks end each task in turn.
+/// Issue 20: a task that finds a free slot is claimed in its record's transaction; at
+/// saturation, an ending's own transaction claims the slot it frees for the next task, so by the
+/// time the GPU's callback is answered the next task is already `processing` on that slot: one
+/// commit, no wait for the scheduler. The GPU never calls back by itself; the test's callbacks
+/// end each task in turn.
 #[test]
 fn a_freed_slot_goes_to_the_next_task_in_the_ending_s_own_transaction() {
     let env = TestEnv::new("handover");
@@ -383,11 +384,16 @@ fn a_freed_slot_goes_to_the_next_task_in_the_ending_s_own_transaction() {
             env.query("SELECT task_id FROM gpu_slots WHERE task_id IS NOT NULL");
         assert_eq!(held, std::slice::from_ref(&next));
     }
+    // The first started with its record (the slot was free); each next one with the ending
+    // before it.
     let (_, metrics) = call(daemon.admin_addr(), "GET", "/metrics", "");
-    assert!(
-        metrics.lines().any(|l| l == "qsys_slot_handovers_total 3"),
-        "{metrics}"
-    );
+    for line in [
+        r#"qsys_slot_claims_total{by="intake"} 1"#,
+        r#"qsys_slot_claims_total{by="ending"} 3"#,
+        r#"qsys_slot_claims_total{by="scheduler"} 0"#,
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}: {metrics}");
+    }
     let last = r#"{"task_id":"hand-3","status":"finished"}"#;
     assert_eq!(
         call(

@@ -225,6 +225,66 @@ fn a_slot_is_claimed_once() {
     assert_eq!((held[0].task_id.as_str(), held[0].attempt), ("a", 1));
 }
 
+/// Issue 20: a task that finds a free slot is recorded and claimed in one transaction; the
+/// claims of a batch that is not all new are not tried, and a slot held is refused as ever.
+#[test]
+fn a_record_claims_the_free_slots_of_its_new_tasks_in_the_same_transaction() {
+    use qsys::{Accepted, Claim, ClaimRequest};
+    let env = TestEnv::new("intakeclaim");
+    let store = Store::connect(&env.mysql_url(), false, "test", 4).expect("connect");
+    store.migrate().expect("migrate");
+    store.ensure_slots(&[("g0".into(), 2)]).expect("slots");
+    let claim = |task_id, slot| ClaimRequest {
+        task_id,
+        attempts: 0,
+        gpu_id: "g0",
+        slot,
+        lease: std::time::Duration::from_secs(60),
+        heartbeat: None,
+    };
+    let (accepted, claimed) = store
+        .accept_and_claim(
+            "q",
+            &[new_task("a"), new_task("b"), new_task("c")],
+            &[claim("a", 0), claim("b", 0)], // b asks for the slot a takes
+        )
+        .expect("accept and claim");
+    assert_eq!(accepted, [Accepted::New, Accepted::New, Accepted::New]);
+    assert_eq!(
+        claimed,
+        [
+            Some(Claim::Claimed),
+            Some(Claim::SlotTaken {
+                holder: "a".into(),
+                attempt: 1
+            })
+        ]
+    );
+    let rows: Vec<(String, String, u32)> =
+        env.query("SELECT task_id, state, attempts FROM tasks ORDER BY task_id");
+    let want = |id: &str, state: &str, n| (id.to_string(), state.to_string(), n);
+    assert_eq!(
+        rows,
+        [
+            want("a", "processing", 1),
+            want("b", "pending", 0),
+            want("c", "pending", 0)
+        ]
+    );
+    // "a" again (a copy taken after a crash) with a new one: not all new, so nothing is claimed.
+    let (accepted, claimed) = store
+        .accept_and_claim("q", &[new_task("a"), new_task("d")], &[claim("d", 1)])
+        .expect("accept again");
+    assert!(
+        matches!(accepted[0], Accepted::Exists { .. }),
+        "{accepted:?}"
+    );
+    assert_eq!(claimed, [None]);
+    let held = store.held_slots().expect("held");
+    assert_eq!(held.len(), 1);
+    assert_eq!((held[0].task_id.as_str(), held[0].slot_index), ("a", 0));
+}
+
 /// Batches behave like their requests applied one by one: each claim or ending gets its own
 /// verdict, a repeat within the batch sees the earlier one, and nothing half-applies.
 #[test]

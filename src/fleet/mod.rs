@@ -451,15 +451,32 @@ impl SlotMatrix {
         else {
             return false;
         };
-        let (cursor, promised) = (self.cursor, self.promised.len());
-        let place = self.place(pool, cost, avoid, policy, true);
-        self.promised.truncate(promised);
+        let cursor = self.cursor;
+        let yes = self.try_place(pool, cost, avoid, policy) == Some(at);
         self.gpus[at.gpu].cells[at.slot] = Some(holder);
-        let yes = place == Place::Slot(at);
         if !yes {
             self.cursor = cursor;
         }
         yes
+    }
+
+    /// The free slot [`SlotMatrix::place`] gives a task that may wait, if it gives one; a task
+    /// it would keep waiting for a busy GPU leaves no promise behind (outside the scheduler's
+    /// round, nobody keeps it).
+    pub(crate) fn try_place(
+        &mut self,
+        pool: &str,
+        cost: Option<f64>,
+        avoid: Option<&str>,
+        policy: Placement,
+    ) -> Option<SlotRef> {
+        let promised = self.promised.len();
+        let place = self.place(pool, cost, avoid, policy, true);
+        self.promised.truncate(promised);
+        match place {
+            Place::Slot(at) => Some(at),
+            Place::Wait | Place::Full => None,
+        }
     }
 
     /// Starts a placement round: no task waits for a busy GPU yet.

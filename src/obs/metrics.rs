@@ -138,6 +138,11 @@ pub(crate) const HEARTBEAT_RESULTS: &[&str] = &[
     "unavailable",
 ];
 
+/// Who claimed a GPU slot, as the `by` label of `qsys_slot_claims_total`: the scheduler's round,
+/// the ending that freed it (its transaction claimed it for the next task), or the record of a
+/// task that found it free.
+pub(crate) const CLAIMED_BY: &[&str] = &["scheduler", "ending", "intake"];
+
 /// What operators' cancels found, as the `result` label of `qsys_cancels_total`.
 pub(crate) const CANCEL_RESULTS: &[&str] = &["cancelled", "requested", "terminal"];
 
@@ -151,8 +156,9 @@ pub(crate) struct Metrics {
     pub cancels: Labeled,
     pub attempts: Labeled,
     pub retries: AtomicU64,
-    /// GPU slots an ending's transaction gave straight to the next task.
-    pub handovers: AtomicU64,
+    /// GPU slots claimed, by who claimed them (the transaction that did): the scheduler's
+    /// round, an ending handing its slot over, or the record of a task that found one free.
+    pub claims: Labeled,
     pub errors: Labeled,
 }
 
@@ -167,7 +173,7 @@ impl Default for Metrics {
             cancels: Labeled::new("result", CANCEL_RESULTS),
             attempts: Labeled::new("outcome", &["finished", "failed", "expired", "cancelled"]),
             retries: AtomicU64::new(0),
-            handovers: AtomicU64::new(0),
+            claims: Labeled::new("by", CLAIMED_BY),
             errors: Labeled::new("kind", crate::obs::trouble::Trouble::LABELS),
         }
     }
@@ -214,12 +220,10 @@ impl Metrics {
              # TYPE qsys_retries_total counter\nqsys_retries_total {}",
             self.retries.load(Ordering::Relaxed)
         );
-        let _ = writeln!(
+        self.claims.render(
+            "qsys_slot_claims_total",
+            "GPU slots claimed, by the transaction that claimed them.",
             out,
-            "# HELP qsys_slot_handovers_total GPU slots an attempt's ending claimed for the next \
-             task in its own transaction.\n\
-             # TYPE qsys_slot_handovers_total counter\nqsys_slot_handovers_total {}",
-            self.handovers.load(Ordering::Relaxed)
         );
         self.errors
             .render("qsys_errors_total", "Errors met, by kind.", out);

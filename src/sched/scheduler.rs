@@ -235,6 +235,13 @@ impl<S: Claims> Scheduler<S> {
         Ok(n)
     }
 
+    /// Takes a batch from the poller into the hand, and counts it there.
+    fn take_in(&mut self, batch: Vec<Task>) {
+        let n = batch.len();
+        self.pending.extend(batch);
+        self.shared.hand.taken(n, self.held());
+    }
+
     /// Puts `task` at the head of the hand, ahead of those on deck too.
     fn put_first(&mut self, task: Task) {
         self.pending.push_front(task);
@@ -454,9 +461,10 @@ impl<S: Claims> Scheduler<S> {
                 .map(|Reverse((due, _))| due.saturating_duration_since(Instant::now()))
                 .unwrap_or(Duration::from_millis(250))
                 .min(Duration::from_millis(250));
+            self.shared.hand.set_held(self.held());
             select! {
                 recv(rx) -> t => match t {
-                    Ok(t) => self.pending.extend(t),
+                    Ok(t) => self.take_in(t),
                     // The supervisor notices the poller's end; stop listening to it.
                     Err(_) => poller_gone = true,
                 },
@@ -474,7 +482,7 @@ impl<S: Claims> Scheduler<S> {
             }
             while self.held() < PREFETCH && !poller_gone {
                 match self.tasks.try_recv() {
-                    Ok(t) => self.pending.extend(t),
+                    Ok(t) => self.take_in(t),
                     Err(_) => break,
                 }
             }
@@ -653,7 +661,9 @@ impl<S: Claims> Scheduler<S> {
             let ep = &job.endpoint;
             let task_id = job.task.msg.task_id.as_str();
             match claim {
-                Claim::Claimed => self.shared.dispatch_claimed(&self.gpu_jobs, job),
+                Claim::Claimed => self
+                    .shared
+                    .dispatch_claimed(&self.gpu_jobs, job, "scheduler"),
                 Claim::SlotTaken { holder, attempt } => {
                     // MySQL knows a holder the mirror did not: mirror it; the task is placed again.
                     // Routine with several instances: another one claimed it first.

@@ -14,6 +14,7 @@
 //! here in MySQL, resumed at the next start or by a peer (as a retry waiting at a stop does).
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::Task;
 
@@ -104,6 +105,41 @@ impl Deck {
     }
 }
 
+/// How many tasks the scheduler holds (hand and deck), as the poller must see it before it starts
+/// a task arriving ahead of them ([`crate::shared::Shared::reserve_now`]). A batch counts from
+/// before the poller sends it (`given`) until the scheduler has counted it in what it holds
+/// (`taken`), so no batch is ever between the two counts unseen.
+#[derive(Debug, Default)]
+pub(crate) struct HandCount {
+    given: AtomicUsize,
+    taken: AtomicUsize,
+    held: AtomicUsize,
+}
+
+impl HandCount {
+    /// The poller is about to send a batch of `n`.
+    pub(crate) fn giving(&self, n: usize) {
+        self.given.fetch_add(n, Ordering::SeqCst);
+    }
+
+    /// The scheduler took in a batch of `n` and now holds `held`.
+    pub(crate) fn taken(&self, n: usize, held: usize) {
+        self.held.store(held, Ordering::SeqCst);
+        self.taken.fetch_add(n, Ordering::SeqCst);
+    }
+
+    /// The scheduler holds `held` now.
+    pub(crate) fn set_held(&self, held: usize) {
+        self.held.store(held, Ordering::SeqCst);
+    }
+
+    /// Nothing held by the scheduler or on its way to it.
+    pub(crate) fn is_empty(&self) -> bool {
+        let given = self.given.load(Ordering::SeqCst);
+        self.held.load(Ordering::SeqCst) == 0 && self.taken.load(Ordering::SeqCst) == given
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,5 +189,19 @@ mod tests {
         assert_eq!(ids(&d.give_back(vec![("a".into(), lent)])), ["a4"]);
         assert_eq!(ids(&d.put(vec![("a".into(), task("a6"))])), ["a6"]);
         assert_eq!(d.len(), 0);
+    }
+
+    #[test]
+    fn a_batch_counts_from_before_its_send_until_the_scheduler_has_counted_it() {
+        let h = HandCount::default();
+        assert!(h.is_empty());
+        h.giving(3);
+        // Sent, received, not yet counted: still held.
+        h.set_held(0);
+        assert!(!h.is_empty());
+        h.taken(3, 3);
+        assert!(!h.is_empty());
+        h.set_held(0);
+        assert!(h.is_empty());
     }
 }

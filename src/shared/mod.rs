@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
-pub(crate) use deck::Deck;
+pub(crate) use deck::{Deck, HandCount};
 use serde_json::{json, Value};
 
 use crate::config::{Config, Endpoint};
@@ -188,9 +188,12 @@ pub(crate) struct Shared {
     /// The scheduler's GPU tasks waiting for a slot of a full pool, which an ending hands its
     /// freed slot to ([`deck`]). Locked after `slots` when both are held.
     pub(crate) deck: Mutex<Deck>,
-    /// The dispatch pool's queue, for the jobs a hand-over starts; the scheduler empties it at
-    /// its stop, so the pool's workers end once the last job handed to them is sent.
+    /// The dispatch pool's queue, for the jobs a hand-over or an intake starts; the scheduler
+    /// empties it at its stop, so the pool's workers end once the last job handed to them is sent.
     pub(crate) dispatch: Mutex<Option<Sender<GpuJob>>>,
+    /// Tasks in the scheduler's hand and on its deck, or on their way to it: while there are
+    /// any, no task arriving starts ahead of them.
+    pub(crate) hand: HandCount,
 }
 
 impl Shared {
@@ -221,6 +224,7 @@ impl Shared {
             endings: group::Group::default(),
             deck: Mutex::default(),
             dispatch: Mutex::default(),
+            hand: HandCount::default(),
             metrics: Default::default(),
             slot_events,
             // Until the first check: publishing to nobody is harmless, staying silent is not.
@@ -428,10 +432,7 @@ impl Shared {
         for ((req, finish), next) in reqs.iter().zip(&ended.finishes).zip(next) {
             self.ended(req, finish, source, next.as_ref());
             if let (Some((_, job)), Some(jobs)) = (next, &jobs) {
-                self.metrics
-                    .handovers
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.dispatch_claimed(jobs, job);
+                self.dispatch_claimed(jobs, job, "ending");
             }
         }
         self.wake_scheduler();
@@ -482,6 +483,79 @@ impl Shared {
         (lent, Some(jobs))
     }
 
+    /// The slots, reserved in memory, for the head of a batch just taken from `queue`, so that
+    /// its record's transaction claims them too ([`crate::store::Store::accept_and_claim`]):
+    /// tasks in order, up to the first that cannot start now — a delayed one (`delayed`), one
+    /// whose type is not a GPU type or is paused, one placement finds no slot for or would keep
+    /// waiting for a busy GPU. Nothing while the scheduler holds a task (it would be overtaken),
+    /// at a stop, or once the dispatch pool's queue is gone; the queue comes with the jobs.
+    pub(crate) fn reserve_now<'m>(
+        &self,
+        queue: &str,
+        msgs: impl Iterator<Item = (&'m Message, bool)>,
+    ) -> (Vec<GpuJob>, Option<Sender<GpuJob>>) {
+        if !self.hand.is_empty() || self.stop.is_stopping() {
+            return (Vec::new(), None);
+        }
+        let Some(jobs) = self.dispatch.locked().clone() else {
+            return (Vec::new(), None);
+        };
+        let config = self.config();
+        let paused = self.paused().types;
+        let mut reserved = Vec::new();
+        let mut m = self.slots();
+        for (msg, delayed) in msgs {
+            let Some(crate::config::Handler::Gpu { pool }) = config.types.get(&msg.kind) else {
+                break;
+            };
+            if delayed || paused.contains(&msg.kind) {
+                break;
+            }
+            let cost = msg.cost();
+            let Some(at) = m.try_place(pool, cost, None, config.placement) else {
+                break;
+            };
+            m.occupy(at, Holder::new(msg.task_id.clone(), 1, cost));
+            let ep = Arc::clone(m.endpoint(at.gpu()));
+            reserved.push(GpuJob::new(Task::new(msg.clone(), queue, 0), ep, at.slot()));
+        }
+        (reserved, Some(jobs))
+    }
+
+    /// After the record's commit: each reserved job MySQL claimed (`Some(Claimed)`) goes to the
+    /// dispatch pool; the others' reservations are undone (a slot MySQL says is held is mirrored)
+    /// and their tasks go to the scheduler as usual. `verdicts` is empty when the record failed.
+    /// Returns the ids started.
+    pub(crate) fn start_reserved(
+        &self,
+        reserved: Vec<GpuJob>,
+        verdicts: Vec<Option<Claim>>,
+        jobs: Option<Sender<GpuJob>>,
+    ) -> HashSet<String> {
+        let mut started = HashSet::new();
+        let mut verdicts = verdicts.into_iter();
+        let committed = Instant::now();
+        for mut job in reserved {
+            let (task_id, gpu) = (job.task.msg.task_id.clone(), job.endpoint.id.clone());
+            match (verdicts.next().flatten(), &jobs) {
+                (Some(Claim::Claimed), Some(jobs)) => {
+                    job.claimed_at = committed;
+                    started.insert(task_id);
+                    self.dispatch_claimed(jobs, job, "intake");
+                }
+                (Some(Claim::SlotTaken { holder, attempt }), _) => {
+                    let mut m = self.slots();
+                    m.release(&gpu, job.slot, &task_id);
+                    m.hold(&gpu, job.slot, holder, attempt);
+                }
+                _ => {
+                    self.slots().release(&gpu, job.slot, &task_id);
+                }
+            }
+        }
+        started
+    }
+
     /// Lent tasks not claimed go back on deck; at a stop they stay `pending` here in MySQL.
     fn give_back(&self, tasks: Vec<(String, Task)>) {
         if tasks.is_empty() {
@@ -494,15 +568,17 @@ impl Shared {
         self.wake_scheduler();
     }
 
-    /// A claimed GPU attempt goes to the dispatch pool: announced to the other instances,
-    /// counted and logged first.
-    pub(crate) fn dispatch_claimed(&self, jobs: &Sender<GpuJob>, job: GpuJob) {
+    /// A GPU attempt claimed `by` the scheduler, an ending or an intake
+    /// ([`crate::obs::metrics::CLAIMED_BY`]) goes to the dispatch pool: announced to the other
+    /// instances, counted and logged first.
+    pub(crate) fn dispatch_claimed(&self, jobs: &Sender<GpuJob>, job: GpuJob, by: &str) {
         let ep = &job.endpoint;
         let task_id = job.task.msg.task_id.as_str();
+        self.metrics.claims.inc(by);
         self.announce(true, &ep.id, job.slot, task_id, job.attempt);
         self.first_dispatch(&job.task.msg, job.attempt);
         log::info!(task_id, gpu = ep.id.as_str(), slot = job.slot,
-            attempt = job.attempt, queue = job.task.queue.as_str(); "slot claimed");
+            attempt = job.attempt, queue = job.task.queue.as_str(), by; "slot claimed");
         // Unbounded (jobs never outnumber claimed slots); it fails only if every dispatch worker
         // is gone, which the supervisor is already handling.
         if let Err(e) = jobs.send(job) {

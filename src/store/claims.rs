@@ -64,14 +64,25 @@ impl Store {
         }
         let mut c = self.conn()?;
         let mut tx = c.start_transaction(TxOpts::default())?;
-        let (mut tasks, mut slots) = lock_claimed_rows(&mut tx, reqs)?;
+        let out = self.claim_in(&mut tx, reqs)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// [`Store::claim_gpu_attempts`] inside `tx`, whose other rows were locked before (the lock
+    /// order: task rows, then slot rows).
+    pub(super) fn claim_in(
+        &self,
+        tx: &mut Transaction<'_>,
+        reqs: &[ClaimRequest<'_>],
+    ) -> Result<Vec<Claim>, StoreError> {
+        let (mut tasks, mut slots) = lock_claimed_rows(tx, reqs)?;
         let (out, claimed) = judge_claims(reqs, &mut tasks, &mut slots)?;
         if !claimed.is_empty() {
             let claimed = padded(claimed);
-            self.occupy_slots(&mut tx, &claimed)?;
-            self.start_gpu_attempts(&mut tx, &claimed)?;
+            self.occupy_slots(tx, &claimed)?;
+            self.start_gpu_attempts(tx, &claimed)?;
         }
-        tx.commit()?;
         Ok(out)
     }
 

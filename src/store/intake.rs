@@ -5,7 +5,7 @@
 use mysql::prelude::Queryable;
 use mysql::{params, TxOpts};
 
-use super::{padded, placeholders, truncate, Store, StoreError, MAX_ERROR};
+use super::{padded, placeholders, truncate, Claim, ClaimRequest, Store, StoreError, MAX_ERROR};
 
 /// Longest raw payload kept for a malformed queue element.
 const MAX_RAW: usize = 65_536;
@@ -47,8 +47,22 @@ impl Store {
     /// Otherwise each row is looked at in turn; a row this very insert created is then pending and
     /// held here, so it comes back as `Resumed { attempts: 0 }`, which means the same as `New`.
     pub fn accept(&self, queue: &str, tasks: &[NewTask<'_>]) -> Result<Vec<Accepted>, StoreError> {
+        Ok(self.accept_and_claim(queue, tasks, &[])?.0)
+    }
+
+    /// [`Store::accept`], and in the same transaction each of `claims` (of tasks of this batch) as
+    /// [`Store::claim_gpu_attempts`] would: a task that finds a free slot as it arrives starts with
+    /// one commit for its record and its claim (issue 20). The claims are tried only when every
+    /// row is new (the usual batch); otherwise each comes back `None` and nothing is claimed.
+    pub fn accept_and_claim(
+        &self,
+        queue: &str,
+        tasks: &[NewTask<'_>],
+        claims: &[ClaimRequest<'_>],
+    ) -> Result<(Vec<Accepted>, Vec<Option<Claim>>), StoreError> {
+        let unclaimed = || claims.iter().map(|_| None).collect();
         if tasks.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), unclaimed()));
         }
         let mut c = self.conn()?;
         let mut tx = c.start_transaction(TxOpts::default())?;
@@ -85,15 +99,23 @@ impl Store {
         tx.exec_drop(sql, params)?;
         // An existing row is left unchanged by the no-op update and counts 0.
         if tx.affected_rows() == tasks.len() as u64 {
+            let claimed = if claims.is_empty() {
+                Vec::new()
+            } else {
+                self.claim_in(&mut tx, claims)?
+                    .into_iter()
+                    .map(Some)
+                    .collect()
+            };
             tx.commit()?;
-            return Ok(tasks.iter().map(|_| Accepted::New).collect());
+            return Ok((tasks.iter().map(|_| Accepted::New).collect(), claimed));
         }
         let out = tasks
             .iter()
             .map(|t| self.accept_one(&mut tx, queue, t))
             .collect::<Result<Vec<_>, _>>()?;
         tx.commit()?;
-        Ok(out)
+        Ok((out, unclaimed()))
     }
 
     /// One row of a batch that was not all new: read under lock and decided here (an UPDATE's

@@ -28,8 +28,8 @@ use crate::contract::message;
 use crate::net::backoff::Backoff;
 use crate::net::redis::Timeouts;
 use crate::obs::trouble::Trouble;
-use crate::shared::{Shared, Task};
-use crate::store::{Accepted, NewTask, Store, StoreError};
+use crate::shared::{GpuJob, Shared, Task};
+use crate::store::{Accepted, Claim, ClaimRequest, NewTask, Store, StoreError};
 
 /// How many elements one move takes at most: one MySQL transaction records them together. Also
 /// bounds what the poller holds beyond the scheduler's hand. Each batch costs a fixed number of
@@ -232,15 +232,17 @@ impl Recorded {
     }
 }
 
-/// Records `rows` in one transaction; when MySQL refuses it for one row's data, row by row, each
-/// with its own verdict (after an outage the rest are not tried). `Err`: the batch met an outage.
+/// Records `rows` in one transaction, with `claims` (the slots of tasks that start at once); when
+/// MySQL refuses it for one row's data, row by row, each with its own verdict (after an outage the
+/// rest are not tried) and without the claims. `Err`: the batch met an outage.
 fn accept_each(
     store: &Store,
     queue: &str,
     rows: &[NewTask<'_>],
-) -> Result<Vec<Result<Accepted, StoreError>>, StoreError> {
-    match store.accept(queue, rows) {
-        Ok(all) => Ok(all.into_iter().map(Ok).collect()),
+    claims: &[ClaimRequest<'_>],
+) -> Result<BatchVerdicts, StoreError> {
+    match store.accept_and_claim(queue, rows, claims) {
+        Ok((all, claimed)) => Ok((all.into_iter().map(Ok).collect(), claimed)),
         Err(e) if e.is_rejected_data() => {
             log::warn!(queue, error:% = e; "mysql refused a batch's data: recording its tasks one by one");
             let mut each = Vec::with_capacity(rows.len());
@@ -256,11 +258,14 @@ fn accept_each(
                 down = verdict.as_ref().is_err_and(|e| !e.is_rejected_data());
                 each.push(verdict);
             }
-            Ok(each)
+            Ok((each, Vec::new()))
         }
         Err(e) => Err(e),
     }
 }
+
+/// Each row's verdict, and each claim's (none when the batch was recorded row by row).
+type BatchVerdicts = (Vec<Result<Accepted, StoreError>>, Vec<Option<Claim>>);
 
 /// Records parsed elements of `queue`. Refused ones are recorded `failed` with the reason; the
 /// tasks go in one transaction. When MySQL refuses that transaction for one row's data (a value
@@ -268,7 +273,8 @@ fn accept_each(
 /// failed with MySQL's reason: a poison element never sends its batch back to Redis, where it
 /// would stop the queue. On an outage, what was not yet recorded is reported as such; what was
 /// recorded stays recorded, so a retried batch records nothing twice.
-fn record(store: &Store, queue: &str, raws: &[Vec<u8>], parsed: Vec<Parsed>) -> Recorded {
+fn record(shared: &Shared, queue: &str, raws: &[Vec<u8>], parsed: Vec<Parsed>) -> Recorded {
+    let store = &shared.store;
     let mut out = Recorded {
         tasks: Vec::new(),
         refused: Vec::new(),
@@ -317,20 +323,30 @@ fn record(store: &Store, queue: &str, raws: &[Vec<u8>], parsed: Vec<Parsed>) -> 
             cost: m.cost(),
         })
         .collect();
-    let verdicts = match accept_each(store, queue, &rows) {
+    // The head of the batch that finds free slots starts now, claimed with its record (issue 20).
+    let heads = msgs.iter().zip(&waits).map(|((_, m), w)| (m, w.is_some()));
+    let (reserved, jobs) = shared.reserve_now(queue, heads);
+    let claims: Vec<ClaimRequest<'_>> = reserved.iter().map(GpuJob::claim_request).collect();
+    let recorded = accept_each(store, queue, &rows, &claims);
+    drop((rows, claims));
+    let (verdicts, claimed) = match recorded {
         Ok(v) => v,
         Err(e) => {
+            shared.start_reserved(reserved, Vec::new(), jobs);
             out.unrecorded.extend(msgs.iter().map(|(i, _)| *i));
             out.outage = Some(e);
             return out;
         }
     };
-    drop(rows);
+    let started = shared.start_reserved(reserved, claimed, jobs);
     let release = out.settle(
         store,
         queue,
         raws,
-        msgs.into_iter().zip(verdicts).zip(waits),
+        msgs.into_iter()
+            .zip(verdicts)
+            .zip(waits)
+            .filter(|(((_, m), _), _)| !started.contains(&m.task_id)),
     );
     if let Err(e) = store.release_pending(&release) {
         // Held here and in no memory: the sweep takes them up (and keeps their wait) in 30 s.
@@ -566,7 +582,7 @@ impl Poller {
             log::warn!(queue, error:% = e; "could not give ids to id-less tasks; taken again at reconnect");
             return Err(backoff.next_delay());
         }
-        let recorded = record(&self.shared.store, queue, &raws, parsed);
+        let recorded = record(&self.shared, queue, &raws, parsed);
         let cleared = settle(conn, &config, in_hand, queue, &raws, &recorded);
         if let Some(e) = &recorded.outage {
             let wait = backoff.next_delay();
@@ -602,6 +618,7 @@ impl Poller {
             .lock_in_transit()
             .extend(in_transit.iter().cloned());
         let _clear = InTransit(&self.shared, in_transit);
+        self.shared.hand.giving(tasks.len());
         let mut batch = tasks;
         loop {
             // Blocked on a full fleet is waiting, not being stuck.
