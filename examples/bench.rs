@@ -102,8 +102,19 @@ fn reset(queue: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn config(dir: &Path, urls: &[String], a: &Args, instance: usize) -> anyhow::Result<PathBuf> {
+/// Writes instance `instance`'s config; returns its path and the admin listener's port (for
+/// `/metrics`).
+fn config(
+    dir: &Path,
+    urls: &[String],
+    a: &Args,
+    instance: usize,
+) -> anyhow::Result<(PathBuf, u16)> {
     let (slots, threads, completion) = (a.slots, a.dispatch_threads, &a.completion);
+    // A port free now; nothing else on this machine binds loopback ports meanwhile.
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let mut s = format!(
         r#"[redis]
 queues = ["bench:q"]
@@ -114,7 +125,7 @@ url = "{MYSQL}/{DB}"
 listen = "127.0.0.1:0"
 secret = "bench-secret-0123456789"
 [admin]
-listen = "127.0.0.1:0"
+listen = "127.0.0.1:{admin}"
 [gpu]
 slots = {slots}
 completion = "{completion}"
@@ -132,7 +143,7 @@ dispatch_threads = {threads}
     }
     let p = dir.join(format!("qsysd-{instance}.toml"));
     std::fs::write(&p, s)?;
-    Ok(p)
+    Ok((p, admin))
 }
 
 /// CPU seconds a process has used (utime + stime), from /proc.
@@ -246,10 +257,15 @@ impl Others {
 struct Qsysd {
     child: Child,
     ready_after: Duration,
+    /// Its admin listener's port.
+    admin: u16,
 }
 
+/// Who claimed the GPU slots, as `qsys_slot_claims_total{by}` counts them.
+const CLAIMED_BY: [&str; 3] = ["scheduler", "ending", "intake"];
+
 impl Qsysd {
-    fn start(config: &Path, dir: &Path, n: usize) -> anyhow::Result<Qsysd> {
+    fn start((config, admin): &(PathBuf, u16), dir: &Path, n: usize) -> anyhow::Result<Qsysd> {
         let sock_path = dir.join(format!("notify-{n}.sock"));
         let _ = std::fs::remove_file(&sock_path);
         let sock = UnixDatagram::bind(&sock_path)?;
@@ -273,6 +289,7 @@ impl Qsysd {
                     return Ok(Qsysd {
                         child,
                         ready_after: t0.elapsed(),
+                        admin: *admin,
                     });
                 }
             }
@@ -280,6 +297,26 @@ impl Qsysd {
                 bail!("qsysd not ready after 20 s; see {}", dir.display());
             }
         }
+    }
+
+    /// The slots it claimed, by who claimed them ([`CLAIMED_BY`]), from its `/metrics`.
+    fn claims(&self) -> anyhow::Result<[u64; 3]> {
+        let url = format!("http://127.0.0.1:{}/metrics", self.admin);
+        let text = qsys::http::agent()
+            .get(&url)
+            .call()?
+            .body_mut()
+            .read_to_string()?;
+        let mut out = [0; 3];
+        for (n, by) in out.iter_mut().zip(CLAIMED_BY) {
+            let name = format!("qsys_slot_claims_total{{by=\"{by}\"}} ");
+            *n = text
+                .lines()
+                .find_map(|l| l.strip_prefix(name.as_str()))
+                .and_then(|v| v.trim().parse().ok())
+                .context("qsys_slot_claims_total")?;
+        }
+        Ok(out)
     }
 
     /// (peak RSS in KiB, CPU seconds) from /proc.
@@ -577,6 +614,22 @@ fn main() -> anyhow::Result<()> {
     say(
         "attempts that did not finish / tasks run more than once",
         format!("{unfinished} / {again}"),
+    );
+    let mut claims = [0; 3];
+    for d in &daemons {
+        for (sum, n) in claims.iter_mut().zip(d.claims()?) {
+            *sum += n;
+        }
+    }
+    let total = claims.iter().sum::<u64>().max(1) as f64;
+    say(
+        "slots claimed by the scheduler / an ending / a record (share)",
+        format!(
+            "{:.0}% / {:.0}% / {:.0}%",
+            claims[0] as f64 * 100.0 / total,
+            claims[1] as f64 * 100.0 / total,
+            claims[2] as f64 * 100.0 / total
+        ),
     );
     for d in daemons {
         drop(d);
