@@ -29,18 +29,24 @@ use crate::shared::{Event, GpuJob, Shared, Task};
 use crate::store::{Claim, ClaimRequest, LetGo, Store, StoreError, StoredTask, Waking};
 use crate::sync::Locked;
 
-/// Below this many unplaced tasks the scheduler takes another batch (up to
+/// Below this many unplaced tasks (in hand and on deck) the scheduler takes another batch (up to
 /// [`crate::work::poller::TAKE_BATCH`]) from the poller, so it holds at most `PREFETCH - 1 + TAKE_BATCH`:
-/// enough that the slots freed during one claim transaction all find a task in the next round.
-pub const PREFETCH: usize = 16;
+/// enough that the slots freed during one claim transaction all find a task in the next round,
+/// and at saturation that the slots one batch of endings frees all find a task on deck. At 16,
+/// an ending found the deck empty for about a fifth of the slots at saturation (each then waited
+/// for a scheduler round: slot gap p99 12–13 ms); at 64, for 1% (p99 5–6 ms; BENCHMARKS.md).
+pub const PREFETCH: usize = 64;
 
 /// With several pools, the tasks of a pool that cannot take them kept in a full hand; the rest
 /// wait in MySQL (so one pool's backlog never blocks another's).
-const KEEP_PER_POOL: usize = PREFETCH / 4;
+const KEEP_PER_POOL: usize = 4;
 
-/// Most tasks a round keeps in hand to wait for a busy GPU (placement by predicted finish): half
-/// the hand, so the other half always takes work the free slots can run.
-const MAX_WAITING: usize = PREFETCH / 2;
+/// Most tasks a round keeps in hand to wait for a busy GPU (placement by predicted finish): at
+/// most half the hand, so the rest always takes work the free slots can run.
+const MAX_WAITING: usize = 8;
+
+/// Rows a busy pool let go that one look makes due, per pool with a free slot.
+const WAKE_BATCH: usize = 16;
 
 /// One placement round's GPU side.
 struct GpuRound {
@@ -281,7 +287,7 @@ impl<S: Claims> Scheduler<S> {
         }
         self.swept = Instant::now();
         self.wake_waiting(true);
-        let room = PREFETCH * 4;
+        let room = PREFETCH;
         let paused = self.held_back_types();
         let store = &self.store;
         let mut found = match store.adopt_orphans(ORPHAN_AFTER, room, &paused) {
@@ -337,7 +343,7 @@ impl<S: Claims> Scheduler<S> {
         types
     }
 
-    /// Makes due the rows a busy pool let go: for each pool with a free slot now, a hand's worth
+    /// Makes due the rows a busy pool let go: for each pool with a free slot now, [`WAKE_BATCH`]
     /// of its types' (a paused type's wait for its resume); or (`all`, at each sweep) of every
     /// type but those paused and those of the pools still without room, so that a row whose type
     /// a reload moved to another pool or removed is not left waiting for good.
@@ -364,7 +370,7 @@ impl<S: Claims> Scheduler<S> {
             open.values().map(|types| Waking::Of(types)).collect()
         };
         for types in batches {
-            if let Err(e) = self.store.wake_waiting(types, PREFETCH) {
+            if let Err(e) = self.store.wake_waiting(types, WAKE_BATCH) {
                 log::warn!(error:% = e; "mysql error waking tasks a busy pool let go");
                 return;
             }
@@ -555,7 +561,7 @@ impl<S: Claims> Scheduler<S> {
     /// A GPU task of `pool` in this round: reserved (its job joins the round's claim), kept in
     /// hand, or let go to wait in MySQL while another pool has room and the hand is full.
     fn place_gpu(&self, task: Task, pool: &str, round: &mut GpuRound) -> Placed {
-        // Waiting tasks never fill the hand: past half of it, one that would wait for a busy GPU
+        // Waiting tasks never fill the hand: past MAX_WAITING, one that would wait for a busy GPU
         // takes its best free slot instead, so there is always room for other work.
         let may_wait = round.waiting < MAX_WAITING;
         let place = if round.full.contains(pool) {
