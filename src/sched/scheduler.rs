@@ -238,6 +238,8 @@ impl<S: Claims> Scheduler<S> {
                 self.pending.push_back(t);
             }
         }
+        // Counted before the poller starts, so no task arriving starts ahead of these.
+        self.shared.hand.set_held(self.held());
         Ok(n)
     }
 
