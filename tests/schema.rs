@@ -32,6 +32,23 @@ fn new_task(id: &str) -> qsys::NewTask<'_> {
     }
 }
 
+/// A claim of `gpu_id`/`slot` for the attempt after `attempts`, with a 60 s lease.
+fn claim_req<'a>(
+    task_id: &'a str,
+    attempts: u32,
+    gpu_id: &'a str,
+    slot: usize,
+) -> qsys::ClaimRequest<'a> {
+    qsys::ClaimRequest {
+        task_id,
+        attempts,
+        gpu_id,
+        slot,
+        lease: std::time::Duration::from_secs(60),
+        heartbeat: None,
+    }
+}
+
 /// One claim, as the scheduler's batch of one.
 fn claim_one(
     store: &Store,
@@ -40,14 +57,7 @@ fn claim_one(
     gpu_id: &str,
     slot: usize,
 ) -> qsys::Claim {
-    let req = qsys::ClaimRequest {
-        task_id,
-        attempts,
-        gpu_id,
-        slot,
-        lease: std::time::Duration::from_secs(60),
-        heartbeat: None,
-    };
+    let req = claim_req(task_id, attempts, gpu_id, slot);
     store.claim_gpu_attempts(&[req]).expect("claim").remove(0)
 }
 
@@ -229,19 +239,12 @@ fn a_slot_is_claimed_once() {
 /// claims of a batch that is not all new are not tried, and a slot held is refused as ever.
 #[test]
 fn a_record_claims_the_free_slots_of_its_new_tasks_in_the_same_transaction() {
-    use qsys::{Accepted, Claim, ClaimRequest};
+    use qsys::{Accepted, Claim};
     let env = TestEnv::new("intakeclaim");
     let store = Store::connect(&env.mysql_url(), false, "test", 4).expect("connect");
     store.migrate().expect("migrate");
     store.ensure_slots(&[("g0".into(), 2)]).expect("slots");
-    let claim = |task_id, slot| ClaimRequest {
-        task_id,
-        attempts: 0,
-        gpu_id: "g0",
-        slot,
-        lease: std::time::Duration::from_secs(60),
-        heartbeat: None,
-    };
+    let claim = |task_id, slot| claim_req(task_id, 0, "g0", slot);
     let (accepted, claimed) = store
         .accept_and_claim(
             "q",
@@ -289,7 +292,7 @@ fn a_record_claims_the_free_slots_of_its_new_tasks_in_the_same_transaction() {
 /// verdict, a repeat within the batch sees the earlier one, and nothing half-applies.
 #[test]
 fn batched_claims_and_endings_give_one_verdict_each() {
-    use qsys::{Claim, ClaimRequest, EndRequest, Ending, Finish, HandOver, Next, State};
+    use qsys::{Claim, EndRequest, Ending, Finish, HandOver, Next, State};
     let env = TestEnv::new("batch");
     let store = Store::connect(&env.mysql_url(), false, "test", 4).expect("connect");
     store.migrate().expect("migrate");
@@ -319,23 +322,14 @@ fn batched_claims_and_endings_give_one_verdict_each() {
     let n: Vec<u64> = env.query("SELECT COUNT(*) FROM tasks");
     assert_eq!(n[0], 6);
     env.query::<u64>("DELETE FROM tasks WHERE task_id = 'x'");
-    let lease = std::time::Duration::from_secs(60);
-    let claim = |task_id, attempts, gpu_id, slot| ClaimRequest {
-        task_id,
-        attempts,
-        gpu_id,
-        slot,
-        lease,
-        heartbeat: None,
-    };
     assert_eq!(claim_one(&store, "e", 0, "g1", 1), Claim::Claimed);
     let got = store
         .claim_gpu_attempts(&[
-            claim("a", 0, "g0", 0),
-            claim("b", 0, "g0", 0), // same slot as "a", later in the batch
-            claim("c", 3, "g0", 1), // wrong attempt count
-            claim("d", 0, "g1", 1), // held by "e"
-            claim("d", 0, "g1", 0),
+            claim_req("a", 0, "g0", 0),
+            claim_req("b", 0, "g0", 0), // same slot as "a", later in the batch
+            claim_req("c", 3, "g0", 1), // wrong attempt count
+            claim_req("d", 0, "g1", 1), // held by "e"
+            claim_req("d", 0, "g1", 0),
         ])
         .expect("claims");
     assert_eq!(
@@ -406,17 +400,17 @@ fn batched_claims_and_endings_give_one_verdict_each() {
                 // a's slot goes to b in the same transaction.
                 HandOver {
                     after: 0,
-                    claim: claim("b", 0, "g0", 0),
+                    claim: claim_req("b", 0, "g0", 0),
                 },
                 // e's ending is stale: its slot is not freed, nothing is handed over.
                 HandOver {
                     after: 3,
-                    claim: claim("c", 0, "g1", 1),
+                    claim: claim_req("c", 0, "g1", 1),
                 },
                 // d's slot, to a task that is not pending (a ended finished in this batch).
                 HandOver {
                     after: 2,
-                    claim: claim("a", 1, "g1", 0),
+                    claim: claim_req("a", 1, "g1", 0),
                 },
             ],
         )

@@ -655,7 +655,7 @@ impl<S: Claims> Scheduler<S> {
                 trouble!(warn, self.shared, Trouble::Mysql, e;
                     "mysql error claiming slots; will retry", count = jobs.len());
                 for job in jobs.into_iter().rev() {
-                    self.release(&job);
+                    self.shared.unreserve(&job);
                     self.put_first(job.task);
                 }
                 self.retry_at = Some(Instant::now() + Duration::from_secs(1));
@@ -681,7 +681,7 @@ impl<S: Claims> Scheduler<S> {
                     again.push(job.task);
                 }
                 Claim::NotPending => {
-                    self.release(&job);
+                    self.shared.unreserve(&job);
                     log::info!(task_id; "task no longer pending (moved elsewhere); dropped from hand");
                 }
             }
@@ -689,13 +689,6 @@ impl<S: Claims> Scheduler<S> {
         for task in again.into_iter().rev() {
             self.put_first(task);
         }
-    }
-
-    /// Undoes the in-memory reservation of a job whose claim did not happen.
-    fn release(&self, job: &GpuJob) {
-        self.shared
-            .slots()
-            .release(&job.endpoint.id, job.slot, &job.task.msg.task_id);
     }
 
     /// At a stop: everything still in hand, and whatever the poller sent meanwhile, goes back to

@@ -112,6 +112,15 @@ impl GpuJob {
         }
     }
 
+    /// Who holds its slot in memory: this attempt, from now.
+    pub(crate) fn holder(&self) -> Holder {
+        Holder::new(
+            self.task.msg.task_id.clone(),
+            self.attempt,
+            self.task.msg.cost(),
+        )
+    }
+
     /// What MySQL is asked to start this attempt.
     pub(crate) fn claim_request(&self) -> ClaimRequest<'_> {
         ClaimRequest {
@@ -444,10 +453,10 @@ impl Shared {
     /// once the dispatch pool's queue is gone. The queue comes with them: held until their jobs
     /// are sent.
     fn lend_for(&self, ends: &[(&str, u32, Ending<'_>)]) -> (Vec<Lent>, Option<Sender<GpuJob>>) {
-        if self.deck.locked().is_idle() || self.stop.is_stopping() {
+        if self.deck.locked().is_idle() {
             return (Vec::new(), None);
         }
-        let Some(jobs) = self.dispatch.locked().clone() else {
+        let Some(jobs) = self.dispatch_queue() else {
             return (Vec::new(), None);
         };
         let policy = self.config().placement;
@@ -494,10 +503,10 @@ impl Shared {
         queue: &str,
         msgs: impl Iterator<Item = (&'m Message, bool)>,
     ) -> (Vec<GpuJob>, Option<Sender<GpuJob>>) {
-        if !self.hand.is_empty() || self.stop.is_stopping() {
+        if !self.hand.is_empty() {
             return (Vec::new(), None);
         }
-        let Some(jobs) = self.dispatch.locked().clone() else {
+        let Some(jobs) = self.dispatch_queue() else {
             return (Vec::new(), None);
         };
         let config = self.config();
@@ -511,13 +520,13 @@ impl Shared {
             if delayed || paused.contains(&msg.kind) {
                 break;
             }
-            let cost = msg.cost();
-            let Some(at) = m.try_place(pool, cost, None, config.placement) else {
+            let Some(at) = m.try_place(pool, msg.cost(), None, config.placement) else {
                 break;
             };
-            m.occupy(at, Holder::new(msg.task_id.clone(), 1, cost));
             let ep = Arc::clone(m.endpoint(at.gpu()));
-            reserved.push(GpuJob::new(Task::new(msg.clone(), queue, 0), ep, at.slot()));
+            let job = GpuJob::new(Task::new(msg.clone(), queue, 0), ep, at.slot());
+            m.occupy(at, job.holder());
+            reserved.push(job);
         }
         (reserved, Some(jobs))
     }
@@ -536,24 +545,36 @@ impl Shared {
         let mut verdicts = verdicts.into_iter();
         let committed = Instant::now();
         for mut job in reserved {
-            let (task_id, gpu) = (job.task.msg.task_id.clone(), job.endpoint.id.clone());
             match (verdicts.next().flatten(), &jobs) {
                 (Some(Claim::Claimed), Some(jobs)) => {
                     job.claimed_at = committed;
-                    started.insert(task_id);
+                    started.insert(job.task.msg.task_id.clone());
                     self.dispatch_claimed(jobs, job, "intake");
                 }
+                // MySQL knows a holder the mirror did not: mirrored over the reservation.
                 (Some(Claim::SlotTaken { holder, attempt }), _) => {
-                    let mut m = self.slots();
-                    m.release(&gpu, job.slot, &task_id);
-                    m.hold(&gpu, job.slot, holder, attempt);
+                    self.slots()
+                        .hold(&job.endpoint.id, job.slot, holder, attempt);
                 }
-                _ => {
-                    self.slots().release(&gpu, job.slot, &task_id);
-                }
+                _ => self.unreserve(&job),
             }
         }
         started
+    }
+
+    /// The dispatch pool's queue for a job started outside the scheduler's round: none at a
+    /// stop, or once the scheduler emptied it.
+    fn dispatch_queue(&self) -> Option<Sender<GpuJob>> {
+        if self.stop.is_stopping() {
+            return None;
+        }
+        self.dispatch.locked().clone()
+    }
+
+    /// Undoes the in-memory reservation of a job whose claim did not happen.
+    pub(crate) fn unreserve(&self, job: &GpuJob) {
+        self.slots()
+            .release(&job.endpoint.id, job.slot, &job.task.msg.task_id);
     }
 
     /// Lent tasks not claimed go back on deck; at a stop they stay `pending` here in MySQL.
@@ -635,12 +656,7 @@ impl Shared {
             let mut m = self.slots();
             m.release(gpu, *index, task_id);
             if let Some((at, job)) = successor {
-                let holder = Holder::new(
-                    job.task.msg.task_id.clone(),
-                    job.attempt,
-                    job.task.msg.cost(),
-                );
-                m.occupy(*at, holder);
+                m.occupy(*at, job.holder());
             }
             if let Some((cost, seconds)) = work {
                 m.learn(gpu, *cost, *seconds);
